@@ -1,0 +1,187 @@
+"""The `natfwd` command group: parse arguments, call the library, render, and map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from forwarder import __version__
+from forwarder.errors import NatfwdError, UsageError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors print in the same `natfwd: error:` form as every other error, and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"natfwd: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _not_available(feature: str) -> NatfwdError:
+    return NatfwdError(f"{feature} is not available in this version of natfwd yet")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from forwarder import config, server
+
+    cfg = config.load(args.config)
+    server.serve(cfg, args.config)
+    return EXIT_OK
+
+
+def _cmd_emit_iptables(args: argparse.Namespace) -> int:
+    raise _not_available("emit-iptables")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    raise _not_available("check")
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    raise _not_available("lab")
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    raise _not_available("provision")
+
+
+def _cmd_destroy(args: argparse.Namespace) -> int:
+    raise _not_available("destroy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(
+        prog="natfwd",
+        description="Reach an Amazon ElastiCache cluster from outside its VPC through a NAT instance.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"natfwd {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format on stderr")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=formatter)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = command(
+        "serve",
+        _cmd_serve,
+        "Run the userspace forwarder in the foreground. SIGTERM drains and exits 0; SIGHUP reloads the config.",
+    )
+    serve.add_argument("--config", required=True, metavar="PATH", help="YAML config file (see config.example.yaml)")
+
+    emit = command("emit-iptables", _cmd_emit_iptables, "Print the equivalent kernel DNAT rules to stdout.")
+    emit.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    emit.add_argument(
+        "--format",
+        choices=("commands", "restore", "nft"),
+        default="commands",
+        help="commands: idempotent POSIX sh; restore: iptables-restore --noflush input; nft: nft -f input",
+    )
+    emit.add_argument(
+        "--save",
+        choices=("amazon-linux", "debian"),
+        default=None,
+        help="append the step that persists the rules across reboots on this OS family",
+    )
+
+    check = command(
+        "check",
+        _cmd_check,
+        "Probe every forward through public_address (run on the trusted client); exit 1 if any fails.",
+    )
+    check.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    check.add_argument("--direct", action="store_true", help="probe each target node instead (run on the NAT box)")
+    check.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="per-probe timeout")
+
+    lab = command("lab", _cmd_lab, "Build the page's topology on this host with network namespaces (needs root).")
+    lab.add_argument("action", choices=("up", "down", "status"), help="up: build and start; down: remove everything")
+    lab.add_argument("--name", default="natfwd", help="lab name; namespaces are prefixed with it so labs never collide")
+    lab.add_argument("--engine", choices=("memcached", "redis"), default="memcached", help="cache nodes to run")
+    lab.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or kernel DNAT")
+
+    aws_common = argparse.ArgumentParser(add_help=False)
+    aws_common.add_argument("--cluster-id", required=True, metavar="ID", help="ElastiCache cluster or replication group")
+    aws_common.add_argument("--region", default=None, help="AWS region (default: the boto3 credential chain's)")
+    aws_common.add_argument("--profile", default=None, help="AWS named profile")
+    aws_common.add_argument("--endpoint-url", default=None, metavar="URL", help="any AWS-compatible endpoint")
+    aws_common.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    provision = commands.add_parser(
+        "provision",
+        parents=[aws_common],
+        help="Create the NAT instance, security groups and Elastic IP for a cluster.",
+        description="Create the NAT instance, security groups and Elastic IP for a cluster, then print the endpoints.",
+        formatter_class=formatter,
+    )
+    provision.set_defaults(handler=_cmd_provision)
+    provision.add_argument("--trusted-cidr", required=True, metavar="CIDR", help="the only client network let in")
+    provision.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or DNAT")
+    provision.add_argument("--instance-type", default="t3.micro", help="EC2 instance type of the NAT box")
+    provision.add_argument("--no-ssh", action="store_true", help="do not open SSH (22) to the trusted CIDR")
+    provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH")
+    provision.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+
+    destroy = commands.add_parser(
+        "destroy",
+        parents=[aws_common],
+        help="Remove everything provision created, found by tags.",
+        description="Remove everything provision created for a cluster, found by its tags, in dependency order.",
+        formatter_class=formatter,
+    )
+    destroy.set_defaults(handler=_cmd_destroy)
+    return parser
+
+
+def _os_error_hint(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "; is another natfwd or memcached already listening on that port?"
+    if exc.errno == errno.EACCES:
+        return "; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "; listen_address must be an address of this host (or 0.0.0.0)"
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `natfwd` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from forwarder import logs
+
+    logs.setup(args.log_format, logging.DEBUG if args.debug else logging.INFO)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"natfwd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NatfwdError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"natfwd: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"natfwd: error: {exc}{_os_error_hint(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,447 @@
+"""YAML config to frozen, validated dataclasses; every mistake is one ConfigError."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast, get_args
+
+import yaml
+
+from forwarder.errors import UsageError
+
+Engine = Literal["memcached", "redis", "redis-cluster"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 1123 host names; anything else (spaces, quotes, `;`) could inject into the
+# shell and nft text that emit-iptables renders, so it is rejected here, once.
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+# Linux IFNAMSIZ is 16 including the NUL; restrict to characters safe in sh and nft.
+_INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+class ConfigError(UsageError):
+    """A config value is missing or invalid; the message names the key path and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A node address: an IP literal or a DNS name, and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One public listen port relayed to one node."""
+
+    port: int
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AutoDiscovery:
+    """Memcached configuration endpoint published on `port`."""
+
+    port: int
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class Discovery:
+    """Forwards built and followed from the ElastiCache API."""
+
+    cluster_id: str
+    region: str | None
+    refresh_s: float
+    first_port: int
+    endpoint_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    ca: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Redis AUTH credentials used by `natfwd check` (the ElastiCache AUTH token)."""
+
+    username: str | None
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    engine: Engine
+    public_address: str
+    listen_address: str
+    interface: str
+    allowed_clients: tuple[Network, ...]
+    forwards: tuple[Forward, ...]
+    metrics: MetricsConfig | None
+    workers: int
+    connect_timeout_s: float
+    idle_timeout_s: float
+    drain_timeout_s: float
+    max_connections: int
+    auto_discovery: AutoDiscovery | None = None
+    discovery: Discovery | None = None
+    tls: TLSConfig | None = None
+    upstream_tls: UpstreamTLS | None = None
+    auth: Auth | None = None
+
+    def is_allowed(self, address: str) -> bool:
+        """True when `address` (an IP literal) falls in `allowed_clients`."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allowed_clients)
+
+
+# Defaults are HAProxy-like: connect 5 s, idle (HAProxy `timeout client/server`) 1 h,
+# drain (HAProxy `hard-stop-after`) 30 s.
+DEFAULTS: dict[str, Any] = {
+    "listen_address": "0.0.0.0",
+    "interface": "eth0",
+    "workers": 1,
+    "connect_timeout_s": 5.0,
+    "idle_timeout_s": 3600.0,
+    "drain_timeout_s": 30.0,
+    "max_connections": 20000,
+}
+
+_TOP_KEYS = (
+    "engine",
+    "public_address",
+    "listen_address",
+    "interface",
+    "allowed_clients",
+    "forwards",
+    "metrics",
+    "workers",
+    "connect_timeout_s",
+    "idle_timeout_s",
+    "drain_timeout_s",
+    "max_connections",
+    "auto_discovery",
+    "discovery",
+    "tls",
+    "upstream_tls",
+    "auth",
+)
+
+T = TypeVar("T")
+
+
+def _fail(path: str, value: object, expected: str) -> ConfigError:
+    shown = "missing" if value is _MISSING else repr(value)
+    return ConfigError(f"{path}: {shown} is not valid; expected {expected}")
+
+
+_MISSING = object()
+
+
+def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _fail(path or "config", value, "a mapping of keys")
+    for key in value:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key; valid keys here are: {', '.join(allowed)}")
+    return cast(Mapping[str, Any], value)
+
+
+def _require(data: Mapping[str, Any], key: str, path: str) -> Any:
+    if key not in data or data[key] is None:
+        raise _fail(path, _MISSING, _DESCRIPTIONS.get(key, "a value"))
+    return data[key]
+
+
+_DESCRIPTIONS = {
+    "engine": "one of memcached, redis, redis-cluster",
+    "public_address": "the IP address or DNS name clients dial (the EIP)",
+    "allowed_clients": "a non-empty list of CIDRs such as 198.51.100.27/32",
+    "forwards": "a non-empty list of {port, target} entries",
+    "port": "an integer port from 1 to 65535",
+    "target": "HOST:PORT such as 10.0.1.230:11211",
+    "cluster_id": "the ElastiCache cluster or replication group id",
+    "cert": "the path of a PEM certificate file",
+    "key": "the path of a PEM private key file",
+    "password": "the Redis AUTH token",
+    "listen": "HOST:PORT such as 127.0.0.1:9108",
+}
+
+
+def _port(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _fail(path, value, "an integer port from 1 to 65535")
+    return value
+
+
+def _host(value: object, path: str) -> str:
+    if isinstance(value, str):
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            if _HOSTNAME.match(value):
+                return value
+    raise _fail(path, value, "an IP address or a DNS host name")
+
+
+def _host_port(value: object, path: str) -> Target:
+    if not isinstance(value, str):
+        raise _fail(path, value, "HOST:PORT such as 10.0.1.230:11211")
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+    else:
+        host, sep, port_text = value.rpartition(":")
+    if not sep or not host or ":" in host and not value.startswith("["):
+        raise _fail(path, value, "HOST:PORT such as 10.0.1.230:11211 (IPv6 as [::1]:11211)")
+    if not port_text.isdigit():
+        raise _fail(path, value, "HOST:PORT with a numeric port from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise _fail(path, value, "HOST:PORT with a port from 1 to 65535")
+    return Target(_host(host, path), port)
+
+
+def _seconds(value: object, path: str, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(path, value, "a number of seconds")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _fail(path, value, "a positive number of seconds" + (" or 0 to disable" if allow_zero else ""))
+    return float(value)
+
+
+def _positive_int(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(path, value, "a positive integer")
+    return value
+
+
+def _workers(value: object, path: str) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise _fail(path, value, "an integer from 1 to 256, or auto (one per core)")
+    return value
+
+
+def _network(value: object, path: str) -> Network:
+    if not isinstance(value, str):
+        raise _fail(path, value, "a CIDR such as 198.51.100.27/32")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise _fail(path, value, f"a CIDR such as 198.51.100.27/32 ({exc})") from None
+
+
+def _path(value: object, path: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _fail(path, value, "a file path")
+    return Path(value)
+
+
+def _optional(data: Mapping[str, Any], key: str, parse: Callable[[object, str], T], path: str) -> T | None:
+    value = data.get(key)
+    return None if value is None else parse(value, path)
+
+
+def _forwards(value: object) -> tuple[Forward, ...]:
+    if not isinstance(value, list):
+        raise _fail("forwards", value, _DESCRIPTIONS["forwards"])
+    forwards: list[Forward] = []
+    seen: dict[int, int] = {}
+    for index, item in enumerate(value):
+        path = f"forwards[{index}]"
+        entry = _mapping(item, path, ("port", "target"))
+        port = _port(_require(entry, "port", f"{path}.port"), f"{path}.port")
+        target = _host_port(_require(entry, "target", f"{path}.target"), f"{path}.target")
+        if port in seen:
+            raise ConfigError(f"{path}.port: {port} is already used by forwards[{seen[port]}]; each forward needs its own port")
+        seen[port] = index
+        forwards.append(Forward(port, target))
+    return tuple(forwards)
+
+
+def _metrics(value: object) -> MetricsConfig:
+    entry = _mapping(value, "metrics", ("listen",))
+    target = _host_port(_require(entry, "listen", "metrics.listen"), "metrics.listen")
+    return MetricsConfig(target.host, target.port)
+
+
+def _auto_discovery(value: object) -> AutoDiscovery:
+    entry = _mapping(value, "auto_discovery", ("port", "target"))
+    port = _port(_require(entry, "port", "auto_discovery.port"), "auto_discovery.port")
+    target = _host_port(_require(entry, "target", "auto_discovery.target"), "auto_discovery.target")
+    return AutoDiscovery(port, target)
+
+
+def _discovery(value: object) -> Discovery:
+    keys = ("cluster_id", "region", "refresh_s", "first_port", "endpoint_url")
+    entry = _mapping(value, "discovery", keys)
+    cluster_id = _require(entry, "cluster_id", "discovery.cluster_id")
+    if not isinstance(cluster_id, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", cluster_id):
+        raise _fail("discovery.cluster_id", cluster_id, "a cluster or replication group id (letters, digits, hyphens)")
+    region = entry.get("region")
+    if region is not None and (not isinstance(region, str) or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region)):
+        raise _fail("discovery.region", region, "an AWS region such as us-east-1")
+    endpoint_url = entry.get("endpoint_url")
+    if endpoint_url is not None and (not isinstance(endpoint_url, str) or not re.match(r"https?://", endpoint_url)):
+        raise _fail("discovery.endpoint_url", endpoint_url, "an http:// or https:// URL")
+    refresh_s = _seconds(entry.get("refresh_s", 30), "discovery.refresh_s")
+    first_port = _port(entry.get("first_port", 11211), "discovery.first_port")
+    return Discovery(cluster_id, region, refresh_s, first_port, endpoint_url)
+
+
+def _tls(value: object) -> TLSConfig:
+    entry = _mapping(value, "tls", ("cert", "key", "client_ca"))
+    return TLSConfig(
+        cert=_path(_require(entry, "cert", "tls.cert"), "tls.cert"),
+        key=_path(_require(entry, "key", "tls.key"), "tls.key"),
+        client_ca=_optional(entry, "client_ca", _path, "tls.client_ca"),
+    )
+
+
+def _upstream_tls(value: object) -> UpstreamTLS:
+    if value is True or value == {}:
+        return UpstreamTLS(ca=None)
+    entry = _mapping(value, "upstream_tls", ("ca",))
+    return UpstreamTLS(ca=_optional(entry, "ca", _path, "upstream_tls.ca"))
+
+
+def _auth(value: object) -> Auth:
+    entry = _mapping(value, "auth", ("username", "password"))
+    password = _require(entry, "password", "auth.password")
+    if not isinstance(password, str) or not password:
+        raise _fail("auth.password", "***", "a non-empty string")
+    username = entry.get("username")
+    if username is not None and not isinstance(username, str):
+        raise _fail("auth.username", username, "a string")
+    return Auth(username, password)
+
+
+def parse(data: object) -> Config:
+    """Validate a decoded YAML document; raises ConfigError naming the first bad key."""
+    if data is None:
+        raise ConfigError("config: the file is empty; see config.example.yaml for a complete example")
+    top = _mapping(data, "", _TOP_KEYS)
+    merged = {**DEFAULTS, **{k: v for k, v in top.items() if v is not None}}
+
+    engine = _require(top, "engine", "engine")
+    if engine not in ENGINES:
+        raise _fail("engine", engine, _DESCRIPTIONS["engine"])
+    public_address = _host(_require(top, "public_address", "public_address"), "public_address")
+    listen_address = merged["listen_address"]
+    try:
+        listen_address = str(ipaddress.ip_address(listen_address))
+    except ValueError:
+        raise _fail("listen_address", listen_address, "an IP address to bind, such as 0.0.0.0 or ::") from None
+    interface = merged["interface"]
+    if not isinstance(interface, str) or not _INTERFACE.match(interface):
+        raise _fail("interface", interface, "a network interface name such as eth0 (letters, digits, _ . -, at most 15)")
+
+    clients_raw = _require(top, "allowed_clients", "allowed_clients")
+    if not isinstance(clients_raw, list) or not clients_raw:
+        raise _fail("allowed_clients", clients_raw, _DESCRIPTIONS["allowed_clients"])
+    allowed = tuple(_network(item, f"allowed_clients[{i}]") for i, item in enumerate(clients_raw))
+
+    discovery = _optional(top, "discovery", lambda v, _p: _discovery(v), "discovery")
+    forwards_raw = top.get("forwards")
+    if forwards_raw is None and discovery is not None:
+        forwards: tuple[Forward, ...] = ()
+    else:
+        forwards = _forwards(_require(top, "forwards", "forwards"))
+        if not forwards:
+            raise _fail("forwards", forwards_raw, _DESCRIPTIONS["forwards"] + " (or a discovery section)")
+
+    auto_discovery = _optional(top, "auto_discovery", lambda v, _p: _auto_discovery(v), "auto_discovery")
+    if auto_discovery is not None:
+        if engine != "memcached":
+            raise ConfigError(f"auto_discovery: only valid with engine memcached, not {engine!r}")
+        clash = next((i for i, f in enumerate(forwards) if f.port == auto_discovery.port), None)
+        if clash is not None:
+            raise ConfigError(
+                f"auto_discovery.port: {auto_discovery.port} is already used by forwards[{clash}]; pick a free port"
+            )
+
+    metrics = _optional(top, "metrics", lambda v, _p: _metrics(v), "metrics")
+    if metrics is not None and metrics.port in {f.port for f in forwards} and metrics.host in (listen_address, "0.0.0.0"):
+        raise ConfigError(f"metrics.listen: port {metrics.port} is also a forward port; pick another port")
+
+    return Config(
+        engine=cast(Engine, engine),
+        public_address=public_address,
+        listen_address=listen_address,
+        interface=interface,
+        allowed_clients=allowed,
+        forwards=forwards,
+        metrics=metrics,
+        workers=_workers(merged["workers"], "workers"),
+        connect_timeout_s=_seconds(merged["connect_timeout_s"], "connect_timeout_s"),
+        idle_timeout_s=_seconds(merged["idle_timeout_s"], "idle_timeout_s", allow_zero=True),
+        drain_timeout_s=_seconds(merged["drain_timeout_s"], "drain_timeout_s", allow_zero=True),
+        max_connections=_positive_int(merged["max_connections"], "max_connections"),
+        auto_discovery=auto_discovery,
+        discovery=discovery,
+        tls=_optional(top, "tls", lambda v, _p: _tls(v), "tls"),
+        upstream_tls=_optional(top, "upstream_tls", lambda v, _p: _upstream_tls(v), "upstream_tls"),
+        auth=_optional(top, "auth", lambda v, _p: _auth(v), "auth"),
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; raises ConfigError (never OSError or YAMLError)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config: {os.fspath(path)!r} does not exist; pass --config with the path of a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: cannot read {os.fspath(path)!r}: {exc}") from None
+    return loads(text, source=os.fspath(path))
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Validate YAML text; raises ConfigError with the line of a YAML syntax error."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config: {source}{where}: invalid YAML: {problem}") from None
+    return parse(data)
