@@ -41,15 +41,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_emit_iptables(args: argparse.Namespace) -> int:
-    raise _not_available("emit-iptables")
+    from forwarder import config, iptables
+
+    text = iptables.render(config.load(args.config), args.format, args.save)
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    raise _not_available("check")
+    from forwarder import check, config
+
+    results = check.run(config.load(args.config), direct=args.direct, timeout_s=args.timeout)
+    for result in results:
+        print(check.format_result(result), flush=True)
+    failed = check.summary(results)
+    if failed is not None:
+        print(f"natfwd: error: {failed}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    raise _not_available("lab")
+    from forwarder import lab
+
+    if args.action == "up":
+        print(lab.describe_up(lab.up(args.name, args.engine, args.mode)))
+        return EXIT_OK
+    if args.action == "down":
+        deleted = lab.down(args.name)
+        print(f"lab {args.name}: removed {', '.join(deleted)}" if deleted else f"lab {args.name}: nothing to remove")
+        return EXIT_OK
+    status = lab.status(args.name)
+    print(lab.describe_status(status))
+    if not status.namespaces:
+        return EXIT_FAILURE
+    from forwarder import check
+
+    results = lab.check(status)
+    for result in results:
+        print(check.format_result(result))
+    failed = check.summary(results)
+    if failed is not None:
+        print(f"natfwd: error: lab {args.name}: {failed}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
