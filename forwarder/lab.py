@@ -239,6 +239,10 @@ class Lab:
 
     def start_nodes(self, timeout_s: float = 10.0) -> None:
         """Start every cache node and wait until each accepts; raises NatfwdError if one does not."""
+        program = self.node_command(self.nodes[0])[0]
+        if shutil.which(program) is None:
+            package = "redis-server" if self.engine == "redis" else "memcached"
+            raise NatfwdError(f"{program} is not installed; install it (Debian: apt-get install {package})")
         for node in self.nodes:
             self.start_node(node.index, wait=False)
         for node in self.nodes:
