@@ -118,9 +118,12 @@ def memcached_server() -> Iterator[int]:
 
 
 @contextmanager
-def redis_server(*extra: str) -> Iterator[int]:
-    """A real redis-server on a free loopback port (extra args such as `--requirepass`); yields the port."""
-    port = free_port()
+def redis_server(*extra: str, port: int | None = None) -> Iterator[int]:
+    """A real redis-server on loopback (extra args such as `--requirepass` come last and win); yields the port.
+
+    `port` is the port to wait on; pass it when `extra` moves the server, e.g. to `--tls-port`.
+    """
+    port = port if port is not None else free_port()
     argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", *extra]
     with server_process(argv, port):
         yield port

@@ -229,3 +229,56 @@ def test_check_in_a_lab_passes_then_names_the_killed_node(tmp_path: Path) -> Non
         with netns.entered(lab.client):
             results = check.run(config.loads(cfg_text), timeout_s=1)
         assert [r.ok for r in results] == [True, False, True]
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (an IP SAN), and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "natfwd-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+def test_tls_probes_verify_the_server(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    tls_args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                "--tls-auth-clients", "no"]  # fmt: skip
+    with redis_server(*tls_args, port=port):
+        # Through public_address with `tls`: the self-signed certificate is its own trust anchor.
+        public = config.loads(_config(port, engine="redis", extra=f"tls: {{cert: '{cert}', key: '{key}'}}\n"))
+        assert [(r.ok, r.detail) for r in check.run(public)] == [(True, "PONG")]
+        # --direct with upstream_tls verifies against its CA; without the CA, verification fails.
+        direct = config.loads(_config(port, engine="redis", extra=f"upstream_tls: {{ca: '{cert}'}}\n"))
+        assert [(r.ok, r.detail) for r in check.run(direct, direct=True)] == [(True, "PONG")]
+        unverified = config.loads(_config(port, engine="redis", extra="upstream_tls: {}\n"))
+        [failed] = check.run(unverified, direct=True)
+        assert not failed.ok and failed.detail.startswith("TLS: CERTIFICATE_VERIFY_FAILED")
+        # Plain TCP to a TLS port is not mistaken for a healthy node.
+        [plain] = check.run(config.loads(_config(port, engine="redis")), timeout_s=1)
+        assert not plain.ok
