@@ -88,11 +88,15 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    raise _not_available("provision")
+    from forwarder.aws import commands
+
+    return commands.provision(args, sys.stdin, sys.stdout, sys.stderr)
 
 
 def _cmd_destroy(args: argparse.Namespace) -> int:
-    raise _not_available("destroy")
+    from forwarder.aws import commands
+
+    return commands.destroy_resources(args, sys.stdin, sys.stdout, sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     provision.add_argument("--no-ssh", action="store_true", help="do not open SSH (22) to the trusted CIDR")
     provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH")
     provision.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+    provision.add_argument("--subnet-id", default=None, help="public subnet to use (default: the first public one)")
+    provision.add_argument(
+        "--package", default=f"natfwd=={__version__}", metavar="SPEC", help="pip requirement the instance installs"
+    )
+    provision.add_argument(
+        "--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="how long to wait for the instance"
+    )
 
     destroy = commands.add_parser(
         "destroy",

@@ -1,0 +1,97 @@
+"""The provision and destroy commands, called by the CLI: the plan on stdout, questions and progress on stderr.
+
+This is command-line code that lives here so that cli.py stays free of boto3 and of AWS details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import TextIO
+
+from forwarder.aws import apply, destroy, inventory, plan, report, survey
+from forwarder.aws.client import AwsClient
+from forwarder.aws.waiter import Progress, Timing
+from forwarder.errors import NatfwdError
+
+
+def _progress(stderr: TextIO) -> Progress:
+    def show(message: str) -> None:
+        print(f"natfwd: {message}", file=stderr, flush=True)
+
+    return show
+
+
+def _confirm(question: str, stdin: TextIO | None, stderr: TextIO, action: str) -> None:
+    """Ask on the terminal; no answer (no stdin, or EOF) counts as no. Raises NatfwdError unless the answer is yes."""
+    print(f"{question} [y/N] ", end="", file=stderr, flush=True)
+    try:
+        answer = stdin.readline() if stdin is not None else ""
+    except (OSError, ValueError):
+        answer = ""
+    if not answer:
+        print(file=stderr)
+        raise NatfwdError(f"no answer on standard input, so nothing was done; pass --yes to {action} without asking")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise NatfwdError("not confirmed; nothing was done")
+
+
+def destroy_command(args: argparse.Namespace, region: str) -> str:
+    """The exact `natfwd destroy` command that removes what provision made with these arguments."""
+    words = ["natfwd", "destroy", "--cluster-id", args.cluster_id, "--region", region]
+    if args.profile:
+        words += ["--profile", args.profile]
+    if args.endpoint_url:
+        words += ["--endpoint-url", args.endpoint_url]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, stderr: TextIO) -> int:
+    """natfwd provision: plan, show, confirm, apply, report. Returns the exit code; raises NatfwdError/UsageError."""
+    request = plan.ProvisionRequest(
+        cluster_id=plan.parse_cluster_id(args.cluster_id),
+        trusted_cidr=plan.parse_trusted_cidr(args.trusted_cidr),
+        mode=args.mode,
+        instance_type=args.instance_type,
+        ssh=not args.no_ssh,
+        key_name=args.key_name,
+        subnet_id=args.subnet_id,
+        package=plan.parse_package(args.package),
+    )
+    client = AwsClient.create(args.region, args.profile, args.endpoint_url)
+    the_plan = survey.prepare(client, request)
+    found = inventory.find(client, request.cluster_id)
+    changes = apply.diff(the_plan, found)
+    print(plan.render(the_plan), file=stdout)
+    print("changes:", file=stdout)
+    print("\n".join(f"  {line}" for line in changes.lines(the_plan)), file=stdout, flush=True)
+    if args.dry_run:
+        print("dry run: nothing was created or changed", file=stdout)
+        return 0
+    if changes.empty:
+        print("everything already exists; nothing to change", file=stdout, flush=True)
+    elif not args.yes:
+        _confirm("Create these resources?", stdin, stderr, "provision")
+    command = destroy_command(args, client.region)
+    timing = Timing(timeout_s=args.wait_timeout)
+    outcome = apply.apply(client, the_plan, found, _progress(stderr), command, timing)
+    print(report.render(outcome, command), file=stdout)
+    return 0
+
+
+def destroy_resources(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, stderr: TextIO) -> int:
+    """natfwd destroy: find by tags, show, confirm, remove. Returns the exit code; raises NatfwdError/UsageError."""
+    cluster_id = plan.parse_cluster_id(args.cluster_id)
+    client = AwsClient.create(args.region, args.profile, args.endpoint_url)
+    found = inventory.find(client, cluster_id)
+    if found.empty:
+        print(
+            f"nothing to destroy: no resources tagged {plan.TAG_CLUSTER}={cluster_id} in {client.region}", file=stdout
+        )
+        return 0
+    print(destroy.render(found, client.region), file=stdout, flush=True)
+    if not args.yes:
+        _confirm("Destroy these resources?", stdin, stderr, "destroy")
+    removed = destroy.destroy(client, found, _progress(stderr))
+    print(f"destroyed {len(removed)} resources for cluster {cluster_id!r}", file=stdout)
+    return 0

@@ -1,0 +1,38 @@
+"""What provision prints at the end: the Elastic IP, the port for each node and ready-to-paste client lines."""
+
+from __future__ import annotations
+
+from forwarder.aws.apply import Outcome
+from forwarder.aws.plan import Plan
+
+
+def client_lines(plan: Plan, public_ip: str) -> list[str]:
+    """Client commands that reach every node through the Elastic IP: pymemcache for Memcached, redis-cli for Redis."""
+    if plan.cluster.engine == "memcached":
+        servers = ", ".join(f'("{public_ip}", {f.port})' for f in plan.forwards)
+        if len(plan.forwards) == 1:
+            return [f"from pymemcache.client.base import Client; client = Client({servers})"]
+        return [f"from pymemcache.client.hash import HashClient; client = HashClient([{servers}])"]
+    cluster_flag = " -c" if plan.cluster.engine == "redis-cluster" else ""
+    return [f"redis-cli{cluster_flag} -h {public_ip} -p {f.port}" for f in plan.forwards]
+
+
+def render(outcome: Outcome, destroy_command: str) -> str:
+    """The closing report (no trailing newline)."""
+    plan = outcome.plan
+    ip = outcome.public_ip
+    lines = [
+        f"natfwd is provisioned for {plan.cluster.engine} cluster {plan.cluster_id!r} in {plan.region}",
+        f"  Elastic IP      {ip} ({outcome.allocation_id})",
+        f"  instance        {outcome.instance_id} in {plan.subnet.subnet_id}, mode {plan.request.mode}",
+        f"  security group  {outcome.group_id}",
+        "  ports",
+    ]
+    lines += [f"    {ip}:{f.port} -> node {f.node.node_id} ({f.node.address}:{f.node.port})" for f in plan.forwards]
+    lines.append("  client lines")
+    lines += [f"    {line}" for line in client_lines(plan, ip)]
+    lines += [
+        "  The instance installs natfwd at first boot: allow a few minutes before the first connection.",
+        f"  Only {plan.request.trusted_cidr} is let in. Remove everything with: {destroy_command}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Read what a plan needs from AWS (the cluster, its VPC, a public subnet, the current AMI) and build the plan."""
+
+from __future__ import annotations
+
+from forwarder.aws import cluster, plan, subnets
+from forwarder.aws.client import AwsClient
+from forwarder.errors import NatfwdError
+
+
+def prepare(client: AwsClient, request: plan.ProvisionRequest) -> plan.Plan:
+    """Only reads: nothing is created. Raises ClusterNotFound, NoPublicSubnet, AwsError or UsageError."""
+    found = cluster.describe(client, request.cluster_id)
+    if not found.subnet_group:
+        raise NatfwdError(
+            f"cluster {request.cluster_id!r} has no cache subnet group, so it is not in a VPC natfwd can use"
+        )
+    vpc_id = str(client.describe_cache_subnet_group(found.subnet_group)["VpcId"])
+    subnet = subnets.choose(
+        client.describe_subnets(vpc_id),
+        client.describe_route_tables(vpc_id),
+        vpc_id,
+        request.cluster_id,
+        request.subnet_id,
+    )
+    image_id = client.parameter(plan.AMI_PARAMETER)
+    return plan.build(request, found, vpc_id, subnet, image_id, client.region)

@@ -1,0 +1,269 @@
+"""Shared AWS test helpers: a real moto server on loopback, dummy credentials, a seeded VPC world, account snapshots.
+
+Test modules get the fixtures `aws` and `moto_url` by importing their functions under their own names:
+`from awskit import aws_account as aws_account` and `from awskit import moto_server as moto_server`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+from forwarder.aws.client import AwsClient
+
+REPO = Path(__file__).resolve().parent.parent
+REGION = "us-east-1"
+ACCOUNT = "123456789012"  # moto's default account
+TRUSTED = "198.51.100.27/32"
+
+# Dummy credentials, and no instance-metadata lookups: boto3 must never try 169.254.169.254 from a test.
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/natfwd-test-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/natfwd-test-aws-credentials",
+}
+_CLEARED = ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+@pytest.fixture(scope="session", name="moto_url")
+def moto_server() -> Iterator[str]:
+    """One moto server for the session, on a free loopback port; tests reset it (see `aws`)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@dataclass
+class Aws:
+    """A freshly reset moto account: boto3 clients for arranging and checking, and natfwd's own client."""
+
+    url: str
+    ec2: Any
+    elasticache: Any
+    client: AwsClient
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for a `python -m forwarder` subprocess talking to this moto server."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ENV)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        return env
+
+
+@pytest.fixture(name="aws")
+def aws_account(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
+    """Reset moto, set dummy credentials, and make moto validate key pairs and AMIs as AWS does."""
+    import moto.settings
+
+    for name in _CLEARED:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(moto.settings, "ENABLE_KEYPAIR_VALIDATION", True)
+    monkeypatch.setattr(moto.settings, "ENABLE_AMI_VALIDATION", True)
+    request = urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200
+    ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name=REGION)
+    elasticache = boto3.client("elasticache", endpoint_url=moto_url, region_name=REGION)
+    return Aws(moto_url, ec2, elasticache, AwsClient.create(REGION, None, moto_url))
+
+
+def natfwd_cli(aws: Aws, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m forwarder ARGS` with no stdin, against moto unless `env` says otherwise."""
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env if env is not None else aws.cli_env(),
+        cwd=REPO,
+    )
+
+
+# -- a VPC world ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """The ids of what `build_world` made."""
+
+    vpc_id: str
+    public_subnet_id: str | None
+    private_subnet_id: str
+    cache_group_id: str
+    subnet_group: str
+    decoy_vpc_id: str
+    decoy_subnet_id: str
+
+
+def _vpc(ec2: Any, cidr: str, name: str) -> str:
+    vpc_id: str = ec2.create_vpc(
+        CidrBlock=cidr, TagSpecifications=[{"ResourceType": "vpc", "Tags": [{"Key": "Name", "Value": name}]}]
+    )["Vpc"]["VpcId"]
+    return vpc_id
+
+
+def _public_subnet(ec2: Any, vpc_id: str, cidr: str, zone: str) -> str:
+    subnet_id: str = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    gateway = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
+    ec2.attach_internet_gateway(InternetGatewayId=gateway, VpcId=vpc_id)
+    table = ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
+    ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", GatewayId=gateway)
+    ec2.associate_route_table(RouteTableId=table, SubnetId=subnet_id)
+    return subnet_id
+
+
+def build_world(aws: Aws, *, public: bool = True) -> World:
+    """The page's VPC: a private subnet for the cache, a public one (route to an internet gateway) unless
+    `public` is false, and a decoy VPC with its own public subnet that provision must not pick."""
+    ec2 = aws.ec2
+    decoy_vpc = _vpc(ec2, "10.9.0.0/16", "decoy")
+    decoy_subnet = _public_subnet(ec2, decoy_vpc, "10.9.0.0/24", "us-east-1a")
+    vpc_id = _vpc(ec2, "10.0.0.0/16", "cache-vpc")
+    private = ec2.create_subnet(VpcId=vpc_id, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]
+    public_id = _public_subnet(ec2, vpc_id, "10.0.0.0/24", "us-east-1b") if public else None
+    group = ec2.create_security_group(GroupName="cache", Description="ElastiCache nodes", VpcId=vpc_id)["GroupId"]
+    aws.elasticache.create_cache_subnet_group(
+        CacheSubnetGroupName="cache-subnets", CacheSubnetGroupDescription="cache", SubnetIds=[private["SubnetId"]]
+    )
+    return World(vpc_id, public_id, private["SubnetId"], group, "cache-subnets", decoy_vpc, decoy_subnet)
+
+
+def _seed(cluster_id: str, nodes: list[dict[str, Any]], group_id: str) -> None:
+    """moto omits node endpoints and security groups from DescribeCacheClusters: set them on its backend."""
+    from moto.elasticache.models import elasticache_backends
+
+    cluster = elasticache_backends[ACCOUNT][REGION].cache_clusters[cluster_id]
+    cluster.cache_nodes = nodes
+    cluster.security_groups = [{"SecurityGroupId": group_id, "Status": "active"}]
+
+
+def node_name(cluster_id: str, node: int) -> str:
+    return f"{cluster_id}.x1y2z3.{node:04d}.use1.cache.amazonaws.com"
+
+
+def memcached_cluster(aws: Aws, world: World, cluster_id: str = "mycluster", nodes: int = 3) -> list[str]:
+    """A Memcached cluster with `nodes` nodes in the world's VPC; returns the node endpoint names."""
+    aws.elasticache.create_cache_cluster(
+        CacheClusterId=cluster_id,
+        Engine="memcached",
+        NumCacheNodes=nodes,
+        CacheNodeType="cache.t3.micro",
+        CacheSubnetGroupName=world.subnet_group,
+        SecurityGroupIds=[world.cache_group_id],
+        Port=11211,
+    )
+    names = [node_name(cluster_id, n) for n in range(1, nodes + 1)]
+    # Listed out of order on purpose: natfwd must sort by node id.
+    seeded = [
+        {
+            "CacheNodeId": f"{n:04d}",
+            "CacheNodeStatus": "available",
+            "Endpoint": {"Address": names[n - 1], "Port": 11211},
+        }
+        for n in reversed(range(1, nodes + 1))
+    ]
+    _seed(cluster_id, seeded, world.cache_group_id)
+    return names
+
+
+def redis_group(aws: Aws, world: World, group_id: str = "myredis", *, cluster_mode: bool = False) -> list[str]:
+    """A Redis replication group (3 members, or 2 shards x 2 when `cluster_mode`) whose member cache
+    clusters carry the endpoints; returns the endpoint names in member-id order."""
+    shape: dict[str, Any] = (
+        {"ClusterMode": "enabled", "NumNodeGroups": 2, "ReplicasPerNodeGroup": 1}
+        if cluster_mode
+        else {"ReplicasPerNodeGroup": 2}
+    )
+    created = aws.elasticache.create_replication_group(
+        ReplicationGroupId=group_id,
+        ReplicationGroupDescription="test",
+        Engine="redis",
+        CacheNodeType="cache.t3.micro",
+        CacheSubnetGroupName=world.subnet_group,
+        SecurityGroupIds=[world.cache_group_id],
+        **shape,
+    )["ReplicationGroup"]
+    members = sorted(created["MemberClusters"])
+    names = []
+    for member in members:
+        aws.elasticache.create_cache_cluster(
+            CacheClusterId=member,
+            ReplicationGroupId=group_id,
+            Engine="redis",
+            CacheNodeType="cache.t3.micro",
+            CacheSubnetGroupName=world.subnet_group,
+            SecurityGroupIds=[world.cache_group_id],
+        )
+        name = f"{member}.x1y2z3.use1.cache.amazonaws.com"
+        node = {"CacheNodeId": "0001", "CacheNodeStatus": "available", "Endpoint": {"Address": name, "Port": 6379}}
+        _seed(member, [node], world.cache_group_id)
+        names.append(name)
+    return names
+
+
+# -- account snapshots ------------------------------------------------------------------------------------------
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k != "ResponseMetadata"}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    return value
+
+
+def snapshot(aws: Aws) -> dict[str, Any]:
+    """Every EC2 resource provision could touch, as comparable data.
+
+    Terminated instances are left out, and so is what moto keeps of them but AWS deletes with them: their primary
+    network interface (DeleteOnTermination) and the subnet addresses it holds (AvailableIpAddressCount).
+    """
+    ec2 = aws.ec2
+    all_instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+    gone = {i["InstanceId"] for i in all_instances if i["State"]["Name"] in ("terminated", "shutting-down")}
+    interfaces = [
+        n
+        for n in ec2.describe_network_interfaces()["NetworkInterfaces"]
+        if n.get("Attachment", {}).get("InstanceId") not in gone
+    ]
+    subnets = [
+        {k: v for k, v in s.items() if k != "AvailableIpAddressCount"} for s in ec2.describe_subnets()["Subnets"]
+    ]
+    return _strip(
+        {
+            "security_groups": sorted(ec2.describe_security_groups()["SecurityGroups"], key=lambda g: g["GroupId"]),
+            "security_group_rules": sorted(
+                ec2.describe_security_group_rules()["SecurityGroupRules"], key=lambda r: r["SecurityGroupRuleId"]
+            ),
+            "instances": [i for i in all_instances if i["InstanceId"] not in gone],
+            "addresses": ec2.describe_addresses()["Addresses"],
+            "volumes": sorted(ec2.describe_volumes()["Volumes"], key=lambda v: v["VolumeId"]),
+            "network_interfaces": sorted(interfaces, key=lambda n: n["NetworkInterfaceId"]),
+            "subnets": sorted(subnets, key=lambda s: s["SubnetId"]),
+            "route_tables": sorted(ec2.describe_route_tables()["RouteTables"], key=lambda t: t["RouteTableId"]),
+            "vpcs": sorted(ec2.describe_vpcs()["Vpcs"], key=lambda v: v["VpcId"]),
+        }
+    )
