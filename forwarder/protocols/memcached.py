@@ -160,6 +160,9 @@ class AutoDiscoveryRewriter:
             else:
                 line = data[i : j + 1]
             i = j + 1
+            if len(line) - 1 > _MAX_REQUEST_LINE:  # same verdict however the line was cut
+                self._passthrough = True
+                return
             self._on_request(line.split())
 
     def _on_request(self, words: list[bytes]) -> None:
@@ -245,7 +248,7 @@ class AutoDiscoveryRewriter:
             held = bytes(self._line)
             self._line.clear()
             line = held + data[start:i] if held else data[start:i]
-            verdict = self._on_reply_line(line)
+            verdict = self._on_reply_line(line) if len(line) - 1 <= _MAX_REPLY_LINE else False
             if verdict is None:
                 if held:
                     out.append(held)

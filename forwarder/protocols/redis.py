@@ -32,7 +32,7 @@ _MAX_CAPTURE = 64 << 20  # CLUSTER NODES of a 1000-node cluster is ~200 KiB; big
 _MAX_ARG = 64  # command names and subcommands are short; longer arguments are skipped, not copied
 _ATTRIBUTE, _STREAMED = 1, 2  # frame flags
 _Chunk = bytes | bytearray | memoryview
-_TYPES = frozenset(b"+-:_,#($!=*~>%|.")
+_TYPES = frozenset(b"+-:_,#($!=*~>%|.;")
 
 
 def _text(raw: bytes) -> str:
@@ -274,7 +274,7 @@ class ClusterRewriter:
             else:
                 line = data[i : j + 1]
             i = j + 1
-            if not self._on_request_line(line):
+            if len(line) - 1 > _MAX_INLINE or not self._on_request_line(line):
                 self._lose_track()
                 return
 
@@ -392,7 +392,7 @@ class ClusterRewriter:
             held = bytes(self._line)
             self._line.clear()
             line = held + data[start:i] if held else data[start:i]
-            if len(line) < 3 or line[-2] != 13 or line[0] not in _TYPES:
+            if len(line) < 3 or line[-2] != 13 or line[0] not in _TYPES or len(line) - 1 > _MAX_LINE:
                 self._line += held
                 return self._give_up(out, view, run, start)
             kind = line[0]
