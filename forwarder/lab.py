@@ -253,9 +253,10 @@ class Lab:
         node = self.nodes[index]
         log = self._log(f"node{index + 1}.log")
         try:
-            # Inside /tmp: redis-server may write there (and never into the caller's cwd).
-            process = self.popen(node.namespace, self.node_command(node), stdout=log, stderr=subprocess.STDOUT,
-                                 cwd="/tmp")  # fmt: skip
+            # cwd /tmp: redis-server may write there, never into the caller's cwd. A session of its own: closing
+            # the terminal that ran `natfwd lab up` must not SIGHUP the nodes.
+            process = self.popen(node.namespace, self.node_command(node), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, cwd="/tmp", start_new_session=True)  # fmt: skip
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # type: ignore[union-attr]
@@ -422,6 +423,7 @@ def up(name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", 
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env=_package_env(),
+                    cwd=state,
                     start_new_session=True,  # outlives `lab up`; `lab down` finds it by namespace
                 )
             serve_pid = process.pid
