@@ -147,9 +147,9 @@ CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
     ),
     (
         "unrequested-config-untouched",  # the request text sits inside a set's data block: not a request
-        b"set k 0 0 20\r\nconfig get cluster\r\n\r\n",
-        b"STORED\r\n" + config(PRIVATE),
-        b"STORED\r\n" + config(PRIVATE),
+        b"set k 0 0 20\r\nconfig get cluster\r\n\r\nms k 31 T0\r\nget AmazonElastiCache:cluster\r\n\r\n",
+        b"STORED\r\nHD\r\n" + config(PRIVATE) + value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
+        b"STORED\r\nHD\r\n" + config(PRIVATE) + value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
         0,
     ),
     (
@@ -182,6 +182,13 @@ PASSTHROUGH_CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
         bytes([0x80, 0x00, 0x00, 0x01]) + b"\x00" * 20 + b"config get cluster\r\n",
         bytes([0x81]) + b"\x00" * 23 + config(PRIVATE),
         bytes([0x81]) + b"\x00" * 23 + config(PRIVATE),
+        0,
+    ),
+    (
+        "binary-client",  # memcached picks the protocol from the first byte; text that follows is not a request
+        bytes([0x80]) + b"\nconfig get cluster\r\n",
+        config(PRIVATE),
+        config(PRIVATE),
         0,
     ),
     (

@@ -281,6 +281,14 @@ CASES: list[tuple[str, bytes, bytes, bytes]] = [
         b"+OK\r\n-MOVED 1 203.0.113.73:11211\r\n-EXECABORT Transaction discarded\r\n" + bulk(NODES_PUBLIC),
     ),
     (
+        "multi-nested-multi-and-watch-are-not-queued",  # exact replies of redis-server 7.0
+        command("MULTI") + command("MULTI") + command("WATCH", "x") + command("CLUSTER", "NODES") + command("EXEC"),
+        b"+OK\r\n-ERR MULTI calls can not be nested\r\n-ERR WATCH inside MULTI is not allowed\r\n+QUEUED\r\n"
+        + array(bulk(NODES_PRIVATE)),
+        b"+OK\r\n-ERR MULTI calls can not be nested\r\n-ERR WATCH inside MULTI is not allowed\r\n+QUEUED\r\n"
+        + array(bulk(NODES_PUBLIC)),
+    ),
+    (
         "multi-discard",
         command("MULTI") + command("CLUSTER", "NODES") + command("DISCARD") + command("GET", "x"),
         b"+OK\r\n+QUEUED\r\n+OK\r\n" + bulk(NODES_PRIVATE),
@@ -381,6 +389,12 @@ PASSTHROUGH_CASES: list[tuple[str, bytes, bytes, bytes]] = [
         command("GET", "a") + command("GET", "b"),
         b"$3\r\nabcd\r\n" + MOVED_LOOKALIKE,
         b"$3\r\nabcd\r\n" + MOVED_LOOKALIKE,
+    ),
+    (
+        "bulk-not-followed-by-crlf",  # skipping by the length would land on a valid line; the CRLF check stops it
+        command("GET", "a") + command("GET", "b"),
+        b"$1\r\nXYZ" + MOVED_LOOKALIKE,
+        b"$1\r\nXYZ" + MOVED_LOOKALIKE,
     ),
     (
         "garbage-inside-captured-reply",

@@ -483,8 +483,6 @@ class ClusterRewriter:
             self._stack.pop()
             return self._element_done()
         # aggregates
-        if len(self._stack) > 1000:
-            return None
         if text == b"?":
             self._stack.append([-1, _STREAMED])
             return False
