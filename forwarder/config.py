@@ -141,7 +141,7 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout_s": 5.0,
     "idle_timeout_s": 3600.0,
     "drain_timeout_s": 30.0,
-    "max_connections": 20000,
+    "max_connections": 10000,
 }
 
 _TOP_KEYS = (

@@ -1,0 +1,437 @@
+"""Listeners, the accept-time allowlist, limits, signals, reload and drain; one worker process per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import resource
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from forwarder import config as config_mod
+from forwarder.errors import NatfwdError
+from forwarder.relay import BUFFER_SIZE, BufferPool, Half
+
+if TYPE_CHECKING:
+    from forwarder.metrics import ForwardMetrics, Metrics
+
+log = logging.getLogger("natfwd.server")
+
+LISTEN_BACKLOG = 4096
+
+
+@dataclass(slots=True)
+class Route:
+    """What one listen port does right now; reload swaps `target` and `config` for new connections only."""
+
+    port: int
+    target: config_mod.Target
+    config: config_mod.Config
+    metrics: ForwardMetrics
+    connections: set[ClientHalf]
+
+
+class NodeHalf(Half):
+    """The node side of a connection."""
+
+    __slots__ = ()
+
+
+class ClientHalf(Half):
+    """The client side: checks the allowlist at accept, then opens the node connection and pairs the halves."""
+
+    __slots__ = ("worker", "route", "connect_task", "seen_to_node", "seen_to_client", "idle_s", "accounted")
+
+    def __init__(self, worker: Worker, route: Route) -> None:
+        super().__init__(worker.pool)
+        self.worker = worker
+        self.route = route
+        self.connect_task: asyncio.Task[None] | None = None
+        self.seen_to_node = 0
+        self.seen_to_client = 0
+        self.idle_s = 0.0
+        self.accounted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        route = self.route
+        worker = self.worker
+        peer = transport.get_extra_info("peername")
+        client_ip = peer[0] if peer else ""
+        if not route.config.is_allowed(client_ip):
+            worker.reject(route, "not_allowed", client_ip)
+            self.transport.abort()
+            return
+        if worker.active >= route.config.max_connections:
+            worker.reject(route, "limit", client_ip)
+            self.transport.abort()
+            return
+        if worker.draining:
+            worker.reject(route, "draining", client_ip)
+            self.transport.abort()
+            return
+        worker.active += 1
+        self.accounted = True
+        route.connections.add(self)
+        route.metrics.accepted.inc()
+        route.metrics.active.inc()
+        node = NodeHalf(worker.pool)
+        self.peer = node
+        node.peer = self
+        self.connect_task = asyncio.get_running_loop().create_task(self._connect(node, route.target, client_ip))
+
+    async def _connect(self, node: NodeHalf, target: config_mod.Target, client_ip: str) -> None:
+        loop = asyncio.get_running_loop()
+        route = self.route
+        started = loop.time()
+        try:
+            async with asyncio.timeout(route.config.connect_timeout_s):
+                await loop.create_connection(lambda: node, target.host, target.port)
+        except asyncio.CancelledError:
+            node.abort()  # the client left; the node connection may have completed meanwhile
+            raise
+        except (OSError, TimeoutError) as exc:
+            reason = _connect_failure_reason(exc)
+            self.worker.metrics.upstream_errors.labels(str(route.port), reason).inc()
+            log.warning(
+                "node connection failed",
+                extra={"forward": route.port, "target": str(target), "client": client_ip, "reason": reason,
+                       "error": str(exc) or type(exc).__name__},
+            )
+            if self.transport is not None and not self.closed:
+                self.transport.abort()
+            return
+        finally:
+            self.connect_task = None
+        self.worker.metrics.upstream_connect.observe(loop.time() - started)
+        if self.closed:
+            node.abort()
+            return
+        self.release_early()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        task = self.connect_task
+        if task is not None:
+            task.cancel()
+        super().connection_lost(exc)
+        self._finish()
+
+    def _finish(self) -> None:
+        node = self.peer
+        if node is not None and node.transport is not None and not node.closed:
+            node.on_closed = self._finish  # the connection ends when the node side is gone too
+            return
+        if self.accounted:
+            self.accounted = False
+            self.worker.active -= 1
+            self.route.connections.discard(self)
+            self.worker.account(self)
+            self.route.metrics.active.dec()
+
+
+def _connect_failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    return "error"
+
+
+class Worker:
+    """One event loop's listeners and connections. Reload and drain are methods; signals are wired in `run`."""
+
+    def __init__(self, cfg: config_mod.Config, config_path: str | None, metrics: Metrics, *, reuse_port: bool,
+                 count_reloads: bool = True, buffer_size: int = BUFFER_SIZE) -> None:
+        self.config = cfg
+        self.config_path = config_path
+        self.metrics = metrics
+        self.reuse_port = reuse_port
+        self.count_reloads = count_reloads
+        self.pool = BufferPool(buffer_size)
+        self.routes: dict[int, Route] = {}
+        self.listeners: dict[int, asyncio.Server] = {}
+        self.active = 0
+        self.draining = False
+        self.stopping = asyncio.Event()
+        self._retired: list[Route] = []  # routes removed by reload whose connections still run
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- accounting -------------------------------------------------------------------------------------------
+    def reject(self, route: Route, reason: str, client_ip: str) -> None:
+        self.metrics.rejected.labels(str(route.port), reason).inc()
+        log.info("connection refused", extra={"forward": route.port, "client": client_ip, "reason": reason})
+
+    def account(self, conn: ClientHalf) -> None:
+        """Move a connection's byte counts since the last sweep into the counters."""
+        node = conn.peer
+        to_node = conn.nbytes - conn.seen_to_node
+        to_client = (node.nbytes if node is not None else 0) - conn.seen_to_client
+        if to_node:
+            conn.seen_to_node += to_node
+            conn.route.metrics.bytes_to_node.inc(to_node)
+        if to_client:
+            conn.seen_to_client += to_client
+            conn.route.metrics.bytes_to_client.inc(to_client)
+
+    def sweep_interval_s(self) -> float:
+        idle = self.config.idle_timeout_s
+        return 1.0 if idle == 0 else max(0.05, min(1.0, idle / 4))
+
+    async def _sweep(self) -> None:
+        """Once a tick: flush byte counters, and close connections idle longer than idle_timeout_s."""
+        while True:
+            interval = self.sweep_interval_s()
+            await asyncio.sleep(interval)
+            limit = self.config.idle_timeout_s
+            self._retired = [r for r in self._retired if r.connections]
+            for route in list(self.routes.values()) + self._retired:
+                for conn in list(route.connections):
+                    before = conn.seen_to_node + conn.seen_to_client
+                    self.account(conn)
+                    if conn.seen_to_node + conn.seen_to_client != before or conn.connect_task is not None:
+                        conn.idle_s = 0.0
+                        continue
+                    conn.idle_s += interval
+                    if limit and conn.idle_s >= limit:
+                        log.info("idle timeout", extra={"forward": route.port, "idle_s": round(conn.idle_s, 2)})
+                        self.metrics.rejected.labels(str(route.port), "idle_timeout").inc()
+                        conn.abort()
+                        if conn.peer is not None:
+                            conn.peer.abort()
+
+    # --- listeners --------------------------------------------------------------------------------------------
+    def _bind(self, address: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and address == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((address, port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise NatfwdError(_bind_message(address, port, exc)) from exc
+        return sock
+
+    async def _open(self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config) -> dict[int, asyncio.Server]:
+        """Bind every forward or none: on any failure the ones already opened are closed again."""
+        loop = asyncio.get_running_loop()
+        opened: dict[int, asyncio.Server] = {}
+        try:
+            for forward in forwards:
+                route = self.routes.get(forward.port)
+                if route is None:
+                    route = Route(forward.port, forward.target, cfg, self.metrics.forward(forward.port), set())
+                sock = self._bind(cfg.listen_address, forward.port)
+                opened[forward.port] = await loop.create_server(
+                    _factory(self, route), sock=sock, backlog=LISTEN_BACKLOG
+                )
+                self.routes.setdefault(forward.port, route)
+        except BaseException:
+            for server in opened.values():
+                server.close()
+            raise
+        return opened
+
+    async def start(self) -> None:
+        self.listeners = await self._open(self.config.forwards, self.config)
+        self._spawn(self._sweep())
+        for port, route in sorted(self.routes.items()):
+            log.info("forwarding", extra={"listen": f"{self.config.listen_address}:{port}", "target": str(route.target)})
+
+    def _spawn(self, coro: object) -> None:
+        # Keep a reference: a bare create_task can be garbage collected mid-flight.
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- reload -----------------------------------------------------------------------------------------------
+    async def reload(self, new: config_mod.Config | None = None) -> bool:
+        """Apply a new config: open new forwards, close removed ones, retarget changed ones.
+
+        Live connections keep their node. Returns False (and keeps the old config) when the new config is invalid
+        or a new port cannot be bound.
+        """
+        try:
+            if new is None:
+                if self.config_path is None:
+                    raise config_mod.ConfigError("no config file to reload from")
+                new = config_mod.load(self.config_path)
+            await self._apply(new)
+        except (config_mod.ConfigError, NatfwdError) as exc:
+            log.error("reload refused, still serving the previous config", extra={"error": str(exc)})
+            if self.count_reloads:
+                self.metrics.reloads.labels("failure").inc()
+            return False
+        if self.count_reloads:
+            self.metrics.reloads.labels("success").inc()
+        log.info("config reloaded", extra={"forwards": len(new.forwards)})
+        return True
+
+    async def _apply(self, new: config_mod.Config) -> None:
+        old = self.config
+        for key in ("workers", "metrics"):
+            if getattr(old, key) != getattr(new, key):
+                log.warning(f"{key} changed; that takes effect at the next restart", extra={"key": key})
+        rebind_all = new.listen_address != old.listen_address
+        wanted = {f.port: f for f in new.forwards}
+        to_close = [p for p in self.listeners if rebind_all or p not in wanted]
+        to_open = tuple(f for f in new.forwards if rebind_all or f.port not in self.listeners)
+        # Close first so a changed listen_address can take the same ports; reopen the old ones if the new fail.
+        closed = {p: self.listeners.pop(p) for p in to_close}
+        for server in closed.values():
+            server.close()
+        try:
+            opened = await self._open(to_open, new)
+        except NatfwdError:
+            reopen = tuple(config_mod.Forward(p, self.routes[p].target) for p in closed)
+            self.listeners.update(await self._open(reopen, old))
+            raise
+        self.listeners.update(opened)
+        for port in closed:
+            if port not in wanted:
+                route = self.routes.pop(port)
+                self._retired.append(route)
+                self.metrics.forward_changes.labels("closed").inc()
+                log.info("forward closed; live connections continue", extra={"forward": port})
+        for port in opened:
+            if port not in closed:
+                self.metrics.forward_changes.labels("opened").inc()
+                log.info("forward opened", extra={"forward": port, "target": str(wanted[port].target)})
+        for port, forward in wanted.items():
+            route = self.routes[port]
+            if route.target != forward.target:
+                log.info("forward retargeted", extra={"forward": port, "from": str(route.target),
+                                                      "to": str(forward.target)})
+                self.metrics.forward_changes.labels("retargeted").inc()
+            route.target = forward.target
+            route.config = new
+        self.config = new
+
+    # --- drain ------------------------------------------------------------------------------------------------
+    async def drain(self) -> None:
+        """Stop accepting, let live connections finish within drain_timeout_s, then abort the rest."""
+        self.draining = True
+        for server in self.listeners.values():
+            server.close()
+        self.listeners.clear()
+        grace = self.config.drain_timeout_s
+        log.info("draining", extra={"active": self.active, "grace_s": grace})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        remaining = [c for r in list(self.routes.values()) + self._retired for c in r.connections]
+        for conn in remaining:
+            conn.abort()
+            if conn.peer is not None:
+                conn.peer.abort()
+        if remaining:
+            log.info("grace period over, aborted connections", extra={"aborted": len(remaining)})
+            await asyncio.sleep(0)
+        for task in list(self._tasks):
+            task.cancel()
+        for route in list(self.routes.values()) + self._retired:
+            for conn in list(route.connections):
+                self.account(conn)
+
+    async def run(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        if on_ready is not None:
+            on_ready()
+        await self.stopping.wait()
+        log.info("stopping")
+        await self.drain()
+
+
+def _factory(worker: Worker, route: Route) -> Callable[[], ClientHalf]:
+    return lambda: ClientHalf(worker, route)
+
+
+def _bind_message(address: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {port} is already in use on {address}; is another natfwd or memcached running?"
+    if exc.errno == errno.EACCES:
+        return f"cannot bind {address}:{port}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot bind {address}:{port}: {address} is not an address of this host; check listen_address"
+    return f"cannot bind {address}:{port}: {exc.strerror or exc}"
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; warn when that still cannot hold max_connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
+    needed = 2 * max_connections + 64  # a client and a node socket per connection, plus listeners and logs
+    if soft < needed:
+        log.warning(
+            "open-file limit is below what max_connections needs; raise LimitNOFILE or ulimit -n",
+            extra={"limit": soft, "needed": needed, "max_connections": max_connections},
+        )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
+def run_worker(cfg: config_mod.Config, config_path: str | None, *, reuse_port: bool, export_metrics: bool,
+               count_reloads: bool = True) -> None:
+    """Run one worker process to completion (returns after SIGTERM and drain). Raises NatfwdError on bind failure."""
+    from prometheus_client import CollectorRegistry
+
+    from forwarder import metrics as metrics_mod
+
+    registry = CollectorRegistry()
+    metrics = metrics_mod.Metrics(registry)
+    if export_metrics and cfg.metrics is not None:
+        try:
+            metrics_mod.start_exporter(cfg.metrics.host, cfg.metrics.port, registry)
+        except OSError as exc:
+            raise NatfwdError("metrics.listen: " + _bind_message(cfg.metrics.host, cfg.metrics.port, exc)) from exc
+        log.info("metrics", extra={"url": f"http://{cfg.metrics.host}:{cfg.metrics.port}/metrics"})
+    raise_fd_limit(cfg.max_connections)
+
+    async def main() -> None:
+        worker = Worker(cfg, config_path, metrics, reuse_port=reuse_port, count_reloads=count_reloads)
+        await worker.run()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main())
+
+
+def serve(cfg: config_mod.Config, config_path: str | None) -> None:
+    """Run `natfwd serve` in the foreground until SIGTERM; raises NatfwdError when it cannot start."""
+    if cfg.workers == 1:
+        run_worker(cfg, config_path, reuse_port=False, export_metrics=True)
+        return
+    from forwarder import supervisor
+
+    supervisor.run(cfg, config_path)
+

@@ -1,0 +1,153 @@
+"""`workers: N`: a parent that forks N worker processes sharing the ports with SO_REUSEPORT and relays signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import time
+from types import FrameType
+
+from forwarder import config as config_mod
+from forwarder.errors import NatfwdError
+
+log = logging.getLogger("natfwd.supervisor")
+
+RESPAWN_DELAY_S = 1.0
+
+
+def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    # Child: restore default signal dispositions; the worker's event loop installs its own handlers.
+    code = 0
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        from forwarder import server
+
+        server.run_worker(cfg, config_path, reuse_port=True, export_metrics=False, count_reloads=False)
+    except NatfwdError as exc:
+        log.error("worker failed", extra={"worker": index, "error": str(exc)})
+        code = 1
+    except BaseException:
+        log.exception("worker crashed", extra={"worker": index})
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def run(cfg: config_mod.Config, config_path: str | None) -> None:
+    """Fork `cfg.workers` workers and supervise them until SIGTERM. Raises NatfwdError if the first start fails."""
+    multiproc_dir = tempfile.mkdtemp(prefix="natfwd-metrics-")
+    # Must be set before prometheus_client is first imported, in this process and so in every fork.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    from prometheus_client import CollectorRegistry
+
+    from forwarder import metrics as metrics_mod
+    from forwarder import server
+
+    server.raise_fd_limit(cfg.max_connections)
+    own = metrics_mod.Metrics(CollectorRegistry())  # the parent counts reloads once, not once per worker
+    if cfg.metrics is not None:
+        try:
+            metrics_mod.start_exporter(cfg.metrics.host, cfg.metrics.port, metrics_mod.exporter_registry())
+        except OSError as exc:
+            raise NatfwdError(f"metrics.listen {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror}") from exc
+
+    pending: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, on_signal)
+
+    workers: dict[int, int] = {}  # pid -> index
+    started = time.monotonic()
+    for index in range(cfg.workers):
+        workers[_fork_worker(cfg, config_path, index)] = index
+    log.info("workers started", extra={"workers": cfg.workers, "pids": ",".join(map(str, workers))})
+
+    stopping = False
+    try:
+        while workers:
+            if not pending:
+                time.sleep(0.1)  # signal.pause() would race with a signal landing just before it
+            while pending:
+                signum = pending.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    log.info("stopping workers")
+                    for pid in workers:
+                        _kill(pid, signal.SIGTERM)
+                elif signum == signal.SIGHUP and not stopping:
+                    cfg = _reload(cfg, config_path, workers, own)
+            for pid, index, status in _reap(workers):
+                metrics_mod.mark_worker_dead(pid)
+                if stopping:
+                    continue
+                if time.monotonic() - started < RESPAWN_DELAY_S and status != 0:
+                    # A worker that dies at once (port taken, bad permissions) would die again: give up.
+                    for other in workers:
+                        _kill(other, signal.SIGTERM)
+                    _wait_all(workers)
+                    raise NatfwdError(f"worker {index} exited with status {status} at start; see the log above")
+                log.error("worker died; starting a new one", extra={"worker": index, "pid": pid, "status": status})
+                time.sleep(RESPAWN_DELAY_S)
+                workers[_fork_worker(cfg, config_path, index)] = index
+    finally:
+        for pid in workers:
+            _kill(pid, signal.SIGTERM)
+
+
+def _reload(
+    cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object
+) -> config_mod.Config:
+    from forwarder.metrics import Metrics
+
+    assert isinstance(own, Metrics)
+    if config_path is None:
+        return cfg
+    try:
+        new = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        log.error("reload refused, still serving the previous config", extra={"error": str(exc)})
+        own.reloads.labels("failure").inc()
+        return cfg
+    own.reloads.labels("success").inc()
+    for pid in workers:
+        _kill(pid, signal.SIGHUP)
+    return new
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(workers: dict[int, int]) -> list[tuple[int, int, int]]:
+    dead: list[tuple[int, int, int]] = []
+    while workers:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        if pid in workers:
+            dead.append((pid, workers.pop(pid), os.waitstatus_to_exitcode(status)))
+    return dead
+
+
+def _wait_all(workers: dict[int, int]) -> None:
+    for pid in list(workers):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        workers.pop(pid, None)
