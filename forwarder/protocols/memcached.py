@@ -90,7 +90,9 @@ class AutoDiscoveryRewriter:
 
     Replies are parsed as a stream: lines, plus `VALUE`/`CONFIG`/`VA` data blocks skipped by their length, so
     stored values are never inspected. A `CONFIG cluster` block (or a `VALUE AmazonElastiCache:cluster` block) is
-    rewritten only while the client has such a request outstanding. Anything unparseable switches the
+    rewritten only while the client has such a request outstanding. Requests are counted rather than matched one
+    to one with replies: the block header already names what it is, and counting stays right through `noreply`,
+    quiet meta commands and errors that would derail a reply-by-reply match. Anything unparseable switches the
     connection to pass-through, releasing held bytes unchanged.
     """
 

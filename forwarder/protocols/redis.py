@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from forwarder.protocols import Mapper, resp
@@ -31,6 +32,9 @@ _MAX_INLINE = 1 << 16  # redis refuses longer inline commands (PROTO_INLINE_MAX_
 _MAX_CAPTURE = 64 << 20  # CLUSTER NODES of a 1000-node cluster is ~200 KiB; bigger replies pass unchanged
 _MAX_ARG = 64  # command names and subcommands are short; longer arguments are skipped, not copied
 _ATTRIBUTE, _STREAMED = 1, 2  # frame flags
+# Headers of a request as redis-cli and client libraries send them; anything else takes the general path.
+_ARRAY_HEADER = re.compile(rb"\*(\d{1,9})\r\n")
+_BULK_HEADER = re.compile(rb"\$(\d{1,10})\r\n")
 _Chunk = bytes | bytearray | memoryview
 _TYPES = frozenset(b"+-:_,#($!=*~>%|.;")
 
@@ -250,7 +254,12 @@ class ClusterRewriter:
         if self._client_done or self._passthrough:
             return
         i, n = 0, len(data)
-        while i < n:
+        while i < n and not self._client_done:
+            if data[i] == 0x2A and not self._args_left and not self._client_line:
+                end = self._whole_command(data, i)
+                if end > 0:
+                    i = end
+                    continue
             if self._arg_skip:
                 step = min(self._arg_skip, n - i)
                 if self._arg is not None:
@@ -277,6 +286,28 @@ class ClusterRewriter:
             if len(line) - 1 > _MAX_INLINE or not self._on_request_line(line):
                 self._lose_track()
                 return
+
+    def _whole_command(self, data: bytes, i: int) -> int:
+        """Fast path: a RESP command lying wholly in `data` at `i` is handled at once; returns its end, or 0."""
+        match = _ARRAY_HEADER.match(data, i)
+        if match is None:
+            return 0
+        argv: list[bytes] = []
+        position = match.end()
+        for index in range(int(match.group(1))):
+            match = _BULK_HEADER.match(data, position)
+            if match is None:
+                return 0
+            start = match.end()
+            size = int(match.group(1))
+            position = start + size + 2
+            if position > len(data):
+                return 0
+            if index < 2:
+                argv.append(data[start : start + size] if size <= _MAX_ARG else b"")
+        if argv:
+            self._on_command(argv)
+        return position
 
     def _on_request_line(self, line: bytes) -> bool:
         """Handle one request header or inline command line; False if redis would reject it as a protocol error."""
@@ -365,7 +396,14 @@ class ClusterRewriter:
                 i += step
                 self._bulk -= step
                 if not self._bulk:
-                    self._trailer = 2
+                    # the common case, the CRLF is in this chunk: check both bytes at once
+                    self._trailer = 2 if data[i : i + 2] != b"\r\n" else 0
+                    if not self._trailer:
+                        i += 2
+                        if not self._stream_string and self._element_done() and self._capture is not None:
+                            self._capture += view[run:i]
+                            run = i
+                            out.append(self._finish_capture())
                 continue
             if self._trailer:
                 if data[i] != (13 if self._trailer == 2 else 10):
