@@ -6,6 +6,7 @@ Test modules get the fixtures `aws` and `moto_url` by importing their functions 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import subprocess
@@ -21,6 +22,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from forwarder.aws.client import AwsClient
+from forwarder.aws.cluster import Cluster, NodeEndpoint
+from forwarder.aws.plan import Plan, ProvisionRequest
+from forwarder.aws.plan import build as build_plan
+from forwarder.aws.subnets import Subnet
 
 REPO = Path(__file__).resolve().parent.parent
 REGION = "us-east-1"
@@ -267,3 +272,25 @@ def snapshot(aws: Aws) -> dict[str, Any]:
             "vpcs": sorted(ec2.describe_vpcs()["Vpcs"], key=lambda v: v["VpcId"]),
         }
     )
+
+
+# -- a fixed plan for exact-text tests and the deploy/ example ---------------------------------------------------
+
+EXAMPLE_PUBLIC_IP = "203.0.113.73"
+
+
+def example_plan(mode: str = "userspace", *, ssh: bool = True, package: str | None = None) -> Plan:
+    """The page's example: a 3-node Memcached cluster, the client 198.51.100.27, fixed AWS ids."""
+    nodes = tuple(
+        NodeEndpoint(f"{n:04d}", f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com", 11211) for n in (1, 2, 3)
+    )
+    cluster = Cluster("mycluster", "cache-cluster", "memcached", "available", nodes, ("sg-0cache",), "cache-subnets")
+    request = ProvisionRequest(
+        cluster_id="mycluster",
+        trusted_cidr=ipaddress.IPv4Network(TRUSTED),
+        mode=mode,  # type: ignore[arg-type]
+        ssh=ssh,
+        **({"package": package} if package else {}),
+    )
+    subnet = Subnet("subnet-0public", "us-east-1a", "10.0.0.0/24", "igw-0gateway")
+    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION)

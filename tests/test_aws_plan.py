@@ -1,0 +1,453 @@
+"""Pure parts of provisioning, table-driven with exact text: input checks, subnet choice, cluster parsing, the plan,
+the diff against what exists, rule conversion, the reports, and the instance waiter."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from typing import Any
+
+import pytest
+from awskit import EXAMPLE_PUBLIC_IP, TRUSTED, example_plan
+
+from forwarder.aws import apply, destroy, plan, report, subnets
+from forwarder.aws.client import AwsClient, AwsError
+from forwarder.aws.cluster import Cluster, NodeEndpoint, from_cache_cluster, from_replication_group
+from forwarder.aws.inventory import Address, Group, Instance, Inventory, Reference
+from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
+from forwarder.aws.waiter import Timing, wait_for_instances
+from forwarder.errors import NatfwdError, UsageError
+
+# -- command-line values ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "network"),
+    [("198.51.100.27/32", "198.51.100.27/32"), ("198.51.100.27", "198.51.100.27/32"), (" 10.0.0.0/8 ", "10.0.0.0/8")],
+)
+def test_trusted_cidr_accepted(text: str, network: str) -> None:
+    assert plan.parse_trusted_cidr(text) == ipaddress.IPv4Network(network)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("banana", "--trusted-cidr: 'banana' is not a CIDR; pass the client network, such as 198.51.100.27/32"),
+        ("198.51.100.27/33", "--trusted-cidr: '198.51.100.27/33' is not a CIDR"),
+        ("198.51.100.27/24", "--trusted-cidr: '198.51.100.27/24' has host bits set; did you mean 198.51.100.0/24?"),
+        ("::1/128", "--trusted-cidr: '::1/128' is IPv6, but the Elastic IP is IPv4; pass an IPv4 CIDR"),
+        (
+            "0.0.0.0/0",
+            "--trusted-cidr: 0.0.0.0/0 would let the whole internet reach the cache; pass the client network",
+        ),
+    ],
+)
+def test_trusted_cidr_rejected(text: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        plan.parse_trusted_cidr(text)
+    assert str(caught.value).startswith(message)
+
+
+@pytest.mark.parametrize("cluster_id", ["", "a b", "x" * 65, "semi;colon", "ünï"])
+def test_cluster_id_rejected(cluster_id: str) -> None:
+    with pytest.raises(UsageError, match="--cluster-id"):
+        plan.parse_cluster_id(cluster_id)
+
+
+# -- subnets ---------------------------------------------------------------------------------------------------------
+
+
+def subnet(subnet_id: str, zone: str = "us-east-1a", vpc: str = "vpc-1") -> dict[str, Any]:
+    return {"SubnetId": subnet_id, "AvailabilityZone": zone, "CidrBlock": "10.0.0.0/24", "VpcId": vpc}
+
+
+def table(routes: list[dict[str, str]], *subnet_ids: str, main: bool = False, vpc: str = "vpc-1") -> dict[str, Any]:
+    associations: list[dict[str, Any]] = [{"SubnetId": s} for s in subnet_ids]
+    if main:
+        associations.append({"Main": True})
+    local = {"DestinationCidrBlock": "10.0.0.0/16", "GatewayId": "local", "State": "active"}
+    return {"VpcId": vpc, "Associations": associations, "Routes": [local, *routes]}
+
+
+IGW = {"DestinationCidrBlock": "0.0.0.0/0", "GatewayId": "igw-1", "State": "active"}
+
+
+@pytest.mark.parametrize(
+    ("route_tables", "public"),
+    [
+        ([table([IGW], "subnet-a")], ["subnet-a"]),
+        ([table([IGW], main=True)], ["subnet-a", "subnet-b"]),  # no explicit association: the main table
+        ([table([IGW], main=True), table([], "subnet-a")], ["subnet-b"]),  # an explicit table wins over main
+        ([table([{**IGW, "State": "blackhole"}], "subnet-a")], []),
+        ([table([{"DestinationCidrBlock": "0.0.0.0/0", "NatGatewayId": "nat-1"}], "subnet-a")], []),
+        ([table([{"DestinationCidrBlock": "0.0.0.0/0", "GatewayId": "vgw-1"}], "subnet-a")], []),
+        ([table([{**IGW, "DestinationCidrBlock": "198.51.100.0/24"}], "subnet-a")], []),
+    ],
+)
+def test_public_subnets(route_tables: list[dict[str, Any]], public: list[str]) -> None:
+    found = subnets.public_subnets([subnet("subnet-a"), subnet("subnet-b", "us-east-1b")], route_tables)
+    assert [s.subnet_id for s in found] == public
+
+
+def test_choice_is_stable_and_honours_subnet_id() -> None:
+    all_subnets = [subnet("subnet-z", "us-east-1b"), subnet("subnet-y", "us-east-1a"), subnet("subnet-p")]
+    tables = [table([IGW], "subnet-z", "subnet-y"), table([], "subnet-p")]
+    assert subnets.choose(all_subnets, tables, "vpc-1", "c").subnet_id == "subnet-y"
+    assert subnets.choose(all_subnets, tables, "vpc-1", "c", "subnet-z").subnet_id == "subnet-z"
+    with pytest.raises(UsageError) as caught:
+        subnets.choose(all_subnets, tables, "vpc-1", "c", "subnet-p")
+    assert str(caught.value) == (
+        "--subnet-id: subnet-p is not public (no 0.0.0.0/0 route to an internet gateway); "
+        "public subnets of vpc-1: subnet-y, subnet-z"
+    )
+    with pytest.raises(UsageError, match="--subnet-id: subnet-elsewhere is not in vpc-1"):
+        subnets.choose(all_subnets, tables, "vpc-1", "c", "subnet-elsewhere")
+    with pytest.raises(subnets.NoPublicSubnet, match="VPC vpc-1 of cluster 'c' has no public subnet"):
+        subnets.choose([subnet("subnet-p")], [table([], "subnet-p")], "vpc-1", "c")
+
+
+# -- clusters --------------------------------------------------------------------------------------------------------
+
+
+def endpoint_node(node_id: str, address: str, port: int) -> dict[str, Any]:
+    return {"CacheNodeId": node_id, "Endpoint": {"Address": address, "Port": port}}
+
+
+def test_cache_cluster_parsing() -> None:
+    described = {
+        "CacheClusterId": "vk",
+        "Engine": "valkey",
+        "CacheClusterStatus": "available",
+        "CacheNodes": [endpoint_node("0002", "b", 6379), endpoint_node("0001", "a", 6379), {"CacheNodeId": "0003"}],
+        "SecurityGroups": [{"SecurityGroupId": "sg-1", "Status": "active"}],
+        "CacheSubnetGroupName": "subnets",
+    }
+    assert from_cache_cluster(described) == Cluster(
+        "vk",
+        "cache-cluster",
+        "redis",
+        "available",
+        (NodeEndpoint("0001", "a", 6379), NodeEndpoint("0002", "b", 6379)),
+        ("sg-1",),
+        "subnets",
+    )
+
+
+def test_replication_group_parsing() -> None:
+    group = {"ReplicationGroupId": "rg", "Status": "available", "ClusterEnabled": True, "Engine": "redis"}
+    members = [
+        {
+            "CacheClusterId": f"rg-000{n}-001",
+            "CacheNodes": [endpoint_node("0001", f"rg-000{n}-001.x", 6379)],
+            "SecurityGroups": [{"SecurityGroupId": "sg-2"}, {"SecurityGroupId": "sg-1"}],
+            "CacheSubnetGroupName": "subnets",
+        }
+        for n in (2, 1)
+    ]
+    parsed = from_replication_group(group, members)
+    assert parsed.engine == "redis-cluster"
+    assert parsed.nodes == (
+        NodeEndpoint("rg-0001-001", "rg-0001-001.x", 6379),
+        NodeEndpoint("rg-0002-001", "rg-0002-001.x", 6379),
+    )
+    assert parsed.security_group_ids == ("sg-2", "sg-1")
+    assert parsed.subnet_group == "subnets"
+
+
+# -- the plan --------------------------------------------------------------------------------------------------------
+
+EXPECTED_PLAN = """\
+natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-east-1
+  VPC             vpc-0cache
+  subnet          subnet-0public (10.0.0.0/24, us-east-1a), public via igw-0gateway
+  instance        t3.micro, ami-0al2023 (Amazon Linux 2023), no key pair
+  natfwd          mode userspace, installs natfwd==0.1.0
+  Elastic IP      one for natfwd, associated with the instance
+  forwards        (Elastic IP port -> node)
+    11211 -> mycluster.abc123.0001.use1.cache.amazonaws.com:11211  node 0001
+    11212 -> mycluster.abc123.0002.use1.cache.amazonaws.com:11211  node 0002
+    11213 -> mycluster.abc123.0003.use1.cache.amazonaws.com:11211  node 0003
+  security group  natfwd-mycluster in vpc-0cache, with exactly these rules
+    inbound   tcp 11211 from 198.51.100.27/32     mycluster: forward to node 0001
+    inbound   tcp 11212 from 198.51.100.27/32     mycluster: forward to node 0002
+    inbound   tcp 11213 from 198.51.100.27/32     mycluster: forward to node 0003
+    inbound   tcp 22    from 198.51.100.27/32     mycluster: SSH
+    outbound  tcp 11211 to   sg-0cache            mycluster: cache nodes
+    outbound  tcp 443   to   0.0.0.0/0            mycluster: package downloads at boot (dnf, pip)
+    (the default allow-all outbound rule is removed)
+  cache security group sg-0cache
+    inbound   tcp 11211 from natfwd-mycluster     natfwd-mycluster: NAT instance to cache nodes
+  tags            natfwd:cluster-id=mycluster, Name=natfwd-mycluster on every resource"""
+
+
+def test_plan_text_is_exact() -> None:
+    assert plan.render(example_plan()) == EXPECTED_PLAN
+
+
+def test_plan_rules_and_tags() -> None:
+    the_plan = example_plan(ssh=False)
+    assert the_plan.nat_ingress == tuple(Rule.tcp(port, TRUSTED) for port in (11211, 11212, 11213))
+    assert the_plan.nat_egress == (Rule.tcp(11211, "sg-0cache"), Rule.tcp(443, "0.0.0.0/0"))
+    assert the_plan.cache_ingress("sg-nat") == (Rule.tcp(11211, "sg-nat"),)
+    assert the_plan.tags("security-group") == (
+        ("natfwd:cluster-id", "mycluster"),
+        ("Name", "natfwd-mycluster"),
+        ("natfwd:role", "security-group"),
+        ("natfwd:trusted-cidr", TRUSTED),
+    )
+    assert the_plan.tags("instance")[-1] == ("natfwd:mode", "userspace")
+
+
+def test_plan_ports_follow_the_engine() -> None:
+    base = example_plan()
+    redis = dataclasses.replace(base.cluster, engine="redis")
+    built = plan.build(base.request, redis, base.vpc_id, base.subnet, base.image_id, base.region)
+    assert [f.port for f in built.forwards] == [6379, 6380, 6381]
+
+
+@pytest.mark.parametrize(
+    ("change", "mode", "error", "message"),
+    [
+        ({"nodes": ()}, "userspace", NatfwdError, "has no node endpoints yet (status available)"),
+        ({"security_group_ids": ()}, "userspace", NatfwdError, "has no VPC security group"),
+        ({"engine": "redis-cluster"}, "kernel", UsageError, "--mode kernel: kernel DNAT cannot rewrite"),
+    ],
+)
+def test_plan_refusals(change: dict[str, Any], mode: str, error: type[Exception], message: str) -> None:
+    base = example_plan(mode)
+    cluster = dataclasses.replace(base.cluster, **change)
+    with pytest.raises(error, match=re.escape(message)):
+        plan.build(base.request, cluster, base.vpc_id, base.subnet, base.image_id, base.region)
+
+
+# -- rules -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rule", "permission"),
+    [
+        (
+            Rule.tcp(22, "198.51.100.27/32"),
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "198.51.100.27/32"}]},
+        ),
+        (
+            Rule.tcp(22, "2001:db8::/64"),
+            {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "Ipv6Ranges": [{"CidrIpv6": "2001:db8::/64"}]},
+        ),
+        (
+            Rule.tcp(6379, "sg-1", "x"),
+            {
+                "IpProtocol": "tcp",
+                "FromPort": 6379,
+                "ToPort": 6379,
+                "UserIdGroupPairs": [{"GroupId": "sg-1", "Description": "x"}],
+            },
+        ),
+        (
+            Rule("tcp", 1, 9, "pl-1"),
+            {"IpProtocol": "tcp", "FromPort": 1, "ToPort": 9, "PrefixListIds": [{"PrefixListId": "pl-1"}]},
+        ),
+        (
+            DEFAULT_EGRESS,
+            {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": "default allow-all outbound"}]},
+        ),
+    ],
+)
+def test_rule_conversion_round_trips(rule: Rule, permission: dict[str, Any]) -> None:
+    assert to_permission(rule) == permission
+    assert from_permissions([permission]) == [rule]
+
+
+def test_from_permissions_flattens_and_ignores_descriptions_in_equality() -> None:
+    permission = {
+        "IpProtocol": "6",
+        "FromPort": 11211,
+        "ToPort": 11211,
+        "IpRanges": [{"CidrIp": "10.0.0.0/8", "Description": "a"}, {"CidrIp": "10.1.0.0/16"}],
+        "UserIdGroupPairs": [{"GroupId": "sg-9", "UserId": "123"}],
+    }
+    assert from_permissions([permission]) == [
+        Rule.tcp(11211, "10.0.0.0/8"),
+        Rule.tcp(11211, "10.1.0.0/16"),
+        Rule.tcp(11211, "sg-9"),
+    ]
+    assert Rule.tcp(1, "sg-9", "one").render(inbound=False) == "outbound  tcp 1     to   sg-9                 one"
+
+
+# -- the diff against what exists ------------------------------------------------------------------------------------
+
+
+def existing(**changes: Any) -> Inventory:
+    the_plan = example_plan()
+    complete = Inventory(
+        "mycluster",
+        groups=(Group("sg-nat", "vpc-0cache", TRUSTED, the_plan.nat_ingress, the_plan.nat_egress),),
+        instances=(Instance("i-1", "running", "subnet-0public", "userspace"),),
+        addresses=(Address("eipalloc-1", EXAMPLE_PUBLIC_IP, "eipassoc-1", "i-1"),),
+        references=(Reference("sg-0cache", Rule.tcp(11211, "sg-nat")),),
+    )
+    return dataclasses.replace(complete, **changes)
+
+
+def test_diff_of_nothing_creates_everything() -> None:
+    the_plan = example_plan()
+    changes = apply.diff(the_plan, Inventory("mycluster"))
+    assert not changes.empty
+    assert changes.lines(the_plan) == [
+        "create security group natfwd-mycluster with the rules above",
+        "add the inbound rule from natfwd-mycluster in sg-0cache",
+        "allocate an Elastic IP",
+        "launch a t3.micro instance in subnet-0public",
+        "associate the Elastic IP with the instance",
+    ]
+
+
+def test_diff_of_everything_is_empty() -> None:
+    the_plan = example_plan()
+    changes = apply.diff(the_plan, existing())
+    assert changes.empty
+    assert changes.lines(the_plan) == [
+        "keep security group sg-nat",
+        "keep the inbound rule from natfwd-mycluster in sg-0cache",
+        f"keep Elastic IP {EXAMPLE_PUBLIC_IP} (eipalloc-1)",
+        "keep instance i-1 (running)",
+    ]
+
+
+def test_diff_repairs_drift() -> None:
+    the_plan = example_plan()
+    wide_open = Rule.tcp(11211, "0.0.0.0/0")
+    group = Group("sg-nat", "vpc-0cache", TRUSTED, (*the_plan.nat_ingress[1:], wide_open), (DEFAULT_EGRESS,))
+    changes = apply.diff(
+        the_plan, existing(groups=(group,), references=(), addresses=(Address("eipalloc-1", "x", None, None),))
+    )
+    assert changes.revoke_ingress == (wide_open,)
+    assert changes.authorize_ingress == (the_plan.nat_ingress[0],)
+    assert changes.revoke_egress == (DEFAULT_EGRESS,)
+    assert changes.authorize_egress == the_plan.nat_egress
+    assert changes.cache_ports_missing == (11211,)
+    assert changes.associate
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"groups": (Group("sg-nat", "vpc-0cache", "203.0.113.0/24", (), ()),)},
+            "already exists with trusted CIDR 203.0.113.0/24",
+        ),
+        (
+            {"groups": (Group("sg-nat", "vpc-other", TRUSTED, (), ()),)},
+            "sg-nat is in vpc-other, not the cluster's vpc-0cache",
+        ),
+        ({"instances": (Instance("i-1", "running", "s", "kernel"),)}, "already exists in mode kernel"),
+        (
+            {"instances": (Instance("i-1", "stopped", "s", "userspace"),)},
+            "instance i-1 is stopped; start it, or run natfwd destroy",
+        ),
+        ({"addresses": (Address("eipalloc-1", "x", "a", "i-other"),)}, "Elastic IP x is associated with i-other"),
+        (
+            {"instances": (Instance("i-1", "running", "s", "userspace"), Instance("i-2", "running", "s", "userspace"))},
+            "found 2 instances tagged natfwd:cluster-id=mycluster",
+        ),
+    ],
+)
+def test_diff_conflicts(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(apply.Conflict, match=message):
+        apply.diff(example_plan(), existing(**changes))
+
+
+# -- reports ---------------------------------------------------------------------------------------------------------
+
+
+def test_final_report_is_exact() -> None:
+    outcome = apply.Outcome(example_plan(), "sg-nat", "i-1", "eipalloc-1", EXAMPLE_PUBLIC_IP, ())
+    ip = EXAMPLE_PUBLIC_IP
+    assert report.render(outcome, "natfwd destroy --cluster-id mycluster --region us-east-1") == (
+        "natfwd is provisioned for memcached cluster 'mycluster' in us-east-1\n"
+        f"  Elastic IP      {ip} (eipalloc-1)\n"
+        "  instance        i-1 in subnet-0public, mode userspace\n"
+        "  security group  sg-nat\n"
+        "  ports\n"
+        f"    {ip}:11211 -> node 0001 (mycluster.abc123.0001.use1.cache.amazonaws.com:11211)\n"
+        f"    {ip}:11212 -> node 0002 (mycluster.abc123.0002.use1.cache.amazonaws.com:11211)\n"
+        f"    {ip}:11213 -> node 0003 (mycluster.abc123.0003.use1.cache.amazonaws.com:11211)\n"
+        "  client lines\n"
+        "    from pymemcache.client.hash import HashClient; client = HashClient("
+        f'[("{ip}", 11211), ("{ip}", 11212), ("{ip}", 11213)])\n'
+        "  The instance installs natfwd at first boot: allow a few minutes before the first connection.\n"
+        f"  Only {TRUSTED} is let in. Remove everything with: natfwd destroy --cluster-id mycluster --region us-east-1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("engine", "nodes", "lines"),
+    [
+        ("memcached", 1, ['from pymemcache.client.base import Client; client = Client(("203.0.113.9", 11211))']),
+        ("redis", 2, ["redis-cli -h 203.0.113.9 -p 6379", "redis-cli -h 203.0.113.9 -p 6380"]),
+        ("redis-cluster", 1, ["redis-cli -c -h 203.0.113.9 -p 6379"]),
+    ],
+)
+def test_client_lines(engine: str, nodes: int, lines: list[str]) -> None:
+    base = example_plan()
+    cluster = dataclasses.replace(base.cluster, engine=engine, nodes=base.cluster.nodes[:nodes])
+    built = plan.build(base.request, cluster, base.vpc_id, base.subnet, base.image_id, base.region)
+    assert report.client_lines(built, "203.0.113.9") == lines
+
+
+def test_destroy_text_lists_in_removal_order() -> None:
+    assert destroy.render(existing(), "us-east-1") == (
+        "natfwd destroy for cluster 'mycluster' in us-east-1 removes, in this order:\n"
+        "  instance i-1 (running)\n"
+        f"  Elastic IP {EXAMPLE_PUBLIC_IP} (eipalloc-1)\n"
+        "  rule in sg-0cache: inbound tcp 11211 from sg-nat\n"
+        "  security group sg-nat (in vpc-0cache)"
+    )
+
+
+# -- the waiter, with a scripted EC2 and a fake clock ----------------------------------------------------------------
+
+
+class ScriptedEc2(AwsClient):
+    """Answers DescribeInstances from a script of states; everything else is the real class."""
+
+    def __init__(self, states: list[str]) -> None:
+        super().__init__({}, "us-east-1", None, None)
+        self.states = states
+
+    def describe_instances(self, filters: Any) -> list[dict[str, Any]]:
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return [{"InstanceId": "i-1", "State": {"Name": state}}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+def test_waiter_reports_progress_until_running() -> None:
+    clock = FakeClock()
+    seen: list[str] = []
+    timing = Timing(timeout_s=60, poll_s=5, sleep=clock.sleep, clock=clock.clock)
+    wait_for_instances(ScriptedEc2(["pending", "pending", "running"]), ["i-1"], "running", seen.append, timing)
+    assert seen == [
+        "waiting for running: i-1 pending (0 s)",
+        "waiting for running: i-1 pending (5 s)",
+        "instance i-1 is running",
+    ]
+
+
+def test_waiter_gives_up_and_spots_failed_launches() -> None:
+    clock = FakeClock()
+    timing = Timing(timeout_s=12, poll_s=5, sleep=clock.sleep, clock=clock.clock)
+    with pytest.raises(AwsError, match="gave up after 12 s waiting for i-1 pending to become running"):
+        wait_for_instances(ScriptedEc2(["pending"]), ["i-1"], "running", lambda _: None, timing)
+    with pytest.raises(AwsError, match="instance did not start: i-1 is terminated"):
+        wait_for_instances(ScriptedEc2(["terminated"]), ["i-1"], "running", lambda _: None, timing)

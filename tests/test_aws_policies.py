@@ -1,0 +1,156 @@
+"""The IAM policies in deploy/: least privilege for provision/destroy, and the instance policy for discovery."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from awskit import REGION, REPO, TRUSTED, Aws, build_world, memcached_cluster, redis_group
+from awskit import aws_account as aws_account  # fixture "aws"
+from awskit import moto_server as moto_server  # fixture "moto_url"
+
+from forwarder import cli, config
+from forwarder.aws import discovery
+from forwarder.aws.client import AwsClient
+
+PROVISION = REPO / "deploy" / "iam-provision-policy.json"
+INSTANCE = REPO / "deploy" / "iam-instance-policy.json"
+CLIENT_SOURCE = REPO / "forwarder" / "aws" / "client.py"
+DESTRUCTIVE = {"ec2:TerminateInstances", "ec2:DeleteSecurityGroup", "ec2:ReleaseAddress", "ec2:DisassociateAddress"}
+
+
+def load(path: Any) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document
+
+
+def statements(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[str], list[str]]]:
+    for statement in document["Statement"]:
+        actions = statement["Action"]
+        resources = statement["Resource"]
+        yield (
+            statement,
+            [actions] if isinstance(actions, str) else actions,
+            [resources] if isinstance(resources, str) else resources,
+        )
+
+
+def actions_of(document: dict[str, Any]) -> set[str]:
+    return {action for _, actions, _ in statements(document) for action in actions}
+
+
+def calls_in_client() -> set[str]:
+    """Every `service:Operation` the one boto3 wrapper can call, read from its source."""
+    text = CLIENT_SOURCE.read_text()
+    return {
+        f"{service}:{operation}"
+        for service, operation in re.findall(r'_(?:call|paginate)\(\s*"(\w+)",\s*"(\w+)"', text)
+    }
+
+
+def test_policies_are_well_formed() -> None:
+    for path in (PROVISION, INSTANCE):
+        document = load(path)
+        assert document["Version"] == "2012-10-17"
+        sids = [s["Sid"] for s in document["Statement"]]
+        assert len(sids) == len(set(sids))
+        for statement, actions, _ in statements(document):
+            assert statement["Effect"] == "Allow"
+            assert all(re.fullmatch(r"(ec2|elasticache|ssm):[A-Z][A-Za-z]+", action) for action in actions), actions
+
+
+def test_provision_policy_grants_exactly_what_the_client_calls() -> None:
+    used = calls_in_client()
+    assert len(used) == 21  # the regex still finds every call
+    assert actions_of(load(PROVISION)) == used | {"ec2:CreateTags"}
+
+
+def test_destructive_actions_only_touch_natfwd_tagged_resources() -> None:
+    for statement, actions, resources in statements(load(PROVISION)):
+        for action in DESTRUCTIVE & set(actions):
+            if resources == ["arn:aws:ec2:*:*:network-interface/*"]:
+                assert action in ("ec2:AssociateAddress", "ec2:DisassociateAddress")
+                continue
+            assert statement["Condition"] == {"Null": {"aws:ResourceTag/natfwd:cluster-id": "false"}}, action
+
+
+def test_tags_can_only_be_written_while_creating() -> None:
+    (statement,) = [s for s, actions, _ in statements(load(PROVISION)) if "ec2:CreateTags" in actions]
+    assert statement["Condition"] == {
+        "StringEquals": {
+            "ec2:CreateAction": [
+                "AllocateAddress",
+                "AuthorizeSecurityGroupEgress",
+                "AuthorizeSecurityGroupIngress",
+                "CreateSecurityGroup",
+                "RunInstances",
+            ]
+        }
+    }
+
+
+def test_new_resources_must_carry_the_cluster_tag() -> None:
+    for statement, actions, resources in statements(load(PROVISION)):
+        created = {"arn:aws:ec2:*:*:instance/*", "arn:aws:ec2:*:*:elastic-ip/*", "arn:aws:ec2:*:*:volume/*"}
+        if {"ec2:RunInstances", "ec2:AllocateAddress"} & set(actions) and created & set(resources):
+            assert statement["Condition"] == {"Null": {"aws:RequestTag/natfwd:cluster-id": "false"}}
+
+
+def test_instance_policy_is_exactly_the_discovery_reads() -> None:
+    assert load(INSTANCE) == {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "NatfwdDiscovery",
+                "Effect": "Allow",
+                "Action": ["elasticache:DescribeCacheClusters", "elasticache:DescribeReplicationGroups"],
+                "Resource": "*",
+            }
+        ],
+    }
+
+
+# -- what a real run calls stays inside the policies ----------------------------------------------------------------
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Every AWS operation natfwd calls during the test, as `service:Operation`."""
+    seen: set[str] = set()
+    call, paginate = AwsClient._call, AwsClient._paginate
+
+    def recording_call(self: AwsClient, service: str, operation: str, **params: Any) -> dict[str, Any]:
+        seen.add(f"{service}:{operation}")
+        return call(self, service, operation, **params)
+
+    def recording_paginate(self: AwsClient, service: str, operation: str, key: str, **params: Any) -> list[Any]:
+        seen.add(f"{service}:{operation}")
+        return paginate(self, service, operation, key, **params)
+
+    monkeypatch.setattr(AwsClient, "_call", recording_call)
+    monkeypatch.setattr(AwsClient, "_paginate", recording_paginate)
+    return seen
+
+
+def test_provision_and_destroy_call_only_policy_actions(aws: Aws, recorded: set[str]) -> None:
+    world = build_world(aws)
+    memcached_cluster(aws, world)
+    common = ["--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION]
+    assert cli.main(["provision", *common, "--trusted-cidr", TRUSTED, "--yes"]) == 0
+    assert cli.main(["destroy", *common, "--yes"]) == 0
+    allowed = actions_of(load(PROVISION))
+    assert recorded <= allowed
+    # The run used all of it but tagging (done through TagSpecifications) and the replication group lookup.
+    assert allowed - recorded == {"ec2:CreateTags", "elasticache:DescribeReplicationGroups"}
+
+
+def test_discovery_calls_only_instance_policy_actions(aws: Aws, recorded: set[str]) -> None:
+    world = build_world(aws)
+    redis_group(aws, world)
+    recorded.clear()
+    settings = config.Discovery("myredis", REGION, 30.0, 6379, aws.url)
+    assert len(discovery.describe_nodes(settings)) == 3
+    assert recorded == actions_of(load(INSTANCE))

@@ -1,0 +1,246 @@
+"""The NAT instance's user data and systemd unit, as text, and the bootstrap script run for real with stand-ins."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from awskit import EXAMPLE_PUBLIC_IP, REPO, TRUSTED, example_plan
+
+from forwarder import config
+from forwarder.aws import userdata
+from forwarder.aws.plan import PortForward, parse_package
+from forwarder.errors import UsageError
+
+EXAMPLE = REPO / "deploy" / "cloud-init.example.yaml"
+UNIT = REPO / "deploy" / "natfwd.service"
+NODES = [f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com" for n in (1, 2, 3)]
+
+EXPECTED_CONFIG = f"""\
+# natfwd config for ElastiCache cluster mycluster, written by natfwd provision.
+engine: memcached
+public_address: {EXAMPLE_PUBLIC_IP}
+listen_address: 0.0.0.0
+# The bootstrap script replaces this with the primary interface (ens5 on Nitro instances).
+interface: eth0
+allowed_clients:
+  - {TRUSTED}
+forwards:
+  - port: 11211
+    target: {NODES[0]}:11211
+  - port: 11212
+    target: {NODES[1]}:11211
+  - port: 11213
+    target: {NODES[2]}:11211
+metrics:
+  listen: 127.0.0.1:9108
+"""
+
+
+def files_of(text: str) -> dict[str, dict[str, str]]:
+    document = yaml.safe_load(text)
+    return {entry["path"]: entry for entry in document["write_files"]}
+
+
+def test_config_text_is_exact_and_valid() -> None:
+    text = userdata.render_config(example_plan(), EXAMPLE_PUBLIC_IP)
+    assert text == EXPECTED_CONFIG
+    cfg = config.loads(text)
+    assert [(f.port, str(f.target)) for f in cfg.forwards] == [
+        (11211, f"{NODES[0]}:11211"),
+        (11212, f"{NODES[1]}:11211"),
+        (11213, f"{NODES[2]}:11211"),
+    ]
+
+
+def test_example_in_deploy_is_in_sync() -> None:
+    """deploy/cloud-init.example.yaml is this exact rendering; regenerate it from tests/ with
+    python -c "import awskit; from forwarder.aws import userdata; print(userdata.render(awskit.example_plan(),
+    awskit.EXAMPLE_PUBLIC_IP), end='')" > ../deploy/cloud-init.example.yaml"""
+    assert EXAMPLE.read_text() == userdata.render(example_plan(), EXAMPLE_PUBLIC_IP)
+
+
+def test_userspace_user_data_is_cloud_config() -> None:
+    text = userdata.render(example_plan(), EXAMPLE_PUBLIC_IP)
+    assert text.startswith("#cloud-config\n")
+    document = yaml.safe_load(text)
+    assert document["packages"] == ["python3.11", "python3.11-pip"]
+    assert document["runcmd"] == [["/usr/local/sbin/natfwd-bootstrap"]]
+    files = files_of(text)
+    assert list(files) == [userdata.CONFIG_PATH, userdata.UNIT_PATH, userdata.BOOTSTRAP_PATH]
+    assert files[userdata.CONFIG_PATH]["content"] == EXPECTED_CONFIG
+    assert files[userdata.UNIT_PATH]["content"] == userdata.SYSTEMD_UNIT
+    assert files[userdata.BOOTSTRAP_PATH]["permissions"] == "0755"
+    assert files[userdata.BOOTSTRAP_PATH]["content"] == userdata.render_bootstrap(example_plan())
+
+
+def test_kernel_user_data_applies_rules_instead_of_running_a_service() -> None:
+    text = userdata.render(example_plan("kernel"), EXAMPLE_PUBLIC_IP)
+    document = yaml.safe_load(text)
+    assert "iptables-services" in document["packages"]
+    files = files_of(text)
+    assert userdata.UNIT_PATH not in files
+    script = files[userdata.BOOTSTRAP_PATH]["content"]
+    assert "systemctl" not in script
+    assert script.endswith(
+        "/opt/natfwd/bin/natfwd emit-iptables --config /etc/natfwd/kernel.yaml --save amazon-linux "
+        "> /etc/natfwd/rules.sh\nsh /etc/natfwd/rules.sh\n"
+    )
+
+
+def test_user_data_fits_the_ec2_limit_for_a_large_cluster() -> None:
+    plan = example_plan()
+    many = tuple(PortForward(11211 + n, plan.forwards[0].node) for n in range(40))
+    text = userdata.render(dataclasses.replace(plan, forwards=many), EXAMPLE_PUBLIC_IP)
+    assert len(text.encode()) < 16384  # EC2 rejects user data over 16 KB
+
+
+@pytest.mark.parametrize(
+    ("spec", "shown"),
+    [
+        ("natfwd==0.1.0", "natfwd==0.1.0"),
+        ("natfwd[aws]==0.1.0", "'natfwd[aws]==0.1.0'"),
+        (
+            "https://example.invalid/natfwd-0.1.0-py3-none-any.whl",
+            "https://example.invalid/natfwd-0.1.0-py3-none-any.whl",
+        ),
+    ],
+)
+def test_package_is_quoted_for_the_shell(spec: str, shown: str) -> None:
+    script = userdata.render_bootstrap(example_plan(package=parse_package(spec)))
+    assert f"pip install --no-cache-dir --disable-pip-version-check {shown}\n" in script
+
+
+@pytest.mark.parametrize("spec", ["natfwd; rm -rf /", "natfwd\nreboot", "natfwd 'x'", ""])
+def test_package_rejects_shell_text(spec: str) -> None:
+    with pytest.raises(UsageError, match="--package"):
+        parse_package(spec)
+
+
+# -- the bootstrap script, run for real with stand-ins for ip, getent, systemctl and `natfwd check` -------------
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Path:
+    """A fake bin directory: `ip` reports ens5, `getent` answers 10.0.1.230+, `systemctl` logs its arguments,
+    and `natfwd` runs this checkout except `check`, which would probe the network."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "ip", "#!/bin/sh\necho 'default via 10.0.0.1 dev ens5 proto dhcp src 10.0.0.10 metric 512'\n")
+    cases = "".join(f'  {name}) echo "10.0.1.{230 + i}     STREAM {name}" ;;\n' for i, name in enumerate(NODES))
+    _executable(bin_dir / "getent", f'#!/bin/sh\ncase "$2" in\n{cases}  *) exit 2 ;;\nesac\n')
+    _executable(bin_dir / "systemctl", f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n')
+    _executable(
+        bin_dir / "natfwd",
+        f'#!/bin/sh\n[ "$1" = check ] && exit 1\nPYTHONPATH={REPO} exec {sys.executable} -m forwarder "$@"\n',
+    )
+    (tmp_path / "etc").mkdir()
+    return tmp_path
+
+
+def _run_after_install(script: str, sandbox: Path) -> subprocess.CompletedProcess[str]:
+    """Run the script from the interface step on (the venv and pip steps need the network), on sandbox paths."""
+    body = script[script.index("iface=") :]
+    body = body.replace("/opt/natfwd/bin/natfwd", str(sandbox / "bin" / "natfwd"))
+    body = body.replace("/etc/natfwd/", f"{sandbox}/etc/")
+    env = {**os.environ, "PATH": f"{sandbox / 'bin'}:{os.environ['PATH']}"}
+    return subprocess.run(["sh", "-c", "set -eu\n" + body], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_bootstrap_scripts_are_valid_sh() -> None:
+    for mode in ("userspace", "kernel"):
+        script = userdata.render_bootstrap(example_plan(mode))
+        assert script.startswith("#!/bin/sh\n")
+        done = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done.stderr
+
+
+def test_userspace_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Path) -> None:
+    (sandbox / "etc" / "natfwd.yaml").write_text(userdata.render_config(example_plan(), EXAMPLE_PUBLIC_IP))
+    done = _run_after_install(userdata.render_bootstrap(example_plan()), sandbox)
+    assert done.returncode == 0, done.stderr
+    assert "natfwd: some nodes did not answer yet" in done.stderr
+    assert config.load(sandbox / "etc" / "natfwd.yaml").interface == "ens5"
+    assert (sandbox / "systemctl.log").read_text() == "daemon-reload\nenable --now natfwd.service\n"
+
+
+def test_kernel_bootstrap_resolves_nodes_and_emits_real_rules(sandbox: Path) -> None:
+    plan = example_plan("kernel")
+    script = userdata.render_bootstrap(plan)
+    assert "\nsh /etc/natfwd/rules.sh\n" in script
+    # Everything but applying the rules to this host's netfilter.
+    script = script.replace("\nsh /etc/natfwd/rules.sh\n", "\n")
+    (sandbox / "etc" / "natfwd.yaml").write_text(userdata.render_config(plan, EXAMPLE_PUBLIC_IP))
+    done = _run_after_install(script, sandbox)
+    assert done.returncode == 0, done.stderr
+    kernel = config.load(sandbox / "etc" / "kernel.yaml")
+    assert [str(f.target) for f in kernel.forwards] == ["10.0.1.230:11211", "10.0.1.231:11211", "10.0.1.232:11211"]
+    assert kernel.interface == "ens5"
+    rules = (sandbox / "etc" / "rules.sh").read_text()
+    assert "-i ens5 -s 198.51.100.27/32 -p tcp --dport 11212 -j DNAT --to-destination 10.0.1.231:11211" in rules
+    assert "service iptables save" in rules
+
+
+def test_kernel_bootstrap_stops_when_a_node_does_not_resolve(sandbox: Path) -> None:
+    plan = example_plan("kernel")
+    (sandbox / "etc" / "natfwd.yaml").write_text(userdata.render_config(plan, EXAMPLE_PUBLIC_IP))
+    _executable(sandbox / "bin" / "getent", "#!/bin/sh\nexit 2\n")
+    done = _run_after_install(userdata.render_bootstrap(plan), sandbox)
+    assert done.returncode == 1
+    assert f"natfwd: cannot resolve {NODES[0]}" in done.stderr
+    assert not (sandbox / "etc" / "rules.sh").exists()
+
+
+# -- the systemd unit ---------------------------------------------------------------------------------------------
+
+
+def test_unit_in_deploy_is_the_one_the_user_data_installs() -> None:
+    assert UNIT.read_text() == userdata.SYSTEMD_UNIT
+
+
+def test_unit_hardening() -> None:
+    settings: dict[str, list[str]] = {}
+    for line in userdata.SYSTEMD_UNIT.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    assert settings["Restart"] == ["always"]
+    assert settings["NoNewPrivileges"] == ["yes"]
+    assert settings["ProtectSystem"] == ["strict"]
+    assert settings["DynamicUser"] == ["yes"]
+    assert settings["CapabilityBoundingSet"] == ["CAP_NET_BIND_SERVICE"]
+    assert settings["KillSignal"] == ["SIGTERM"]
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert int(settings["LimitNOFILE"][0]) >= 65536
+    assert float(settings["TimeoutStopSec"][0]) > config.DEFAULTS["drain_timeout_s"]
+    assert settings["ExecStart"] == [f"{userdata.VENV}/bin/natfwd serve --config {userdata.CONFIG_PATH}"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian package systemd)")
+def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    # verify insists that ExecStart exists: point it at /bin/true, the only change.
+    unit = tmp_path / "natfwd.service"
+    unit.write_text(userdata.SYSTEMD_UNIT.replace(f"{userdata.VENV}/bin/natfwd", "/bin/true"))
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    # An exposure of at most 2.0 out of 10 ("OK"); the threshold is in tenths.
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=20", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
