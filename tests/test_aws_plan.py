@@ -451,3 +451,38 @@ def test_waiter_gives_up_and_spots_failed_launches() -> None:
         wait_for_instances(ScriptedEc2(["pending"]), ["i-1"], "running", lambda _: None, timing)
     with pytest.raises(AwsError, match="instance did not start: i-1 is terminated"):
         wait_for_instances(ScriptedEc2(["terminated"]), ["i-1"], "running", lambda _: None, timing)
+
+
+def test_settle_waits_for_eventual_consistency() -> None:
+    clock = FakeClock()
+    timing = Timing(timeout_s=60, poll_s=5, sleep=clock.sleep, clock=clock.clock)
+    answers: list[Exception | str] = [
+        AwsError("no", "InvalidGroup.NotFound"),
+        AwsError("no", "InvalidGroup.NotFound"),
+        "ok",
+    ]
+
+    def flaky() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert apply.settle(flaky, timing) == "ok"
+    assert clock.now == 1 + 2
+
+    def denied() -> None:
+        raise AwsError("denied", "UnauthorizedOperation")
+
+    with pytest.raises(AwsError, match="denied"):
+        apply.settle(denied, timing)
+    assert clock.now == 3  # no retry for other errors
+    calls: list[int] = []
+
+    def never() -> None:
+        calls.append(1)
+        raise AwsError("still no", "InvalidInstanceID.NotFound")
+
+    with pytest.raises(AwsError, match="still no"):
+        apply.settle(never, timing)
+    assert len(calls) == 5

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
 
 from forwarder.aws import userdata
-from forwarder.aws.client import AwsClient
+from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.destroy import destroy
 from forwarder.aws.inventory import Address, Group, Instance, Inventory, Reference
 from forwarder.aws.plan import TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 from forwarder.errors import NatfwdError
+
+T = TypeVar("T")
+
+# EC2 is eventually consistent: a resource created a moment ago can still be "not found" for a few seconds.
+_NOT_YET = {"InvalidGroup.NotFound", "InvalidInstanceID.NotFound", "InvalidAllocationID.NotFound"}
+_SETTLE_ATTEMPTS = 5
+
+
+def settle(call: Callable[[], T], timing: Timing) -> T:
+    """Run `call`, retrying while AWS does not see a just-created resource yet (backoff 1, 2, 4, 8 s at most)."""
+    for attempt in range(_SETTLE_ATTEMPTS):
+        try:
+            return call()
+        except AwsError as exc:
+            if exc.code not in _NOT_YET or attempt == _SETTLE_ATTEMPTS - 1:
+                raise
+            timing.sleep(min(timing.poll_s, 2.0**attempt))
+    raise AssertionError("unreachable")
 
 
 class Conflict(NatfwdError):
@@ -162,10 +183,17 @@ class _Created:
         )
 
 
-def _reconcile_group(client: AwsClient, plan: Plan, group_id: str, changes: Changes | None) -> None:
+def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
+    found = client.describe_security_groups({"group-id": [group_id]})
+    if not found:
+        raise AwsError(f"security group {group_id} is not visible yet", "InvalidGroup.NotFound")
+    return found[0]
+
+
+def _reconcile_group(client: AwsClient, plan: Plan, group_id: str, changes: Changes | None, timing: Timing) -> None:
     """Make the NAT group's rules exactly the planned ones (a new group: read AWS's defaults, then fix them)."""
     if changes is None:
-        entry = client.describe_security_groups({"group-id": [group_id]})[0]
+        entry = settle(lambda: _describe_group(client, group_id), timing)
         ingress = set(from_permissions(entry.get("IpPermissions") or ()))
         egress = set(from_permissions(entry.get("IpPermissionsEgress") or ()))
         revoke_in = [r for r in ingress if r not in plan.nat_ingress]
@@ -177,13 +205,17 @@ def _reconcile_group(client: AwsClient, plan: Plan, group_id: str, changes: Chan
         add_in, add_out = list(changes.authorize_ingress), list(changes.authorize_egress)
     # Revoke first: the group admits nothing unplanned at any moment after this.
     if revoke_out:
-        client.revoke_egress(group_id, [to_permission(r) for r in revoke_out])
+        settle(lambda: client.revoke_egress(group_id, [to_permission(r) for r in revoke_out]), timing)
     if revoke_in:
-        client.revoke_ingress(group_id, [to_permission(r) for r in revoke_in])
+        settle(lambda: client.revoke_ingress(group_id, [to_permission(r) for r in revoke_in]), timing)
     if add_in:
-        client.authorize_ingress(group_id, [to_permission(r) for r in add_in], plan.tags("rule"))
+        settle(
+            lambda: client.authorize_ingress(group_id, [to_permission(r) for r in add_in], plan.tags("rule")), timing
+        )
     if add_out:
-        client.authorize_egress(group_id, [to_permission(r) for r in add_out], plan.tags("rule"))
+        settle(
+            lambda: client.authorize_egress(group_id, [to_permission(r) for r in add_out], plan.tags("rule")), timing
+        )
 
 
 def apply(
@@ -232,15 +264,16 @@ def _apply(
         created.groups.append(Group(group_id, plan.vpc_id, str(plan.request.trusted_cidr), (), ()))
         made.append(f"security group {group_id}")
         progress(f"created security group {group_id}")
-        _reconcile_group(client, plan, group_id, None)
+        _reconcile_group(client, plan, group_id, None, timing)
     else:
         group_id = changes.group.group_id
-        _reconcile_group(client, plan, group_id, changes)
+        _reconcile_group(client, plan, group_id, changes, timing)
 
     cache_group = plan.cache_security_group_id
     for rule in plan.cache_ingress(group_id):
         if rule.from_port in changes.cache_ports_missing:
-            client.authorize_ingress(cache_group, [to_permission(rule)], plan.tags("rule"))
+            authorize = partial(client.authorize_ingress, cache_group, [to_permission(rule)], plan.tags("rule"))
+            settle(authorize, timing)
             created.references.append(Reference(cache_group, rule))
             made.append(f"rule in {cache_group}")
             progress(f"let {group_id} into {cache_group} on tcp {rule.ports}")
@@ -271,6 +304,6 @@ def _apply(
     wait_for_instances(client, [instance_id], "running", progress, timing)
 
     if changes.associate:
-        client.associate_address(allocation_id, instance_id)
+        settle(lambda: client.associate_address(allocation_id, instance_id), timing)
         progress(f"associated {public_ip} with {instance_id}")
     return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made))
