@@ -349,3 +349,14 @@ def test_cli_unreachable_endpoint_exits_1_with_hint(aws: Aws) -> None:
     assert done.returncode == 1
     assert f"cannot reach {url}" in done.stderr
     assert "check --endpoint-url, --region and the network" in done.stderr
+
+
+def test_cli_destroy_without_yes_and_without_stdin_removes_nothing(aws: Aws, world: World) -> None:
+    memcached_cluster(aws, world)
+    assert provision(aws, "--yes") == 0
+    after = snapshot(aws)
+    done = natfwd_cli(aws, "destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url)
+    assert done.returncode == 1
+    assert "natfwd destroy for cluster 'mycluster' in us-east-1 removes, in this order:" in done.stdout
+    assert "pass --yes to destroy without asking" in done.stderr
+    assert snapshot(aws) == after
