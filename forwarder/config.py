@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -181,7 +182,9 @@ def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[str,
     for key in value:
         if key not in allowed:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where}: unknown key; valid keys here are: {', '.join(allowed)}")
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key{hint}; valid keys here are: {', '.join(allowed)}")
     return cast(Mapping[str, Any], value)
 
 

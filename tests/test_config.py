@@ -1,0 +1,130 @@
+"""Config validation: table-driven, with the exact one-line messages users see."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forwarder import config
+
+VALID = """\
+engine: memcached
+public_address: 203.0.113.73
+allowed_clients: [198.51.100.27/32]
+forwards:
+  - {port: 11211, target: 10.0.1.230:11211}
+  - {port: 11212, target: 10.0.1.231:11211}
+"""
+
+
+def test_valid_config_defaults() -> None:
+    cfg = config.loads(VALID)
+    assert cfg.engine == "memcached"
+    assert cfg.listen_address == "0.0.0.0"
+    assert cfg.interface == "eth0"
+    assert cfg.workers == 1
+    assert cfg.metrics is None
+    assert [(f.port, str(f.target)) for f in cfg.forwards] == [(11211, "10.0.1.230:11211"), (11212, "10.0.1.231:11211")]
+    assert cfg.is_allowed("198.51.100.27")
+    assert cfg.is_allowed("::ffff:198.51.100.27")
+    assert not cfg.is_allowed("198.51.100.28")
+
+
+def test_example_config_is_valid() -> None:
+    cfg = config.load(Path(__file__).parent.parent / "config.example.yaml")
+    assert len(cfg.forwards) == 3
+
+
+def test_workers_auto_is_one_per_core() -> None:
+    import os
+
+    assert config.loads(VALID + "workers: auto\n").workers == (os.cpu_count() or 1)
+
+
+CASES = [
+    ("engine: memcached\n", "public_address: missing is not valid; expected the IP address or DNS name clients dial (the EIP)"),
+    (VALID.replace("engine: memcached", "engine: mongodb"),
+     "engine: 'mongodb' is not valid; expected one of memcached, redis, redis-cluster"),
+    (VALID.replace("port: 11212", "port: 70000"),
+     "forwards[1].port: 70000 is not valid; expected an integer port from 1 to 65535"),
+    (VALID.replace("port: 11212", "port: 11211"),
+     "forwards[1].port: 11211 is already used by forwards[0]; each forward needs its own port"),
+    (VALID.replace("198.51.100.27/32", "198.51.100.27/33"),
+     "allowed_clients[0]: '198.51.100.27/33' is not valid; expected a CIDR such as 198.51.100.27/32 "
+     "('198.51.100.27/33' does not appear to be an IPv4 or IPv6 network)"),
+    (VALID.replace("target: 10.0.1.231:11211", "target: 10.0.1.231"),
+     "forwards[1].target: '10.0.1.231' is not valid; expected HOST:PORT such as 10.0.1.230:11211 (IPv6 as [::1]:11211)"),
+    (VALID.replace("target: 10.0.1.231:11211", "target: 'bad host:11211'"),
+     "forwards[1].target: 'bad host' is not valid; expected an IP address or a DNS host name"),
+    (VALID + "workrs: 2\n", "workrs: unknown key (did you mean workers?); valid keys here are: " + ", ".join(config._TOP_KEYS)),
+    (VALID.replace("  - {port: 11211, target: 10.0.1.230:11211}", "  - {port: 11211, tagret: 10.0.1.230:11211}"),
+     "forwards[0].tagret: unknown key (did you mean target?); valid keys here are: port, target"),
+    (VALID.replace("allowed_clients: [198.51.100.27/32]", "allowed_clients: []"),
+     "allowed_clients: [] is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32"),
+    (VALID.replace("allowed_clients: [198.51.100.27/32]\n", ""),
+     "allowed_clients: missing is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32"),
+    ("engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\nforwards: []\n",
+     "forwards: [] is not valid; expected a non-empty list of {port, target} entries (or a discovery section)"),
+    ("engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\n",
+     "forwards: missing is not valid; expected a non-empty list of {port, target} entries"),
+    (VALID + "workers: 0\n", "workers: 0 is not valid; expected an integer from 1 to 256, or auto (one per core)"),
+    (VALID + "interface: 'eth0;reboot'\n",
+     "interface: 'eth0;reboot' is not valid; expected a network interface name such as eth0 "
+     "(letters, digits, _ . -, at most 15)"),
+    (VALID + "metrics: {listen: 9108}\n",
+     "metrics.listen: 9108 is not valid; expected HOST:PORT such as 10.0.1.230:11211"),
+    (VALID + "connect_timeout_s: -1\n", "connect_timeout_s: -1 is not valid; expected a positive number of seconds"),
+    ("engine: memcached\n  bad: [\n", "config: <config> line 2 column 6: invalid YAML: mapping values are not allowed here"),
+    ("", "config: the file is empty; see config.example.yaml for a complete example"),
+    ("- a\n- b\n", "config: ['a', 'b'] is not valid; expected a mapping of keys"),
+    (VALID.replace("engine: memcached", "engine: redis") + "auto_discovery: {port: 11210, target: cfg.example.com:11211}\n",
+     "auto_discovery: only valid with engine memcached, not 'redis'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), CASES)
+def test_config_errors(text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(text)
+    assert str(info.value) == message
+
+
+def test_missing_file() -> None:
+    with pytest.raises(config.ConfigError, match=r"config: '/nonexistent.yaml' does not exist; pass --config"):
+        config.load("/nonexistent.yaml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [VALID.replace("port: 11212", "port: 0"), VALID + "bogus: 1\n", "engine: [\n"],
+)
+def test_cli_exit_2_without_traceback(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "serve", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("natfwd: error: ")
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_debug_shows_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(VALID + "bogus: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "--debug", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+
+
+def test_cli_usage_error_exit_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "forwarder", "serve"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "natfwd: error: the following arguments are required: --config" in proc.stderr
