@@ -154,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--engine", choices=("memcached", "redis"), default="memcached", help="cache nodes to run")
     lab.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or kernel DNAT")
 
-    aws_common = argparse.ArgumentParser(add_help=False)
-    aws_common.add_argument("--cluster-id", required=True, metavar="ID", help="ElastiCache cluster or replication group")
+    aws_common = _Parser(add_help=False)
+    aws_common.add_argument(
+        "--cluster-id", required=True, metavar="ID", help="ElastiCache cluster or replication group"
+    )
     aws_common.add_argument("--region", default=None, help="AWS region (default: the boto3 credential chain's)")
     aws_common.add_argument("--profile", default=None, help="AWS named profile")
     aws_common.add_argument("--endpoint-url", default=None, metavar="URL", help="any AWS-compatible endpoint")
