@@ -24,6 +24,7 @@ from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
 
 from forwarder import cli, config
+from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.plan import AMI_PARAMETER
 from forwarder.aws.rules import Rule, from_permissions
 
@@ -360,3 +361,24 @@ def test_cli_destroy_without_yes_and_without_stdin_removes_nothing(aws: Aws, wor
     assert "natfwd destroy for cluster 'mycluster' in us-east-1 removes, in this order:" in done.stdout
     assert "pass --yes to destroy without asking" in done.stderr
     assert snapshot(aws) == after
+
+
+def test_failed_rollback_names_the_destroy_command_that_finishes_it(
+    aws: Aws, world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memcached_cluster(aws, world)
+    before = snapshot(aws)
+
+    def release_denied(self: AwsClient, allocation_id: str) -> None:
+        raise AwsError(f"AWS ec2 ReleaseAddress was denied for {allocation_id}", "UnauthorizedOperation")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AwsClient, "release_address", release_denied)
+        assert provision(aws, "--yes", "--key-name", "no-such-key") == 1
+    err = capsys.readouterr().err
+    command = f"natfwd destroy --cluster-id mycluster --region {REGION} --endpoint-url {aws.url}"
+    assert "rolling back failed too (AWS ec2 ReleaseAddress was denied" in err
+    assert err.rstrip().endswith(f"remove what is left with: {command}")
+    assert snapshot(aws) != before
+    assert cli.main(command.split()[1:] + ["--yes"]) == 0
+    assert snapshot(aws) == before

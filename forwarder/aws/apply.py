@@ -240,18 +240,19 @@ def apply(
     except KeyboardInterrupt:
         made = ", ".join(created.inventory().lines()) or "nothing"
         raise ProvisionFailed(f"interrupted; created so far: {made}; remove it with: {destroy_command}") from None
-    except NatfwdError as exc:
+    except Exception as exc:
         made_inventory = created.inventory()
         if made_inventory.empty:
             raise
-        progress(f"failed: {exc}; rolling back")
+        reason = str(exc) if isinstance(exc, NatfwdError) else f"unexpected {type(exc).__name__}: {exc}"
+        progress(f"failed: {reason}; rolling back")
         try:
             removed = destroy(client, made_inventory, progress, timing)
         except NatfwdError as rollback_exc:
             raise ProvisionFailed(
-                f"{exc}; rolling back failed too ({rollback_exc}); remove what is left with: {destroy_command}"
+                f"{reason}; rolling back failed too ({rollback_exc}); remove what is left with: {destroy_command}"
             ) from exc
-        raise ProvisionFailed(f"{exc}; rolled back what this run created: {', '.join(removed)}") from exc
+        raise ProvisionFailed(f"{reason}; rolled back what this run created: {', '.join(removed)}") from exc
 
 
 def _apply(

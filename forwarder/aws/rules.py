@@ -44,7 +44,6 @@ class Rule:
 
 # What AWS puts in every new security group; natfwd removes it (all traffic is denied unless a rule allows it).
 DEFAULT_EGRESS = Rule("-1", None, None, "0.0.0.0/0", "default allow-all outbound")
-DEFAULT_EGRESS_V6 = Rule("-1", None, None, "::/0", "default allow-all outbound (IPv6)")
 
 
 def to_permission(rule: Rule) -> dict[str, Any]:
