@@ -21,7 +21,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # RFC 1123 host names; anything else (spaces, quotes, `;`) could inject into the
 # shell and nft text that emit-iptables renders, so it is rejected here, once.
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 # Linux IFNAMSIZ is 16 including the NUL; restrict to characters safe in sh and nft.
 _INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
@@ -295,7 +297,9 @@ def _forwards(value: object) -> tuple[Forward, ...]:
         port = _port(_require(entry, "port", f"{path}.port"), f"{path}.port")
         target = _host_port(_require(entry, "target", f"{path}.target"), f"{path}.target")
         if port in seen:
-            raise ConfigError(f"{path}.port: {port} is already used by forwards[{seen[port]}]; each forward needs its own port")
+            raise ConfigError(
+                f"{path}.port: {port} is already used by forwards[{seen[port]}]; each forward needs its own port"
+            )
         seen[port] = index
         forwards.append(Forward(port, target))
     return tuple(forwards)
@@ -376,7 +380,9 @@ def parse(data: object) -> Config:
         raise _fail("listen_address", listen_address, "an IP address to bind, such as 0.0.0.0 or ::") from None
     interface = merged["interface"]
     if not isinstance(interface, str) or not _INTERFACE.match(interface):
-        raise _fail("interface", interface, "a network interface name such as eth0 (letters, digits, _ . -, at most 15)")
+        raise _fail(
+            "interface", interface, "a network interface name such as eth0 (letters, digits, _ . -, at most 15)"
+        )
 
     clients_raw = _require(top, "allowed_clients", "allowed_clients")
     if not isinstance(clients_raw, list) or not clients_raw:
@@ -403,7 +409,11 @@ def parse(data: object) -> Config:
             )
 
     metrics = _optional(top, "metrics", lambda v, _p: _metrics(v), "metrics")
-    if metrics is not None and metrics.port in {f.port for f in forwards} and metrics.host in (listen_address, "0.0.0.0"):
+    if (
+        metrics is not None
+        and metrics.port in {f.port for f in forwards}
+        and metrics.host in (listen_address, "0.0.0.0")
+    ):
         raise ConfigError(f"metrics.listen: port {metrics.port} is also a forward port; pick another port")
 
     return Config(
@@ -432,7 +442,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config: {os.fspath(path)!r} does not exist; pass --config with the path of a YAML file") from None
+        raise ConfigError(
+            f"config: {os.fspath(path)!r} does not exist; pass --config with the path of a YAML file"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: cannot read {os.fspath(path)!r}: {exc}") from None
     return loads(text, source=os.fspath(path))

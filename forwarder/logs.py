@@ -36,8 +36,14 @@ class TextFormatter(logging.Formatter):
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"ts": _timestamp(record), "level": record.levelname.lower(), "msg": record.getMessage()}
-        entry.update({k: v if isinstance(v, (int, float, bool)) or v is None else str(v) for k, v in fields(record).items()})
+        entry: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        entry.update(
+            {k: v if isinstance(v, (int, float, bool)) or v is None else str(v) for k, v in fields(record).items()}
+        )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -102,7 +102,7 @@ def exporter_registry() -> CollectorRegistry:
     if path is not None:
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry, path=path)
+        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return registry
 
 
@@ -118,4 +118,4 @@ def mark_worker_dead(pid: int) -> None:
     if path is not None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, path)
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import resource
 import signal
 import socket
@@ -101,8 +100,13 @@ class ClientHalf(Half):
             self.worker.metrics.upstream_errors.labels(str(route.port), reason).inc()
             log.warning(
                 "node connection failed",
-                extra={"forward": route.port, "target": str(target), "client": client_ip, "reason": reason,
-                       "error": str(exc) or type(exc).__name__},
+                extra={
+                    "forward": route.port,
+                    "target": str(target),
+                    "client": client_ip,
+                    "reason": reason,
+                    "error": str(exc) or type(exc).__name__,
+                },
             )
             if self.transport is not None and not self.closed:
                 self.transport.abort()
@@ -130,6 +134,8 @@ class ClientHalf(Half):
         if self.accounted:
             self.accounted = False
             self.worker.active -= 1
+            if self.worker.active == 0:
+                self.worker.idle.set()
             self.route.connections.discard(self)
             self.worker.account(self)
             self.route.metrics.active.dec()
@@ -150,8 +156,16 @@ def _connect_failure_reason(exc: BaseException) -> str:
 class Worker:
     """One event loop's listeners and connections. Reload and drain are methods; signals are wired in `run`."""
 
-    def __init__(self, cfg: config_mod.Config, config_path: str | None, metrics: Metrics, *, reuse_port: bool,
-                 count_reloads: bool = True, buffer_size: int = BUFFER_SIZE) -> None:
+    def __init__(
+        self,
+        cfg: config_mod.Config,
+        config_path: str | None,
+        metrics: Metrics,
+        *,
+        reuse_port: bool,
+        count_reloads: bool = True,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> None:
         self.config = cfg
         self.config_path = config_path
         self.metrics = metrics
@@ -163,6 +177,7 @@ class Worker:
         self.active = 0
         self.draining = False
         self.stopping = asyncio.Event()
+        self.idle = asyncio.Event()  # set whenever the last connection closes; drain waits on it
         self._retired: list[Route] = []  # routes removed by reload whose connections still run
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -226,7 +241,9 @@ class Worker:
             raise NatfwdError(_bind_message(address, port, exc)) from exc
         return sock
 
-    async def _open(self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config) -> dict[int, asyncio.Server]:
+    async def _open(
+        self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config
+    ) -> dict[int, asyncio.Server]:
         """Bind every forward or none: on any failure the ones already opened are closed again."""
         loop = asyncio.get_running_loop()
         opened: dict[int, asyncio.Server] = {}
@@ -250,7 +267,9 @@ class Worker:
         self.listeners = await self._open(self.config.forwards, self.config)
         self._spawn(self._sweep())
         for port, route in sorted(self.routes.items()):
-            log.info("forwarding", extra={"listen": f"{self.config.listen_address}:{port}", "target": str(route.target)})
+            log.info(
+                "forwarding", extra={"listen": f"{self.config.listen_address}:{port}", "target": str(route.target)}
+            )
 
     def _spawn(self, coro: object) -> None:
         # Keep a reference: a bare create_task can be garbage collected mid-flight.
@@ -314,8 +333,9 @@ class Worker:
         for port, forward in wanted.items():
             route = self.routes[port]
             if route.target != forward.target:
-                log.info("forward retargeted", extra={"forward": port, "from": str(route.target),
-                                                      "to": str(forward.target)})
+                log.info(
+                    "forward retargeted", extra={"forward": port, "from": str(route.target), "to": str(forward.target)}
+                )
                 self.metrics.forward_changes.labels("retargeted").inc()
             route.target = forward.target
             route.config = new
@@ -330,10 +350,12 @@ class Worker:
         self.listeners.clear()
         grace = self.config.drain_timeout_s
         log.info("draining", extra={"active": self.active, "grace_s": grace})
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.active and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        if self.active:
+            self.idle.clear()
+            try:
+                await asyncio.wait_for(self.idle.wait(), grace)
+            except TimeoutError:
+                pass
         remaining = [c for r in list(self.routes.values()) + self._retired for c in r.connections]
         for conn in remaining:
             conn.abort()
@@ -401,8 +423,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(cfg: config_mod.Config, config_path: str | None, *, reuse_port: bool, export_metrics: bool,
-               count_reloads: bool = True) -> None:
+def run_worker(
+    cfg: config_mod.Config,
+    config_path: str | None,
+    *,
+    reuse_port: bool,
+    export_metrics: bool,
+    count_reloads: bool = True,
+) -> None:
     """Run one worker process to completion (returns after SIGTERM and drain). Raises NatfwdError on bind failure."""
     from prometheus_client import CollectorRegistry
 
@@ -434,4 +462,3 @@ def serve(cfg: config_mod.Config, config_path: str | None) -> None:
     from forwarder import supervisor
 
     supervisor.run(cfg, config_path)
-

@@ -103,9 +103,7 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
             _kill(pid, signal.SIGTERM)
 
 
-def _reload(
-    cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object
-) -> config_mod.Config:
+def _reload(cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object) -> config_mod.Config:
     from forwarder.metrics import Metrics
 
     assert isinstance(own, Metrics)

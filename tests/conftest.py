@@ -77,7 +77,9 @@ def start_memcached() -> Iterator[Callable[..., Node]]:
 
     def start(port: int | None = None, host: str = "127.0.0.1") -> Node:
         port = port or free_port(host)
-        node = _start([binary, "-u", "root", "-l", host, "-p", str(port), "-U", "0", "-m", "64", "-I", "2m"], host, port)
+        node = _start(
+            [binary, "-u", "root", "-l", host, "-p", str(port), "-U", "0", "-m", "64", "-I", "2m"], host, port
+        )
         nodes.append(node)
         return node
 
@@ -108,8 +110,14 @@ def memcached_nodes(start_memcached: Callable[..., Node]) -> list[Node]:
     return [start_memcached() for _ in range(3)]
 
 
-def write_config(path: Path, forwards: list[tuple[int, str]], *, engine: str = "memcached",
-                 allowed: str = "127.0.0.0/8", extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    forwards: list[tuple[int, str]],
+    *,
+    engine: str = "memcached",
+    allowed: str = "127.0.0.0/8",
+    extra: str = "",
+) -> Path:
     lines = [
         f"engine: {engine}",
         "public_address: 127.0.0.1",

@@ -60,13 +60,17 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(config_path: Path, ports: list[int], metrics_port: int | None = None,
-            extra_args: tuple[str, ...] = ()) -> Iterator[Serve]:
+def serving(
+    config_path: Path, ports: list[int], metrics_port: int | None = None, extra_args: tuple[str, ...] = ()
+) -> Iterator[Serve]:
     log_path = config_path.with_suffix(".log")
     log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "forwarder", *extra_args, "serve", "--config", str(config_path)],
-        stdout=subprocess.DEVNULL, stderr=log_file, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     serve = Serve(proc, log_path, metrics_port)
     try:

@@ -45,43 +45,81 @@ def test_workers_auto_is_one_per_core() -> None:
 
 
 CASES = [
-    ("engine: memcached\n", "public_address: missing is not valid; expected the IP address or DNS name clients dial (the EIP)"),
-    (VALID.replace("engine: memcached", "engine: mongodb"),
-     "engine: 'mongodb' is not valid; expected one of memcached, redis, redis-cluster"),
-    (VALID.replace("port: 11212", "port: 70000"),
-     "forwards[1].port: 70000 is not valid; expected an integer port from 1 to 65535"),
-    (VALID.replace("port: 11212", "port: 11211"),
-     "forwards[1].port: 11211 is already used by forwards[0]; each forward needs its own port"),
-    (VALID.replace("198.51.100.27/32", "198.51.100.27/33"),
-     "allowed_clients[0]: '198.51.100.27/33' is not valid; expected a CIDR such as 198.51.100.27/32 "
-     "('198.51.100.27/33' does not appear to be an IPv4 or IPv6 network)"),
-    (VALID.replace("target: 10.0.1.231:11211", "target: 10.0.1.231"),
-     "forwards[1].target: '10.0.1.231' is not valid; expected HOST:PORT such as 10.0.1.230:11211 (IPv6 as [::1]:11211)"),
-    (VALID.replace("target: 10.0.1.231:11211", "target: 'bad host:11211'"),
-     "forwards[1].target: 'bad host' is not valid; expected an IP address or a DNS host name"),
-    (VALID + "workrs: 2\n", "workrs: unknown key (did you mean workers?); valid keys here are: " + ", ".join(config._TOP_KEYS)),
-    (VALID.replace("  - {port: 11211, target: 10.0.1.230:11211}", "  - {port: 11211, tagret: 10.0.1.230:11211}"),
-     "forwards[0].tagret: unknown key (did you mean target?); valid keys here are: port, target"),
-    (VALID.replace("allowed_clients: [198.51.100.27/32]", "allowed_clients: []"),
-     "allowed_clients: [] is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32"),
-    (VALID.replace("allowed_clients: [198.51.100.27/32]\n", ""),
-     "allowed_clients: missing is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32"),
-    ("engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\nforwards: []\n",
-     "forwards: [] is not valid; expected a non-empty list of {port, target} entries (or a discovery section)"),
-    ("engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\n",
-     "forwards: missing is not valid; expected a non-empty list of {port, target} entries"),
+    (
+        "engine: memcached\n",
+        "public_address: missing is not valid; expected the IP address or DNS name clients dial (the EIP)",
+    ),
+    (
+        VALID.replace("engine: memcached", "engine: mongodb"),
+        "engine: 'mongodb' is not valid; expected one of memcached, redis, redis-cluster",
+    ),
+    (
+        VALID.replace("port: 11212", "port: 70000"),
+        "forwards[1].port: 70000 is not valid; expected an integer port from 1 to 65535",
+    ),
+    (
+        VALID.replace("port: 11212", "port: 11211"),
+        "forwards[1].port: 11211 is already used by forwards[0]; each forward needs its own port",
+    ),
+    (
+        VALID.replace("198.51.100.27/32", "198.51.100.27/33"),
+        "allowed_clients[0]: '198.51.100.27/33' is not valid; expected a CIDR such as 198.51.100.27/32 "
+        "('198.51.100.27/33' does not appear to be an IPv4 or IPv6 network)",
+    ),
+    (
+        VALID.replace("target: 10.0.1.231:11211", "target: 10.0.1.231"),
+        "forwards[1].target: '10.0.1.231' is not valid; expected HOST:PORT such as 10.0.1.230:11211 (IPv6 as [::1]:11211)",
+    ),
+    (
+        VALID.replace("target: 10.0.1.231:11211", "target: 'bad host:11211'"),
+        "forwards[1].target: 'bad host' is not valid; expected an IP address or a DNS host name",
+    ),
+    (
+        VALID + "workrs: 2\n",
+        "workrs: unknown key (did you mean workers?); valid keys here are: " + ", ".join(config._TOP_KEYS),
+    ),
+    (
+        VALID.replace("  - {port: 11211, target: 10.0.1.230:11211}", "  - {port: 11211, tagret: 10.0.1.230:11211}"),
+        "forwards[0].tagret: unknown key (did you mean target?); valid keys here are: port, target",
+    ),
+    (
+        VALID.replace("allowed_clients: [198.51.100.27/32]", "allowed_clients: []"),
+        "allowed_clients: [] is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32",
+    ),
+    (
+        VALID.replace("allowed_clients: [198.51.100.27/32]\n", ""),
+        "allowed_clients: missing is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32",
+    ),
+    (
+        "engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\nforwards: []\n",
+        "forwards: [] is not valid; expected a non-empty list of {port, target} entries (or a discovery section)",
+    ),
+    (
+        "engine: memcached\npublic_address: 203.0.113.73\nallowed_clients: [198.51.100.27/32]\n",
+        "forwards: missing is not valid; expected a non-empty list of {port, target} entries",
+    ),
     (VALID + "workers: 0\n", "workers: 0 is not valid; expected an integer from 1 to 256, or auto (one per core)"),
-    (VALID + "interface: 'eth0;reboot'\n",
-     "interface: 'eth0;reboot' is not valid; expected a network interface name such as eth0 "
-     "(letters, digits, _ . -, at most 15)"),
-    (VALID + "metrics: {listen: 9108}\n",
-     "metrics.listen: 9108 is not valid; expected HOST:PORT such as 10.0.1.230:11211"),
+    (
+        VALID + "interface: 'eth0;reboot'\n",
+        "interface: 'eth0;reboot' is not valid; expected a network interface name such as eth0 "
+        "(letters, digits, _ . -, at most 15)",
+    ),
+    (
+        VALID + "metrics: {listen: 9108}\n",
+        "metrics.listen: 9108 is not valid; expected HOST:PORT such as 10.0.1.230:11211",
+    ),
     (VALID + "connect_timeout_s: -1\n", "connect_timeout_s: -1 is not valid; expected a positive number of seconds"),
-    ("engine: memcached\n  bad: [\n", "config: <config> line 2 column 6: invalid YAML: mapping values are not allowed here"),
+    (
+        "engine: memcached\n  bad: [\n",
+        "config: <config> line 2 column 6: invalid YAML: mapping values are not allowed here",
+    ),
     ("", "config: the file is empty; see config.example.yaml for a complete example"),
     ("- a\n- b\n", "config: ['a', 'b'] is not valid; expected a mapping of keys"),
-    (VALID.replace("engine: memcached", "engine: redis") + "auto_discovery: {port: 11210, target: cfg.example.com:11211}\n",
-     "auto_discovery: only valid with engine memcached, not 'redis'"),
+    (
+        VALID.replace("engine: memcached", "engine: redis")
+        + "auto_discovery: {port: 11210, target: cfg.example.com:11211}\n",
+        "auto_discovery: only valid with engine memcached, not 'redis'",
+    ),
 ]
 
 
@@ -118,7 +156,9 @@ def test_cli_debug_shows_traceback(tmp_path: Path) -> None:
     path.write_text(VALID + "bogus: 1\n")
     proc = subprocess.run(
         [sys.executable, "-m", "forwarder", "--debug", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr

@@ -6,7 +6,6 @@ import hashlib
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from pymemcache.client.base import Client
-
 from conftest import Node, free_port, write_config
+from pymemcache.client.base import Client
 from servekit import serving
-
 
 _clients: list[Client] = []
 
@@ -98,20 +95,19 @@ def test_large_values_many_connections_checksummed(tmp_path: Path, memcached_nod
 def test_pipelined_requests(tmp_path: Path, memcached_nodes: list[Node]) -> None:
     forwards = forwards_for(memcached_nodes[:1])
     cfg = write_config(tmp_path / "natfwd.yaml", forwards)
-    with serving(cfg, [forwards[0][0]]):
-        with socket.create_connection(("127.0.0.1", forwards[0][0]), timeout=10) as sock:
-            commands = b"".join(f"set p{i} 0 0 {len(str(i))}\r\n{i}\r\n".encode() for i in range(500))
-            commands += b"".join(f"get p{i}\r\n".encode() for i in range(500))
-            sock.sendall(commands)
-            expected = b"STORED\r\n" * 500 + b"".join(
-                f"VALUE p{i} 0 {len(str(i))}\r\n{i}\r\nEND\r\n".encode() for i in range(500)
-            )
-            received = b""
-            while len(received) < len(expected):
-                chunk = sock.recv(65536)
-                assert chunk, "connection closed early"
-                received += chunk
-            assert received == expected
+    with serving(cfg, [forwards[0][0]]), socket.create_connection(("127.0.0.1", forwards[0][0]), timeout=10) as sock:
+        commands = b"".join(f"set p{i} 0 0 {len(str(i))}\r\n{i}\r\n".encode() for i in range(500))
+        commands += b"".join(f"get p{i}\r\n".encode() for i in range(500))
+        sock.sendall(commands)
+        expected = b"STORED\r\n" * 500 + b"".join(
+            f"VALUE p{i} 0 {len(str(i))}\r\n{i}\r\nEND\r\n".encode() for i in range(500)
+        )
+        received = b""
+        while len(received) < len(expected):
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed early"
+            received += chunk
+        assert received == expected
 
 
 def test_redis_through_natfwd(tmp_path: Path, start_redis: Callable[..., Node]) -> None:
@@ -124,7 +120,7 @@ def test_redis_through_natfwd(tmp_path: Path, start_redis: Callable[..., Node]) 
         assert client.set("big", value)
         assert client.get("big") == value
         pipe = client.pipeline(transaction=False)
-        for i in range(1000):
+        for _ in range(1000):
             pipe.incr("counter")
         assert pipe.execute()[-1] == 1000
         client.close()
@@ -153,8 +149,12 @@ def test_node_killed_mid_connection(tmp_path: Path, memcached_nodes: list[Node])
 def test_untrusted_client_refused_and_counted(tmp_path: Path, memcached_nodes: list[Node]) -> None:
     forwards = forwards_for(memcached_nodes[:1])
     metrics_port = free_port()
-    cfg = write_config(tmp_path / "natfwd.yaml", forwards, allowed="127.0.0.2/32",
-                       extra=f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n")
+    cfg = write_config(
+        tmp_path / "natfwd.yaml",
+        forwards,
+        allowed="127.0.0.2/32",
+        extra=f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n",
+    )
     port = forwards[0][0]
     with serving(cfg, [port], metrics_port) as serve:
         # From 127.0.0.1: accepted by the kernel, then closed by natfwd before any byte reaches the node.
@@ -168,7 +168,9 @@ def test_untrusted_client_refused_and_counted(tmp_path: Path, memcached_nodes: l
         with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as sock:
             sock.sendall(b"version\r\n")
             assert sock.recv(100).startswith(b"VERSION ")
-        assert serve.metric("natfwd_connections_rejected_total", forward=str(port), reason="not_allowed") == 2  # + wait_port probe
+        assert (
+            serve.metric("natfwd_connections_rejected_total", forward=str(port), reason="not_allowed") == 2
+        )  # + wait_port probe
         assert serve.metric("natfwd_connections_accepted_total", forward=str(port)) == 1
         assert "connection refused" in serve.log() and "reason=not_allowed" in serve.log()
 
@@ -180,8 +182,11 @@ def test_reload_applies_changes_and_keeps_live_connections(tmp_path: Path, memca
     port_keep, port_retarget, port_remove, port_new = (free_port() for _ in range(4))
     metrics_port = free_port()
     metrics = f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
-    cfg = write_config(tmp_path / "natfwd.yaml",
-                       [(port_keep, a.address), (port_retarget, a.address), (port_remove, b.address)], extra=metrics)
+    cfg = write_config(
+        tmp_path / "natfwd.yaml",
+        [(port_keep, a.address), (port_retarget, a.address), (port_remove, b.address)],
+        extra=metrics,
+    )
     with serving(cfg, [port_keep, port_retarget, port_remove], metrics_port) as serve:
         live_retarget = mc(port_retarget)
         live_removed = mc(port_remove)
@@ -243,8 +248,9 @@ def test_sigterm_grace_period_cuts_stragglers(tmp_path: Path, memcached_nodes: l
 def test_two_workers_share_ports(tmp_path: Path, memcached_nodes: list[Node]) -> None:
     forwards = forwards_for(memcached_nodes[:1])
     metrics_port = free_port()
-    cfg = write_config(tmp_path / "natfwd.yaml", forwards,
-                       extra=f"workers: 2\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n")
+    cfg = write_config(
+        tmp_path / "natfwd.yaml", forwards, extra=f"workers: 2\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
+    )
     port = forwards[0][0]
     with serving(cfg, [port], metrics_port) as serve:
         serve.wait_log("forwarding", count=2)
@@ -271,10 +277,11 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, memcached_nodes: list[Node
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 1
-    assert f"natfwd: error: port {node.port} is already in use on 127.0.0.1; is another natfwd or memcached" in proc.stderr
+    assert (
+        f"natfwd: error: port {node.port} is already in use on 127.0.0.1; is another natfwd or memcached" in proc.stderr
+    )
     assert "Traceback" not in proc.stderr
-
-
