@@ -100,6 +100,10 @@ class Half(asyncio.BufferedProtocol):
         if self.early is None:
             self.early = bytearray()
         self.early += view[:nbytes]
+        # The bytes are copied now: give the buffer back, or every client that speaks first (all of them, for
+        # memcached and Redis) keeps a 64 KiB buffer for as long as it stays idle afterwards.
+        self.view = None
+        self.pool.give(view)
         self.pause_reading()
 
     def release_early(self) -> None:
