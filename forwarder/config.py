@@ -183,7 +183,8 @@ def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[str,
         raise _fail(path or "config", value, "a mapping of keys")
     for key in value:
         if key not in allowed:
-            where = f"{path}.{key}" if path else str(key)
+            name = key if isinstance(key, str) and key.isprintable() else repr(key)  # keep the message one line
+            where = f"{path}.{name}" if path else str(name)
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{where}: unknown key{hint}; valid keys here are: {', '.join(allowed)}")
@@ -245,7 +246,8 @@ def _host_port(value: object, path: str) -> Target:
 
 
 def _seconds(value: object, path: str, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # NaN passes every comparison below, and uvloop then fails each timer with "cannot convert float NaN".
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise _fail(path, value, "a number of seconds")
     if value < 0 or (value == 0 and not allow_zero):
         raise _fail(path, value, "a positive number of seconds" + (" or 0 to disable" if allow_zero else ""))
@@ -375,6 +377,8 @@ def parse(data: object) -> Config:
     public_address = _host(_require(top, "public_address", "public_address"), "public_address")
     listen_address = merged["listen_address"]
     try:
+        if not isinstance(listen_address, str):  # ip_address() would take 0 or True as 0.0.0.0 / 0.0.0.1
+            raise ValueError(listen_address)
         listen_address = str(ipaddress.ip_address(listen_address))
     except ValueError:
         raise _fail("listen_address", listen_address, "an IP address to bind, such as 0.0.0.0 or ::") from None
@@ -459,4 +463,6 @@ def loads(text: str, source: str = "<config>") -> Config:
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config: {source}{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"config: {source}: invalid YAML: nested too deeply") from None
     return parse(data)
