@@ -15,6 +15,16 @@ from typing import TYPE_CHECKING
 from forwarder import config as config_mod
 from forwarder.errors import NatfwdError
 from forwarder.relay import BUFFER_SIZE, BufferPool, Half
+from forwarder.rewriting import (
+    NodeMap,
+    ObservingClient,
+    RateLimitedWarning,
+    RewriterFactory,
+    RewritingNodeHalf,
+    all_forwards,
+    rewriter_factory,
+)
+from forwarder.tracking import Tracker
 
 if TYPE_CHECKING:
     from forwarder.metrics import ForwardMetrics, Metrics
@@ -33,6 +43,7 @@ class Route:
     config: config_mod.Config
     metrics: ForwardMetrics
     connections: set[ClientHalf]
+    rewriter: RewriterFactory | None = None  # set for cluster-aware forwards; None keeps the plain fast relay
 
 
 class NodeHalf(Half):
@@ -55,6 +66,9 @@ class ClientHalf(Half):
         self.seen_to_client = 0
         self.idle_s = 0.0
         self.accounted = False
+
+    def node_half(self) -> NodeHalf:
+        return NodeHalf(self.worker.pool)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -80,7 +94,7 @@ class ClientHalf(Half):
         route.connections.add(self)
         route.metrics.accepted.inc()
         route.metrics.active.inc()
-        node = NodeHalf(worker.pool)
+        node = self.node_half()
         self.peer = node
         node.peer = self
         self.connect_task = asyncio.get_running_loop().create_task(self._connect(node, route.target, client_ip))
@@ -141,6 +155,23 @@ class ClientHalf(Half):
             self.route.metrics.active.dec()
 
 
+class RewritingNode(RewritingNodeHalf, NodeHalf):
+    """The node side of a cluster-aware connection: replies pass through the connection's rewriter."""
+
+    __slots__ = ()
+
+
+class RewritingClientHalf(ObservingClient, ClientHalf):
+    """The client side of a cluster-aware connection: requests are shown to the rewriter, then relayed unchanged."""
+
+    __slots__ = ()
+
+    def node_half(self) -> NodeHalf:
+        factory = self.route.rewriter
+        assert factory is not None  # _factory picks this class only for routes with a rewriter
+        return RewritingNode(self.worker.pool, factory())
+
+
 def _connect_failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -180,6 +211,9 @@ class Worker:
         self.idle = asyncio.Event()  # set whenever the last connection closes; drain waits on it
         self._retired: list[Route] = []  # routes removed by reload whose connections still run
         self._tasks: set[asyncio.Task[None]] = set()
+        self.nodes = NodeMap()  # the rewriters' node -> public address map, shared by every connection
+        self.warn = RateLimitedWarning()
+        self.tracker = Tracker(self)
 
     # --- accounting -------------------------------------------------------------------------------------------
     def reject(self, route: Route, reason: str, client_ip: str) -> None:
@@ -252,6 +286,7 @@ class Worker:
                 route = self.routes.get(forward.port)
                 if route is None:
                     route = Route(forward.port, forward.target, cfg, self.metrics.forward(forward.port), set())
+                    route.rewriter = rewriter_factory(cfg, forward.port, self.nodes, self.warn)
                 sock = self._bind(cfg.listen_address, forward.port)
                 opened[forward.port] = await loop.create_server(
                     _factory(self, route), sock=sock, backlog=LISTEN_BACKLOG
@@ -264,8 +299,10 @@ class Worker:
         return opened
 
     async def start(self) -> None:
-        self.listeners = await self._open(self.config.forwards, self.config)
+        self.config = await self.tracker.prepare(self.config)
+        self.listeners = await self._open(all_forwards(self.config), self.config)
         self._spawn(self._sweep())
+        self.tracker.start()
         for port, route in sorted(self.routes.items()):
             log.info(
                 "forwarding", extra={"listen": f"{self.config.listen_address}:{port}", "target": str(route.target)}
@@ -289,6 +326,7 @@ class Worker:
                 if self.config_path is None:
                     raise config_mod.ConfigError("no config file to reload from")
                 new = config_mod.load(self.config_path)
+            new = self.tracker.adopt(new)
             await self._apply(new)
         except (config_mod.ConfigError, NatfwdError) as exc:
             log.error("reload refused, still serving the previous config", extra={"error": str(exc)})
@@ -306,9 +344,9 @@ class Worker:
             if getattr(old, key) != getattr(new, key):
                 log.warning(f"{key} changed; that takes effect at the next restart", extra={"key": key})
         rebind_all = new.listen_address != old.listen_address
-        wanted = {f.port: f for f in new.forwards}
+        wanted = {f.port: f for f in all_forwards(new)}
         to_close = [p for p in self.listeners if rebind_all or p not in wanted]
-        to_open = tuple(f for f in new.forwards if rebind_all or f.port not in self.listeners)
+        to_open = tuple(f for f in all_forwards(new) if rebind_all or f.port not in self.listeners)
         # Close first so a changed listen_address can take the same ports; reopen the old ones if the new fail.
         closed = {p: self.listeners.pop(p) for p in to_close}
         for server in closed.values():
@@ -330,6 +368,8 @@ class Worker:
             if port not in closed:
                 self.metrics.forward_changes.labels("opened").inc()
                 log.info("forward opened", extra={"forward": port, "target": str(wanted[port].target)})
+        self.nodes.update(new)
+        self.tracker.config_changed()
         for port, forward in wanted.items():
             route = self.routes[port]
             if route.target != forward.target:
@@ -339,6 +379,7 @@ class Worker:
                 self.metrics.forward_changes.labels("retargeted").inc()
             route.target = forward.target
             route.config = new
+            route.rewriter = rewriter_factory(new, port, self.nodes, self.warn)
         self.config = new
 
     # --- drain ------------------------------------------------------------------------------------------------
@@ -385,7 +426,8 @@ class Worker:
 
 
 def _factory(worker: Worker, route: Route) -> Callable[[], ClientHalf]:
-    return lambda: ClientHalf(worker, route)
+    # The class is picked per connection: a reload can turn rewriting on or off for a port.
+    return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
 
 
 def _bind_message(address: str, port: int, exc: OSError) -> str:

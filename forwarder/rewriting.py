@@ -1,0 +1,140 @@
+"""Cluster-aware forwards: the node address map, which forwards rewrite, and the relay halves that rewrite."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from forwarder import config as config_mod
+from forwarder.protocols import Rewriter
+from forwarder.protocols.memcached import AutoDiscoveryRewriter
+from forwarder.protocols.redis import ClusterRewriter
+from forwarder.relay import BufferPool, Half
+
+log = logging.getLogger("natfwd.rewriting")
+
+RewriterFactory = Callable[[], Rewriter]
+WARN_INTERVAL_S = 60.0
+
+
+def _key(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
+class NodeMap:
+    """The mapper every rewriter of one worker shares: node (host name or IP, port) -> (public_address, port).
+
+    `update` swaps the whole table at once, so live connections see the new nodes too (a MOVED to a replaced
+    node must name its new port, whenever the connection was opened). `resolved` caches the IPs of DNS-name
+    targets; the tracker refreshes it.
+    """
+
+    __slots__ = ("table", "resolved")
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[str, int], tuple[str, int]] = {}
+        self.resolved: dict[str, tuple[str, ...]] = {}
+
+    def __call__(self, host: str, port: int) -> tuple[str, int] | None:
+        return self.table.get((_key(host), port))
+
+    def update(self, cfg: config_mod.Config, resolved: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Rebuild from the config's node forwards (never the auto_discovery one) and the resolved IPs."""
+        if resolved is not None:
+            self.resolved = {_key(host): tuple(ips) for host, ips in resolved.items()}
+        table: dict[tuple[str, int], tuple[str, int]] = {}
+        for forward in cfg.forwards:
+            public = (cfg.public_address, forward.port)
+            target = forward.target
+            table.setdefault((_key(target.host), target.port), public)
+            if not target.is_ip:
+                for ip in self.resolved.get(_key(target.host), ()):
+                    table.setdefault((ip, target.port), public)
+        self.table = table
+
+
+class RateLimitedWarning:
+    """A Warn callback that logs each distinct message at most once per `interval_s` (one per node, not per reply)."""
+
+    __slots__ = ("logger", "interval_s", "last")
+
+    def __init__(self, logger: logging.Logger = log, interval_s: float = WARN_INTERVAL_S) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.last: dict[str, float] = {}
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last.get(message, -self.interval_s) < self.interval_s:
+            return
+        if len(self.last) > 1000:  # a misbehaving endpoint must not grow this without bound
+            self.last.clear()
+        self.last[message] = now
+        self.logger.warning(message)
+
+
+def all_forwards(cfg: config_mod.Config) -> tuple[config_mod.Forward, ...]:
+    """The listeners a config asks for: its forwards, plus the auto_discovery port when configured."""
+    if cfg.auto_discovery is None:
+        return cfg.forwards
+    return (*cfg.forwards, config_mod.Forward(cfg.auto_discovery.port, cfg.auto_discovery.target))
+
+
+def rewriter_factory(
+    cfg: config_mod.Config, port: int, nodes: NodeMap, warn: Callable[[str], None]
+) -> RewriterFactory | None:
+    """What rewrites connections on listen `port`, or None for a plain relay (the fast path)."""
+    if cfg.auto_discovery is not None and port == cfg.auto_discovery.port:
+        return lambda: AutoDiscoveryRewriter(nodes, warn)
+    if cfg.engine == "redis-cluster":
+        return lambda: ClusterRewriter(nodes)
+    return None
+
+
+class RewritingNodeHalf(Half):
+    """The node side of a rewriting connection: replies go through `rewriter.from_node` before the client sees them.
+
+    The rewriter copies anything it holds back, and what it returns is a fresh bytes object (or the copy made
+    here), so the pooled buffer is free again as soon as the chunk is handed over.
+    """
+
+    __slots__ = ("rewriter",)
+
+    def __init__(self, pool: BufferPool, rewriter: Rewriter) -> None:
+        super().__init__(pool)
+        self.rewriter = rewriter
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self.view
+        assert view is not None and self.peer is not None
+        self.nbytes += nbytes
+        out = self.rewriter.from_node(bytes(view[:nbytes]))
+        self.view = None
+        self.pool.give(view)
+        transport = self.peer.transport
+        if out and transport is not None and not self.peer.closed:
+            transport.write(out)
+
+    def eof_received(self) -> bool:
+        rest = self.rewriter.flush()
+        peer = self.peer
+        if rest and peer is not None and peer.transport is not None and not peer.closed:
+            peer.transport.write(rest)
+        return super().eof_received()
+
+
+class ObservingClient(Half):
+    """Mixin for the client side of a rewriting connection: shows every request chunk to the node half's rewriter.
+
+    It adds no slots so it can be combined with the server's ClientHalf; the rewriter lives on the node half.
+    """
+
+    __slots__ = ()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self.view
+        node = self.peer
+        if view is not None and isinstance(node, RewritingNodeHalf):
+            node.rewriter.from_client(bytes(view[:nbytes]))
+        super().buffer_updated(nbytes)
