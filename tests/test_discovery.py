@@ -1,0 +1,242 @@
+"""Live node tracking: natfwd serve follows a moto-backed cluster (replace, add, remove) without a restart."""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from awskit import ACCOUNT, REGION, REPO, Aws, build_world, memcached_cluster
+from awskit import aws_account as aws_account  # fixture "aws"
+from awskit import moto_server as moto_server  # fixture "moto_url"
+from labkit import free_port, memcached_server
+from pymemcache.client.base import Client
+from servekit import serving
+
+from forwarder import config
+from forwarder.rewriting import NodeMap
+from forwarder.tracking import assign_ports
+
+REFRESH_S = 0.3
+
+
+@pytest.mark.parametrize(
+    ("node_ids", "previous", "reserved", "expected"),
+    [
+        (["0001", "0002", "0003"], {}, (), {"0001": 100, "0002": 101, "0003": 102}),
+        (["0001", "0002"], {}, (101,), {"0001": 100, "0002": 102}),
+        # an added node takes the next port; the others keep theirs
+        (["0001", "0002", "0004"], {"0001": 100, "0002": 101}, (), {"0001": 100, "0002": 101, "0004": 102}),
+        # a removed node frees its port; nobody is renumbered
+        (["0001", "0003"], {"0001": 100, "0002": 101, "0003": 102}, (), {"0001": 100, "0003": 102}),
+        # a later addition reuses the lowest free port
+        (["0001", "0003", "0005"], {"0001": 100, "0003": 102}, (), {"0001": 100, "0003": 102, "0005": 101}),
+    ],
+)
+def test_assign_ports(
+    node_ids: list[str], previous: dict[str, int], reserved: tuple[int, ...], expected: dict[str, int]
+) -> None:
+    assert assign_ports(node_ids, previous, 100, frozenset(reserved)) == expected
+
+
+def test_assign_ports_refuses_past_65535() -> None:
+    with pytest.raises(config.ConfigError, match="discovery.first_port: 65535 leaves no room for 2 nodes"):
+        assign_ports(["0001", "0002"], {}, 65535)
+
+
+def test_node_map_matches_names_their_ips_and_ips() -> None:
+    cfg = config.loads(
+        """
+engine: redis-cluster
+public_address: 203.0.113.73
+allowed_clients: [198.51.100.27/32]
+forwards:
+  - {port: 6379, target: "Node-1.example.internal.:6379"}
+  - {port: 6380, target: "10.0.1.231:6379"}
+"""
+    )
+    nodes = NodeMap()
+    nodes.update(cfg, {"node-1.example.internal": ["10.0.1.230"]})
+    assert nodes("node-1.example.internal", 6379) == ("203.0.113.73", 6379)
+    assert nodes("NODE-1.example.internal.", 6379) == ("203.0.113.73", 6379)
+    assert nodes("10.0.1.230", 6379) == ("203.0.113.73", 6379)
+    assert nodes("10.0.1.231", 6379) == ("203.0.113.73", 6380)
+    assert nodes("10.0.1.231", 6380) is None
+    assert nodes("10.0.1.232", 6379) is None
+
+
+# --- natfwd serve against a moto server -----------------------------------------------------------------------
+
+
+def set_endpoints(cluster_id: str, ports: dict[str, int]) -> None:
+    """Make moto's cluster list exactly these nodes (id -> loopback memcached port), as ElastiCache would."""
+    from moto.elasticache.models import elasticache_backends
+
+    cluster = elasticache_backends[ACCOUNT][REGION].cache_clusters[cluster_id]
+    cluster.cache_nodes = [
+        {"CacheNodeId": node_id, "CacheNodeStatus": "available", "Endpoint": {"Address": "127.0.0.1", "Port": port}}
+        for node_id, port in ports.items()
+    ]
+
+
+def whoami(port: int) -> str | None:
+    """Which node a new connection to natfwd's `port` reaches (each node holds its name under `whoami`)."""
+    client = Client(("127.0.0.1", port), connect_timeout=1, timeout=1)
+    try:
+        value: Any = client.get("whoami")
+        return value.decode() if value is not None else None
+    except (OSError, ConnectionError):
+        return None
+    finally:
+        client.close()
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str, log: Any) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"{what} not seen within {timeout_s} s; log:\n{log()}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def free_run(count: int) -> int:
+    """A first port with `count` consecutive free loopback ports."""
+    for _ in range(50):
+        first = random.randrange(20000, 32000)  # below the ephemeral range, so no client socket takes one meanwhile
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # natfwd binds with it too
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no run of free ports")
+
+
+def test_serve_follows_replaced_added_and_removed_nodes(aws: Aws, tmp_path: Path) -> None:
+    memcached_cluster(aws, build_world(aws), "mc", nodes=3)
+    with ExitStack() as stack:
+        node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 6)}
+        for name, port in node_ports.items():
+            direct = Client(("127.0.0.1", port), timeout=2)
+            direct.set("whoami", name)
+            direct.close()
+        set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node2"], "0003": node_ports["node3"]})
+        first = free_run(4)
+        metrics_port = free_port()
+        path = tmp_path / "natfwd.yaml"
+        path.write_text(
+            f"""
+engine: memcached
+public_address: 127.0.0.1
+listen_address: 127.0.0.1
+allowed_clients: [127.0.0.0/8]
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+discovery:
+  cluster_id: mc
+  region: {REGION}
+  refresh_s: {REFRESH_S}
+  first_port: {first}
+  endpoint_url: {aws.url}
+"""
+        )
+        with serving(path, [first, first + 1, first + 2], metrics_port) as serve:
+            assert [whoami(p) for p in range(first, first + 3)] == ["node1", "node2", "node3"]
+
+            # A replaced node: same node id, new endpoint. Its port follows for new connections.
+            set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node4"], "0003": node_ports["node3"]})
+            replaced_s = wait_until(lambda: whoami(first + 1) == "node4", 5, "the replaced node", serve.log)
+            serve.wait_log("forward retargeted")
+
+            # An added node gets the next port.
+            set_endpoints(
+                "mc",
+                {
+                    "0001": node_ports["node1"],
+                    "0002": node_ports["node4"],
+                    "0003": node_ports["node3"],
+                    "0004": node_ports["node5"],
+                },  # fmt: skip
+            )
+            added_s = wait_until(lambda: whoami(first + 3) == "node5", 5, "the added node", serve.log)
+            serve.wait_log("forward opened")
+
+            # A removed node's port closes; the others keep theirs.
+            set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node4"], "0004": node_ports["node5"]})
+            removed_s = wait_until(lambda: refused(first + 2), 5, "the removed node's port closing", serve.log)
+            assert [whoami(p) for p in (first, first + 1, first + 3)] == ["node1", "node4", "node5"]
+
+            assert serve.metric("natfwd_forward_changes_total", change="retargeted") == 1
+            assert serve.metric("natfwd_forward_changes_total", change="opened") == 1
+            assert serve.metric("natfwd_forward_changes_total", change="closed") == 1
+            # At most a few refresh periods each (printed with -s for the record).
+            print(f"followed: replaced {replaced_s:.2f} s, added {added_s:.2f} s, removed {removed_s:.2f} s")
+            assert max(replaced_s, added_s, removed_s) < 10 * REFRESH_S + 1
+
+
+def test_serve_keeps_serving_when_the_api_fails(aws: Aws, tmp_path: Path) -> None:
+    memcached_cluster(aws, build_world(aws), "mc", nodes=1)
+    with memcached_server() as node_port:
+        direct = Client(("127.0.0.1", node_port), timeout=2)
+        direct.set("whoami", "node1")
+        direct.close()
+        set_endpoints("mc", {"0001": node_port})
+        first = free_port()
+        path = tmp_path / "natfwd.yaml"
+        path.write_text(
+            f"""
+engine: memcached
+public_address: 127.0.0.1
+listen_address: 127.0.0.1
+allowed_clients: [127.0.0.0/8]
+discovery: {{cluster_id: mc, region: {REGION}, refresh_s: {REFRESH_S}, first_port: {first}, endpoint_url: {aws.url}}}
+"""
+        )
+        with serving(path, [first]) as serve:
+            from moto.elasticache.models import elasticache_backends
+
+            del elasticache_backends[ACCOUNT][REGION].cache_clusters["mc"]  # DescribeCacheClusters now fails
+            serve.wait_log("discovery failed; keeping the current forwards", timeout_s=5)
+            assert whoami(first) == "node1"
+            assert serve.proc.poll() is None
+
+
+def test_serve_start_fails_clearly_when_the_cluster_is_missing(aws: Aws, tmp_path: Path) -> None:
+    path = tmp_path / "natfwd.yaml"
+    path.write_text(
+        f"""
+engine: memcached
+public_address: 127.0.0.1
+listen_address: 127.0.0.1
+allowed_clients: [127.0.0.0/8]
+discovery: {{cluster_id: ghost, region: {REGION}, first_port: {free_port()}, endpoint_url: {aws.url}}}
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=aws.cli_env(),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    assert "natfwd: error: discovery: cannot list the nodes of 'ghost'" in result.stderr
+    assert "Traceback" not in result.stderr
