@@ -174,6 +174,14 @@ class Serve:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def fd_limits(self) -> tuple[int, int]:
+        """The (soft, hard) open-file limits the process runs with now."""
+        for line in Path(f"/proc/{self.pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return int(soft), int(hard)
+        raise AssertionError(f"no open-file limit in /proc/{self.pid}/limits")
+
     def settled_fds(self) -> int:
         """The open-fd count without the transient socket of a /metrics scrape that is still being closed."""
         readings = []
@@ -227,9 +235,18 @@ def natfwd_env() -> dict[str, str]:
 
 @contextmanager
 def natfwd_serve(
-    directory: Path, text: str, metrics_port: int, *, namespace: str | None = None, ready_timeout_s: float = 15.0
+    directory: Path,
+    text: str,
+    metrics_port: int,
+    *,
+    namespace: str | None = None,
+    nofile: tuple[int, int] | None = None,
+    ready_timeout_s: float = 15.0,
 ) -> Iterator[Serve]:
-    """Run `natfwd serve --config` on `text` until every forward is listening; stopped (and reaped) on exit."""
+    """Run `natfwd serve --config` on `text` until every forward is listening; stopped (and reaped) on exit.
+
+    `nofile` starts it with that (soft, hard) RLIMIT_NOFILE, as a shell `ulimit -Sn/-Hn` would.
+    """
     config_path = directory / "natfwd.yaml"
     config_path.write_text(text, encoding="utf-8")
     log_path = directory / "natfwd.log"
@@ -237,7 +254,15 @@ def natfwd_serve(
     if namespace is not None:
         argv = ["ip", "netns", "exec", namespace, *argv]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=natfwd_env(), cwd="/tmp")
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=natfwd_env(),
+            cwd="/tmp",
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
+        )
     serve = Serve(process, log_path, metrics_port, namespace)
     try:
         forwards = text.split("forwards:", 1)[1].count("port:")

@@ -97,6 +97,24 @@ def test_8000_concurrent_connections_are_served_with_bounded_memory(tmp_path: Pa
         assert serve.stop() == 0
 
 
+@pytest.mark.parametrize(("hard", "warned"), [(1024, True), (8192, False)])
+def test_natfwd_raises_its_fd_limit_to_the_hard_limit_and_says_when_that_is_too_low(
+    tmp_path: Path, hard: int, warned: bool
+) -> None:
+    port, metrics_port = free_ports(2)
+    with memcached_nodes(1, "-m", "16") as (node,):
+        # 1000 connections need 2 * 1000 sockets plus a few: more than 1024, less than 8192.
+        text = config_text([(port, node.address)], metrics_port, max_connections=1000)
+        with natfwd_serve(tmp_path, text, metrics_port, nofile=(256, hard)) as serve:
+            assert serve.fd_limits() == (hard, hard)
+            warning = "open-file limit is below what max_connections needs"
+            assert (warning in serve.log()) is warned, serve.log()
+            if warned:
+                assert "limit=1024 needed=2064" in serve.log()
+            assert round_trip(port).startswith(b"VERSION ")
+        assert serve.stop() == 0
+
+
 # --- a node killed ---------------------------------------------------------------------------------------------
 
 
