@@ -122,9 +122,11 @@ def _tls_context(config: Config, direct: bool) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(ca) if ca else None)
     context = ssl.create_default_context()
     if config.tls is not None:
-        # A self-signed server certificate is its own trust anchor; absent on the client, that is fine.
+        # The front's own certificate, when this host has the file, is a trust anchor: self-signed, or a CA-issued
+        # leaf (PARTIAL_CHAIN lets a leaf anchor verification). Absent on the client, the system store decides.
         with contextlib.suppress(OSError, ssl.SSLError):
             context.load_verify_locations(cafile=str(config.tls.cert))
+            context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 

@@ -8,11 +8,14 @@ import logging
 import resource
 import signal
 import socket
+import ssl
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from forwarder import config as config_mod
+from forwarder import tls
 from forwarder.errors import NatfwdError
 from forwarder.relay import BUFFER_SIZE, BufferPool, Half
 from forwarder.rewriting import (
@@ -55,7 +58,17 @@ class NodeHalf(Half):
 class ClientHalf(Half):
     """The client side: checks the allowlist at accept, then opens the node connection and pairs the halves."""
 
-    __slots__ = ("worker", "route", "connect_task", "seen_to_node", "seen_to_client", "idle_s", "accounted")
+    __slots__ = (
+        "worker",
+        "route",
+        "connect_task",
+        "seen_to_node",
+        "seen_to_client",
+        "idle_s",
+        "accounted",
+        "handshake_flag",
+        "__weakref__",
+    )
 
     def __init__(self, worker: Worker, route: Route) -> None:
         super().__init__(worker.pool)
@@ -66,11 +79,13 @@ class ClientHalf(Half):
         self.seen_to_client = 0
         self.idle_s = 0.0
         self.accounted = False
+        self.handshake_flag: list[bool] = []  # non-empty once connection_made ran (with TLS: a good handshake)
 
     def node_half(self) -> NodeHalf:
         return NodeHalf(self.worker.pool)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handshake_flag.append(True)
         super().connection_made(transport)
         assert self.transport is not None
         route = self.route
@@ -105,7 +120,16 @@ class ClientHalf(Half):
         started = loop.time()
         try:
             async with asyncio.timeout(route.config.connect_timeout_s):
-                await loop.create_connection(lambda: node, target.host, target.port)
+                upstream_ssl = self.worker.upstream_ssl
+                await loop.create_connection(
+                    lambda: node,
+                    target.host,
+                    target.port,
+                    ssl=upstream_ssl,
+                    # The name checked and sent as SNI is the target's host name (or its IP, checked against IP SANs).
+                    server_hostname=target.host if upstream_ssl is not None else None,
+                    ssl_handshake_timeout=route.config.connect_timeout_s if upstream_ssl is not None else None,
+                )
         except asyncio.CancelledError:
             node.abort()  # the client left; the node connection may have completed meanwhile
             raise
@@ -134,6 +158,8 @@ class ClientHalf(Half):
         self.release_early()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
         task = self.connect_task
         if task is not None:
             task.cancel()
@@ -175,6 +201,8 @@ class RewritingClientHalf(ObservingClient, ClientHalf):
 def _connect_failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
     if isinstance(exc, socket.gaierror):
         return "dns"
     if isinstance(exc, ConnectionRefusedError):
@@ -203,6 +231,8 @@ class Worker:
         self.reuse_port = reuse_port
         self.count_reloads = count_reloads
         self.pool = BufferPool(buffer_size)
+        self.server_ssl = tls.server_context(cfg)
+        self.upstream_ssl = tls.upstream_context(cfg)
         self.routes: dict[int, Route] = {}
         self.listeners: dict[int, asyncio.Server] = {}
         self.active = 0
@@ -216,9 +246,12 @@ class Worker:
         self.tracker = Tracker(self)
 
     # --- accounting -------------------------------------------------------------------------------------------
-    def reject(self, route: Route, reason: str, client_ip: str) -> None:
+    def reject(self, route: Route, reason: str, client_ip: str, error: str | None = None) -> None:
         self.metrics.rejected.labels(str(route.port), reason).inc()
-        log.info("connection refused", extra={"forward": route.port, "client": client_ip, "reason": reason})
+        extra = {"forward": route.port, "client": client_ip, "reason": reason}
+        if error is not None:
+            extra["error"] = error
+        log.info("connection refused", extra=extra)
 
     def account(self, conn: ClientHalf) -> None:
         """Move a connection's byte counts since the last sweep into the counters."""
@@ -289,7 +322,11 @@ class Worker:
                     route.rewriter = rewriter_factory(cfg, forward.port, self.nodes, self.warn)
                 sock = self._bind(cfg.listen_address, forward.port)
                 opened[forward.port] = await loop.create_server(
-                    _factory(self, route), sock=sock, backlog=LISTEN_BACKLOG
+                    _factory(self, route),
+                    sock=sock,
+                    backlog=LISTEN_BACKLOG,
+                    ssl=self.server_ssl,
+                    ssl_handshake_timeout=cfg.connect_timeout_s if self.server_ssl is not None else None,
                 )
                 self.routes.setdefault(forward.port, route)
         except BaseException:
@@ -340,6 +377,8 @@ class Worker:
 
     async def _apply(self, new: config_mod.Config) -> None:
         old = self.config
+        # Certificate files are re-read on every reload; a broken one refuses the whole reload.
+        server_ssl, upstream_ssl = tls.server_context(new), tls.upstream_context(new)
         for key in ("workers", "metrics"):
             if getattr(old, key) != getattr(new, key):
                 log.warning(f"{key} changed; that takes effect at the next restart", extra={"key": key})
@@ -380,6 +419,13 @@ class Worker:
             route.target = forward.target
             route.config = new
             route.rewriter = rewriter_factory(new, port, self.nodes, self.warn)
+        if self.server_ssl is not None and new.tls is not None:
+            # Listeners keep their SSLContext; loading the new chain into it serves it to every new handshake.
+            self.server_ssl.load_cert_chain(new.tls.cert, new.tls.key)
+        if (old.tls is None) != (new.tls is None) or (old.tls and new.tls and old.tls.client_ca != new.tls.client_ca):
+            log.warning("turning tls on or off, or changing tls.client_ca, takes effect at the next restart")
+        del server_ssl
+        self.upstream_ssl = upstream_ssl
         self.config = new
 
     # --- drain ------------------------------------------------------------------------------------------------
@@ -427,7 +473,22 @@ class Worker:
 
 def _factory(worker: Worker, route: Route) -> Callable[[], ClientHalf]:
     # The class is picked per connection: a reload can turn rewriting on or off for a port.
-    return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
+    if worker.server_ssl is None:
+        return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
+
+    def tls_client() -> ClientHalf:
+        # With TLS the protocol is made at accept but connected only after a good handshake. A failed handshake
+        # (plaintext client, bad or missing client certificate) just drops it, so its collection is the signal.
+        half = (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
+        weakref.finalize(half, _handshake_outcome, worker, route, half.handshake_flag)
+        return half
+
+    return tls_client
+
+
+def _handshake_outcome(worker: Worker, route: Route, done: list[bool]) -> None:
+    if not done:
+        worker.reject(route, "tls_handshake", "", error="TLS handshake failed or timed out")
 
 
 def _bind_message(address: str, port: int, exc: OSError) -> str:

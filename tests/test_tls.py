@@ -1,0 +1,199 @@
+"""TLS front and verified TLS to real TLS-only redis-server nodes, with redis-py and redis-cli as clients."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from conftest import Node, free_port, require_binary, write_config
+from servekit import serving
+from tlskit import CA, Issued
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, object]:
+    ca = CA(tmp_path, "trusted")
+    rogue = CA(tmp_path, "rogue")
+    return {
+        "ca": ca,
+        "rogue": rogue,
+        "front": ca.issue("front", ips=("127.0.0.1",), dns=("localhost",)),
+        "node": ca.issue("node", ips=("127.0.0.1",), dns=("localhost",)),
+        "rogue_node": rogue.issue("node", ips=("127.0.0.1",), dns=("localhost",)),
+        "client": ca.issue("client", client=True),
+        "rogue_client": rogue.issue("client", client=True),
+    }
+
+
+def tls_redis(start_redis: Callable[..., Node], cert: Issued, ca: CA) -> Node:
+    """A TLS-only redis-server (plain port 0), like ElastiCache with in-transit encryption."""
+    tls_port = free_port()
+    node = start_redis(
+        tls_port,
+        "127.0.0.1",
+        "--port", "0", "--tls-port", str(tls_port),
+        "--tls-cert-file", str(cert.cert), "--tls-key-file", str(cert.key),
+        "--tls-ca-cert-file", str(ca.path), "--tls-auth-clients", "no",
+        "--requirepass", "s3cret-token",
+    )  # fmt: skip
+    return node
+
+
+def tls_config(tmp_path: Path, node: Node, pki: dict[str, object], *, client_ca: bool = False) -> tuple[Path, int, int]:
+    front = pki["front"]
+    ca = pki["ca"]
+    assert isinstance(front, Issued) and isinstance(ca, CA)
+    port, metrics_port = free_port(), free_port()
+    extra = (
+        f"tls: {{cert: {front.cert}, key: {front.key}"
+        + (f", client_ca: {ca.path}" if client_ca else "")
+        + "}\n"
+        + f"upstream_tls: {{ca: {ca.path}}}\n"
+        + f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
+        + "auth: {password: s3cret-token}\n"
+    )
+    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], engine="redis", extra=extra)
+    return cfg, port, metrics_port
+
+
+def test_tls_front_to_verified_tls_node(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
+    with serving(cfg, [port], metrics_port) as serve:
+        client = redis.Redis(
+            host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=str(pki["ca"].path),
+            socket_timeout=10, protocol=2,
+        )  # fmt: skip
+        value = b"\x00\xff" * 300_000
+        assert client.set("secret", value)
+        assert client.get("secret") == value
+        client.close()
+        cli = subprocess.run(
+            [require_binary("redis-cli"), "--tls", "--cacert", str(pki["ca"].path), "-h", "127.0.0.1", "-p", str(port),
+             "-a", "s3cret-token", "--no-auth-warning", "PING"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert cli.stdout.strip() == "PONG", cli.stderr
+        check = subprocess.run(
+            [".venv/bin/natfwd" if Path(".venv/bin/natfwd").exists() else "natfwd", "check", "--config", str(cfg)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert (
+            serve.metric("natfwd_upstream_errors_total") == 0 if _has(serve, "natfwd_upstream_errors_total") else True
+        )
+
+
+def _has(serve: object, name: str) -> bool:
+    try:
+        serve.metric(name)  # type: ignore[attr-defined]
+    except KeyError:
+        return False
+    return True
+
+
+def test_plaintext_client_on_tls_front_is_dropped_and_counted(
+    tmp_path: Path, start_redis: Callable[..., Node], pki: dict
+) -> None:
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
+    with serving(cfg, [port], metrics_port) as serve:
+        plain = redis.Redis(host="127.0.0.1", port=port, password="s3cret-token", socket_timeout=5, protocol=2)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            plain.ping()
+        plain.close()
+        serve.wait_log("reason=tls_handshake")
+        assert serve.metric("natfwd_connections_rejected_total", forward=str(port), reason="tls_handshake") >= 1
+        # The front keeps serving TLS clients.
+        good = redis.Redis(
+            host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=str(pki["ca"].path),
+            protocol=2,
+        )  # fmt: skip
+        assert good.ping()
+        good.close()
+        for _ in range(100):
+            if serve.metric("natfwd_connections_active", forward=str(port)) == 0:
+                break
+            time.sleep(0.05)
+        assert serve.metric("natfwd_connections_active", forward=str(port)) == 0
+
+
+def test_rogue_node_certificate_is_never_relayed_to(
+    tmp_path: Path, start_redis: Callable[..., Node], pki: dict
+) -> None:
+    node = tls_redis(start_redis, pki["rogue_node"], pki["rogue"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
+    with serving(cfg, [port], metrics_port) as serve:
+        client = redis.Redis(
+            host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=str(pki["ca"].path),
+            socket_timeout=5, protocol=2,
+        )  # fmt: skip
+        with pytest.raises(redis.exceptions.ConnectionError):
+            client.ping()
+        client.close()
+        serve.wait_log("node connection failed")
+        assert "reason=tls" in serve.log()
+        assert "CERTIFICATE_VERIFY_FAILED" in serve.log()
+        assert serve.metric("natfwd_upstream_errors_total", forward=str(port), reason="tls") >= 1
+
+
+def test_mutual_tls(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki, client_ca=True)
+    with serving(cfg, [port], metrics_port) as serve:
+        ca_path = str(pki["ca"].path)
+        with_cert = redis.Redis(
+            host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=ca_path,
+            ssl_certfile=str(pki["client"].cert), ssl_keyfile=str(pki["client"].key), protocol=2,
+        )  # fmt: skip
+        assert with_cert.ping()
+        with_cert.close()
+        for cert in (None, pki["rogue_client"]):
+            kwargs = {} if cert is None else {"ssl_certfile": str(cert.cert), "ssl_keyfile": str(cert.key)}
+            refused = redis.Redis(
+                host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=ca_path,
+                socket_timeout=5, protocol=2, **kwargs,
+            )  # fmt: skip
+            with pytest.raises(redis.exceptions.ConnectionError):
+                refused.ping()
+            refused.close()
+        assert serve.metric("natfwd_connections_rejected_total", forward=str(port), reason="tls_handshake") >= 2
+
+
+def test_certificates_reload_on_sighup(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
+    with serving(cfg, [port], metrics_port) as serve:
+        first = _peer_serial(port, pki["ca"].path)
+        renewed = pki["ca"].issue("front2", ips=("127.0.0.1",))
+        front = pki["front"]
+        front.cert.write_bytes(renewed.cert.read_bytes())
+        front.key.write_bytes(renewed.key.read_bytes())
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("config reloaded")
+        assert _peer_serial(port, pki["ca"].path) != first
+        # A broken certificate file is refused and the previous one keeps serving.
+        front.cert.write_text("not a certificate")
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("reload refused")
+        assert _peer_serial(port, pki["ca"].path) is not None
+
+
+def _peer_serial(port: int, ca: Path) -> int | None:
+    context = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        der = sock.getpeercert(binary_form=True)
+    from cryptography import x509
+
+    return x509.load_der_x509_certificate(der).serial_number if der else None
