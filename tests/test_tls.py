@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from conftest import Node, free_port, require_binary, write_config
 from servekit import serving
 from tlskit import CA, Issued
