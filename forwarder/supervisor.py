@@ -24,6 +24,7 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) ->
     # Child: restore default signal dispositions; the worker's event loop installs its own handlers.
     code = 0
     try:
+        _die_with_parent()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         from forwarder import server
@@ -37,6 +38,14 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) ->
         code = 1
     finally:
         os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a supervisor killed with SIGKILL (it would keep the ports): PR_SET_PDEATHSIG."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def run(cfg: config_mod.Config, config_path: str | None) -> None:
