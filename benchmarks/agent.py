@@ -1,0 +1,173 @@
+"""The Python-client load generator (pymemcache, redis-py): runs in the client namespace, one JSON job per line.
+
+The harness starts it once with `ip netns exec CLIENT python -m benchmarks.agent` and writes jobs to its stdin;
+each job's result is one JSON line on stdout. Keeping one process saves an interpreter start per measurement.
+Every reply is checked against what was stored, so a relay that corrupts bytes fails the run instead of scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+SMALL_VALUE = b"v" * 32
+KEY = "bench:small"
+BIG_KEY = "bench:big"
+
+
+class KV(Protocol):
+    def get(self, key: str) -> Any: ...
+    def set(self, key: str, value: bytes) -> Any: ...
+    def close(self) -> None: ...
+
+
+def connect(engine: str, host: str, port: int) -> KV:
+    """A connected client of the design's named library for `engine`; raises OSError if it cannot connect."""
+    if engine == "memcached":
+        from pymemcache.client.base import Client  # type: ignore[import-untyped]
+
+        mc = Client((host, port), connect_timeout=5, timeout=30, no_delay=True, default_noreply=False)
+        mc.version()  # connect now
+        return cast(KV, mc)
+    import redis
+
+    rd = redis.Redis(host=host, port=port, socket_connect_timeout=5, socket_timeout=30)
+    rd.ping()
+    return rd
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list; 0.0 for an empty one."""
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values) + 0.5) - 1))
+    return sorted_values[index]
+
+
+def _check(value: Any, expected: bytes) -> None:
+    if value != expected:
+        shown = repr(value[:40]) if isinstance(value, bytes | bytearray) else repr(value)
+        raise RuntimeError(f"wrong value through the path: expected {len(expected)} bytes, got {shown}")
+
+
+def latency(engine: str, host: str, port: int, duration_s: float) -> dict[str, float]:
+    """GETs on one connection, back to back: p50/p99 in microseconds and operations per second."""
+    client = connect(engine, host, port)
+    try:
+        client.set(KEY, SMALL_VALUE)
+        for _ in range(50):  # warm up caches and the path's buffers
+            client.get(KEY)
+        samples: list[float] = []
+        clock = time.perf_counter
+        deadline = clock() + duration_s
+        started = clock()
+        now = started
+        while now < deadline:
+            value = client.get(KEY)
+            after = clock()
+            samples.append(after - now)
+            now = after
+            _check(value, SMALL_VALUE)
+        elapsed = now - started
+    finally:
+        client.close()
+    samples.sort()
+    return {
+        "ops": len(samples) / elapsed,
+        "p50_us": percentile(samples, 0.50) * 1e6,
+        "p99_us": percentile(samples, 0.99) * 1e6,
+    }
+
+
+def many(engine: str, host: str, port: int, duration_s: float, connections: int, threads: int) -> dict[str, float]:
+    """`connections` open at once, served round-robin by `threads` threads: total ops/s and p99 per GET."""
+    clients = [connect(engine, host, port) for _ in range(connections)]
+    try:
+        clients[0].set(KEY, SMALL_VALUE)
+        results: list[list[float]] = [[] for _ in range(threads)]
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(threads + 1)
+        deadline: list[float] = [0.0]
+
+        def work(index: int) -> None:
+            mine = clients[index::threads]
+            samples = results[index]
+            clock = time.perf_counter
+            try:
+                barrier.wait()
+                now = clock()
+                while now < deadline[0]:
+                    for client in mine:
+                        value = client.get(KEY)
+                        after = clock()
+                        samples.append(after - now)
+                        now = after
+                        _check(value, SMALL_VALUE)
+            except BaseException as exc:  # reported by the caller
+                errors.append(exc)
+
+        workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        started = time.perf_counter()
+        deadline[0] = started + duration_s
+        barrier.wait()
+        for worker in workers:
+            worker.join()
+        elapsed = time.perf_counter() - started
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {threads} client threads failed: {errors[0]}")
+    finally:
+        for client in clients:
+            client.close()
+    samples = sorted(s for part in results for s in part)
+    return {"ops": len(samples) / elapsed, "p99_us": percentile(samples, 0.99) * 1e6}
+
+
+def bulk(engine: str, host: str, port: int, duration_s: float, size: int) -> dict[str, float]:
+    """Alternating SET and GET of a `size`-byte value on one connection: SETs/s and GETs/s, each on its own time."""
+    client = connect(engine, host, port)
+    value = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    set_s = get_s = 0.0
+    count = 0
+    clock = time.perf_counter
+    try:
+        deadline = clock() + duration_s
+        while clock() < deadline or count == 0:
+            t0 = clock()
+            client.set(BIG_KEY, value)
+            t1 = clock()
+            got = client.get(BIG_KEY)
+            t2 = clock()
+            _check(got, value)
+            set_s += t1 - t0
+            get_s += t2 - t1
+            count += 1
+    finally:
+        client.close()
+    return {"set_ops": count / set_s, "get_ops": count / get_s}
+
+
+JOBS: dict[str, Callable[..., dict[str, float]]] = {"latency": latency, "many": many, "bulk": bulk}
+
+
+def main() -> int:
+    """Serve jobs from stdin until EOF; a failed job answers {"error": ...} and the agent keeps going."""
+    for line in sys.stdin:
+        job = json.loads(line)
+        kind = job.pop("job")
+        try:
+            reply: dict[str, Any] = {"result": JOBS[kind](**job)}
+        except Exception as exc:  # reported to the harness, which records it per measurement
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""One benchmark run: build the lab, start every path, calibrate, measure in interleaved rounds, write the results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from benchmarks import report
+from benchmarks.loads import Load, Runner
+from benchmarks.paths import PATHS, REPO, PathSpec, RunningPath
+from forwarder.errors import NatfwdError
+from forwarder.lab import Lab, require_root
+
+# Starting request counts for the fixed-count tools; calibration on the direct path rescales them to the duration.
+PROBE_COUNTS = {"rb-get-c1": 2000, "rb-get-c50": 20000, "rb-get-c50-p16": 100000, "rb-256k": 300, "ms-get-c50": 5000}
+MIN_COUNTS = {"rb-get-c1": 500, "rb-get-c50": 5000, "rb-get-c50-p16": 20000, "rb-256k": 50, "ms-get-c50": 1000}
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+CHART_PNG = "results.png"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What to measure and for how long."""
+
+    out: Path
+    rounds: int
+    duration_s: float
+    paths: tuple[PathSpec, ...]
+    loads: tuple[Load, ...]
+    quick: bool
+
+
+def tools_needed(settings: Settings) -> list[str]:
+    tools = {"ip", "memcached", "redis-server", "redis-benchmark", "nft"}
+    tools |= {p.kind for p in settings.paths if p.kind in ("haproxy", "socat")}
+    tools |= {load.tool for load in settings.loads if load.tool != "agent"}
+    return sorted(tools)
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before building anything: root, the tools, matplotlib. Raises NatfwdError with the fix."""
+    require_root()
+    missing = [tool for tool in tools_needed(settings) if shutil.which(tool) is None]
+    if missing:
+        raise NatfwdError(
+            f"missing {', '.join(missing)}; install them (Debian: apt-get install memcached redis-server "
+            "redis-tools libmemcached-tools haproxy socat nftables iproute2)"
+        )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise NatfwdError("matplotlib is not installed; pip install matplotlib (it draws the chart)") from None
+
+
+def _version(argv: Sequence[str]) -> str:
+    try:
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+def metadata(settings: Settings) -> dict[str, Any]:
+    import uvloop
+
+    commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _version(["git", "-C", str(REPO), "status", "--porcelain", "--", "forwarder", "benchmarks"])
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "commit": commit + (" (with local changes)" if dirty not in ("?", "") else ""),
+        "rounds": settings.rounds,
+        "duration_s": settings.duration_s,
+        "quick": settings.quick,
+        "versions": {
+            "python": platform.python_version(),
+            "uvloop": str(getattr(uvloop, "__version__", "?")),
+            "haproxy": _version(["haproxy", "-v"]),
+            "socat": _version(["socat", "-V"]).replace("socat by Gerhard Rieger and contributors - see ", ""),
+            "redis-server": _version(["redis-server", "--version"]),
+            "memcached": _version(["memcached", "-V"]),
+            "redis-benchmark": _version(["redis-benchmark", "--version"]),
+            "memcslap": _version(["memcslap", "--version"]),
+        },
+    }
+
+
+class Bench:
+    """The lab, the running paths, the client agent, and the measurements so far."""
+
+    def __init__(self, settings: Settings, say: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.say = say
+        self.lab = Lab(
+            f"bench-{secrets.token_hex(3)}", "memcached", nodes=1, routed=True, log_dir=settings.out / "logs"
+        )
+        self.running: dict[str, RunningPath] = {}
+        self.runner: Runner | None = None
+        self.agent: subprocess.Popen[str] | None = None
+        self.counts: dict[str, int] = {}
+        self.measurements: list[report.Measurement] = []
+        self.meta: dict[str, Any] = {}
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build the lab, start the nodes, the paths and the agent; raises NatfwdError (the caller tears down)."""
+        lab = self.lab
+        self.say(f"building lab {lab.name} (namespaces {', '.join(lab.namespaces)})")
+        lab.build()
+        lab.start_nodes()
+        node = lab.nodes[0]
+        with open(self.settings.out / "logs" / "redis.log", "ab") as log:
+            redis = lab.popen(
+                node.namespace,
+                [
+                    "redis-server",
+                    "--bind",
+                    node.address,
+                    "--port",
+                    "6379",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--protected-mode",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/tmp",
+                start_new_session=True,
+            )
+        lab.wait_listening(lab.nat, node.address, 6379, 10.0, redis)
+        # redis-benchmark's GET tests read key:__rand_int__; give it a small value (the 256 KiB ones use db 1).
+        lab.run(
+            lab.client,
+            ["redis-benchmark", "-h", node.address, "-p", "6379", "-t", "set", "-n", "10", "-c", "1", "-d", "32", "-q"],
+        )
+        for spec in self.settings.paths:
+            self.say(f"starting {spec.label}")
+            running = RunningPath(spec, lab, self.settings.out / "logs")
+            running.start()
+            self.running[spec.id] = running
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        with open(self.settings.out / "logs" / "agent.log", "ab") as log:
+            agent = lab.popen(
+                lab.client,
+                [sys.executable, "-m", "benchmarks.agent"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+                cwd=str(REPO),
+                start_new_session=True,
+            )
+        self.agent = cast("subprocess.Popen[str]", agent)
+        self.runner = Runner(lab.client, self.agent)
+
+    def calibrate(self) -> None:
+        """Size each fixed-count load so one run takes about `duration_s` on the direct path (also a warm-up).
+
+        Two passes on wall time, connection setup included: one short probe is too noisy to scale from.
+        """
+        assert self.runner is not None
+        direct = next(p for p in PATHS if p.id == "direct")
+        host = direct.host(self.lab.nodes[0].address)
+        for load in self.settings.loads:
+            if load.tool == "agent":
+                continue
+            count = PROBE_COUNTS[load.id]
+            for _ in range(2):
+                started = time.monotonic()
+                self.runner.run(load, host, direct.port(load.engine), self.settings.duration_s, count)
+                seconds = max(time.monotonic() - started, 1e-3)
+                count = max(MIN_COUNTS[load.id], int(count * self.settings.duration_s / seconds))
+            self.counts[load.id] = count
+            self.say(f"calibrated {load.id}: {count} requests per run")
+
+    # --- measuring -----------------------------------------------------------------------------------------
+    def measure(self, round_no: int, load: Load, spec: PathSpec) -> report.Measurement:
+        assert self.runner is not None
+        running = self.running[spec.id]
+        started = time.monotonic()
+        try:
+            running.before()
+            try:
+                values = self.runner.run(
+                    load,
+                    spec.host(self.lab.nodes[0].address),
+                    spec.port(load.engine),
+                    self.settings.duration_s,
+                    self.counts.get(load.id, 0),
+                )
+            finally:
+                running.after()
+        except NatfwdError as exc:
+            return report.Measurement(round_no, load.id, spec.id, {}, time.monotonic() - started, str(exc))
+        return report.Measurement(round_no, load.id, spec.id, values, time.monotonic() - started)
+
+    def rounds(self) -> None:
+        settings = self.settings
+        paths = list(settings.paths)
+        total = settings.rounds * len(settings.loads) * len(paths)
+        done = 0
+        started = time.monotonic()
+        for round_no in range(1, settings.rounds + 1):
+            for index, load in enumerate(settings.loads):
+                # Rotate the order so no path always runs first (right after another load) or last.
+                shift = (round_no + index) % len(paths)
+                for spec in paths[shift:] + paths[:shift]:
+                    m = self.measure(round_no, load, spec)
+                    self.measurements.append(m)
+                    done += 1
+                    elapsed = time.monotonic() - started
+                    left = elapsed / done * (total - done)
+                    self.say(
+                        f"[round {round_no}/{settings.rounds} {done:>3}/{total} {_clock(elapsed)} "
+                        f"~{_clock(left)} left] {load.id:<15} {spec.id:<11} {_show(load, m)}"
+                    )
+            self.write(chart=False)
+
+    # --- output --------------------------------------------------------------------------------------------
+    def write(self, *, chart: bool) -> None:
+        """Write results.json and results.md (and the chart) from the measurements so far."""
+        out = self.settings.out
+        path_ids = [p.id for p in self.settings.paths]
+        summary = report.summary(self.measurements)
+        data = {
+            "meta": self.meta,
+            "paths": [{"id": p.id, "label": p.label} for p in self.settings.paths],
+            "loads": [
+                {
+                    "id": load.id,
+                    "label": load.label,
+                    "tool": load.tool,
+                    "engine": load.engine,
+                    "args": load.args,
+                    "requests_per_run": self.counts.get(load.id),
+                }
+                for load in self.settings.loads
+            ],
+            "measurements": [m.to_json() for m in self.measurements],
+            "summary": summary,
+        }
+        (out / RESULTS_JSON).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        chart_name = None
+        if chart and self.measurements:
+            from benchmarks import chart as chart_mod
+
+            title = f"natfwd benchmark, {self.meta.get('date', '')}, {self.meta.get('cpus')} CPUs"
+            chart_mod.draw(summary, path_ids, out / CHART_PNG, title)
+            chart_name = CHART_PNG
+        (out / RESULTS_MD).write_text(report.markdown(self.measurements, self.meta, path_ids, chart_name))
+
+    def teardown(self) -> None:
+        if self.agent is not None and self.agent.stdin is not None:
+            try:
+                self.agent.stdin.close()
+            except OSError:
+                pass
+        self.lab.teardown()
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def _show(load: Load, m: report.Measurement) -> str:
+    if m.error:
+        return f"FAILED: {m.error}"
+    return "  ".join(f"{report.human(m.values[f.id], f.unit)}" for f in load.figures)
+
+
+def run(settings: Settings, say: Callable[[str], None]) -> list[report.TargetResult]:
+    """Run the whole benchmark; results land in settings.out even when interrupted. Raises NatfwdError."""
+    preflight(settings)
+    (settings.out / "logs").mkdir(parents=True, exist_ok=True)
+    bench = Bench(settings, say)
+    bench.meta = metadata(settings)
+    try:
+        bench.setup()
+        bench.calibrate()
+        bench.rounds()
+    finally:
+        try:
+            bench.teardown()
+        finally:
+            bench.write(chart=True)
+    return report.evaluate_targets(bench.measurements)

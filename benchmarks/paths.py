@@ -1,0 +1,168 @@
+"""The paths under test (direct, kernel DNAT, natfwd, HAProxy, socat): their configs, ports, start and stop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+from forwarder.lab import CLIENT_ADDRESS, METRICS_LISTEN, PUBLIC_ADDRESS, Lab
+
+REPO = Path(__file__).resolve().parent.parent
+Kind = Literal["direct", "kernel", "natfwd", "haproxy", "socat"]
+Engine = Literal["memcached", "redis"]
+NODE_PORTS: dict[Engine, int] = {"memcached": 11211, "redis": 6379}
+
+
+@dataclass(frozen=True, slots=True)
+class PathSpec:
+    """One way from the client namespace to the node: what runs in the NAT namespace and which ports it uses."""
+
+    id: str
+    label: str
+    kind: Kind
+    threads: int  # natfwd workers / HAProxy nbthread; 1 for the rest
+    slot: int  # public ports are 20000 + 10*slot (memcached) and +1 (redis); 0 means the node itself
+
+    def port(self, engine: Engine) -> int:
+        if self.kind == "direct":
+            return NODE_PORTS[engine]
+        return 20000 + 10 * self.slot + (0 if engine == "memcached" else 1)
+
+    def host(self, node_address: str) -> str:
+        return node_address if self.kind == "direct" else PUBLIC_ADDRESS
+
+
+PATHS: tuple[PathSpec, ...] = (
+    PathSpec("direct", "direct (routed, no NAT)", "direct", 1, 0),
+    PathSpec("kernel", "kernel DNAT (nft)", "kernel", 1, 1),
+    PathSpec("natfwd-w1", "natfwd workers: 1", "natfwd", 1, 2),
+    PathSpec("natfwd-w2", "natfwd workers: 2", "natfwd", 2, 3),
+    PathSpec("haproxy-t1", "HAProxy nbthread 1", "haproxy", 1, 4),
+    PathSpec("haproxy-t2", "HAProxy nbthread 2", "haproxy", 2, 5),
+    PathSpec("socat", "socat (fork per connection)", "socat", 1, 6),
+)
+PATH_IDS = tuple(p.id for p in PATHS)
+ENGINES: tuple[Engine, ...] = ("memcached", "redis")
+
+
+def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int) -> str:
+    """The natfwd config for `spec`: the lab's, with this path's ports and worker count."""
+    host, _, _ = METRICS_LISTEN.partition(":")
+    forwards = "\n".join(
+        f"  - port: {spec.port(engine)}\n    target: {node_address}:{NODE_PORTS[engine]}" for engine in ENGINES
+    )
+    return (
+        f"engine: memcached\npublic_address: {PUBLIC_ADDRESS}\nlisten_address: {PUBLIC_ADDRESS}\n"
+        f"allowed_clients:\n  - {CLIENT_ADDRESS}/32\nforwards:\n{forwards}\n"
+        f"metrics:\n  listen: {host}:{metrics_port}\nworkers: {spec.threads}\n"
+    )
+
+
+def haproxy_config(spec: PathSpec, node_address: str) -> str:
+    """A plain HAProxy `mode tcp` config with the same allowlist natfwd applies; no splice, default buffers."""
+    listens = "\n".join(
+        textwrap.dedent(f"""\
+        listen {engine}
+            bind {PUBLIC_ADDRESS}:{spec.port(engine)}
+            tcp-request connection reject unless {{ src {CLIENT_ADDRESS}/32 }}
+            server node {node_address}:{NODE_PORTS[engine]}
+        """)
+        for engine in ENGINES
+    )
+    return (
+        textwrap.dedent(f"""\
+        global
+            nbthread {spec.threads}
+            maxconn 9000
+
+        defaults
+            mode tcp
+            timeout connect 5s
+            timeout client 1h
+            timeout server 1h
+
+        """)
+        + listens
+    )
+
+
+def nft_rules(spec: PathSpec, node_address: str) -> str:
+    """The kernel path's rules, exactly as `natfwd emit-iptables --format nft` renders them."""
+    from forwarder import config, iptables
+
+    text = natfwd_config(spec, node_address, 9100)
+    return iptables.render(config.loads(text, "<bench kernel path>"), "nft")
+
+
+def socat_argv(spec: PathSpec, engine: Engine, node_address: str) -> list[str]:
+    # nodelay on both legs: HAProxy and natfwd set TCP_NODELAY, socat does not unless asked.
+    listen = f"TCP4-LISTEN:{spec.port(engine)},bind={PUBLIC_ADDRESS},reuseaddr,fork,backlog=1024,nodelay"
+    return ["socat", f"{listen},range={CLIENT_ADDRESS}/32", f"TCP4:{node_address}:{NODE_PORTS[engine]},nodelay"]
+
+
+def _package_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+class RunningPath:
+    """A path started in the lab; `before()`/`after()` bracket each measurement (the kernel rules live only then)."""
+
+    def __init__(self, spec: PathSpec, lab: Lab, workdir: Path) -> None:
+        self.spec = spec
+        self.lab = lab
+        self.workdir = workdir
+        self.node_address = lab.nodes[0].address
+
+    def start(self) -> None:
+        """Start the path's processes and wait until its ports accept from the client; raises NatfwdError."""
+        spec = self.spec
+        lab = self.lab
+        if spec.kind in ("direct", "kernel"):
+            return
+        log = open(self.workdir / f"{spec.id}.log", "ab")  # noqa: SIM115 - closed below, the children keep a copy
+        try:
+            if spec.kind == "natfwd":
+                cfg = self.workdir / f"{spec.id}.yaml"
+                cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot))
+                argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
+                process = self._popen(argv, log, env=_package_env())
+                watch = {engine: process for engine in ENGINES}
+            elif spec.kind == "haproxy":
+                cfg = self.workdir / f"{spec.id}.cfg"
+                cfg.write_text(haproxy_config(spec, self.node_address))
+                process = self._popen(["haproxy", "-db", "-f", str(cfg)], log)
+                watch = {engine: process for engine in ENGINES}
+            else:
+                watch = {engine: self._popen(socat_argv(spec, engine, self.node_address), log) for engine in ENGINES}
+        finally:
+            log.close()
+        for engine, process in watch.items():
+            lab.wait_listening(lab.client, PUBLIC_ADDRESS, spec.port(engine), 15.0, process)
+
+    def _popen(self, argv: Sequence[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.lab.popen(
+            self.lab.nat,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=env,
+        )
+
+    def before(self) -> None:
+        if self.spec.kind == "kernel":
+            self.lab.run(self.lab.nat, ["nft", "-f", "-"], input=nft_rules(self.spec, self.node_address))
+
+    def after(self) -> None:
+        # Delete the table so conntrack and NAT hooks do not tax the other paths' measurements.
+        if self.spec.kind == "kernel":
+            self.lab.run(self.lab.nat, ["nft", "delete", "table", "ip", "natfwd"], check=False)

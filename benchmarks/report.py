@@ -1,0 +1,325 @@
+"""Pure summarising of per-round measurements: medians, paired ratios, the issue's targets, and results.md text."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.loads import FIGURES, LOADS, Figure
+from benchmarks.paths import PATHS
+
+PATH_LABELS = {p.id: p.label for p in PATHS}
+SHORT = {
+    "direct": "direct",
+    "kernel": "kernel",
+    "natfwd-w1": "natfwd w1",
+    "natfwd-w2": "natfwd w2",
+    "haproxy-t1": "HAProxy t1",
+    "haproxy-t2": "HAProxy t2",
+    "socat": "socat",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One row of the issue's target table: natfwd path over HAProxy path on one figure, at least `minimum`."""
+
+    comparison: str
+    test: str
+    figure: str
+    path: str
+    base: str
+    minimum: float
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "`workers: 1` vs `nbthread 1`", "GET, 1 connection (latency-bound)", "rb-get-c1", "natfwd-w1", "haproxy-t1", 1.0
+    ),
+    Target(
+        "`workers: 1` vs `nbthread 1`",
+        "GET, 1 connection (latency-bound)",
+        "mc-1conn-p50",
+        "natfwd-w1",
+        "haproxy-t1",
+        1.0,
+    ),
+    Target(
+        "`workers: 1` vs `nbthread 1`",
+        "GET, 1 connection (latency-bound)",
+        "redis-1conn-p50",
+        "natfwd-w1",
+        "haproxy-t1",
+        1.0,
+    ),
+    Target("`workers: 1` vs `nbthread 1`", "GET c50", "rb-get-c50", "natfwd-w1", "haproxy-t1", 1.1),
+    Target("`workers: 1` vs `nbthread 1`", "GET c50", "ms-get-c50", "natfwd-w1", "haproxy-t1", 1.1),
+    Target("`workers: 1` vs `nbthread 1`", "GET c50 pipeline 16", "rb-get-c50-p16", "natfwd-w1", "haproxy-t1", 1.25),
+    Target("`workers: 1` vs `nbthread 1`", "256 KiB SET and GET", "rb-256k-set", "natfwd-w1", "haproxy-t1", 2.0),
+    Target("`workers: 1` vs `nbthread 1`", "256 KiB SET and GET", "rb-256k-get", "natfwd-w1", "haproxy-t1", 2.0),
+    Target("`workers: 2` vs `nbthread 2`", "GET c50", "rb-get-c50", "natfwd-w2", "haproxy-t2", 1.2),
+    Target("`workers: 2` vs `nbthread 2`", "GET c50", "ms-get-c50", "natfwd-w2", "haproxy-t2", 1.2),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """One load run on one path in one round; `values` maps figure id to value, empty when it failed."""
+
+    round: int
+    load: str
+    path: str
+    values: Mapping[str, float]
+    seconds: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "load": self.load,
+            "path": self.path,
+            "values": dict(self.values),
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Measurement:
+        return Measurement(
+            int(data["round"]),
+            str(data["load"]),
+            str(data["path"]),
+            {str(k): float(v) for k, v in data["values"].items()},
+            float(data["seconds"]),
+            data.get("error"),
+        )
+
+
+def per_round(measurements: Iterable[Measurement]) -> dict[str, dict[str, dict[int, float]]]:
+    """figure -> path -> round -> value."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    for m in measurements:
+        for figure, value in m.values.items():
+            table.setdefault(figure, {}).setdefault(m.path, {})[m.round] = value
+    return table
+
+
+def performance_ratio(figure: Figure, value: float, base: float) -> float:
+    """How many times better `value` is than `base`: a throughput ratio, or the inverse ratio of latencies."""
+    if value <= 0 or base <= 0:
+        return 0.0
+    return value / base if figure.higher_is_better else base / value
+
+
+def paired_ratios(rounds: Mapping[str, Mapping[int, float]], figure: Figure, path: str, base: str) -> list[float]:
+    """The per-round performance ratios of `path` over `base`, for the rounds in which both were measured."""
+    mine = rounds.get(path, {})
+    theirs = rounds.get(base, {})
+    return [performance_ratio(figure, mine[r], theirs[r]) for r in sorted(mine) if r in theirs]
+
+
+def median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    target: Target
+    ratios: tuple[float, ...]
+    median: float | None
+
+    @property
+    def passed(self) -> bool:
+        return self.median is not None and self.median >= self.target.minimum
+
+
+def evaluate_targets(measurements: Iterable[Measurement]) -> list[TargetResult]:
+    """Each target's paired natfwd/HAProxy ratios per round, and their median."""
+    table = per_round(measurements)
+    results = []
+    for target in TARGETS:
+        ratios = paired_ratios(table.get(target.figure, {}), FIGURES[target.figure], target.path, target.base)
+        results.append(TargetResult(target, tuple(ratios), median(ratios)))
+    return results
+
+
+def summary(measurements: Sequence[Measurement]) -> dict[str, Any]:
+    """Medians and paired-ratio medians per figure and path, and the targets, as plain data for results.json."""
+    table = per_round(measurements)
+    figures: dict[str, Any] = {}
+    for figure_id, by_path in table.items():
+        figure = FIGURES[figure_id]
+        figures[figure_id] = {
+            "label": figure.label,
+            "unit": figure.unit,
+            "higher_is_better": figure.higher_is_better,
+            "median": {path: median(list(rounds.values())) for path, rounds in by_path.items()},
+            "vs_direct": {path: median(paired_ratios(by_path, figure, path, "direct")) for path in by_path},
+            "vs_haproxy_t1": {path: median(paired_ratios(by_path, figure, path, "haproxy-t1")) for path in by_path},
+            "natfwd_w2_vs_haproxy_t2": median(paired_ratios(by_path, figure, "natfwd-w2", "haproxy-t2")),
+        }
+    targets = [
+        {
+            "comparison": r.target.comparison,
+            "test": r.target.test,
+            "figure": r.target.figure,
+            "path": r.target.path,
+            "base": r.target.base,
+            "minimum": r.target.minimum,
+            "ratios": list(r.ratios),
+            "median": r.median,
+            "passed": r.passed,
+        }
+        for r in evaluate_targets(measurements)
+    ]
+    errors = [m.to_json() for m in measurements if m.error]
+    return {"figures": figures, "targets": targets, "errors": errors}
+
+
+# --- markdown ------------------------------------------------------------------------------------------------
+def human(value: float | None, unit: str = "") -> str:
+    """Compact number: 1234567 -> 1.23M, 12345 -> 12.3k, 12.34 -> 12.3."""
+    if value is None:
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 1e6:
+        text = f"{value / 1e6:.2f}M"
+    elif magnitude >= 1e4:
+        text = f"{value / 1e3:.1f}k"
+    elif magnitude >= 1e3:
+        text = f"{value / 1e3:.2f}k"
+    elif magnitude >= 100:
+        text = f"{value:.0f}"
+    else:
+        text = f"{value:.1f}"
+    return f"{text} {unit}".rstrip()
+
+
+def ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _figure_order(present: Iterable[str]) -> list[str]:
+    wanted = set(present)
+    return [f.id for load in LOADS for f in load.figures if f.id in wanted]
+
+
+def target_table(results: Sequence[TargetResult]) -> list[str]:
+    lines = [
+        "| comparison | test | measured by | natfwd/HAProxy per round | median | at least | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        t = r.target
+        per = ", ".join(f"{x:.2f}" for x in r.ratios) or "–"
+        verdict = "**pass**" if r.passed else ("**FAIL**" if r.median is not None else "not measured")
+        lines.append(
+            f"| {t.comparison} | {t.test} | {FIGURES[t.figure].label} | {per} | {ratio(r.median)} | "
+            f"{t.minimum:g} | {verdict} |"
+        )
+    return lines
+
+
+def tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
+    """The medians table, the ratio-to-direct table and the ratio-to-HAProxy table."""
+    data = summary(measurements)["figures"]
+    order = _figure_order(data)
+    head = "| figure | unit | " + " | ".join(SHORT[p] for p in path_ids) + " |"
+    rule = "|---|---|" + "---:|" * len(path_ids)
+    lines = ["### Medians", "", head, rule]
+    for fid in order:
+        row = data[fid]
+        cells = " | ".join(human(row["median"].get(p)) for p in path_ids)
+        lines.append(f"| {row['label']} | {row['unit']} | {cells} |")
+    others = [p for p in path_ids if p != "direct"]
+    if "direct" in path_ids and others:
+        lines += [
+            "",
+            "### Relative to direct (higher is better; latency figures are inverted)",
+            "",
+            "| figure | " + " | ".join(SHORT[p] for p in others) + " |",
+            "|---|" + "---:|" * len(others),
+        ]
+        for fid in order:
+            row = data[fid]
+            lines.append(f"| {row['label']} | " + " | ".join(ratio(row["vs_direct"].get(p)) for p in others) + " |")
+    versus = [p for p in path_ids if p != "haproxy-t1"]
+    if "haproxy-t1" in path_ids and versus:
+        w2 = "natfwd-w2" in path_ids and "haproxy-t2" in path_ids
+        lines += [
+            "",
+            "### Relative to HAProxy `nbthread 1` (and natfwd w2 to HAProxy `nbthread 2`)",
+            "",
+            "| figure | " + " | ".join(SHORT[p] for p in versus) + (" | natfwd w2 / HAProxy t2 |" if w2 else " |"),
+            "|---|" + "---:|" * (len(versus) + (1 if w2 else 0)),
+        ]
+        for fid in order:
+            row = data[fid]
+            cells_t1 = [ratio(row["vs_haproxy_t1"].get(p)) for p in versus]
+            if w2:
+                cells_t1.append(ratio(row["natfwd_w2_vs_haproxy_t2"]))
+            lines.append(f"| {row['label']} | " + " | ".join(cells_t1) + " |")
+    return lines
+
+
+def per_round_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
+    table = per_round(measurements)
+    rounds = sorted({m.round for m in measurements})
+    lines = [
+        "| figure | path | " + " | ".join(f"round {r}" for r in rounds) + " |",
+        "|---|---|" + "---:|" * len(rounds),
+    ]
+    for fid in _figure_order(table):
+        for path in path_ids:
+            values = table[fid].get(path, {})
+            lines.append(
+                f"| {FIGURES[fid].label} | {SHORT[path]} | " + " | ".join(human(values.get(r)) for r in rounds) + " |"
+            )
+    return lines
+
+
+def markdown(
+    measurements: Sequence[Measurement], meta: Mapping[str, Any], path_ids: Sequence[str], chart_name: str | None
+) -> str:
+    """The whole results.md."""
+    lines = [
+        "# natfwd benchmark results",
+        "",
+        f"{meta.get('date', '')} on {meta.get('host', '')}: {meta.get('cpus', '?')} CPUs, kernel {meta.get('kernel', '?')}, "
+        f"{meta.get('rounds', '?')} interleaved rounds of {meta.get('duration_s', '?')} s per measurement"
+        f"{' (--quick)' if meta.get('quick') else ''}; commit {meta.get('commit', '?')}.",
+        "",
+        "Every path is measured in each round, one at a time, with the paths of one load back to back; ratios are "
+        "paired within a round and the median over rounds is shown. Latency ratios are inverted (base/path), so "
+        "above 1 always means better.",
+        "",
+        "## Targets (issue 6)",
+        "",
+        *target_table(evaluate_targets(measurements)),
+        "",
+        *tables(measurements, path_ids),
+        "",
+    ]
+    if chart_name:
+        lines += [f"![natfwd benchmark chart]({chart_name})", ""]
+    errors = [m for m in measurements if m.error]
+    if errors:
+        lines += ["## Failed measurements", ""]
+        lines += [f"- round {m.round}, {m.load} on {m.path}: {m.error}" for m in errors]
+        lines.append("")
+    lines += ["## Versions", ""]
+    lines += [f"- {name}: {version}" for name, version in meta.get("versions", {}).items()]
+    lines += [
+        "",
+        "## Per-round values",
+        "",
+        "<details><summary>every measurement</summary>",
+        "",
+        *per_round_table(measurements, path_ids),
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)

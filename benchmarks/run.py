@@ -1,0 +1,112 @@
+"""`python benchmarks/run.py [--quick] [--out DIR]`: natfwd against direct, kernel DNAT, HAProxy and socat.
+
+Builds the lab topology with memcached and redis-server on a node, measures each path one at a time in
+interleaved rounds, and writes results.json, results.md and results.png to DIR. Needs root (namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a fresh checkout
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
+from benchmarks.paths import PATH_IDS, PATHS  # noqa: E402
+from forwarder.errors import NatfwdError, UsageError  # noqa: E402
+
+QUICK = {"rounds": 3, "duration_s": 0.5}
+FULL = {"rounds": 3, "duration_s": 2.0}
+
+
+def _ids(kind: str, known: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple[str, ...]:
+        wanted = tuple(part.strip() for part in text.split(",") if part.strip())
+        unknown = [w for w in wanted if w not in known]
+        if unknown or not wanted:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}"
+            )
+        return wanted
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run.py",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="short measurements (about 3 minutes in all)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the results")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds per measurement (default 2, or 0.5 with --quick)"
+    )
+    parser.add_argument("--paths", type=_ids("path", PATH_IDS), default=PATH_IDS, help="comma-separated path ids")
+    parser.add_argument("--loads", type=_ids("load", LOAD_IDS), default=LOAD_IDS, help="comma-separated load ids")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> harness.Settings:
+    """Validated settings; raises UsageError for values that cannot work."""
+    base = QUICK if args.quick else FULL
+    rounds = base["rounds"] if args.rounds is None else args.rounds
+    duration = base["duration_s"] if args.duration is None else args.duration
+    if int(rounds) < 1:
+        raise UsageError(f"--rounds: {rounds} is not valid; use 1 or more (3 gives the targets' median)")
+    if not 0.05 <= float(duration) <= 600:
+        raise UsageError(f"--duration: {duration} is not valid; use 0.05 to 600 seconds")
+    paths = tuple(p for p in PATHS if p.id in args.paths)
+    if "direct" not in args.paths:
+        raise UsageError("--paths: must include direct, the baseline every ratio (and the calibration) uses")
+    return harness.Settings(
+        out=args.out.resolve(),
+        rounds=int(rounds),
+        duration_s=float(duration),
+        paths=paths,
+        loads=tuple(load for load in LOADS if load.id in args.loads),
+        quick=args.quick,
+    )
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM tears the lab down just like Ctrl-C
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        settings = settings_from(args)
+        results = harness.run(settings, say)
+    except UsageError as exc:
+        print(f"benchmarks/run.py: error: {exc}", file=sys.stderr)
+        return 2
+    except NatfwdError as exc:
+        print(f"benchmarks/run.py: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted; the lab is torn down, partial results are in {args.out}", file=sys.stderr)
+        return 130
+    out = settings.out
+    say(f"results: {out / harness.RESULTS_MD}, {out / harness.RESULTS_JSON}, {out / harness.CHART_PNG}")
+    for result in results:
+        t = result.target
+        verdict = "pass" if result.passed else "FAIL"
+        shown = "–" if result.median is None else f"{result.median:.2f}"
+        say(f"target {t.path}/{t.base} {t.figure}: {shown} (at least {t.minimum:g}) {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
