@@ -4,12 +4,21 @@ Buffer ownership is the one rule that matters here. A read lands in a pooled buf
 transport either sent it all (the buffer goes back to the pool) or kept a *reference* to the unsent tail (uvloop and
 Python 3.12+ selector transports both do that without copying), in which case the buffer now belongs to the
 transport and we simply drop it. A buffer is never reused while a transport may still read from it.
+
+Busy plain-TCP connections then leave the transports behind ("raw mode", `_Raw`): after a few reads, both halves
+read and write duplicates of the two sockets themselves, from `add_reader`/`add_writer` callbacks, and move each
+chunk socket -> pipe -> socket with `os.splice`, so relayed bytes never enter Python at all. That saves uvloop's
+per-chunk protocol machinery on small messages and both copies on large ones. In raw mode the unsent rest of a chunk
+stays in our pipe (or buffer), which nobody else can see, and the transports only report `connection_lost`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import resource
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -25,20 +34,40 @@ BUFFER_SIZE = 64 * 1024
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 POOL_LIMIT = 1024
+# A connection goes raw after this many reads on one side: short-lived and idle connections never pay for the
+# two extra file descriptors raw mode takes (a duplicate of each socket).
+RAW_AFTER_READS = 8
+# Raw mode moves each chunk socket -> pipe -> socket with splice: up to a pipe's default capacity per read (16 KiB
+# to 1 MiB measured; 64 KiB moved 256 KiB values fastest).
+SPLICE_CHUNK = 64 * 1024
+PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def _no_splice(*args: object, **kwargs: object) -> int:
+    raise OSError("os.splice is not available")  # never called: take_pipe() gives no pipe without splice
+
+
+_splice = getattr(os, "splice", _no_splice)  # Linux, Python 3.10+
+_NO_SPLICE_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
 class BufferPool:
     """Free list of equally sized memoryviews over bytearrays, shared by every connection of one event loop.
 
     Buffers are taken only while a socket is readable, so an idle connection holds none (8000 idle connections
-    cost no buffer memory at all).
+    cost no buffer memory at all). The pool also keeps raw mode's spare pipes, and its file-descriptor budget.
     """
 
-    __slots__ = ("free", "size")
+    __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "can_splice")
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
         self.free: list[memoryview] = []
+        self.pipes: list[tuple[int, int]] = []  # empty pipes, ready for the next bulk read
+        self.extra_fds = 0  # descriptors raw mode holds now: socket duplicates and pipes
+        self.fd_budget = -1  # computed on first use: raise_fd_limit() runs before the first connection
+        self.can_splice = True  # until the kernel refuses it once
 
     def take(self) -> memoryview:
         free = self.free
@@ -48,11 +77,232 @@ class BufferPool:
         if len(self.free) < POOL_LIMIT:
             self.free.append(view)
 
+    def reserve_fds(self, count: int) -> bool:
+        """Claim `count` descriptors for raw mode; False when that would eat into what accept() needs.
+
+        Raw mode is an optimisation, so it may use at most a quarter of RLIMIT_NOFILE; running out of descriptors
+        must never refuse a client.
+        """
+        if self.fd_budget < 0:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.fd_budget = (1 << 20 if soft == resource.RLIM_INFINITY else soft) // 4
+        if self.extra_fds + count > self.fd_budget:
+            return False
+        self.extra_fds += count
+        return True
+
+    def take_pipe(self) -> tuple[int, int] | None:
+        """An empty non-blocking pipe (read end, write end), or None without splice or descriptors to spare."""
+        if self.pipes:
+            return self.pipes.pop()
+        if _splice is _no_splice or not self.can_splice or not self.reserve_fds(2):
+            return None
+        try:
+            return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.extra_fds -= 2
+            return None
+
+    def give_pipe(self, pipe: tuple[int, int], *, empty: bool) -> None:
+        """Return a pipe; one that still holds bytes (a connection died mid-transfer) is closed instead."""
+        if empty and len(self.pipes) < PIPE_POOL_LIMIT:
+            self.pipes.append(pipe)
+            return
+        os.close(pipe[0])
+        os.close(pipe[1])
+        self.extra_fds -= 2
+
+
+class _Raw:
+    """Raw mode for one direction: moves bytes from our socket to the peer's with no transport in between.
+
+    `sock` and `out` are duplicates of the two sockets (uvloop refuses add_reader on a transport's own descriptor);
+    both transports stay paused for reading and are never written to again, so nothing can reorder the stream.
+    Each chunk goes socket -> pipe -> socket with two os.splice calls and never enters Python; the pipe comes from
+    the loop's pool and goes back as soon as it is empty, so one pipe serves every connection unless a peer's
+    socket is full. Without splice (not Linux) or without a pipe to spare, chunks go through recv_into/send.
+    """
+
+    __slots__ = ("half", "loop", "sock", "out", "fd", "out_fd", "view", "tail", "pipe", "in_pipe", "reading",
+                 "writing", "pipes", "send")  # fmt: skip
+
+    def __init__(self, half: Half, loop: asyncio.AbstractEventLoop, sock: socket.socket, out: socket.socket) -> None:
+        self.half = half
+        self.loop = loop
+        self.sock = sock
+        self.out = out
+        self.fd = sock.fileno()
+        self.out_fd = out.fileno()
+        self.view: memoryview | None = None  # recv/send only: our pooled buffer while `tail`, a slice of it, waits
+        self.tail: memoryview | None = None
+        self.pipe: tuple[int, int] | None = None  # only while bytes wait in it for the peer's socket
+        self.in_pipe = 0
+        self.reading = False
+        self.writing = False
+        # Looked up once: the hot path below runs per chunk, and each attribute hop costs as much as a bytecode.
+        self.pipes = half.pool.pipes
+        self.send = out.send
+
+    def start(self) -> None:
+        self.reading = True
+        self.loop.add_reader(self.fd, self.readable)
+
+    def readable(self) -> None:
+        pipes = self.pipes
+        if pipes:
+            pipe = pipes.pop()
+        else:
+            new = self.half.pool.take_pipe()
+            if new is None:
+                self.copy_chunk()
+                return
+            pipe = new
+        try:
+            nbytes = _splice(self.fd, pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            pipes.append(pipe)
+            return
+        except OSError as exc:
+            pipes.append(pipe)
+            if exc.errno in _NO_SPLICE_ERRNOS:  # a kernel or socket that cannot splice: nothing moved, copy instead
+                pool = self.half.pool
+                pool.can_splice = False
+                while pipes:
+                    pool.give_pipe(pipes.pop(), empty=False)  # closes them
+                self.copy_chunk()
+                return
+            self.half.raw_failed()
+            return
+        if not nbytes:
+            pipes.append(pipe)
+            self.half.raw_eof()
+            return
+        self.half.nbytes += nbytes
+        try:
+            sent = _splice(pipe[0], self.out_fd, nbytes, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.half.pool.give_pipe(pipe, empty=False)
+            self.half.raw_failed()
+            return
+        if sent == nbytes:
+            pipes.append(pipe)  # empty again, and taken in this very callback: the pool cannot grow from here
+            return
+        # The peer's socket is full: the rest stays in the pipe, which is ours until it drains.
+        self.pipe = pipe
+        self.in_pipe = nbytes - sent
+        self.wait_writable()
+
+    def copy_chunk(self) -> None:
+        """The fallback path: one chunk through a pooled buffer."""
+        pool = self.half.pool
+        view = pool.take()
+        try:
+            nbytes = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            pool.give(view)
+            return
+        except OSError:
+            pool.give(view)
+            self.half.raw_failed()
+            return
+        if not nbytes:
+            pool.give(view)
+            self.half.raw_eof()
+            return
+        self.half.nbytes += nbytes
+        try:
+            sent = self.send(view[:nbytes])
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            pool.give(view)
+            self.half.raw_failed()
+            return
+        if sent == nbytes:
+            pool.give(view)
+            return
+        # Keep the rest in our buffer (no transport holds it) and wait until the peer's socket is writable.
+        self.view = view
+        self.tail = view[sent:nbytes]
+        self.wait_writable()
+
+    def flush(self) -> bool | None:
+        """Send what waits (a tail, or bytes in the pipe): True when all is out, False when the peer's socket is
+        full, None when the connection failed (and raw mode is over)."""
+        try:
+            tail = self.tail
+            if tail is not None:
+                sent = self.send(tail)
+                if sent < len(tail):
+                    self.tail = tail[sent:]
+                    return False
+                self.tail = None
+                view = self.view
+                self.view = None
+                if view is not None:
+                    self.half.pool.give(view)
+            pipe = self.pipe
+            if pipe is not None:
+                while self.in_pipe:
+                    self.in_pipe -= _splice(pipe[0], self.out_fd, self.in_pipe, flags=_SPLICE_FLAGS)
+                self.pipe = None
+                self.half.pool.give_pipe(pipe, empty=True)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            self.half.raw_failed()
+            return None
+        return True
+
+    def wait_writable(self) -> None:
+        """Stop reading (that is the backpressure) until the peer's socket takes what waits."""
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+        self.half.reading_paused = True
+        if not self.writing:
+            self.writing = True
+            self.loop.add_writer(self.out_fd, self.writable)
+
+    def writable(self) -> None:
+        if not self.flush():
+            return
+        self.writing = False
+        self.loop.remove_writer(self.out_fd)
+        half = self.half
+        half.reading_paused = False
+        if not half.eof and not half.closed:
+            self.start()
+
+    def stop(self) -> None:
+        """Unregister, close our duplicate, give back the buffer and pipe; safe to call twice."""
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.out_fd)
+        pool = self.half.pool
+        if self.view is not None:
+            pool.give(self.view)
+            self.view = self.tail = None
+        if self.pipe is not None:
+            pool.give_pipe(self.pipe, empty=not self.in_pipe)
+            self.pipe = None
+            self.in_pipe = 0
+        if self.fd >= 0:
+            self.sock.close()  # our duplicate of this half's socket; the peer's raw closes the other one
+            self.fd = -1
+            pool.extra_fds -= 1
+
 
 class Half(asyncio.BufferedProtocol):
     """One direction's reader and the other direction's writer: reads from its own transport, writes to the peer's."""
 
-    __slots__ = ("transport", "peer", "pool", "view", "nbytes", "eof", "reading_paused", "closed", "on_closed", "early")
+    __slots__ = ("transport", "peer", "pool", "view", "nbytes", "eof", "reading_paused", "closed", "on_closed", "early",
+                 "raw", "reads_left")  # fmt: skip
 
     def __init__(self, pool: BufferPool) -> None:
         self.transport: asyncio.Transport | None = None
@@ -65,6 +315,8 @@ class Half(asyncio.BufferedProtocol):
         self.closed = False
         self.on_closed: Callable[[], None] | None = None
         self.early: bytearray | None = None  # bytes read before the peer connection existed
+        self.raw: _Raw | None = None  # set while this half's direction runs in raw mode
+        self.reads_left = RAW_AFTER_READS  # reads until we try raw mode; negative once it cannot apply
 
     # --- reading -----------------------------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -90,6 +342,10 @@ class Half(asyncio.BufferedProtocol):
         else:
             self.view = None
             self.pool.give(view)
+            reads_left = self.reads_left - 1
+            self.reads_left = reads_left
+            if not reads_left:
+                self.take_over()
 
     def hold(self, view: memoryview, nbytes: int) -> None:
         """Keep bytes that arrive before the peer is connected, and stop reading until it is.
@@ -131,6 +387,105 @@ class Half(asyncio.BufferedProtocol):
             return False
         return True  # keep our transport open: the other direction may still be sending
 
+    # --- raw mode ----------------------------------------------------------------------------------------------
+    def take_over(self) -> None:
+        """Switch the whole connection to raw mode when it qualifies; it stays in transport mode otherwise.
+
+        It qualifies when both sides are plain TCP (no TLS), neither half's class looks at the bytes (a subclass
+        that overrides buffer_updated, like the rewriting halves, never goes raw), nothing is held back or
+        buffered in a transport, and the descriptor budget allows two duplicates.
+        """
+        peer = self.peer
+        if (
+            peer is None
+            or self.transport is None
+            or peer.transport is None
+            or type(self).buffer_updated is not Half.buffer_updated
+            or type(peer).buffer_updated is not Half.buffer_updated
+            or _plain_socket(self.transport) is None
+            or _plain_socket(peer.transport) is None
+        ):
+            self.reads_left = -1  # never: these do not change during a connection
+            return
+        if (
+            self.closed
+            or peer.closed
+            or self.eof
+            or peer.eof
+            or self.early is not None
+            or peer.early is not None
+            or self.reading_paused
+            or peer.reading_paused
+            or self.transport.get_write_buffer_size()
+            or peer.transport.get_write_buffer_size()
+        ):
+            self.reads_left = RAW_AFTER_READS  # not now: try again a few reads later
+            return
+        if not self.pool.reserve_fds(2):
+            self.reads_left = RAW_AFTER_READS * 64
+            return
+        try:
+            mine = _duplicate(self.transport)
+            try:
+                theirs = _duplicate(peer.transport)
+            except OSError:
+                mine.close()
+                raise
+        except OSError:
+            self.pool.extra_fds -= 2
+            self.reads_left = -1
+            return
+        for half in (self, peer):
+            if half.view is not None:
+                half.pool.give(half.view)
+                half.view = None
+            assert half.transport is not None
+            half.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        self.raw = _Raw(self, loop, mine, theirs)
+        peer.raw = _Raw(peer, loop, theirs, mine)
+        peer.reads_left = -1
+        self.raw.start()
+        peer.raw.start()
+
+    def raw_eof(self) -> None:
+        """Raw mode: our side sent EOF. Pass it on (half-close); close everything once both directions are done."""
+        self.eof = True
+        raw = self.raw
+        peer = self.peer
+        assert raw is not None and peer is not None
+        if raw.reading:
+            raw.reading = False
+            raw.loop.remove_reader(raw.fd)
+        if peer.eof or peer.closed:
+            self.raw_close()
+            return
+        try:
+            raw.out.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.raw_failed()
+
+    def raw_close(self) -> None:
+        """Raw mode, both directions done: close both connections (the transports then report connection_lost)."""
+        self.stop_raw()
+        for half in (self, self.peer):
+            if half is not None and half.transport is not None and not half.closed:
+                half.transport.close()
+
+    def raw_failed(self) -> None:
+        """Raw mode, a socket error (reset, broken pipe): drop both connections, as a transport would."""
+        self.abort()
+        if self.peer is not None:
+            self.peer.abort()
+
+    def stop_raw(self) -> None:
+        """Leave raw mode for both directions (duplicates closed, callbacks removed); a no-op outside it."""
+        for half in (self, self.peer):
+            if half is not None and half.raw is not None:
+                raw = half.raw
+                half.raw = None
+                raw.stop()
+
     # --- flow control: our transport's write buffer is the peer's reads, so pause/resume the peer ---------------
     def pause_writing(self) -> None:
         peer = self.peer
@@ -145,12 +500,23 @@ class Half(asyncio.BufferedProtocol):
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
-            self.transport.pause_reading()
+            raw = self.raw
+            if raw is None:
+                self.transport.pause_reading()
+            elif raw.reading:
+                raw.reading = False
+                raw.loop.remove_reader(raw.fd)
 
     def resume_reading(self) -> None:
         if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+            raw = self.raw
+            if raw is None:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            elif not raw.writing:  # while raw mode waits for the peer's socket, reading stays paused
+                self.reading_paused = False
+                if not self.eof:
+                    raw.start()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -159,6 +525,7 @@ class Half(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_raw()
         self.closed = True
         view = self.view
         if view is not None:
@@ -172,6 +539,9 @@ class Half(asyncio.BufferedProtocol):
             self.on_closed()
 
     def abort(self) -> None:
+        # Raw mode first: while our duplicates stay open, closing the transport's descriptor does not close the
+        # socket (connection_lost would, a loop iteration later).
+        self.stop_raw()
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
@@ -221,6 +591,23 @@ class RewritingHalf(Half):
             if rest and not self.peer.closed:
                 self.peer.transport.write(rest)
         return super().eof_received()
+
+
+def _plain_socket(transport: asyncio.BaseTransport) -> Any:
+    """The transport's TCP socket, or None for TLS (raw mode would bypass the encryption) and non-TCP."""
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock: Any = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock
+
+
+def _duplicate(transport: asyncio.BaseTransport) -> socket.socket:
+    """A non-blocking duplicate of a plain transport's socket; raises OSError (EMFILE) when there is none to spare."""
+    sock = socket.socket(fileno=os.dup(_plain_socket(transport).fileno()))
+    sock.setblocking(False)
+    return sock
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:

@@ -1,0 +1,424 @@
+"""Raw mode (the relay owning socket duplicates, splice through pooled pipes) on both loops, and when it must not apply."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from conftest import Node
+from prometheus_client import CollectorRegistry
+from tlskit import CA
+
+from forwarder import config, relay
+from forwarder.metrics import Metrics
+from forwarder.server import ClientHalf, Worker
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+def run(loop_name: str, coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(coro())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def worker_for(target_port: int, *, fd_budget: int | None = None, buffer_size: int = 64 * 1024,
+                     **extra: object) -> AsyncIterator[tuple[Worker, int]]:  # fmt: skip
+    """An in-process natfwd worker forwarding a free port to `target_port`; drained on exit."""
+    port = free_port()
+    data: dict[str, object] = {
+        "engine": "memcached",
+        "public_address": "127.0.0.1",
+        "listen_address": "127.0.0.1",
+        "allowed_clients": ["127.0.0.0/8"],
+        "forwards": [{"port": port, "target": f"127.0.0.1:{target_port}"}],
+        **extra,
+    }
+    worker = Worker(config.parse(data), None, Metrics(CollectorRegistry()), reuse_port=False, buffer_size=buffer_size)
+    if fd_budget is not None:
+        worker.pool.fd_budget = fd_budget
+    await worker.start()
+    try:
+        yield worker, port
+    finally:
+        await worker.drain()
+
+
+async def sink(handler: Handler) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(100_000):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+def only_connection(worker: Worker) -> ClientHalf:
+    (route,) = worker.routes.values()
+    (conn,) = route.connections
+    return conn
+
+
+async def ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rounds: int = 20) -> None:
+    """Enough small round trips for both halves to pass RAW_AFTER_READS reads."""
+    for i in range(rounds):
+        line = f"ping {i}\n".encode()
+        writer.write(line)
+        assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def transfer_both_ways(port: int, size: int, check: Callable[[], None] | None = None) -> None:
+    """Send `size` random bytes through an echo node and check every byte comes back, in order, then EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await ping_pong(reader, writer)
+    payload = os.urandom(size)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 200_000):
+            writer.write(payload[i : i + 200_000])
+            await writer.drain()
+            if check is not None:
+                check()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await asyncio.wait_for(reader.read(-1), 60)
+    await sender
+    assert len(received) == len(payload)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    writer.close()
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_busy_connection_goes_raw_and_relays_every_byte(loop_name: str) -> None:
+    async def main() -> None:
+        server, target = await sink(echo)
+        fds_before = open_fds()
+        async with worker_for(target) as (worker, port):
+            seen: list[bool] = []
+
+            def check() -> None:
+                conn = only_connection(worker)
+                seen.append(conn.raw is not None and conn.peer is not None and conn.peer.raw is not None)
+
+            await transfer_both_ways(port, 8 * 1024 * 1024, check)
+            assert seen and all(seen), "both halves should be in raw mode once the ping-pong is over"
+            await wait_for(lambda: worker.active == 0, "the connection to close")
+            pool = worker.pool
+            assert pool.extra_fds == 2 * len(pool.pipes)  # the socket duplicates are closed; pooled pipes remain
+        await asyncio.sleep(0.05)
+        assert open_fds() <= fds_before + 2 * relay.PIPE_POOL_LIMIT
+        server.close()
+
+    run(loop_name, main)
+
+
+def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw mode as on a system without os.splice: chunks are copied through the buffer pool."""
+    monkeypatch.setattr(relay, "_splice", relay._no_splice)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("mode", ["transport", "copy"])
+def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """7-byte buffers against 1 MB each way: through the transports for the whole connection (no descriptors to
+    spare for raw mode), or in raw mode without splice, partial sends and all."""
+    if mode == "copy":
+        no_splice(monkeypatch)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target, fd_budget=0 if mode == "transport" else None, buffer_size=7) as (worker, port):
+            modes: list[bool] = []
+            await transfer_both_ways(port, 1024 * 1024, lambda: modes.append(only_connection(worker).raw is not None))
+            assert modes and all(m == (mode == "copy") for m in modes)
+            assert not worker.pool.pipes
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(relay, "_splice", refuse)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            await transfer_both_ways(port, 2 * 1024 * 1024)
+            assert not worker.pool.can_splice and not worker.pool.pipes
+            await wait_for(lambda: worker.active == 0, "the connection to close")
+            assert worker.pool.extra_fds == 0
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_raw_mode_holds_back_a_fast_node_for_a_slow_client(
+    loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if mode == "copy":
+        no_splice(monkeypatch)
+    sent = 0
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        for _ in range(20):  # the ping-pong, answered by hand
+            line = await reader.readline()
+            writer.write(line)
+        chunk = b"z" * 65536
+        try:
+            while sent < 200 * 1024 * 1024:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+
+    async def main() -> None:
+        server, target = await sink(firehose)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+            await ping_pong(reader, writer)
+            conn = only_connection(worker)
+            assert conn.raw is not None
+            writer.transport.pause_reading()
+            await asyncio.sleep(1.0)
+            stalled_at = sent
+            await asyncio.sleep(0.5)
+            assert sent == stalled_at  # the node is held back by kernel buffers and one chunk in our pipe/buffer
+            assert sent < 32 * 1024 * 1024
+            assert conn.peer is not None and conn.peer.reading_paused
+            writer.transport.resume_reading()
+            got = 0
+            while got < 8 * 1024 * 1024:
+                data = await asyncio.wait_for(reader.read(1 << 20), 10)
+                assert data.strip(b"z") == b""
+                got += len(data)
+            assert sent > stalled_at
+            writer.close()
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
+    loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connection stalls with bytes stuck in its pipe (or buffer) while another moves megabytes through the
+    same pools: lending the stuck pipe or buffer to anyone else would corrupt the other stream."""
+    if mode == "copy":
+        no_splice(monkeypatch)
+
+    async def node(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await reader.readline() == b"echo\n":
+            writer.write(b"ok\n")
+            await echo(reader, writer)
+            return
+        writer.write(b"ok\n")
+        for _ in range(20):
+            writer.write(await reader.readline())
+        try:
+            while True:
+                writer.write(b"z" * 65536)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+
+    async def main() -> None:
+        server, target = await sink(node)
+        async with worker_for(target) as (worker, port):
+            stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+            stalled.write(b"firehose\n")
+            assert await stalled_reader.readline() == b"ok\n"
+            await ping_pong(stalled_reader, stalled)
+            stalled.transport.pause_reading()
+            await asyncio.sleep(0.5)  # the firehose fills every buffer up to the relay, and the relay stops reading
+            conns = {c for route in worker.routes.values() for c in route.connections}
+            stuck = [c.peer for c in conns if c.peer is not None and c.peer.raw is not None and c.peer.raw.writing]
+            assert stuck, "the stalled connection should be waiting for its client's socket, bytes in hand"
+            for half in stuck:  # the buffer (copy mode) holding the unsent bytes is not lendable
+                assert half.raw is not None
+                assert (half.raw.view is not None) == (mode == "copy")
+                assert all(view is not half.raw.view for view in worker.pool.free)
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"echo\n")
+            assert await reader.readline() == b"ok\n"
+            await ping_pong(reader, writer)
+            payload = os.urandom(4 * 1024 * 1024)
+            writer.write(payload)
+            writer.write_eof()
+            received = await asyncio.wait_for(reader.read(-1), 30)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            writer.close()
+            stalled.transport.resume_reading()
+            data = await asyncio.wait_for(stalled_reader.read(1 << 20), 10)
+            assert data and data.strip(b"z") == b""
+            stalled.close()
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_half_close_in_raw_mode(loop_name: str) -> None:
+    """The client shuts its write side after going raw; the node still answers, then closes."""
+
+    async def late_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        for _ in range(20):
+            line = await reader.readline()
+            total += len(line)
+            writer.write(line)
+        rest = await reader.read(-1)  # the client's EOF, passed through by shutdown(SHUT_WR)
+        await asyncio.sleep(0.1)
+        writer.write(b"got " + str(len(rest)).encode())
+        await writer.drain()
+        writer.close()
+
+    async def main() -> None:
+        server, target = await sink(late_reply)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await ping_pong(reader, writer)
+            assert only_connection(worker).raw is not None
+            writer.write(b"x" * 100_000)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b"got 100000"
+            writer.close()
+            await wait_for(lambda: worker.active == 0, "both directions to finish")
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_node_reset_in_raw_mode_closes_the_client(loop_name: str) -> None:
+    async def reset_after_ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(20):
+            writer.write(await reader.readline())
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()  # SO_LINGER 0: RST
+
+    async def main() -> None:
+        server, target = await sink(reset_after_ping_pong)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await ping_pong(reader, writer)
+            try:
+                assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            except ConnectionResetError:
+                pass
+            writer.close()
+            await wait_for(lambda: worker.active == 0, "the connection to be dropped")
+            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_drain_aborts_raw_connections_for_real(loop_name: str) -> None:
+    """abort() must close our socket duplicates first, or the client would never see the connection end."""
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target, drain_timeout_s=0.2) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await ping_pong(reader, writer)
+            assert only_connection(worker).raw is not None
+            await worker.drain()
+            try:
+                assert await asyncio.wait_for(reader.read(-1), 5) == b""
+            except ConnectionResetError:
+                pass
+            writer.close()
+            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_tls_front_never_goes_raw(loop_name: str, tmp_path: Path) -> None:
+    ca = CA(tmp_path, "raw")
+    leaf = ca.issue("front", ips=("127.0.0.1",))
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        tls = {"cert": str(leaf.cert), "key": str(leaf.key)}
+        async with worker_for(target, tls=tls) as (worker, port):
+            context = ssl.create_default_context(cafile=str(ca.path))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+            await ping_pong(reader, writer, rounds=40)
+            conn = only_connection(worker)
+            assert conn.raw is None and conn.peer is not None and conn.peer.raw is None
+            assert worker.pool.extra_fds == 0
+            writer.close()
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_rewriting_connections_never_go_raw(loop_name: str, start_redis: Callable[..., Node]) -> None:
+    """redis-cluster forwards rewrite replies, so every byte must keep passing through Python."""
+    node = start_redis()
+
+    async def main() -> None:
+        async with worker_for(node.port, engine="redis-cluster") as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for i in range(40):
+                writer.write(b"PING\r\n")
+                assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n", i
+            conn = only_connection(worker)
+            assert conn.raw is None and conn.peer is not None and conn.peer.raw is None
+            assert worker.pool.extra_fds == 0
+            writer.close()
+
+    run(loop_name, main)
