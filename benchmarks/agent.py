@@ -8,6 +8,7 @@ Every reply is checked against what was stored, so a relay that corrupts bytes f
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest-rank percentile of an already sorted list; 0.0 for an empty one."""
     if not sorted_values:
         return 0.0
-    index = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values) + 0.5) - 1))
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
     return sorted_values[index]
 
 

@@ -223,9 +223,7 @@ class Bench:
         started = time.monotonic()
         for round_no in range(1, settings.rounds + 1):
             for index, load in enumerate(settings.loads):
-                # Rotate the order so no path always runs first (right after another load) or last.
-                shift = (round_no + index) % len(paths)
-                for spec in paths[shift:] + paths[:shift]:
+                for spec in measuring_order(paths, round_no + index):
                     m = self.measure(round_no, load, spec)
                     self.measurements.append(m)
                     done += 1
@@ -277,6 +275,24 @@ class Bench:
             except OSError:
                 pass
         self.lab.teardown()
+
+
+def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
+    """The order of one load's measurements: each natfwd right next to the HAProxy it is compared with (this
+    machine drifts within seconds), groups rotated by `turn` so none always runs first, and the pair's own order
+    swapped every other turn so neither always runs right after the other."""
+    groups: list[list[PathSpec]] = []
+    partners = {"natfwd": "haproxy", "haproxy": "natfwd"}
+    for spec in paths:
+        partner = next((g for g in groups if g[0].kind == partners.get(spec.kind) and g[0].threads == spec.threads
+                        and len(g) == 1), None)  # fmt: skip
+        if partner is not None:
+            partner.append(spec)
+        else:
+            groups.append([spec])
+    shift = turn % len(groups)
+    ordered = groups[shift:] + groups[:shift]
+    return [spec for group in ordered for spec in (group[::-1] if turn % 2 else group)]
 
 
 def _clock(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ def ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def truncated(value: float | None) -> str:
+    """A ratio cut (not rounded) to two decimals, so a 0.996 that misses a 1.0 target never shows as 1.00."""
+    return "–" if value is None else f"{math.floor(value * 100) / 100:.2f}"
+
+
 def _figure_order(present: Iterable[str]) -> list[str]:
     wanted = set(present)
     return [f.id for load in LOADS for f in load.figures if f.id in wanted]
@@ -213,10 +219,10 @@ def target_table(results: Sequence[TargetResult]) -> list[str]:
     ]
     for r in results:
         t = r.target
-        per = ", ".join(f"{x:.2f}" for x in r.ratios) or "–"
+        per = ", ".join(truncated(x) for x in r.ratios) or "–"
         verdict = "**pass**" if r.passed else ("**FAIL**" if r.median is not None else "not measured")
         lines.append(
-            f"| {t.comparison} | {t.test} | {FIGURES[t.figure].label} | {per} | {ratio(r.median)} | "
+            f"| {t.comparison} | {t.test} | {FIGURES[t.figure].label} | {per} | {truncated(r.median)} | "
             f"{t.minimum:g} | {verdict} |"
         )
     return lines

@@ -14,7 +14,7 @@ from types import FrameType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a fresh checkout
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, report  # noqa: E402
 from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
 from benchmarks.paths import PATH_IDS, PATHS  # noqa: E402
 from forwarder.errors import NatfwdError, UsageError  # noqa: E402
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         t = result.target
         verdict = "pass" if result.passed else "FAIL"
-        shown = "–" if result.median is None else f"{result.median:.2f}"
+        shown = report.truncated(result.median)
         say(f"target {t.path}/{t.base} {t.figure}: {shown} (at least {t.minimum:g}) {verdict}")
     return 0
 

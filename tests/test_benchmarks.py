@@ -1,0 +1,306 @@
+"""The benchmark harness: output parsers, the summary and its targets, the paths' configs, the Python-client agent
+against real servers, and (as root) a tiny end-to-end run in the lab, including teardown on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import IN_CI, Node, require_binary
+from labkit import root
+
+from benchmarks import agent, report
+from benchmarks.harness import measuring_order
+from benchmarks.loads import FIGURES, parse_memcslap, parse_redis_benchmark_csv, redis_benchmark_argv
+from benchmarks.paths import PATHS, haproxy_config, natfwd_config, nft_rules, socat_argv
+from benchmarks.report import Measurement
+from forwarder import config, lab
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(REPO / "benchmarks" / "run.py")]
+PATH = {p.id: p for p in PATHS}
+
+REDIS_BENCHMARK_CSV = """\
+"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+"SET","17241.38","0.296","0.064","0.279","0.455","0.839","2.687"
+"GET","11764.71","0.439","0.048","0.455","0.695","1.015","2.527"
+"""
+
+MEMCSLAP = """\
+Time to generate       2000 test keys:                0.003 seconds.
+Time to set            2000 keys:                     0.019 seconds.
+Time to start            50 threads:                  0.001 seconds.
+--------------------------------------------------------------------
+Time to get          100000 keys by   50 threads:     1.353 seconds.
+--------------------------------------------------------------------
+Time total:                                           1.376 seconds.
+"""
+
+
+# --- parsers ---------------------------------------------------------------------------------------------------
+def test_redis_benchmark_csv_gives_requests_per_second_per_test() -> None:
+    assert parse_redis_benchmark_csv(REDIS_BENCHMARK_CSV) == {"SET": 17241.38, "GET": 11764.71}
+
+
+def test_redis_benchmark_without_results_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no results in redis-benchmark output"):
+        parse_redis_benchmark_csv("Could not connect to Redis at 203.0.113.73:20021: Connection refused\n")
+
+
+def test_memcslap_gives_keys_and_seconds_of_the_get_phase() -> None:
+    assert parse_memcslap(MEMCSLAP) == (100000, 1.353)
+    with pytest.raises(ValueError, match="no 'Time to get' line"):
+        parse_memcslap("Failure to connect\n")
+
+
+def test_redis_benchmark_command_line() -> None:
+    argv = redis_benchmark_argv("203.0.113.73", 20021, 5000, {"clients": 8, "size": 262144, "tests": "set,get",
+                                                                "dbnum": 1, "pipeline": 16})  # fmt: skip
+    assert argv == ["redis-benchmark", "-h", "203.0.113.73", "-p", "20021", "-n", "5000", "-c", "8", "-t", "set,get",
+                    "--csv", "-P", "16", "-d", "262144", "--dbnum", "1"]  # fmt: skip
+
+
+# --- summary and targets ---------------------------------------------------------------------------------------
+def _m(round_no: int, path: str, **values: float) -> Measurement:
+    return Measurement(round_no, "x", path, {k.replace("_", "-"): v for k, v in values.items()}, 1.0)
+
+
+def test_ratios_are_paired_within_rounds_and_latency_is_inverted() -> None:
+    measurements = [
+        _m(1, "direct", rb_get_c50=100.0, mc_1conn_p50=50.0),
+        _m(1, "natfwd-w1", rb_get_c50=60.0, mc_1conn_p50=100.0),
+        _m(1, "haproxy-t1", rb_get_c50=50.0, mc_1conn_p50=80.0),
+        _m(2, "direct", rb_get_c50=200.0, mc_1conn_p50=50.0),
+        _m(2, "natfwd-w1", rb_get_c50=100.0, mc_1conn_p50=100.0),
+        _m(2, "haproxy-t1", rb_get_c50=100.0, mc_1conn_p50=100.0),
+        _m(3, "natfwd-w1", rb_get_c50=90.0),  # no partner in round 3: left out of every ratio
+    ]
+    figures = report.summary(measurements)["figures"]
+    c50 = figures["rb-get-c50"]
+    assert c50["median"]["natfwd-w1"] == 90.0
+    assert c50["vs_direct"]["natfwd-w1"] == pytest.approx((0.6 + 0.5) / 2)
+    assert c50["vs_haproxy_t1"]["natfwd-w1"] == pytest.approx((1.2 + 1.0) / 2)
+    p50 = figures["mc-1conn-p50"]
+    assert p50["vs_direct"]["natfwd-w1"] == pytest.approx(0.5)  # twice the latency: half as good
+    assert p50["vs_haproxy_t1"]["natfwd-w1"] == pytest.approx((0.8 + 1.0) / 2)
+
+
+def test_targets_pass_only_at_or_above_their_minimum() -> None:
+    measurements = [_m(r, "natfwd-w1", rb_get_c50=v) for r, v in ((1, 110.0), (2, 109.0), (3, 120.0))]
+    measurements += [_m(r, "haproxy-t1", rb_get_c50=100.0) for r in (1, 2, 3)]
+    results = {(r.target.figure, r.target.path): r for r in report.evaluate_targets(measurements)}
+    c50 = results[("rb-get-c50", "natfwd-w1")]
+    assert c50.ratios == pytest.approx((1.10, 1.09, 1.20))
+    assert c50.median == pytest.approx(1.10) and c50.passed
+    assert results[("rb-get-c1", "natfwd-w1")].median is None and not results[("rb-get-c1", "natfwd-w1")].passed
+    text = "\n".join(report.target_table(report.evaluate_targets(measurements)))
+    assert (
+        "| `workers: 1` vs `nbthread 1` | GET c50 | redis-benchmark GET c50 | 1.10, 1.09, 1.20 | 1.10 | 1.1 | **pass** |"
+        in text
+    )
+    assert "| redis-benchmark GET c1 | – | – | 1 | not measured |" in text
+
+
+def test_a_ratio_just_below_a_target_never_prints_as_reaching_it() -> None:
+    assert report.truncated(0.996) == "0.99"
+    assert report.truncated(1.0) == "1.00"
+    assert (
+        report.human(1234567) == "1.23M" and report.human(12345) == "12.3k" and report.human(12.34, "µs") == "12.3 µs"
+    )
+
+
+def test_every_target_names_a_figure_the_loads_produce() -> None:
+    assert all(t.figure in FIGURES for t in report.TARGETS)
+
+
+def test_results_markdown_has_the_targets_tables_and_failures() -> None:
+    measurements = [_m(1, p, rb_get_c50=v) for p, v in (("direct", 100.0), ("natfwd-w1", 55.0), ("haproxy-t1", 50.0))]
+    measurements.append(Measurement(1, "rb-get-c1", "natfwd-w1", {}, 1.0, "redis-benchmark exited 1: refused"))
+    text = report.markdown(measurements, {"date": "today", "rounds": 1}, ["direct", "natfwd-w1", "haproxy-t1"], "c.png")
+    assert "## Targets (issue 6)" in text
+    assert "| redis-benchmark GET c50 | req/s | 100 | 55.0 | 50.0 |" in text
+    assert "| redis-benchmark GET c50 | 0.55 | 0.50 |" in text  # relative to direct
+    assert "| redis-benchmark GET c50 | 2.00 | 1.10 |" in text  # relative to HAProxy t1
+    assert "- round 1, rb-get-c1 on natfwd-w1: redis-benchmark exited 1: refused" in text
+    assert "![natfwd benchmark chart](c.png)" in text
+
+
+def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads_in_turn() -> None:
+    firsts = set()
+    for turn in range(10):
+        order = [p.id for p in measuring_order(PATHS, turn)]
+        assert sorted(order) == sorted(PATH)
+        for natfwd, haproxy in (("natfwd-w1", "haproxy-t1"), ("natfwd-w2", "haproxy-t2")):
+            assert abs(order.index(natfwd) - order.index(haproxy)) == 1
+        firsts.add(order[0])
+    assert {"direct", "kernel", "socat"} <= firsts and firsts & {"natfwd-w1", "haproxy-t1"}
+
+
+# --- paths -----------------------------------------------------------------------------------------------------
+def test_natfwd_config_is_the_labs_with_this_paths_ports_and_workers() -> None:
+    cfg = config.loads(natfwd_config(PATH["natfwd-w2"], "10.0.1.230", 9111))
+    assert [(f.port, str(f.target)) for f in cfg.forwards] == [(20030, "10.0.1.230:11211"), (20031, "10.0.1.230:6379")]
+    assert cfg.workers == 2 and cfg.listen_address == lab.PUBLIC_ADDRESS
+    assert cfg.is_allowed(lab.CLIENT_ADDRESS) and not cfg.is_allowed("198.51.100.28")
+
+
+def test_haproxy_config_is_valid_for_haproxy(tmp_path: Path) -> None:
+    binary = require_binary("haproxy")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(haproxy_config(PATH["haproxy-t2"], "10.0.1.230"))
+    result = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = path.read_text()
+    assert "nbthread 2" in text and f"bind {lab.PUBLIC_ADDRESS}:20050" in text and "splice" not in text
+
+
+def test_kernel_path_uses_the_emitted_nft_rules_for_its_own_ports() -> None:
+    rules = nft_rules(PATH["kernel"], "10.0.1.230")
+    assert "tcp dport 20010 dnat to 10.0.1.230:11211" in rules
+    assert "tcp dport 20011 dnat to 10.0.1.230:6379" in rules
+
+
+def test_socat_relays_with_nodelay_and_the_allowlist() -> None:
+    assert socat_argv(PATH["socat"], "redis", "10.0.1.230") == [
+        "socat",
+        f"TCP4-LISTEN:20061,bind={lab.PUBLIC_ADDRESS},reuseaddr,fork,backlog=1024,nodelay,range={lab.CLIENT_ADDRESS}/32",
+        "TCP4:10.0.1.230:6379,nodelay",
+    ]
+
+
+# --- the agent against real servers ----------------------------------------------------------------------------
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert agent.percentile(values, 0.5) == 50.0 and agent.percentile(values, 0.99) == 99.0
+    assert agent.percentile([], 0.5) == 0.0
+
+
+@pytest.mark.parametrize("engine", ["memcached", "redis"])
+def test_agent_jobs_against_real_servers(
+    engine: str, start_memcached: Callable[..., Node], start_redis: Callable[..., Node]
+) -> None:
+    node = start_memcached() if engine == "memcached" else start_redis()
+    one = agent.latency(engine, node.host, node.port, 0.2)
+    assert one["ops"] > 100 and 0 < one["p50_us"] <= one["p99_us"]
+    many = agent.many(engine, node.host, node.port, 0.2, connections=20, threads=4)
+    assert many["ops"] > 100 and many["p99_us"] > 0
+    if engine == "memcached":
+        bulk = agent.bulk(engine, node.host, node.port, 0.2, 256 * 1024)
+        assert bulk["set_ops"] > 10 and bulk["get_ops"] > 10
+
+
+def test_agent_reports_a_wrong_value_as_an_error(start_redis: Callable[..., Node]) -> None:
+    node = start_redis()
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.agent"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    try:
+        job = {"job": "latency", "engine": "redis", "host": node.host, "port": node.port, "duration_s": 0.1}
+        stdout, _ = process.communicate(json.dumps(job) + "\n" + json.dumps({**job, "job": "nope"}) + "\n", 30)
+    finally:
+        process.kill()
+    first, second = (json.loads(line) for line in stdout.splitlines())
+    assert first["result"]["ops"] > 0
+    assert second["error"].startswith("KeyError")
+    with pytest.raises(RuntimeError, match="wrong value through the path: expected 3 bytes"):
+        agent._check(b"abd", b"abc")
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "0"], "--rounds: 0 is not valid"),
+        (["--duration", "0"], "--duration: 0.0 is not valid"),
+        (["--paths", "natfwd-w1,haproxy-t1"], "--paths: must include direct"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"benchmarks/run.py: error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_an_unknown_path_is_a_usage_error() -> None:
+    result = subprocess.run([*RUN, "--paths", "direct,nginx"], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "unknown path nginx; choose from direct, kernel" in result.stderr
+
+
+# --- end to end in the lab (root) ------------------------------------------------------------------------------
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("matplotlib is not installed; the README's test command installs it")
+        pytest.skip("matplotlib is not installed")
+
+
+def _bench_namespaces() -> set[str]:
+    try:
+        return {n for n in os.listdir("/run/netns") if n.startswith("bench-")}
+    except FileNotFoundError:
+        return set()
+
+
+@root
+def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -> None:
+    _require_matplotlib()
+    for tool in ("memcached", "redis-server", "redis-benchmark", "haproxy", "nft"):
+        require_binary(tool)
+    before = _bench_namespaces()
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*RUN, "--rounds", "1", "--duration", "0.2", "--paths", "direct,natfwd-w1,haproxy-t1",
+         "--loads", "rb-get-c50,mc-1conn", "--out", str(out)],
+        capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[round 1/1   6/6" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
+    data = json.loads((out / "results.json").read_text())
+    done = {(m["load"], m["path"]) for m in data["measurements"] if m["error"] is None}
+    assert done == {
+        (load, path) for load in ("rb-get-c50", "mc-1conn") for path in ("direct", "natfwd-w1", "haproxy-t1")
+    }
+    assert data["summary"]["figures"]["rb-get-c50"]["median"]["natfwd-w1"] > 1000
+    assert "## Targets (issue 6)" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _bench_namespaces() == before
+
+
+@root
+def test_sigterm_mid_run_tears_the_lab_down(tmp_path: Path) -> None:
+    _require_matplotlib()
+    before = _bench_namespaces()
+    process = subprocess.Popen([*RUN, "--duration", "5", "--paths", "direct,socat", "--out", str(tmp_path)],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if line.startswith("calibrated") or line.startswith("[round"):
+                break
+        else:
+            pytest.fail(f"the run ended before measuring (exit {process.wait()})")
+        assert _bench_namespaces() - before, "the run's lab should exist while it measures"
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(60) == 130, rest
+        assert "interrupted; the lab is torn down" in rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+    deadline = time.monotonic() + 10
+    while _bench_namespaces() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _bench_namespaces() == before
+    assert (tmp_path / "results.json").exists()
