@@ -48,7 +48,7 @@ def _latency(prefix: str, client: str, conns: str) -> tuple[Figure, ...]:
     )
 
 
-MANY = {"job": "many", "connections": 200, "threads": 8}
+MANY = {"job": "many", "connections": 200, "threads": 4, "processes": 4}
 LOADS: tuple[Load, ...] = (
     Load(
         "mc-1conn",
@@ -68,7 +68,7 @@ LOADS: tuple[Load, ...] = (
     ),
     Load(
         "mc-many",
-        "pymemcache GET, 200 connections (8 threads)",
+        "pymemcache GET, 200 connections (4 processes x 4 threads)",
         "memcached",
         "agent",
         (
@@ -79,7 +79,7 @@ LOADS: tuple[Load, ...] = (
     ),
     Load(
         "redis-many",
-        "redis-py GET, 200 connections (8 threads)",
+        "redis-py GET, 200 connections (4 processes x 4 threads)",
         "redis",
         "agent",
         (
