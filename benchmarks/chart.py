@@ -1,4 +1,4 @@
-"""The PNG chart: throughput relative to direct, and single-connection latencies, per path (matplotlib)."""
+"""The PNG chart: the issue's targets, throughput relative to direct, and latencies, per path (matplotlib)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import SHORT
+from benchmarks.report import SHORT, truncated
 
-COLOURS = {
-    "direct": "#7f7f7f",
-    "kernel": "#bcbd22",
-    "natfwd-w1": "#1f77b4",
-    "natfwd-w2": "#17becf",
-    "haproxy-t1": "#d62728",
-    "haproxy-t2": "#ff9896",
-    "socat": "#9467bd",
-}
+COLOURS = {"direct": "#7f7f7f", "kernel": "#bcbd22", "natfwd-w1": "#1f77b4", "natfwd-w2": "#17becf",
+           "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd"}  # fmt: skip
 
 
 def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: str) -> None:
@@ -29,7 +22,11 @@ def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: 
     figures: Mapping[str, Any] = summary["figures"]
     throughput = [fid for fid, f in figures.items() if f["higher_is_better"]]
     latency = [fid for fid, f in figures.items() if not f["higher_is_better"]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 0.55 * max(len(throughput), len(latency)) + 2.5))
+    rows = max(len(throughput), len(latency), len(summary["targets"]))
+    fig, (targets, left, right) = plt.subplots(
+        1, 3, figsize=(21, 0.5 * rows + 3), gridspec_kw={"width_ratios": [1, 1, 1]}
+    )
+    _targets(targets, summary["targets"], figures)
     for axis, ids, key, xlabel in (
         (left, throughput, "vs_direct", "throughput relative to direct (higher is better)"),
         (right, latency, "median", "latency, µs, log scale (lower is better)"),
@@ -47,8 +44,27 @@ def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: 
             axis.axvline(1.0, color="black", linewidth=0.8)
         else:
             axis.set_xscale("log")  # p50 on one connection and p99 on 200 differ by 100x
-    left.legend(loc="lower right", fontsize=8)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _targets(axis: Any, targets: Sequence[Mapping[str, Any]], figures: Mapping[str, Any]) -> None:
+    """natfwd over HAProxy per target (median of the paired rounds), with each target's minimum marked."""
+    labels = []
+    for row, target in enumerate(targets):
+        median = target["median"] or 0.0
+        colour = COLOURS["natfwd-w1" if target["path"] == "natfwd-w1" else "natfwd-w2"]
+        axis.barh(row, median, height=0.6, color=colour, alpha=1.0 if target["passed"] else 0.55)
+        axis.plot([target["minimum"]] * 2, [row - 0.4, row + 0.4], color="black", linewidth=2)
+        axis.text(median + 0.02, row, truncated(target["median"]), va="center", fontsize=8)
+        workers = "w1/t1" if target["path"] == "natfwd-w1" else "w2/t2"
+        labels.append(f"{figures.get(target['figure'], {}).get('label', target['figure'])} ({workers})")
+    axis.set_yticks(range(len(targets)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.axvline(1.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("natfwd / HAProxy, median of paired rounds (black: target)")
+    axis.grid(axis="x", alpha=0.3)

@@ -64,13 +64,14 @@ def preflight(settings: Settings) -> None:
         raise NatfwdError("matplotlib is not installed; pip install matplotlib (it draws the chart)") from None
 
 
-def _version(argv: Sequence[str]) -> str:
+def _version(argv: Sequence[str], line_with: str = "") -> str:
+    """The first output line of `argv` (that contains `line_with`)."""
     try:
         result = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
     except OSError:
         return "not installed"
-    lines = (result.stdout + result.stderr).strip().splitlines()
-    return lines[0].strip() if lines else "?"
+    lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line_with in line]
+    return lines[0] if lines else "?"
 
 
 def metadata(settings: Settings) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def metadata(settings: Settings) -> dict[str, Any]:
             "python": platform.python_version(),
             "uvloop": str(getattr(uvloop, "__version__", "?")),
             "haproxy": _version(["haproxy", "-v"]),
-            "socat": _version(["socat", "-V"]).replace("socat by Gerhard Rieger and contributors - see ", ""),
+            "socat": _version(["socat", "-V"], "socat version"),
             "redis-server": _version(["redis-server", "--version"]),
             "memcached": _version(["memcached", "-V"]),
             "redis-benchmark": _version(["redis-benchmark", "--version"]),
