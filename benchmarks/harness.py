@@ -7,6 +7,7 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -317,8 +318,11 @@ def run(settings: Settings, say: Callable[[str], None]) -> list[report.TargetRes
         bench.calibrate()
         bench.rounds()
     finally:
+        # A second Ctrl-C (or SIGTERM) must not cut the teardown short and leave namespaces behind.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             bench.teardown()
-        finally:
             bench.write(chart=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return report.evaluate_targets(bench.measurements)
