@@ -127,8 +127,7 @@ class RunningPath:
         lab = self.lab
         if spec.kind in ("direct", "kernel"):
             return
-        log = open(self.workdir / f"{spec.id}.log", "ab")  # noqa: SIM115 - closed below, the children keep a copy
-        try:
+        with open(self.workdir / f"{spec.id}.log", "ab") as log:  # the children keep their own copy
             if spec.kind == "natfwd":
                 cfg = self.workdir / f"{spec.id}.yaml"
                 cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot))
@@ -142,8 +141,6 @@ class RunningPath:
                 watch = {engine: process for engine in ENGINES}
             else:
                 watch = {engine: self._popen(socat_argv(spec, engine, self.node_address), log) for engine in ENGINES}
-        finally:
-            log.close()
         for engine, process in watch.items():
             lab.wait_listening(lab.client, PUBLIC_ADDRESS, spec.port(engine), 15.0, process)
 
