@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"results: {out / harness.RESULTS_MD}, {out / harness.RESULTS_JSON}, {out / harness.CHART_PNG}")
     for result in results:
         t = result.target
-        verdict = "pass" if result.passed else "FAIL"
+        verdict = "pass" if result.passed else ("FAIL" if result.median is not None else "not measured")
         shown = report.truncated(result.median)
         say(f"target {t.path}/{t.base} {t.figure}: {shown} (at least {t.minimum:g}) {verdict}")
     return 0
