@@ -21,10 +21,7 @@ import os
 import resource
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
-
-if TYPE_CHECKING:
-    from forwarder.protocols import Rewriter
+from typing import Any, cast
 
 log = logging.getLogger("natfwd.relay")
 
@@ -544,53 +541,6 @@ class Half(asyncio.BufferedProtocol):
         self.stop_raw()
         if self.transport is not None and not self.closed:
             self.transport.abort()
-
-
-class RewritingHalf(Half):
-    """A node-side half whose replies pass through a protocol rewriter (Auto Discovery, Redis Cluster redirects).
-
-    Rewriting allocates per chunk, which is why only forwards that need it use this class.
-    """
-
-    __slots__ = ("rewriter", "observes_requests")
-
-    def __init__(self, pool: BufferPool, rewriter: Rewriter, *, observes_requests: bool) -> None:
-        super().__init__(pool)
-        self.rewriter = rewriter
-        self.observes_requests = observes_requests
-
-    def buffer_updated(self, nbytes: int) -> None:
-        view = self.view
-        assert view is not None and self.peer is not None
-        self.nbytes += nbytes
-        transport = self.peer.transport
-        if transport is None:
-            if self.observes_requests:
-                self.rewriter.from_client(bytes(view[:nbytes]))
-            self.hold(view, nbytes)
-            return
-        if self.peer.closed:
-            return
-        # The rewriter copies what it holds back, so the view is free again once it returns.
-        if self.observes_requests:
-            self.rewriter.from_client(bytes(view[:nbytes]))
-            transport.write(view[:nbytes])
-            if transport.get_write_buffer_size():
-                self.view = None
-                return
-        else:
-            out = self.rewriter.from_node(bytes(view[:nbytes]))
-            if out:
-                transport.write(out)
-        self.view = None
-        self.pool.give(view)
-
-    def eof_received(self) -> bool:
-        if not self.observes_requests and self.peer is not None and self.peer.transport is not None:
-            rest = self.rewriter.flush()
-            if rest and not self.peer.closed:
-                self.peer.transport.write(rest)
-        return super().eof_received()
 
 
 def _plain_socket(transport: asyncio.BaseTransport) -> Any:
