@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkit import wait_port
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,20 +51,6 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, inter
     return time.monotonic() - started
 
 
-def wait_accepting(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args!r} exited {process.returncode} before listening") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 @contextmanager
 def raised_fd_limit(wanted: int) -> Iterator[int]:
     """Raise this process's RLIMIT_NOFILE soft limit towards `wanted` (capped by the hard limit); restored on exit."""
@@ -91,7 +78,7 @@ class Memcached:
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp")
         try:
-            wait_accepting("127.0.0.1", self.port, self.process)
+            wait_port("127.0.0.1", self.port, self.process)
         except BaseException:
             self.kill()
             raise
