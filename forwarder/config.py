@@ -6,7 +6,7 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
@@ -178,12 +178,16 @@ def _fail(path: str, value: object, expected: str) -> ConfigError:
 _MISSING = object()
 
 
+def _key_name(key: object) -> str:
+    return key if isinstance(key, str) and key.isprintable() else repr(key)  # keep the message one line
+
+
 def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise _fail(path or "config", value, "a mapping of keys")
     for key in value:
         if key not in allowed:
-            name = key if isinstance(key, str) and key.isprintable() else repr(key)  # keep the message one line
+            name = _key_name(key)
             where = f"{path}.{name}" if path else str(name)
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -441,6 +445,55 @@ def parse(data: object) -> Config:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice; plain YAML loading silently keeps only the last one."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._paths: dict[int, str] = {}  # id(mapping node) -> its key path, such as forwards[1]
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._record_paths(node)
+        return super().construct_document(node)
+
+    def _record_paths(self, root: yaml.Node) -> None:
+        # Iterative, each node once: an anchor reached again through an alias (even inside itself) keeps its first path.
+        seen: set[int] = set()
+        stack: list[tuple[yaml.Node, str]] = [(root, "")]
+        while stack:
+            node, path = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                self._paths[id(node)] = path
+                for key_node, value_node in node.value:
+                    name = _key_name(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                    stack.append((value_node, f"{path}.{name}" if path else name))
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((child, f"{path}[{index}]") for index, child in enumerate(node.value))
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        # Checked before SafeLoader flattens `<<` merges, whose keys an explicit key may rightly override.
+        lines: dict[object, int] = {}
+        for key_node, _value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: SafeLoader rejects it as unhashable
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # flatten_mapping merges every `<<`, so a second one loses nothing
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                parent = self._paths.get(id(node), "")
+                name = _key_name(key)
+                where = f"line {line}" if lines[key] == line else f"lines {lines[key]} and {line}"
+                raise ConfigError(
+                    f"{f'{parent}.{name}' if parent else name}: duplicate key on {where}; remove one of them"
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file; raises ConfigError (never OSError or YAMLError)."""
     try:
@@ -455,9 +508,9 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def loads(text: str, source: str = "<config>") -> Config:
-    """Validate YAML text; raises ConfigError with the line of a YAML syntax error."""
+    """Validate YAML text; raises ConfigError with the line of a YAML syntax error or of a duplicate key."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary tags
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""

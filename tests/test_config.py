@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Node, free_port, write_config
+from pymemcache.client.base import Client
+from servekit import serving
 
 from forwarder import config
 
@@ -120,6 +126,34 @@ CASES = [
         + "auto_discovery: {port: 11210, target: cfg.example.com:11211}\n",
         "auto_discovery: only valid with engine memcached, not 'redis'",
     ),
+    # Duplicate keys at any depth: YAML itself would keep the last one and silently drop the other.
+    (
+        VALID + "forwards:\n  - {port: 11213, target: 10.0.1.232:11211}\n",
+        "forwards: duplicate key on lines 4 and 7; remove one of them",
+    ),
+    (
+        VALID.replace(
+            "  - {port: 11212, target: 10.0.1.231:11211}", "  - port: 11212\n    port: 11213\n    target: x:1"
+        ),
+        "forwards[1].port: duplicate key on lines 6 and 7; remove one of them",
+    ),
+    (
+        VALID.replace("{port: 11211, target: 10.0.1.230:11211}", "{port: 11211, target: a:1, port: 11212}"),
+        "forwards[0].port: duplicate key on line 5; remove one of them",
+    ),
+    (
+        VALID + "metrics:\n  listen: 127.0.0.1:9108\n  'listen': 127.0.0.1:9109\n",
+        "metrics.listen: duplicate key on lines 8 and 9; remove one of them",
+    ),
+    (
+        "engine: memcached\n" + VALID,
+        "engine: duplicate key on lines 1 and 2; remove one of them",
+    ),
+    # Before any validation: the duplicate is reported even when the key is unknown too.
+    (
+        VALID + "bogus: 1\nbogus: 2\n",
+        "bogus: duplicate key on lines 7 and 8; remove one of them",
+    ),
 ]
 
 
@@ -128,6 +162,20 @@ def test_config_errors(text: str, message: str) -> None:
     with pytest.raises(config.ConfigError) as info:
         config.loads(text)
     assert str(info.value) == message
+
+
+def test_merge_keys_still_merge_and_may_be_overridden() -> None:
+    # `<<` is not a duplicate of the keys it brings in, and an explicit key beside it overrides the merged one.
+    text = VALID.replace(
+        "  - {port: 11212, target: 10.0.1.231:11211}",
+        "  - &second {port: 11212, target: 10.0.1.231:11211}\n  - <<: *second\n    port: 11213",
+    )
+    cfg = config.loads(text)
+    assert [(f.port, str(f.target)) for f in cfg.forwards] == [
+        (11211, "10.0.1.230:11211"),
+        (11212, "10.0.1.231:11211"),
+        (11213, "10.0.1.231:11211"),
+    ]
 
 
 def test_missing_file() -> None:
@@ -168,3 +216,71 @@ def test_cli_usage_error_exit_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "forwarder", "serve"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "natfwd: error: the following arguments are required: --config" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "emit-iptables"])
+def test_cli_duplicate_key_exit_2_without_traceback(tmp_path: Path, command: str) -> None:
+    # Loopback addresses only: were the duplicate ever let through, `check` would probe these.
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "engine: memcached\n"
+        "public_address: 127.0.0.1\n"
+        "allowed_clients: [127.0.0.0/8]\n"
+        "forwards:\n"
+        f"  - port: {free_port()}\n"
+        f"    target: 127.0.0.1:{free_port()}\n"
+        f"    port: {free_port()}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "natfwd: error: forwards[0].port: duplicate key on lines 5 and 7; remove one of them\n"
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("workers", [1, 2])  # one worker reloads itself; with more, the supervisor loads the file
+def test_reload_with_a_duplicate_key_is_refused_counted_and_keeps_the_old_config(
+    tmp_path: Path, start_memcached: Callable[..., Node], workers: int
+) -> None:
+    node = start_memcached()
+    setter = Client(("127.0.0.1", node.port), timeout=5)
+    setter.set("whoami", "node")
+    setter.close()
+    port, other_port, metrics_port = free_port(), free_port(), free_port()
+    path = write_config(
+        tmp_path / "natfwd.yaml",
+        [(port, node.address)],
+        extra=f"workers: {workers}\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n",
+    )
+    good = path.read_text()
+
+    def whoami(listen_port: int) -> object:
+        client = Client(("127.0.0.1", listen_port), connect_timeout=5, timeout=5)
+        try:
+            return client.get("whoami")
+        finally:
+            client.close()
+
+    with serving(path, [port], metrics_port) as serve:
+        # Last-one-wins would move the forward from `port` to `other_port`.
+        path.write_text(good + f"forwards:\n  - {{port: {other_port}, target: '{node.address}'}}\n")
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("reload refused")
+        assert "forwards: duplicate key on lines 6 and 10; remove one of them" in serve.log()
+        assert serve.metric("natfwd_config_reloads_total", result="failure") == 1
+        assert whoami(port) == b"node"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", other_port), timeout=2)
+
+        # The same reload without the duplicate goes through, so the refusal above was the duplicate's doing.
+        path.write_text(good.replace(f"port: {port},", f"port: {other_port},"))
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("config reloaded")
+        assert serve.metric("natfwd_config_reloads_total", result="success") == 1
+        assert whoami(other_port) == b"node"
+        assert serve.proc.poll() is None
