@@ -11,6 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 DIRECTION_TO_NODE = "client_to_node"
 DIRECTION_TO_CLIENT = "node_to_client"
+# natfwd_discovery_errors_total sources: the ElastiCache API poll of a `discovery` section, and re-resolving
+# DNS-name node targets (the periodic round and the one at start).
+DISCOVERY_ELASTICACHE = "elasticache"
+DISCOVERY_DNS = "dns"
 
 # Connect latency inside one VPC is sub-millisecond; the upper buckets catch retransmits and DNS stalls.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -84,6 +88,16 @@ class Metrics:
             ["change"],
             registry=registry,
         )
+        self.discovery_errors = Counter(
+            "natfwd_discovery_errors_total",
+            "Failed node lookups, by source (elasticache: the discovery API poll, dns: re-resolving a node name); "
+            "every worker looks up on its own",
+            ["source"],
+            registry=registry,
+        )
+        # Resolved once; making the children also exports 0 from the start, so rate() and alerts have a series.
+        self.elasticache_errors = self.discovery_errors.labels(DISCOVERY_ELASTICACHE)
+        self.dns_errors = self.discovery_errors.labels(DISCOVERY_DNS)
 
     def forward(self, port: int) -> ForwardMetrics:
         label = str(port)

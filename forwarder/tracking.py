@@ -146,6 +146,7 @@ class Tracker:
                 nodes = await self._describe(discovery)
             # Whatever the API or boto3 raises, the server keeps serving what it has and tries again next period.
             except Exception as exc:
+                self.worker.metrics.elasticache_errors.inc()
                 log.warning(
                     "discovery failed; keeping the current forwards and retrying next period",
                     extra={"cluster_id": discovery.cluster_id, "error": str(exc) or type(exc).__name__},
@@ -199,6 +200,7 @@ class Tracker:
             try:
                 infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
             except OSError as exc:
+                self.worker.metrics.dns_errors.inc()
                 resolved[host] = before.get(host, ())
                 if log_changes:
                     log.warning("node name did not resolve", extra={"target": str(target), "error": str(exc)})

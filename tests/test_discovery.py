@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +20,10 @@ import pytest
 from awskit import ACCOUNT, REGION, REPO, Aws, build_world, memcached_cluster
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
-from labkit import free_port, memcached_server
+from conftest import wait_port
+from labkit import free_port, memcached_server, root
 from pymemcache.client.base import Client
-from servekit import serving
+from servekit import Serve, serving
 
 from forwarder import config
 from forwarder.rewriting import NodeMap
@@ -190,14 +196,15 @@ discovery:
             assert max(replaced_s, added_s, removed_s) < 10 * REFRESH_S + 1
 
 
-def test_serve_keeps_serving_when_the_api_fails(aws: Aws, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # with 2, each worker polls and /metrics must sum both
+def test_serve_keeps_serving_when_the_api_fails_and_counts_it(aws: Aws, tmp_path: Path, workers: int) -> None:
     memcached_cluster(aws, build_world(aws), "mc", nodes=1)
     with memcached_server() as node_port:
         direct = Client(("127.0.0.1", node_port), timeout=2)
         direct.set("whoami", "node1")
         direct.close()
         set_endpoints("mc", {"0001": node_port})
-        first = free_port()
+        first, metrics_port = free_port(), free_port()
         path = tmp_path / "natfwd.yaml"
         path.write_text(
             f"""
@@ -205,16 +212,34 @@ engine: memcached
 public_address: 127.0.0.1
 listen_address: 127.0.0.1
 allowed_clients: [127.0.0.0/8]
+workers: {workers}
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 discovery: {{cluster_id: mc, region: {REGION}, refresh_s: {REFRESH_S}, first_port: {first}, endpoint_url: {aws.url}}}
 """
         )
-        with serving(path, [first]) as serve:
+        with serving(path, [first], metrics_port) as serve:
             from moto.elasticache.models import elasticache_backends
 
-            del elasticache_backends[ACCOUNT][REGION].cache_clusters["mc"]  # DescribeCacheClusters now fails
-            serve.wait_log("discovery failed; keeping the current forwards", timeout_s=5)
+            time.sleep(3 * REFRESH_S)  # polls that succeed count nothing
+            assert serve.metric("natfwd_discovery_errors_total", source="elasticache") == 0
+            clusters = elasticache_backends[ACCOUNT][REGION].cache_clusters
+            cluster = clusters.pop("mc")  # DescribeCacheClusters now fails
+            serve.wait_log("discovery failed; keeping the current forwards", timeout_s=5, count=2 * workers)
             assert whoami(first) == "node1"
             assert serve.proc.poll() is None
+
+            clusters["mc"] = cluster  # the API answers again: the count stops growing
+
+            # Every worker logs each failed poll once; the counter, summed over workers, matches the log exactly
+            # (read the log first: a poll in flight during the swap may still count, then log, a moment later).
+            def counted_as_logged() -> bool:
+                failures = serve.log().count("discovery failed")
+                return serve.metric("natfwd_discovery_errors_total", source="elasticache") == failures
+
+            wait_until(counted_as_logged, 5, "the counter matching the logged failures", serve.log)
+            time.sleep(3 * REFRESH_S)
+            assert counted_as_logged()  # and stays so once the polls succeed again
+            assert serve.metric("natfwd_discovery_errors_total", source="dns") == 0  # 127.0.0.1 is not looked up
 
 
 def test_serve_start_fails_clearly_when_the_cluster_is_missing(aws: Aws, tmp_path: Path) -> None:
@@ -240,3 +265,94 @@ discovery: {{cluster_id: ghost, region: {REGION}, first_port: {free_port()}, end
     assert result.returncode == 1
     assert "natfwd: error: discovery: cannot list the nodes of 'ghost'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- DNS re-resolution that fails, without a packet leaving the host ----------------------------------------------
+
+
+@contextmanager
+def nxdomain_server() -> Iterator[tuple[str, list[str]]]:
+    """A DNS server on a loopback address of its own that answers NXDOMAIN to every query.
+
+    Yields its address and the list of names it was asked for.
+    """
+    address = f"127.53.{random.randrange(1, 255)}.{random.randrange(1, 255)}"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, 53))
+    sock.settimeout(0.1)
+    asked: list[str] = []
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            try:
+                query, client = sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            labels, offset = [], 12
+            while offset < len(query) and query[offset]:
+                labels.append(query[offset + 1 : offset + 1 + query[offset]].decode(errors="replace"))
+                offset += 1 + query[offset]
+            asked.append(".".join(labels))
+            (flags,) = struct.unpack("!H", query[2:4])
+            header = query[:2] + struct.pack("!HHHHH", 0x8000 | (flags & 0x7900) | 0x0080 | 3, 1, 0, 0, 0)
+            sock.sendto(header + query[12 : offset + 5], client)  # QR, the query's opcode and RD, RA, NXDOMAIN
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield address, asked
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()
+
+
+@root  # a mount namespace gives natfwd its own resolv.conf, pointing at the loopback server above
+def test_a_node_name_that_does_not_resolve_is_counted_once_per_worker(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    path = tmp_path / "natfwd.yaml"
+    path.write_text(
+        f"""
+engine: memcached
+public_address: 127.0.0.1
+listen_address: 127.0.0.1
+allowed_clients: [127.0.0.0/8]
+workers: 2
+metrics: {{listen: "127.0.0.1:{metrics_port}"}}
+forwards:
+  - {{port: {port}, target: "node-gone.natfwd-test.invalid:11211"}}
+"""
+    )
+    with nxdomain_server() as (dns_address, asked):
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text(f"nameserver {dns_address}\noptions attempts:1 timeout:1\n")
+        log_path = tmp_path / "natfwd.log"
+        with open(log_path, "w") as log:
+            # unshare execs sh, which execs python: the Popen pid is natfwd's supervisor.
+            proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
+                + ['mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv)]
+                + [sys.executable, "-m", "forwarder", "serve", "--config", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        serve = Serve(proc, log_path, metrics_port)
+        try:
+            try:
+                wait_port("127.0.0.1", metrics_port, 15)
+            except TimeoutError:
+                raise AssertionError(f"natfwd did not serve metrics; log:\n{serve.log()}") from None
+            serve.wait_log("forwarding", count=2)
+            # Each worker resolves its node names once at start (the next round is DNS_REFRESH_S = 30 s later).
+            assert serve.metric("natfwd_discovery_errors_total", source="dns") == 2
+            assert serve.metric("natfwd_discovery_errors_total", source="elasticache") == 0  # no discovery section
+            assert "node-gone.natfwd-test.invalid" in asked  # a real lookup, answered by our server alone
+            assert proc.poll() is None  # an unresolvable node does not stop natfwd
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
