@@ -37,6 +37,7 @@ RAW_AFTER_READS = 8
 # Raw mode moves each chunk socket -> pipe -> socket with splice: up to a pipe's default capacity per read (16 KiB
 # to 1 MiB measured; 64 KiB moved 256 KiB values fastest).
 SPLICE_CHUNK = 64 * 1024
+SPLICE_BURST = 16  # chunks per readiness callback (1 MiB)
 PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -146,50 +147,55 @@ class _Raw:
 
     def readable(self) -> None:
         pipes = self.pipes
-        if pipes:
-            pipe = pipes.pop()
-        else:
-            new = self.half.pool.take_pipe()
-            if new is None:
-                self.copy_chunk()
+        # A full chunk means more is probably queued: keep splicing instead of going back through epoll for each
+        # 64 KiB, up to SPLICE_BURST chunks so one bulk connection cannot starve the others.
+        for _ in range(SPLICE_BURST):
+            if pipes:
+                pipe = pipes.pop()
+            else:
+                new = self.half.pool.take_pipe()
+                if new is None:
+                    self.copy_chunk()
+                    return
+                pipe = new
+            try:
+                nbytes = _splice(self.fd, pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                pipes.append(pipe)
                 return
-            pipe = new
-        try:
-            nbytes = _splice(self.fd, pipe[1], SPLICE_CHUNK, flags=_SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            pipes.append(pipe)
-            return
-        except OSError as exc:
-            pipes.append(pipe)
-            if exc.errno in _NO_SPLICE_ERRNOS:  # a kernel or socket that cannot splice: nothing moved, copy instead
-                pool = self.half.pool
-                pool.can_splice = False
-                while pipes:
-                    pool.give_pipe(pipes.pop(), empty=False)  # closes them
-                self.copy_chunk()
+            except OSError as exc:
+                pipes.append(pipe)
+                if exc.errno in _NO_SPLICE_ERRNOS:  # a kernel or socket that cannot splice: nothing moved, copy instead
+                    pool = self.half.pool
+                    pool.can_splice = False
+                    while pipes:
+                        pool.give_pipe(pipes.pop(), empty=False)  # closes them
+                    self.copy_chunk()
+                    return
+                self.half.raw_failed()
                 return
-            self.half.raw_failed()
-            return
-        if not nbytes:
-            pipes.append(pipe)
-            self.half.raw_eof()
-            return
-        self.half.nbytes += nbytes
-        try:
-            sent = _splice(pipe[0], self.out_fd, nbytes, flags=_SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.half.pool.give_pipe(pipe, empty=False)
-            self.half.raw_failed()
-            return
-        if sent == nbytes:
+            if not nbytes:
+                pipes.append(pipe)
+                self.half.raw_eof()
+                return
+            self.half.nbytes += nbytes
+            try:
+                sent = _splice(pipe[0], self.out_fd, nbytes, flags=_SPLICE_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.half.pool.give_pipe(pipe, empty=False)
+                self.half.raw_failed()
+                return
+            if sent != nbytes:
+                # The peer's socket is full: the rest stays in the pipe, which is ours until it drains.
+                self.pipe = pipe
+                self.in_pipe = nbytes - sent
+                self.wait_writable()
+                return
             pipes.append(pipe)  # empty again, and taken in this very callback: the pool cannot grow from here
-            return
-        # The peer's socket is full: the rest stays in the pipe, which is ours until it drains.
-        self.pipe = pipe
-        self.in_pipe = nbytes - sent
-        self.wait_writable()
+            if nbytes < SPLICE_CHUNK:
+                return
 
     def copy_chunk(self) -> None:
         """The fallback path: one chunk through a pooled buffer."""

@@ -148,6 +148,39 @@ def test_busy_connection_goes_raw_and_relays_every_byte(loop_name: str) -> None:
     run(loop_name, main)
 
 
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full chunk means more is queued: one readiness callback keeps splicing, up to SPLICE_BURST chunks."""
+    chunks_per_call: list[int] = []
+    reading = {"fd": -1, "chunks": 0}
+    original_readable = relay._Raw.readable
+    original_splice = relay._splice
+
+    def counting_splice(src: int, dst: int, count: int, **kwargs: Any) -> int:
+        moved = original_splice(src, dst, count, **kwargs)
+        if src == reading["fd"]:
+            reading["chunks"] += 1
+        return moved
+
+    def readable(raw: relay._Raw) -> None:
+        reading["fd"], reading["chunks"] = raw.fd, 0
+        original_readable(raw)
+        chunks_per_call.append(reading["chunks"])
+
+    monkeypatch.setattr(relay, "_splice", counting_splice)
+    monkeypatch.setattr(relay._Raw, "readable", readable)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (_worker, port):
+            await transfer_both_ways(port, 8 * 1024 * 1024)
+        server.close()
+
+    run(loop_name, main)
+    assert max(chunks_per_call) > 1, "a callback that found a full chunk should have gone on reading"
+    assert max(chunks_per_call) <= relay.SPLICE_BURST
+
+
 def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     """Raw mode as on a system without os.splice: chunks are copied through the buffer pool."""
     monkeypatch.setattr(relay, "_splice", relay._no_splice)
