@@ -9,13 +9,13 @@ import resource
 import signal
 import socket
 import ssl
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from forwarder import config as config_mod
 from forwarder import tls
+from forwarder.acceptor import TlsListener
 from forwarder.errors import NatfwdError
 from forwarder.relay import BUFFER_SIZE, BufferPool, Half
 from forwarder.rewriting import (
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from forwarder.metrics import ForwardMetrics, Metrics
 
 log = logging.getLogger("natfwd.server")
+Listener = asyncio.Server | TlsListener  # both stop accepting on close() and leave live connections alone
 
 LISTEN_BACKLOG = 4096
 
@@ -66,8 +67,6 @@ class ClientHalf(Half):
         "seen_to_client",
         "idle_s",
         "accounted",
-        "handshake_flag",
-        "__weakref__",
     )
 
     def __init__(self, worker: Worker, route: Route) -> None:
@@ -79,13 +78,11 @@ class ClientHalf(Half):
         self.seen_to_client = 0
         self.idle_s = 0.0
         self.accounted = False
-        self.handshake_flag: list[bool] = []  # non-empty once connection_made ran (with TLS: a good handshake)
 
     def node_half(self) -> NodeHalf:
         return NodeHalf(self.worker.pool)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.handshake_flag.append(True)
         super().connection_made(transport)
         assert self.transport is not None
         route = self.route
@@ -234,7 +231,7 @@ class Worker:
         self.server_ssl = tls.server_context(cfg)
         self.upstream_ssl = tls.upstream_context(cfg)
         self.routes: dict[int, Route] = {}
-        self.listeners: dict[int, asyncio.Server] = {}
+        self.listeners: dict[int, Listener] = {}
         self.active = 0
         self.draining = False
         self.stopping = asyncio.Event()
@@ -308,12 +305,10 @@ class Worker:
             raise NatfwdError(_bind_message(address, port, exc)) from exc
         return sock
 
-    async def _open(
-        self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config
-    ) -> dict[int, asyncio.Server]:
+    async def _open(self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config) -> dict[int, Listener]:
         """Bind every forward or none: on any failure the ones already opened are closed again."""
         loop = asyncio.get_running_loop()
-        opened: dict[int, asyncio.Server] = {}
+        opened: dict[int, Listener] = {}
         try:
             for forward in forwards:
                 route = self.routes.get(forward.port)
@@ -321,19 +316,38 @@ class Worker:
                     route = Route(forward.port, forward.target, cfg, self.metrics.forward(forward.port), set())
                     route.rewriter = rewriter_factory(cfg, forward.port, self.nodes, self.warn)
                 sock = self._bind(cfg.listen_address, forward.port)
-                opened[forward.port] = await loop.create_server(
-                    _factory(self, route),
-                    sock=sock,
-                    backlog=LISTEN_BACKLOG,
-                    ssl=self.server_ssl,
-                    ssl_handshake_timeout=cfg.connect_timeout_s if self.server_ssl is not None else None,
-                )
+                if self.server_ssl is None:
+                    opened[forward.port] = await loop.create_server(
+                        _factory(self, route), sock=sock, backlog=LISTEN_BACKLOG
+                    )
+                else:
+                    opened[forward.port] = self._tls_listener(route, sock, self.server_ssl, cfg.connect_timeout_s)
                 self.routes.setdefault(forward.port, route)
         except BaseException:
             for server in opened.values():
                 server.close()
             raise
         return opened
+
+    def _tls_listener(self, route: Route, sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> Listener:
+        def admit(client_ip: str) -> bool:
+            # The same check ClientHalf.connection_made makes, taken before the handshake so that a client outside
+            # the allowlist costs no TLS work; the limit is checked after it, against connections that are live.
+            if route.config.is_allowed(client_ip):
+                return True
+            self.reject(route, "not_allowed", client_ip)
+            return False
+
+        def failed(client_ip: str, error: str) -> None:
+            self.reject(route, "tls_handshake", client_ip, error=error)
+
+        try:
+            return TlsListener(
+                sock, LISTEN_BACKLOG, _factory(self, route), context, timeout_s, admit, failed, self._spawn
+            )
+        except OSError as exc:
+            sock.close()
+            raise NatfwdError(_bind_message(self.config.listen_address, route.port, exc)) from exc
 
     async def start(self) -> None:
         self.config = await self.tracker.prepare(self.config)
@@ -473,22 +487,7 @@ class Worker:
 
 def _factory(worker: Worker, route: Route) -> Callable[[], ClientHalf]:
     # The class is picked per connection: a reload can turn rewriting on or off for a port.
-    if worker.server_ssl is None:
-        return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
-
-    def tls_client() -> ClientHalf:
-        # With TLS the protocol is made at accept but connected only after a good handshake. A failed handshake
-        # (plaintext client, bad or missing client certificate) just drops it, so its collection is the signal.
-        half = (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
-        weakref.finalize(half, _handshake_outcome, worker, route, half.handshake_flag)
-        return half
-
-    return tls_client
-
-
-def _handshake_outcome(worker: Worker, route: Route, done: list[bool]) -> None:
-    if not done:
-        worker.reject(route, "tls_handshake", "", error="TLS handshake failed or timed out")
+    return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
 
 
 def _bind_message(address: str, port: int, exc: OSError) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import Node, free_port, require_binary, write_config
-from servekit import serving
+from servekit import Serve, serving
 from tlskit import CA, Issued
 
 
@@ -46,7 +48,9 @@ def tls_redis(start_redis: Callable[..., Node], cert: Issued, ca: CA) -> Node:
     return node
 
 
-def tls_config(tmp_path: Path, node: Node, pki: dict[str, object], *, client_ca: bool = False) -> tuple[Path, int, int]:
+def tls_config(
+    tmp_path: Path, node: Node, pki: dict[str, object], *, client_ca: bool = False, allowed: str = "127.0.0.0/8"
+) -> tuple[Path, int, int]:
     front = pki["front"]
     ca = pki["ca"]
     assert isinstance(front, Issued) and isinstance(ca, CA)
@@ -59,7 +63,7 @@ def tls_config(tmp_path: Path, node: Node, pki: dict[str, object], *, client_ca:
         + f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
         + "auth: {password: s3cret-token}\n"
     )
-    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], engine="redis", extra=extra)
+    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], engine="redis", allowed=allowed, extra=extra)
     return cfg, port, metrics_port
 
 
@@ -123,6 +127,81 @@ def test_plaintext_client_on_tls_front_is_dropped_and_counted(
                 break
             time.sleep(0.05)
         assert serve.metric("natfwd_connections_active", forward=str(port)) == 0
+
+
+def client_hello() -> bytes:
+    """The first flight of a real TLS client, as bytes."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def rejected(serve: Serve, port: int, reason: str) -> float:
+    """natfwd_connections_rejected_total for one reason; a series never touched is absent, that is 0."""
+    try:
+        return serve.metric("natfwd_connections_rejected_total", forward=str(port), reason=reason)
+    except KeyError:
+        return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_client_outside_the_allowlist_costs_no_handshake(
+    tmp_path: Path, start_redis: Callable[..., Node], pki: dict
+) -> None:
+    """With tls the allowlist is checked on the bare socket: a refused client never gets a ServerHello."""
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki, allowed="127.0.0.2/32")
+    with serving(cfg, [port], metrics_port) as serve:
+        refused = rejected(serve, port, "not_allowed")
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0)) as sock:
+            sock.sendall(client_hello())
+            try:
+                reply = sock.recv(4096)
+            except ConnectionResetError:
+                reply = b""
+        assert reply == b"", f"a client outside the allowlist got {reply[:8]!r}"
+        serve.wait_log("reason=not_allowed", count=int(refused) + 1)
+        assert rejected(serve, port, "not_allowed") == refused + 1
+        assert rejected(serve, port, "tls_handshake") == 0
+        # A client inside the allowlist still gets TLS all the way to the node.
+        context = ssl.create_default_context(cafile=str(pki["ca"].path))
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0))
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"AUTH s3cret-token\r\nPING\r\n")
+            reply = b""
+            while not reply.endswith(b"+PONG\r\n"):
+                chunk = tls.recv(4096)
+                assert chunk, f"closed after {reply!r}"
+                reply += chunk
+        assert reply == b"+OK\r\n+PONG\r\n"
+
+
+def test_failed_handshakes_leave_no_descriptors_behind(
+    tmp_path: Path, start_redis: Callable[..., Node], pki: dict
+) -> None:
+    node = tls_redis(start_redis, pki["node"], pki["ca"])
+    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
+    with serving(cfg, [port], metrics_port) as serve:
+        serve.wait_log("reason=tls_handshake")  # the readiness probe's empty connection
+        before = open_fds(serve.proc.pid)
+        failures = rejected(serve, port, "tls_handshake")
+        for _ in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"PING\r\n")  # plaintext on a TLS port
+                with contextlib.suppress(ConnectionResetError):
+                    sock.recv(4096)
+        serve.wait_log("reason=tls_handshake", count=int(failures) + 40)
+        assert rejected(serve, port, "tls_handshake") == failures + 40
+        for _ in range(100):
+            if open_fds(serve.proc.pid) <= before:
+                break
+            time.sleep(0.05)
+        assert open_fds(serve.proc.pid) <= before
 
 
 def test_rogue_node_certificate_is_never_relayed_to(

@@ -1,0 +1,77 @@
+"""A TLS listener that accepts by itself, so a client is admitted on the bare socket before any TLS byte is read."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+log = logging.getLogger("natfwd.server")
+
+# Connections taken per readiness callback: enough to empty a burst, few enough to let established traffic run.
+ACCEPT_BATCH = 64
+
+
+class TlsListener:
+    """Accepts on `sock`, asks `admit(client_ip)` first, and only then hands the socket to the TLS handshake.
+
+    `loop.create_server(ssl=...)` reads the ClientHello before our protocol exists, so every client, allowed or not,
+    would cost a handshake. Here a refused client is closed unread; `failed(client_ip, error)` hears of every
+    handshake that fails or times out.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        backlog: int,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        context: ssl.SSLContext,
+        handshake_timeout_s: float,
+        admit: Callable[[str], bool],
+        failed: Callable[[str, str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.sock = sock
+        self.protocol_factory = protocol_factory
+        self.context = context
+        self.handshake_timeout_s = handshake_timeout_s
+        self.admit = admit
+        self.failed = failed
+        self.spawn = spawn
+        self.loop = asyncio.get_running_loop()
+        sock.listen(backlog)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors or buffers: the backlog keeps the client until next time
+                log.warning("accept failed", extra={"error": str(exc)})
+                return
+            client_ip = str(address[0])
+            if not self.admit(client_ip):
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.spawn(self._handshake(conn, client_ip))
+
+    async def _handshake(self, conn: socket.socket, client_ip: str) -> None:
+        try:
+            await self.loop.connect_accepted_socket(
+                self.protocol_factory, conn, ssl=self.context, ssl_handshake_timeout=self.handshake_timeout_s
+            )
+        except Exception as exc:  # whatever ends one client's handshake concerns that client only
+            # The loop owns `conn` from the call on and has closed it: closing it here could close a reused fd.
+            self.failed(client_ip, str(exc) or type(exc).__name__)
+
+    def close(self) -> None:
+        """Stop accepting; connections already handed over live on."""
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
