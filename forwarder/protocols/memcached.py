@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from forwarder.protocols import Mapper, Warn
+from forwarder.protocols.lines import LineTooLong, take_line
 
 CLUSTER_KEY = b"AmazonElastiCache:cluster"
 """The key the pre-1.4.14 `get` form of Auto Discovery reads."""
@@ -148,22 +149,12 @@ class AutoDiscoveryRewriter:
                 i += step
                 self._request_skip -= step
                 continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                if len(self._request_line) + n - i > _MAX_REQUEST_LINE:
-                    self._passthrough = True  # cannot follow the requests any more; stop rewriting
-                    return
-                self._request_line += data[i:]
+            try:
+                line, i = take_line(self._request_line, data, i, _MAX_REQUEST_LINE)
+            except LineTooLong:
+                self._passthrough = True  # cannot follow the requests any more; stop rewriting
                 return
-            if self._request_line:
-                self._request_line += data[i : j + 1]
-                line = bytes(self._request_line)
-                self._request_line.clear()
-            else:
-                line = data[i : j + 1]
-            i = j + 1
-            if len(line) - 1 > _MAX_REQUEST_LINE:  # same verdict however the line was cut
-                self._passthrough = True
+            if line is None:
                 return
             self._on_request(line.split())
 

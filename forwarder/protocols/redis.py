@@ -6,6 +6,7 @@ import re
 from collections import deque
 
 from forwarder.protocols import Mapper, resp
+from forwarder.protocols.lines import LineTooLong, take_line
 
 # What a reply is, known from the command it answers. An EXEC reply is a tuple of its queued commands' kinds.
 OTHER, SLOTS, SHARDS, NODES, PASSTHROUGH = range(5)
@@ -269,21 +270,14 @@ class ClusterRewriter:
                 if not self._arg_skip:
                     self._end_argument()
                 continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                if len(self._client_line) + n - i > _MAX_INLINE:
-                    self._lose_track()
-                    return
-                self._client_line += data[i:]
+            try:
+                line, i = take_line(self._client_line, data, i, _MAX_INLINE)
+            except LineTooLong:
+                self._lose_track()
                 return
-            if self._client_line:
-                self._client_line += data[i : j + 1]
-                line = bytes(self._client_line)
-                self._client_line.clear()
-            else:
-                line = data[i : j + 1]
-            i = j + 1
-            if len(line) - 1 > _MAX_INLINE or not self._on_request_line(line):
+            if line is None:
+                return
+            if not self._on_request_line(line):
                 self._lose_track()
                 return
 
