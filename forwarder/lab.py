@@ -374,7 +374,9 @@ class UpResult:
 
 
 def _natfwd_command() -> list[str]:
-    return ["natfwd"] if shutil.which("natfwd") else [sys.executable, "-m", "forwarder"]
+    # The natfwd of this very install (another one may come first on PATH, or its bin/ may not be on PATH at all).
+    script = Path(sys.executable).with_name("natfwd")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "forwarder"]
 
 
 def _package_env() -> dict[str, str]:
@@ -502,8 +504,9 @@ def status(name: str) -> Status:
 def describe_up(result: UpResult) -> str:
     """The text `natfwd lab up` prints: what runs where, and how to try it from the client namespace."""
     lab = result.lab
-    natfwd = " ".join(_natfwd_command())
-    if natfwd != "natfwd":
+    command = _natfwd_command()
+    natfwd = " ".join(command)
+    if len(command) > 1:  # python -m forwarder: point it at this checkout
         natfwd = f"PYTHONPATH={Path(__file__).resolve().parent.parent} {natfwd}"
     forwarder = (
         f"natfwd serve (pid {result.serve_pid}, log {result.state / 'serve.log'})"
