@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols.memcached import (
     CLUSTER_KEY,
@@ -234,19 +235,8 @@ def feed(
 ) -> tuple[bytes, int, list[str]]:
     """One connection: client bytes (in pieces), then the reply cut at `cuts`; returns output, held count, warnings."""
     warnings: list[str] = []
-    rewriter = AutoDiscoveryRewriter(the_mapper, warnings.append)
-    previous = 0
-    for cut in [*(client_cuts or []), len(client)]:
-        rewriter.from_client(client[previous:cut])
-        previous = cut
-    out, previous = [], 0
-    for cut in [*cuts, len(reply)]:
-        out.append(rewriter.from_node(reply[previous:cut]))
-        previous = cut
-    held = rewriter.pending()
-    out.append(rewriter.flush())
-    assert rewriter.pending() == 0
-    return b"".join(out), held, warnings
+    out, held = run_connection(AutoDiscoveryRewriter(the_mapper, warnings.append), client, reply, cuts, client_cuts)
+    return out, held, warnings
 
 
 @pytest.mark.parametrize(
@@ -340,17 +330,10 @@ def test_parse_and_render_helpers() -> None:
 # -- fuzz ------------------------------------------------------------------------------------------------------
 
 
-def random_cuts(rng: random.Random, size: int) -> list[int]:
-    return sorted(rng.sample(range(size + 1), min(size + 1, rng.randrange(1, 6))))
-
-
 def test_fuzz_random_pipelines_of_table_cases() -> None:
     rng = random.Random(11211)
     for _ in range(800):
-        picked = [rng.choice(FOLLOWED) for _ in range(rng.randrange(1, 5))]
-        client = b"".join(case[1] for case in picked)
-        reply = b"".join(case[2] for case in picked)
-        expected = b"".join(case[3] for case in picked)
+        client, reply, expected = random_pipeline(rng, FOLLOWED)
         out, _, _ = feed(client, reply, random_cuts(rng, len(reply)), client_cuts=random_cuts(rng, len(client)))
         assert out == expected
 
@@ -376,11 +359,7 @@ def test_fuzz_corrupted_input_never_raises_and_never_invents_bytes() -> None:
     sources = [case[2] for case in ALL_CASES]
     requests = [case[1] for case in ALL_CASES]
     for _ in range(3000):
-        reply = bytearray(rng.choice(sources) + rng.choice(sources))
-        for _ in range(rng.randrange(4)):
-            position = rng.randrange(len(reply))
-            reply[position : position + rng.randrange(3)] = rng.randbytes(rng.randrange(3))
-        mutated = bytes(reply[: rng.randrange(len(reply) + 1)] if rng.random() < 0.3 else reply)
+        mutated = corrupted(rng, sources)
         client = rng.choice(requests) if rng.random() < 0.7 else rng.randbytes(rng.randrange(30))
         cuts = random_cuts(rng, len(mutated))
         feed(client, mutated, cuts)  # must not raise

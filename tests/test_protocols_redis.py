@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols import resp
 from forwarder.protocols.redis import ClusterRewriter, rewrite_cluster_nodes, rewrite_redirect
@@ -410,19 +411,7 @@ PIPELINABLE = [case for case in CASES if case[0] != "reply-without-command"]  # 
 
 def feed(client: bytes, reply: bytes, cuts: list[int], *, client_cuts: list[int] | None = None, the_mapper=mapper):
     """Run one connection: all client bytes (in pieces), then the reply in pieces cut at `cuts`; return all output."""
-    rewriter = ClusterRewriter(the_mapper)
-    previous = 0
-    for cut in [*(client_cuts or []), len(client)]:
-        rewriter.from_client(client[previous:cut])
-        previous = cut
-    out, previous = [], 0
-    for cut in [*cuts, len(reply)]:
-        out.append(rewriter.from_node(reply[previous:cut]))
-        previous = cut
-    held = rewriter.pending()
-    out.append(rewriter.flush())
-    assert rewriter.pending() == 0
-    return b"".join(out), held
+    return run_connection(ClusterRewriter(the_mapper), client, reply, cuts, client_cuts)
 
 
 @pytest.mark.parametrize(("client", "reply", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -546,10 +535,6 @@ def random_value(rng: random.Random, depth: int = 0) -> bytes:
     return b"%?\r\n" + b"".join(items * 2) + b".\r\n"
 
 
-def random_cuts(rng: random.Random, size: int) -> list[int]:
-    return sorted(rng.sample(range(size + 1), min(size + 1, rng.randrange(1, 6))))
-
-
 def test_fuzz_plain_replies_never_altered() -> None:
     """Replies to ordinary commands, however nested or cut, come out byte-identical."""
     rng = random.Random(20240501)
@@ -565,10 +550,7 @@ def test_fuzz_random_pipelines_of_table_cases() -> None:
     """Random pipelines of the table cases, cut at random points, give the concatenated expected bytes."""
     rng = random.Random(7)
     for _ in range(600):
-        picked = [rng.choice(PIPELINABLE) for _ in range(rng.randrange(1, 5))]
-        client = b"".join(case[1] for case in picked)
-        reply = b"".join(case[2] for case in picked)
-        expected = b"".join(case[3] for case in picked)
+        client, reply, expected = random_pipeline(rng, PIPELINABLE)
         out, _ = feed(client, reply, random_cuts(rng, len(reply)), client_cuts=random_cuts(rng, len(client)))
         assert out == expected
 
@@ -578,11 +560,7 @@ def test_fuzz_corrupted_input_never_raises_and_never_invents_bytes() -> None:
     rng = random.Random(99)
     sources = [case[2] for case in ALL_CASES]
     for _ in range(3000):
-        reply = bytearray(rng.choice(sources) + rng.choice(sources))
-        for _ in range(rng.randrange(4)):
-            position = rng.randrange(len(reply))
-            reply[position : position + rng.randrange(3)] = rng.randbytes(rng.randrange(3))
-        reply = bytes(reply[: rng.randrange(len(reply) + 1)] if rng.random() < 0.3 else reply)
+        reply = corrupted(rng, sources)
         client = bytes(rng.choice([case[1] for case in ALL_CASES]))
         if rng.random() < 0.3:
             client = rng.randbytes(rng.randrange(30))
