@@ -57,7 +57,7 @@ class BufferPool:
     cost no buffer memory at all). The pool also keeps raw mode's spare pipes, and its file-descriptor budget.
     """
 
-    __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "can_splice")
+    __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "reserved_fds", "can_splice")
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
@@ -65,6 +65,7 @@ class BufferPool:
         self.pipes: list[tuple[int, int]] = []  # empty pipes, ready for the next bulk read
         self.extra_fds = 0  # descriptors raw mode holds now: socket duplicates and pipes
         self.fd_budget = -1  # computed on first use: raise_fd_limit() runs before the first connection
+        self.reserved_fds = 0  # descriptors the connections themselves may need; 0 = unknown
         self.can_splice = True  # until the kernel refuses it once
 
     def take(self) -> memoryview:
@@ -78,12 +79,13 @@ class BufferPool:
     def reserve_fds(self, count: int) -> bool:
         """Claim `count` descriptors for raw mode; False when that would eat into what accept() needs.
 
-        Raw mode is an optimisation, so it may use at most a quarter of RLIMIT_NOFILE; running out of descriptors
-        must never refuse a client.
+        Raw mode is an optimisation and running out of descriptors must never refuse a client, so it gets only what
+        RLIMIT_NOFILE leaves beyond `reserved_fds` (a quarter of the limit while that is unknown).
         """
         if self.fd_budget < 0:
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            self.fd_budget = (1 << 20 if soft == resource.RLIM_INFINITY else soft) // 4
+            limit = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+            self.fd_budget = max(0, limit - self.reserved_fds) if self.reserved_fds else limit // 4
         if self.extra_fds + count > self.fd_budget:
             return False
         self.extra_fds += count

@@ -228,6 +228,7 @@ class Worker:
         self.reuse_port = reuse_port
         self.count_reloads = count_reloads
         self.pool = BufferPool(buffer_size)
+        self.pool.reserved_fds = fds_needed(cfg.max_connections)
         self.server_ssl = tls.server_context(cfg)
         self.upstream_ssl = tls.upstream_context(cfg)
         self.routes: dict[int, Route] = {}
@@ -440,6 +441,9 @@ class Worker:
             log.warning("turning tls on or off, or changing tls.client_ca, takes effect at the next restart")
         del server_ssl
         self.upstream_ssl = upstream_ssl
+        if new.max_connections != old.max_connections:
+            self.pool.reserved_fds = fds_needed(new.max_connections)
+            self.pool.fd_budget = -1  # recomputed at the next busy connection
         self.config = new
 
     # --- drain ------------------------------------------------------------------------------------------------
@@ -500,6 +504,14 @@ def _bind_message(address: str, port: int, exc: OSError) -> str:
     return f"cannot bind {address}:{port}: {exc.strerror or exc}"
 
 
+def fds_needed(max_connections: int) -> int:
+    """Descriptors a worker needs at its connection limit: a client and a node socket each, plus listeners and logs.
+
+    Raw mode's socket duplicates and pipes come only out of what the open-file limit leaves beyond this.
+    """
+    return 2 * max_connections + 64
+
+
 def raise_fd_limit(max_connections: int) -> None:
     """Raise RLIMIT_NOFILE's soft limit to the hard limit; warn when that still cannot hold max_connections."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -511,7 +523,7 @@ def raise_fd_limit(max_connections: int) -> None:
             soft = hard
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
-    needed = 2 * max_connections + 64  # a client and a node socket per connection, plus listeners and logs
+    needed = fds_needed(max_connections)
     if soft < needed:
         log.warning(
             "open-file limit is below what max_connections needs; raise LimitNOFILE or ulimit -n",
