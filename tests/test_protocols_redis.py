@@ -80,12 +80,22 @@ NODES_PUBLIC = (
     b"disconnected\n"
 )
 NODE_ID = bulk("07c37dfeb235213a872192d90877d0cd55635b91")
+PUBLIC_REPLICA = (PUBLIC, 11213)  # the slots replies' replica, 10.0.1.232:6379, as clients see it
 
 
-def slots_reply(host: bytes, port: int, meta: bytes, *, resp3: bool = False, second: bytes | None = None) -> bytes:
+def slots_reply(
+    host: bytes | str,
+    port: int,
+    meta: bytes,
+    *,
+    resp3: bool = False,
+    second: bytes | None = None,
+    replica: tuple[str, int] = ("10.0.1.232", 6379),
+) -> bytes:
+    """CLUSTER SLOTS: slots 0-5460 on `host:port` and a replica (no metadata), then the `second` range if given."""
     node = array(bulk(host), integer(port), NODE_ID, meta)
-    replica = array(bulk("10.0.1.232"), integer(6379), NODE_ID, resp3_map() if resp3 else array())
-    ranges = [array(integer(0), integer(5460), node, replica)]
+    replica_node = array(bulk(replica[0]), integer(replica[1]), NODE_ID, resp3_map() if resp3 else array())
+    ranges = [array(integer(0), integer(5460), node, replica_node)]
     if second is not None:
         ranges.append(array(integer(5461), integer(16383), second))
     return array(*ranges)
@@ -157,40 +167,19 @@ CASES: list[tuple[str, bytes, bytes, bytes]] = [
         "slots-resp2-hostname-metadata",
         command("CLUSTER", "SLOTS"),
         slots_reply(b"10.0.1.230", 6379, array(bulk("hostname"), bulk("node-a.internal"))),
-        array(
-            array(
-                integer(0),
-                integer(5460),
-                array(bulk(PUBLIC), integer(11211), NODE_ID, array(bulk("hostname"), bulk(PUBLIC))),
-                array(bulk(PUBLIC), integer(11213), NODE_ID, array()),
-            )
-        ),
+        slots_reply(PUBLIC, 11211, array(bulk("hostname"), bulk(PUBLIC)), replica=PUBLIC_REPLICA),
     ),
     (
         "slots-resp3-map-metadata",
         command("CLUSTER", "SLOTS"),
         slots_reply(b"10.0.1.230", 6379, resp3_map(bulk("hostname"), bulk("node-a.internal")), resp3=True),
-        array(
-            array(
-                integer(0),
-                integer(5460),
-                array(bulk(PUBLIC), integer(11211), NODE_ID, resp3_map(bulk("hostname"), bulk(PUBLIC))),
-                array(bulk(PUBLIC), integer(11213), NODE_ID, resp3_map()),
-            )
-        ),
+        slots_reply(PUBLIC, 11211, resp3_map(bulk("hostname"), bulk(PUBLIC)), resp3=True, replica=PUBLIC_REPLICA),
     ),
     (
         "slots-preferred-hostname-matched-by-ip",
         command("CLUSTER", "SLOTS"),
         slots_reply(b"node-a.internal", 6379, array(bulk("ip"), bulk("10.0.1.230"))),
-        array(
-            array(
-                integer(0),
-                integer(5460),
-                array(bulk(PUBLIC), integer(11211), NODE_ID, array(bulk("ip"), bulk(PUBLIC))),
-                array(bulk(PUBLIC), integer(11213), NODE_ID, array()),
-            )
-        ),
+        slots_reply(PUBLIC, 11211, array(bulk("ip"), bulk(PUBLIC)), replica=PUBLIC_REPLICA),
     ),
     (
         "slots-unknown-endpoint-and-unmapped-node",
@@ -202,19 +191,13 @@ CASES: list[tuple[str, bytes, bytes, bytes]] = [
             resp3=True,
             second=array(bulk("10.9.9.9"), integer(6379), NODE_ID),
         ),
-        array(
-            array(
-                integer(0),
-                integer(5460),
-                array(
-                    bulk(PUBLIC),
-                    integer(11212),
-                    NODE_ID,
-                    resp3_map(bulk("ip"), bulk(PUBLIC), bulk("hostname"), bulk("")),
-                ),
-                array(bulk(PUBLIC), integer(11213), NODE_ID, resp3_map()),
-            ),
-            array(integer(5461), integer(16383), array(bulk("10.9.9.9"), integer(6379), NODE_ID)),
+        slots_reply(
+            PUBLIC,
+            11212,
+            resp3_map(bulk("ip"), bulk(PUBLIC), bulk("hostname"), bulk("")),
+            resp3=True,
+            second=array(bulk("10.9.9.9"), integer(6379), NODE_ID),
+            replica=PUBLIC_REPLICA,
         ),
     ),
     (
@@ -252,14 +235,7 @@ CASES: list[tuple[str, bytes, bytes, bytes]] = [
         bulk(NODES_PRIVATE)
         + bulk(NODES_PUBLIC)
         + bulk(MOVED_LOOKALIKE)
-        + array(
-            array(
-                integer(0),
-                integer(5460),
-                array(bulk(PUBLIC), integer(11211), NODE_ID, array()),
-                array(bulk(PUBLIC), integer(11213), NODE_ID, array()),
-            )
-        )
+        + slots_reply(PUBLIC, 11211, array(), replica=PUBLIC_REPLICA)
         + b"-MOVED 7 203.0.113.73:11211\r\n"
         + integer(5),
     ),
