@@ -58,8 +58,13 @@ def config(payload: bytes) -> bytes:
     return b"CONFIG cluster 0 %d\r\n%s\r\nEND\r\n" % (len(payload), payload)
 
 
+def legacy_reply(payload: bytes, flags: int = 0, cas: int | None = None) -> bytes:
+    """The reply to a get of the legacy cluster key: one VALUE block, then END."""
+    return value(CLUSTER_KEY, payload, flags, cas) + b"END\r\n"
+
+
 CONFIG_LOOKALIKE = config(PRIVATE)  # stored as a plain value, it must come back untouched
-LEGACY_LOOKALIKE = value(CLUSTER_KEY, PRIVATE) + b"END\r\n"
+LEGACY_LOOKALIKE = legacy_reply(PRIVATE)
 
 # (id, client bytes, node bytes, expected bytes, number of warnings)
 CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
@@ -75,27 +80,15 @@ CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
         b"203.0.113.73|203.0.113.73|11213\n\r\nEND\r\n",
         0,
     ),
-    (
-        "legacy-get",
-        b"get AmazonElastiCache:cluster\r\n",
-        value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
-        value(CLUSTER_KEY, PUBLIC_PAYLOAD) + b"END\r\n",
-        0,
-    ),
+    ("legacy-get", b"get AmazonElastiCache:cluster\r\n", legacy_reply(PRIVATE), legacy_reply(PUBLIC_PAYLOAD), 0),
     (
         "legacy-gets-keeps-flags-and-cas",
         b"gets AmazonElastiCache:cluster\r\n",
-        value(CLUSTER_KEY, PRIVATE, flags=7, cas=12345) + b"END\r\n",
-        value(CLUSTER_KEY, PUBLIC_PAYLOAD, flags=7, cas=12345) + b"END\r\n",
+        legacy_reply(PRIVATE, flags=7, cas=12345),
+        legacy_reply(PUBLIC_PAYLOAD, flags=7, cas=12345),
         0,
     ),
-    (
-        "legacy-gat",
-        b"gat 300 AmazonElastiCache:cluster\r\n",
-        value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
-        value(CLUSTER_KEY, PUBLIC_PAYLOAD) + b"END\r\n",
-        0,
-    ),
+    ("legacy-gat", b"gat 300 AmazonElastiCache:cluster\r\n", legacy_reply(PRIVATE), legacy_reply(PUBLIC_PAYLOAD), 0),
     (
         "legacy-in-multiget",
         b"get a AmazonElastiCache:cluster b\r\n",
@@ -134,23 +127,21 @@ CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
         + b"STORED\r\n"
         + value(b"b", LEGACY_LOOKALIKE, cas=None)
         + b"END\r\nDELETED\r\n2\r\nVERSION 1.6.18\r\nSTAT pid 1\r\nSTAT uptime 9\r\nEND\r\n"
-        + value(CLUSTER_KEY, PRIVATE)
-        + b"END\r\n",
+        + legacy_reply(PRIVATE),
         value(b"a", CONFIG_LOOKALIKE)
         + b"END\r\n"
         + config(PUBLIC_PAYLOAD)
         + b"STORED\r\n"
         + value(b"b", LEGACY_LOOKALIKE, cas=None)
         + b"END\r\nDELETED\r\n2\r\nVERSION 1.6.18\r\nSTAT pid 1\r\nSTAT uptime 9\r\nEND\r\n"
-        + value(CLUSTER_KEY, PUBLIC_PAYLOAD)
-        + b"END\r\n",
+        + legacy_reply(PUBLIC_PAYLOAD),
         0,
     ),
     (
         "unrequested-config-untouched",  # the request text sits inside a set's data block: not a request
         b"set k 0 0 20\r\nconfig get cluster\r\n\r\nms k 31 T0\r\nget AmazonElastiCache:cluster\r\n\r\n",
-        b"STORED\r\nHD\r\n" + config(PRIVATE) + value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
-        b"STORED\r\nHD\r\n" + config(PRIVATE) + value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
+        b"STORED\r\nHD\r\n" + config(PRIVATE) + legacy_reply(PRIVATE),
+        b"STORED\r\nHD\r\n" + config(PRIVATE) + legacy_reply(PRIVATE),
         0,
     ),
     (
@@ -163,8 +154,8 @@ CASES: list[tuple[str, bytes, bytes, bytes, int]] = [
     (
         "plain-memcached-says-error-then-legacy-form",
         b"config get cluster\r\nget AmazonElastiCache:cluster\r\n",
-        b"ERROR\r\n" + value(CLUSTER_KEY, PRIVATE) + b"END\r\n",
-        b"ERROR\r\n" + value(CLUSTER_KEY, PUBLIC_PAYLOAD) + b"END\r\n",
+        b"ERROR\r\n" + legacy_reply(PRIVATE),
+        b"ERROR\r\n" + legacy_reply(PUBLIC_PAYLOAD),
         0,
     ),
     (
@@ -318,9 +309,7 @@ def test_parse_and_render_helpers() -> None:
     assert render_cluster_config(version, nodes) == PRIVATE
     assert parse_cluster_config(b"1\n\n") == (1, [])
     assert render_config_reply(12, [NODE1]) == config(render_cluster_config(12, [NODE1]))
-    assert render_config_reply(12, [NODE1], legacy=True) == value(CLUSTER_KEY, render_cluster_config(12, [NODE1])) + (
-        b"END\r\n"
-    )
+    assert render_config_reply(12, [NODE1], legacy=True) == legacy_reply(render_cluster_config(12, [NODE1]))
     assert rewrite_cluster_config(PRIVATE, mapper, [].append) == PUBLIC_PAYLOAD
     for bad in (b"", b"x\nh|i|1\n", b"1\nh|i\n", b"1\nh|i|port\n", b"1\nh|i|0\n", b"1\n||11211\n", b"1\na|b|1\nmore\n"):
         with pytest.raises(ClusterConfigError):
@@ -428,8 +417,7 @@ def test_real_memcached_replies(memcached_port: int) -> None:
             value(b"a", CONFIG_LOOKALIKE)
             + value(b"b", LEGACY_LOOKALIKE)
             + b"END\r\nERROR\r\n"  # a plain memcached does not know `config get cluster`
-            + value(CLUSTER_KEY, payload, cas=int(cas.group(1)))
-            + b"END\r\n"
+            + legacy_reply(payload, cas=int(cas.group(1)))
             + version.group(0)
             + b"VA %d\r\n%s\r\n" % (len(CONFIG_LOOKALIKE), CONFIG_LOOKALIKE)
             + value(CLUSTER_KEY, payload)
