@@ -30,6 +30,12 @@ from forwarder.rewriting import NodeMap
 from forwarder.tracking import assign_ports
 
 REFRESH_S = 0.3
+LOOPBACK_MEMCACHED = """\
+engine: memcached
+public_address: 127.0.0.1
+listen_address: 127.0.0.1
+allowed_clients: [127.0.0.0/8]
+"""
 
 
 @pytest.mark.parametrize(
@@ -103,6 +109,22 @@ def whoami(port: int) -> str | None:
         client.close()
 
 
+def set_whoami(port: int, name: str) -> None:
+    """Store `name` under `whoami` on the memcached at `port`, directly (not through natfwd)."""
+    direct = Client(("127.0.0.1", port), timeout=2)
+    try:
+        direct.set("whoami", name)
+    finally:
+        direct.close()
+
+
+def write_loopback_config(directory: Path, rest: str) -> Path:
+    """natfwd.yaml: memcached served on 127.0.0.1 to clients from 127.0.0.0/8, then the keys in `rest`."""
+    path = directory / "natfwd.yaml"
+    path.write_text(LOOPBACK_MEMCACHED + rest)
+    return path
+
+
 def wait_until(predicate: Any, timeout_s: float, what: str, log: Any) -> float:
     started = time.monotonic()
     while not predicate():
@@ -140,19 +162,13 @@ def test_serve_follows_replaced_added_and_removed_nodes(aws: Aws, tmp_path: Path
     with ExitStack() as stack:
         node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 6)}
         for name, port in node_ports.items():
-            direct = Client(("127.0.0.1", port), timeout=2)
-            direct.set("whoami", name)
-            direct.close()
+            set_whoami(port, name)
         set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node2"], "0003": node_ports["node3"]})
         first = free_run(4)
         metrics_port = free_port()
-        path = tmp_path / "natfwd.yaml"
-        path.write_text(
+        path = write_loopback_config(
+            tmp_path,
             f"""
-engine: memcached
-public_address: 127.0.0.1
-listen_address: 127.0.0.1
-allowed_clients: [127.0.0.0/8]
 metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 discovery:
   cluster_id: mc
@@ -160,7 +176,7 @@ discovery:
   refresh_s: {REFRESH_S}
   first_port: {first}
   endpoint_url: {aws.url}
-"""
+""",
         )
         with serving(path, [first, first + 1, first + 2], metrics_port) as serve:
             assert [whoami(p) for p in range(first, first + 3)] == ["node1", "node2", "node3"]
@@ -200,22 +216,16 @@ discovery:
 def test_serve_keeps_serving_when_the_api_fails_and_counts_it(aws: Aws, tmp_path: Path, workers: int) -> None:
     memcached_cluster(aws, build_world(aws), "mc", nodes=1)
     with memcached_server() as node_port:
-        direct = Client(("127.0.0.1", node_port), timeout=2)
-        direct.set("whoami", "node1")
-        direct.close()
+        set_whoami(node_port, "node1")
         set_endpoints("mc", {"0001": node_port})
         first, metrics_port = free_port(), free_port()
-        path = tmp_path / "natfwd.yaml"
-        path.write_text(
+        path = write_loopback_config(
+            tmp_path,
             f"""
-engine: memcached
-public_address: 127.0.0.1
-listen_address: 127.0.0.1
-allowed_clients: [127.0.0.0/8]
 workers: {workers}
 metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 discovery: {{cluster_id: mc, region: {REGION}, refresh_s: {REFRESH_S}, first_port: {first}, endpoint_url: {aws.url}}}
-"""
+""",
         )
         with serving(path, [first], metrics_port) as serve:
             from moto.elasticache.models import elasticache_backends
@@ -243,15 +253,9 @@ discovery: {{cluster_id: mc, region: {REGION}, refresh_s: {REFRESH_S}, first_por
 
 
 def test_serve_start_fails_clearly_when_the_cluster_is_missing(aws: Aws, tmp_path: Path) -> None:
-    path = tmp_path / "natfwd.yaml"
-    path.write_text(
-        f"""
-engine: memcached
-public_address: 127.0.0.1
-listen_address: 127.0.0.1
-allowed_clients: [127.0.0.0/8]
-discovery: {{cluster_id: ghost, region: {REGION}, first_port: {free_port()}, endpoint_url: {aws.url}}}
-"""
+    path = write_loopback_config(
+        tmp_path,
+        f"discovery: {{cluster_id: ghost, region: {REGION}, first_port: {free_port()}, endpoint_url: {aws.url}}}\n",
     )
     result = subprocess.run(
         [sys.executable, "-m", "forwarder", "serve", "--config", str(path)],
@@ -311,18 +315,14 @@ def nxdomain_server() -> Iterator[tuple[str, list[str]]]:
 @root  # a mount namespace gives natfwd its own resolv.conf, pointing at the loopback server above
 def test_a_node_name_that_does_not_resolve_is_counted_once_per_worker(tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
-    path = tmp_path / "natfwd.yaml"
-    path.write_text(
+    path = write_loopback_config(
+        tmp_path,
         f"""
-engine: memcached
-public_address: 127.0.0.1
-listen_address: 127.0.0.1
-allowed_clients: [127.0.0.0/8]
 workers: 2
 metrics: {{listen: "127.0.0.1:{metrics_port}"}}
 forwards:
   - {{port: {port}, target: "node-gone.natfwd-test.invalid:11211"}}
-"""
+""",
     )
     with nxdomain_server() as (dns_address, asked):
         resolv = tmp_path / "resolv.conf"
