@@ -38,6 +38,7 @@ RAW_AFTER_READS = 8
 # to 1 MiB measured; 64 KiB moved 256 KiB values fastest).
 SPLICE_CHUNK = 64 * 1024
 SPLICE_BURST = 16  # chunks per readiness callback (1 MiB)
+RAW_FD_SHARE = 8  # raw mode may always use 1/8 of RLIMIT_NOFILE; more when max_connections leaves more
 PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
@@ -65,7 +66,7 @@ class BufferPool:
         self.pipes: list[tuple[int, int]] = []  # empty pipes, ready for the next bulk read
         self.extra_fds = 0  # descriptors raw mode holds now: socket duplicates and pipes
         self.fd_budget = -1  # computed on first use: raise_fd_limit() runs before the first connection
-        self.reserved_fds = 0  # descriptors the connections themselves may need; 0 = unknown
+        self.reserved_fds = 0  # descriptors the connections themselves may need at max_connections
         self.can_splice = True  # until the kernel refuses it once
 
     def take(self) -> memoryview:
@@ -79,13 +80,14 @@ class BufferPool:
     def reserve_fds(self, count: int) -> bool:
         """Claim `count` descriptors for raw mode; False when that would eat into what accept() needs.
 
-        Raw mode is an optimisation and running out of descriptors must never refuse a client, so it gets only what
-        RLIMIT_NOFILE leaves beyond `reserved_fds` (a quarter of the limit while that is unknown).
+        Raw mode is an optimisation, so it gets what RLIMIT_NOFILE leaves beyond `reserved_fds` (what the
+        connection limit needs), and never less than an eighth of the limit: under a limit too tight for both
+        (natfwd warns at start), busy connections stay fast at the cost of at most that eighth of the capacity.
         """
         if self.fd_budget < 0:
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             limit = 1 << 20 if soft == resource.RLIM_INFINITY else soft
-            self.fd_budget = max(0, limit - self.reserved_fds) if self.reserved_fds else limit // 4
+            self.fd_budget = max(limit - self.reserved_fds, limit // RAW_FD_SHARE)
         if self.extra_fds + count > self.fd_budget:
             return False
         self.extra_fds += count

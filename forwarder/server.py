@@ -17,7 +17,7 @@ from forwarder import config as config_mod
 from forwarder import tls
 from forwarder.acceptor import TlsListener
 from forwarder.errors import NatfwdError
-from forwarder.relay import BUFFER_SIZE, BufferPool, Half
+from forwarder.relay import BUFFER_SIZE, RAW_FD_SHARE, BufferPool, Half
 from forwarder.rewriting import (
     NodeMap,
     ObservingClient,
@@ -513,21 +513,33 @@ def fds_needed(max_connections: int) -> int:
 
 
 def raise_fd_limit(max_connections: int) -> None:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; warn when that still cannot hold max_connections."""
+    """Raise RLIMIT_NOFILE to hold max_connections and as much again for raw mode; warn when it cannot.
+
+    The soft limit goes up to the hard one; the hard one too when it is lower than that and we may raise it
+    (root, CAP_SYS_RESOURCE). Raw mode uses what the limit leaves beyond fds_needed(), but at least an eighth.
+    """
+    needed = fds_needed(max_connections)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
+    if hard < 2 * needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (2 * needed, 2 * needed))
+            soft = hard = 2 * needed
+        except (ValueError, OSError):
+            pass  # not privileged: keep what we were given
     if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit", extra={"soft": soft, "hard": hard, "error": str(exc)})
-    needed = fds_needed(max_connections)
-    if soft < needed:
+    if soft < needed + soft // RAW_FD_SHARE:
+        # Below `needed` not every connection can open; below that plus raw mode's share, busy connections in raw
+        # mode (splice) can hold descriptors a new connection would need.
         log.warning(
             "open-file limit is below what max_connections needs; raise LimitNOFILE or ulimit -n",
-            extra={"limit": soft, "needed": needed, "max_connections": max_connections},
+            extra={"limit": soft, "needed": needed, "recommended": 2 * needed, "max_connections": max_connections},
         )
 
 

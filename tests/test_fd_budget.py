@@ -1,16 +1,19 @@
-"""Raw mode's descriptors come only from what the open-file limit leaves beyond max_connections' own needs."""
+"""Raw mode's descriptors: what the open-file limit leaves beyond max_connections' needs, at least an eighth."""
 
 from __future__ import annotations
 
 import asyncio
 import resource
+import subprocess
+import sys
 
 from conftest import free_port
+from labkit import root
 from prometheus_client import CollectorRegistry
 
 from forwarder import config
 from forwarder.metrics import Metrics
-from forwarder.relay import BufferPool
+from forwarder.relay import RAW_FD_SHARE, BufferPool
 from forwarder.server import Worker, fds_needed
 
 
@@ -21,22 +24,18 @@ def soft_limit() -> int:
 
 def test_raw_mode_gets_only_the_descriptors_beyond_the_reservation() -> None:
     pool = BufferPool()
-    pool.reserved_fds = soft_limit() - 6
-    assert [pool.reserve_fds(2) for _ in range(4)] == [True, True, True, False]
-    assert pool.extra_fds == 6
-
-
-def test_a_limit_the_connections_already_fill_leaves_raw_mode_nothing() -> None:
-    pool = BufferPool()
-    pool.reserved_fds = soft_limit() + 100
+    spare = soft_limit() // RAW_FD_SHARE + 6
+    pool.reserved_fds = soft_limit() - spare
+    assert all(pool.reserve_fds(2) for _ in range(spare // 2))
     assert not pool.reserve_fds(2)
-    assert pool.extra_fds == 0
+    assert pool.extra_fds == spare
 
 
-def test_without_a_reservation_raw_mode_gets_a_quarter() -> None:
+def test_under_a_tight_limit_raw_mode_still_gets_an_eighth() -> None:
     pool = BufferPool()
+    pool.reserved_fds = soft_limit()  # max_connections alone would take every descriptor
     pool.reserve_fds(0)
-    assert pool.fd_budget == soft_limit() // 4
+    assert pool.fd_budget == soft_limit() // RAW_FD_SHARE
 
 
 def config_with(port: int, max_connections: int) -> config.Config:
@@ -60,11 +59,49 @@ def test_the_worker_reserves_what_its_connection_limit_needs_and_follows_reloads
         try:
             assert worker.pool.reserved_fds == fds_needed(1000) == 2064
             worker.pool.reserve_fds(0)
-            assert worker.pool.fd_budget == max(0, soft_limit() - 2064)
-            assert await worker.reload(config_with(port, soft_limit()))  # a limit no descriptor budget can hold
+            assert worker.pool.fd_budget == max(soft_limit() - 2064, soft_limit() // RAW_FD_SHARE)
+            assert await worker.reload(config_with(port, soft_limit()))  # more than the limit can hold
             assert worker.pool.reserved_fds == fds_needed(soft_limit())
-            assert not worker.pool.reserve_fds(2)
+            worker.pool.reserve_fds(0)
+            assert worker.pool.fd_budget == soft_limit() // RAW_FD_SHARE
         finally:
             await worker.drain()
 
     asyncio.run(main())
+
+
+def limits_after_raise(hard: int, max_connections: int) -> tuple[int, int]:
+    """RLIMIT_NOFILE after raise_fd_limit, in a child process that starts from `hard` (this process keeps its own)."""
+    code = (
+        "import resource, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard}))\n"
+        "from forwarder.server import raise_fd_limit\n"
+        f"raise_fd_limit({max_connections})\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30).stdout
+    soft, hard_after = out.split()
+    return int(soft), int(hard_after)
+
+
+def may_raise_hard_limit() -> bool:
+    """Whether this process may raise a hard limit (CAP_SYS_RESOURCE); some sandboxes deny it even to root."""
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 1000))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1001, 1001))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode == 0
+
+
+@root
+def test_a_tight_hard_limit_is_raised_to_hold_raw_mode_as_well_when_allowed() -> None:
+    expected = 2 * fds_needed(1000) if may_raise_hard_limit() else 1000
+    assert limits_after_raise(1000, 1000) == (expected, expected)
+
+
+def test_a_limit_that_already_holds_both_is_left_alone() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    hard = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    assert hard >= 2 * fds_needed(100)
+    assert limits_after_raise(hard, 100) == (hard, hard)
