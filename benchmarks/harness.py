@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from benchmarks import report
-from benchmarks.loads import Load, Runner
+from benchmarks import cpu, report
+from benchmarks.loads import Load, Runner, requests_per_run
 from benchmarks.paths import PATHS, REPO, PathSpec, RunningPath
 from forwarder.errors import NatfwdError
 from forwarder.lab import Lab, require_root
@@ -201,21 +201,26 @@ class Bench:
         assert self.runner is not None
         running = self.running[spec.id]
         started = time.monotonic()
+        count = self.counts.get(load.id, 0)
         try:
             running.before()
             try:
+                proxy_before, machine_before = cpu.tree(running.pids), cpu.machine()
                 values = self.runner.run(
-                    load,
-                    spec.host(self.lab.nodes[0].address),
-                    spec.port(load.engine),
-                    self.settings.duration_s,
-                    self.counts.get(load.id, 0),
+                    load, spec.host(self.lab.nodes[0].address), spec.port(load.engine), self.settings.duration_s, count
                 )
+                proxy, busy = cpu.tree(running.pids) - proxy_before, cpu.machine() - machine_before
             finally:
                 running.after()
         except NatfwdError as exc:
             return report.Measurement(round_no, load.id, spec.id, {}, time.monotonic() - started, str(exc))
-        return report.Measurement(round_no, load.id, spec.id, values, time.monotonic() - started)
+        spent = {"machine_s": busy.total_s}
+        if running.pids:
+            spent |= {"proxy_user_s": proxy.user_s, "proxy_sys_s": proxy.sys_s}
+        requests = requests_per_run(load, count)
+        if requests:
+            spent["requests"] = float(requests)
+        return report.Measurement(round_no, load.id, spec.id, values, time.monotonic() - started, cpu=spent)
 
     def rounds(self) -> None:
         settings = self.settings

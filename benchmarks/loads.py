@@ -210,6 +210,17 @@ def redis_benchmark_argv(host: str, port: int, requests: int, args: dict[str, ob
     return argv
 
 
+def requests_per_run(load: Load, count: int) -> int | None:
+    """How many requests one run of a fixed-count load makes (`count` as calibrated); None for the agent's loads,
+    which run for a duration."""
+    if load.tool == "redis-benchmark":
+        return count * len(str(load.args.get("tests", "get")).split(","))
+    if load.tool == "memcslap":
+        concurrency = int(str(load.args["concurrency"]))
+        return max(1, count // concurrency) * concurrency
+    return None
+
+
 class Runner:
     """Runs loads against a host:port from the client namespace; owns the agent process."""
 
@@ -226,7 +237,7 @@ class Runner:
             text = _netns_run(self.namespace, redis_benchmark_argv(host, port, count, load.args), timeout_s)
             return _pick(load, parse_redis_benchmark_csv(text), text)
         concurrency = int(str(load.args["concurrency"]))
-        per_thread = max(1, count // concurrency)
+        per_thread = max(1, count // concurrency)  # requests_per_run() says the same
         argv = ["memcslap", "-s", f"{host}:{port}", "-t", "get", "-c", str(concurrency), "-e", str(per_thread)]
         text = _netns_run(self.namespace, argv, timeout_s)
         keys, seconds = parse_memcslap(text)

@@ -120,6 +120,7 @@ class RunningPath:
         self.lab = lab
         self.workdir = workdir
         self.node_address = lab.nodes[0].address
+        self.pids: list[int] = []  # the processes this path started in the NAT namespace (none for direct, kernel)
 
     def start(self) -> None:
         """Start the path's processes and wait until its ports accept from the client; raises NatfwdError."""
@@ -145,7 +146,7 @@ class RunningPath:
             lab.wait_listening(lab.client, PUBLIC_ADDRESS, spec.port(engine), 15.0, process)
 
     def _popen(self, argv: Sequence[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return self.lab.popen(
+        process = self.lab.popen(
             self.lab.nat,
             argv,
             stdin=subprocess.DEVNULL,
@@ -154,6 +155,8 @@ class RunningPath:
             cwd=self.workdir,
             env=env,
         )
+        self.pids.append(process.pid)
+        return process
 
     def before(self) -> None:
         if self.spec.kind == "kernel":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.loads import FIGURES, LOADS, Figure
@@ -67,7 +67,11 @@ TARGETS: tuple[Target, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class Measurement:
-    """One load run on one path in one round; `values` maps figure id to value, empty when it failed."""
+    """One load run on one path in one round; `values` maps figure id to value, empty when it failed.
+
+    `cpu` holds what the run cost: `proxy_user_s`/`proxy_sys_s` (the path's processes in the NAT namespace, for
+    paths that have some), `machine_s` (every CPU's busy time) and `requests` (for the fixed-count tools).
+    """
 
     round: int
     load: str
@@ -75,6 +79,7 @@ class Measurement:
     values: Mapping[str, float]
     seconds: float
     error: str | None = None
+    cpu: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +89,7 @@ class Measurement:
             "values": dict(self.values),
             "seconds": round(self.seconds, 3),
             "error": self.error,
+            "cpu": {k: round(v, 4) for k, v in self.cpu.items()},
         }
 
     @staticmethod
@@ -95,7 +101,23 @@ class Measurement:
             {str(k): float(v) for k, v in data["values"].items()},
             float(data["seconds"]),
             data.get("error"),
+            {str(k): float(v) for k, v in data.get("cpu", {}).items()},
         )
+
+    def cpu_per_request_us(self, key: str) -> float | None:
+        """µs of `key` (`proxy`, `proxy_user` or `machine`) per request; None when not known."""
+        requests = self.cpu.get("requests")
+        if not requests or self.error:
+            return None
+        if key == "proxy":
+            if "proxy_user_s" not in self.cpu:
+                return None
+            seconds = self.cpu["proxy_user_s"] + self.cpu["proxy_sys_s"]
+        elif f"{key}_s" in self.cpu:
+            seconds = self.cpu[f"{key}_s"]
+        else:
+            return None
+        return seconds / requests * 1e6
 
 
 def per_round(measurements: Iterable[Measurement]) -> dict[str, dict[str, dict[int, float]]]:
@@ -270,6 +292,53 @@ def tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list
     return lines
 
 
+def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
+    """CPU per request for the fixed-count loads: the proxy's own (user share in brackets) and the machine's."""
+    by_load: dict[str, dict[str, list[Measurement]]] = {}
+    for m in measurements:
+        if m.cpu.get("requests") and not m.error:
+            by_load.setdefault(m.load, {}).setdefault(m.path, []).append(m)
+    if not by_load:
+        return []
+    proxies = [p for p in path_ids if any(m.cpu_per_request_us("proxy") is not None for r in by_load.values()
+                                         for m in r.get(p, []))]  # fmt: skip
+    labels = {load.id: load.label for load in LOADS}
+    lines = [
+        "### CPU per request",
+        "",
+        "Medians over rounds, from /proc while each measurement ran (10 ms ticks). The proxy's figure is every "
+        "process the path started in the NAT namespace, children and threads included; the machine's is all CPUs' "
+        "busy time (client, proxy, node, kernel).",
+        "",
+    ]
+    if proxies:
+        lines += [
+            "| load | " + " | ".join(f"{SHORT[p]} µs (user)" for p in proxies) + " |",
+            "|---|" + "---:|" * len(proxies),
+        ]
+        for load_id in (load.id for load in LOADS if load.id in by_load):
+            cells = []
+            for p in proxies:
+                runs = by_load[load_id].get(p, [])
+                total = median([v for m in runs if (v := m.cpu_per_request_us("proxy")) is not None])
+                user = median([v for m in runs if (v := m.cpu_per_request_us("proxy_user")) is not None])
+                cells.append("–" if total is None else f"{total:.1f} ({user or 0:.1f})")
+            lines.append(f"| {labels[load_id]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "| load | " + " | ".join(f"{SHORT[p]} machine µs" for p in path_ids) + " |",
+        "|---|" + "---:|" * len(path_ids),
+    ]
+    for load_id in (load.id for load in LOADS if load.id in by_load):
+        cells = []
+        for p in path_ids:
+            values = [v for m in by_load[load_id].get(p, []) if (v := m.cpu_per_request_us("machine")) is not None]
+            value = median(values)
+            cells.append("–" if value is None else f"{value:.1f}")
+        lines.append(f"| {labels[load_id]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def per_round_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
     table = per_round(measurements)
     rounds = sorted({m.round for m in measurements})
@@ -308,6 +377,9 @@ def markdown(
         *tables(measurements, path_ids),
         "",
     ]
+    cpu = cpu_tables(measurements, path_ids)
+    if cpu:
+        lines += [*cpu, ""]
     if chart_name:
         lines += [f"![natfwd benchmark chart]({chart_name})", ""]
     errors = [m for m in measurements if m.error]

@@ -16,9 +16,16 @@ import pytest
 from conftest import IN_CI, Node, require_binary
 from labkit import root
 
-from benchmarks import agent, report
+from benchmarks import agent, cpu, report
 from benchmarks.harness import measuring_order
-from benchmarks.loads import FIGURES, parse_memcslap, parse_redis_benchmark_csv, redis_benchmark_argv
+from benchmarks.loads import (
+    FIGURES,
+    LOADS,
+    parse_memcslap,
+    parse_redis_benchmark_csv,
+    redis_benchmark_argv,
+    requests_per_run,
+)
 from benchmarks.paths import PATHS, haproxy_config, natfwd_config, nft_rules, socat_argv
 from benchmarks.report import Measurement
 from forwarder import config, lab
@@ -176,6 +183,68 @@ def test_socat_relays_with_nodelay_and_the_allowlist() -> None:
 
 
 # --- the agent against real servers ----------------------------------------------------------------------------
+def test_proc_stat_lines_parse_even_with_a_parenthesised_command_name() -> None:
+    tick = cpu.TICK_S
+    own, reaped = cpu.parse_stat("42 (a) (b c)) S 1 42 42 0 -1 4194560 0 0 0 0 250 50 30 20 20 0 1 0 5 0 0")
+    assert (own.user_s, own.sys_s, reaped.user_s, reaped.sys_s) == pytest.approx(
+        (250 * tick, 50 * tick, 30 * tick, 20 * tick)
+    )
+    busy = cpu.parse_proc_stat("cpu  100 5 40 9000 7 1 2 3 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert (busy.user_s, busy.sys_s) == pytest.approx((105 * tick, 46 * tick))  # idle and iowait left out
+
+
+def test_a_process_trees_cpu_counts_live_and_reaped_children() -> None:
+    # A parent that lets one child burn CPU and exit (reaped), then starts another that burns and stays alive.
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    script = (
+        "import subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {burn!r}])\n"
+        f"live = subprocess.Popen([sys.executable, '-c', {burn!r} + 'time.sleep(30)'])\n"
+        "print('ready', flush=True)\n"
+        "live.wait()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while cpu.tree([parent.pid]).total_s < 0.55 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu.tree([parent.pid]).total_s >= 0.55  # 0.3 s reaped + 0.3 s live, minus tick rounding
+        assert cpu.tree([2**22 + 1]) == cpu.Cpu()  # a pid that cannot exist counts nothing
+    finally:
+        for child in cpu._children(parent.pid):
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
+
+
+def test_fixed_count_loads_know_their_requests_and_timed_ones_do_not() -> None:
+    loads = {load.id: load for load in LOADS}
+    assert requests_per_run(loads["rb-get-c50"], 1000) == 1000
+    assert requests_per_run(loads["rb-256k"], 300) == 600  # SET and GET
+    assert requests_per_run(loads["ms-get-c50"], 1020) == 1000  # whole requests per thread
+    assert requests_per_run(loads["mc-1conn"], 0) is None
+
+
+def test_cpu_per_request_table_shows_the_proxy_and_the_machine() -> None:
+    def run(path: str, round_no: int, proxy: bool) -> Measurement:
+        spent = {"machine_s": 0.2 * round_no, "requests": 10000.0}
+        if proxy:
+            spent |= {"proxy_user_s": 0.02, "proxy_sys_s": 0.08}
+        return Measurement(round_no, "rb-get-c50", path, {"rb-get-c50": 1e5}, 1.0, cpu=spent)
+
+    measurements = [run(p, r, p != "direct") for p in ("direct", "natfwd-w1") for r in (1, 2, 3)]
+    assert measurements[3].cpu_per_request_us("proxy") == pytest.approx(10.0)
+    assert measurements[0].cpu_per_request_us("proxy") is None
+    text = "\n".join(report.cpu_tables(measurements, ["direct", "natfwd-w1"]))
+    assert "| redis-benchmark GET, 50 connections | 10.0 (2.0) |" in text
+    assert "| redis-benchmark GET, 50 connections | 40.0 | 40.0 |" in text  # machine: median of 20, 40, 60
+    assert Measurement.from_json(measurements[3].to_json()) == measurements[3]
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert agent.percentile(values, 0.5) == 50.0 and agent.percentile(values, 0.99) == 99.0
@@ -270,6 +339,14 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
         (load, path) for load in ("rb-get-c50", "mc-1conn") for path in ("direct", "natfwd-w1", "haproxy-t1")
     }
     assert data["summary"]["figures"]["rb-get-c50"]["median"]["natfwd-w1"] > 1000
+    spent = {(m["load"], m["path"]): m["cpu"] for m in data["measurements"]}
+    counts = {load["id"]: load["requests_per_run"] for load in data["loads"]}
+    assert spent[("rb-get-c50", "natfwd-w1")]["requests"] == counts["rb-get-c50"]
+    assert spent[("rb-get-c50", "natfwd-w1")]["proxy_sys_s"] > 0  # natfwd did the relaying
+    assert "proxy_sys_s" not in spent[("rb-get-c50", "direct")]  # no proxy on the direct path
+    assert "requests" not in spent[("mc-1conn", "natfwd-w1")]  # the agent's loads run for a time, not a count
+    assert all(cost["machine_s"] > 0 for cost in spent.values())
+    assert "### CPU per request" in (out / "results.md").read_text()
     assert "## Targets (issue 6)" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _bench_namespaces() == before
