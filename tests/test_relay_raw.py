@@ -8,77 +8,26 @@ import hashlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 from conftest import Node
-from prometheus_client import CollectorRegistry
+from relaykit import (
+    LOOPS,
+    Firehose,
+    check_the_node_is_held_back,
+    echo,
+    only_connection,
+    run,
+    sink,
+    wait_for,
+    worker_for,
+)
 from tlskit import CA
 
-from forwarder import config, relay
-from forwarder.metrics import Metrics
-from forwarder.server import ClientHalf, Worker
-
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
-
-
-def run(loop_name: str, coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(coro())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@asynccontextmanager
-async def worker_for(target_port: int, *, fd_budget: int | None = None, buffer_size: int = 64 * 1024,
-                     **extra: object) -> AsyncIterator[tuple[Worker, int]]:  # fmt: skip
-    """An in-process natfwd worker forwarding a free port to `target_port`; drained on exit."""
-    port = free_port()
-    data: dict[str, object] = {
-        "engine": "memcached",
-        "public_address": "127.0.0.1",
-        "listen_address": "127.0.0.1",
-        "allowed_clients": ["127.0.0.0/8"],
-        "forwards": [{"port": port, "target": f"127.0.0.1:{target_port}"}],
-        **extra,
-    }
-    worker = Worker(config.parse(data), None, Metrics(CollectorRegistry()), reuse_port=False, buffer_size=buffer_size)
-    if fd_budget is not None:
-        worker.pool.fd_budget = fd_budget
-    await worker.start()
-    try:
-        yield worker, port
-    finally:
-        await worker.drain()
-
-
-async def sink(handler: Handler) -> tuple[asyncio.Server, int]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(100_000):
-        writer.write(data)
-        await writer.drain()
-    writer.write_eof()
-    await writer.drain()
-    writer.close()
-
-
-def only_connection(worker: Worker) -> ClientHalf:
-    (route,) = worker.routes.values()
-    (conn,) = route.connections
-    return conn
+from forwarder import relay
 
 
 async def ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rounds: int = 20) -> None:
@@ -113,15 +62,6 @@ async def transfer_both_ways(port: int, size: int, check: Callable[[], None] | N
     assert len(received) == len(payload)
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
     writer.close()
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -232,43 +172,15 @@ def test_raw_mode_holds_back_a_fast_node_for_a_slow_client(
 ) -> None:
     if mode == "copy":
         no_splice(monkeypatch)
-    sent = 0
-
-    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
-        for _ in range(20):  # the ping-pong, answered by hand
-            line = await reader.readline()
-            writer.write(line)
-        chunk = b"z" * 65536
-        try:
-            while sent < 200 * 1024 * 1024:
-                writer.write(chunk)
-                await writer.drain()
-                sent += len(chunk)
-        except (ConnectionError, OSError):
-            pass
+    firehose = Firehose(echo_lines=20)  # the ping-pong, answered by hand
 
     async def main() -> None:
         server, target = await sink(firehose)
         async with worker_for(target) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
             await ping_pong(reader, writer)
-            conn = only_connection(worker)
-            assert conn.raw is not None
-            writer.transport.pause_reading()
-            await asyncio.sleep(1.0)
-            stalled_at = sent
-            await asyncio.sleep(0.5)
-            assert sent == stalled_at  # the node is held back by kernel buffers and one chunk in our pipe/buffer
-            assert sent < 32 * 1024 * 1024
-            assert conn.peer is not None and conn.peer.reading_paused
-            writer.transport.resume_reading()
-            got = 0
-            while got < 8 * 1024 * 1024:
-                data = await asyncio.wait_for(reader.read(1 << 20), 10)
-                assert data.strip(b"z") == b""
-                got += len(data)
-            assert sent > stalled_at
+            assert only_connection(worker).raw is not None
+            await check_the_node_is_held_back(firehose, worker, reader, writer)
             writer.close()
         server.close()
 

@@ -1,0 +1,126 @@
+"""In-process relay tests: both event loops, a worker forwarding to a local node, and node handlers to aim it at."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from forwarder import config
+from forwarder.metrics import Metrics
+from forwarder.server import ClientHalf, Worker
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+def run(loop_name: str, coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(coro())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def worker_for(target_port: int, *, fd_budget: int | None = None, buffer_size: int = 64 * 1024,
+                     **extra: object) -> AsyncIterator[tuple[Worker, int]]:  # fmt: skip
+    """An in-process natfwd worker forwarding a free port to `target_port`; drained on exit."""
+    port = free_port()
+    data: dict[str, object] = {
+        "engine": "memcached",
+        "public_address": "127.0.0.1",
+        "listen_address": "127.0.0.1",
+        "allowed_clients": ["127.0.0.0/8"],
+        "forwards": [{"port": port, "target": f"127.0.0.1:{target_port}"}],
+        **extra,
+    }
+    worker = Worker(config.parse(data), None, Metrics(CollectorRegistry()), reuse_port=False, buffer_size=buffer_size)
+    if fd_budget is not None:
+        worker.pool.fd_budget = fd_budget
+    await worker.start()
+    try:
+        yield worker, port
+    finally:
+        await worker.drain()
+
+
+async def sink(handler: Handler) -> tuple[asyncio.Server, int]:
+    """A node on a free loopback port that runs `handler` for each connection."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(100_000):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    await writer.drain()
+    writer.close()
+
+
+def only_connection(worker: Worker) -> ClientHalf:
+    (route,) = worker.routes.values()
+    (conn,) = route.connections
+    return conn
+
+
+class Firehose:
+    """A node that echoes `echo_lines` lines, then sends 64 KiB chunks of `z` as fast as it may, up to 200 MiB."""
+
+    def __init__(self, echo_lines: int = 0) -> None:
+        self.echo_lines = echo_lines
+        self.sent = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(self.echo_lines):
+            writer.write(await reader.readline())
+        chunk = b"z" * 65536
+        try:
+            while self.sent < 200 * 1024 * 1024:
+                writer.write(chunk)
+                await writer.drain()
+                self.sent += len(chunk)
+        except (ConnectionError, OSError):
+            pass
+
+
+async def check_the_node_is_held_back(
+    firehose: Firehose, worker: Worker, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The client stops reading: the firehose stalls with little in flight and the relay pauses the node's side;
+    the client reads again: data flows on (all of it `z`) and the node sends more."""
+    writer.transport.pause_reading()
+    await asyncio.sleep(1.0)
+    stalled_at = firehose.sent
+    await asyncio.sleep(0.5)
+    # The node is stuck: only kernel socket buffers and the relay's bounded buffer (or pipe) hold data.
+    assert firehose.sent == stalled_at
+    assert firehose.sent < 32 * 1024 * 1024
+    conn = only_connection(worker)
+    assert conn.peer is not None and conn.peer.reading_paused
+    writer.transport.resume_reading()
+    got = 0
+    while got < 8 * 1024 * 1024:
+        data = await asyncio.wait_for(reader.read(1 << 20), 10)
+        assert data.strip(b"z") == b""
+        got += len(data)
+    assert firehose.sent > stalled_at  # reading resumed on the node side
+
+
+async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
