@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,13 +22,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout_s: float = 10.0) -> None:
+def wait_port(host: str, port: int, timeout_s: float = 10.0, *, process: subprocess.Popen[Any] | None = None) -> None:
+    """Wait until `host:port` accepts a connection.
+
+    Raises TimeoutError after `timeout_s`, or RuntimeError as soon as `process` (the server, if given) has exited.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited {process.returncode} before listening") from None
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{host}:{port} did not accept within {timeout_s}s") from None
             time.sleep(0.02)
@@ -70,39 +77,36 @@ def _start(argv: list[str], host: str, port: int) -> Node:
     return Node(proc, host, port)
 
 
-@pytest.fixture
-def start_memcached() -> Iterator[Callable[..., Node]]:
-    binary = require_binary("memcached")
+def _starting(argv: Callable[[str, int], list[str]]) -> Iterator[Callable[..., Node]]:
+    """The body of a `start_*` fixture: start(port=free, host=127.0.0.1, *extra args) runs `argv(host, port)` plus
+    the extra args as a node; every node started is killed at teardown."""
     nodes: list[Node] = []
 
-    def start(port: int | None = None, host: str = "127.0.0.1") -> Node:
+    def start(port: int | None = None, host: str = "127.0.0.1", *extra: str) -> Node:
         port = port or free_port(host)
-        node = _start(
-            [binary, "-u", "root", "-l", host, "-p", str(port), "-U", "0", "-m", "64", "-I", "2m"], host, port
-        )
+        node = _start([*argv(host, port), *extra], host, port)
         nodes.append(node)
         return node
 
     yield start
     for node in nodes:
         node.kill()
+
+
+@pytest.fixture
+def start_memcached() -> Iterator[Callable[..., Node]]:
+    binary = require_binary("memcached")
+    yield from _starting(
+        lambda host, port: [binary, "-u", "root", "-l", host, "-p", str(port), "-U", "0", "-m", "64", "-I", "2m"]
+    )
 
 
 @pytest.fixture
 def start_redis() -> Iterator[Callable[..., Node]]:
     binary = require_binary("redis-server")
-    nodes: list[Node] = []
-
-    def start(port: int | None = None, host: str = "127.0.0.1", *extra: str) -> Node:
-        port = port or free_port(host)
-        argv = [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no", *extra]
-        node = _start(argv, host, port)
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.kill()
+    yield from _starting(
+        lambda host, port: [binary, "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no"]
+    )
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from conftest import wait_port
 from pymemcache.client.base import Client
 
 from forwarder import netns
@@ -83,26 +83,12 @@ def free_port() -> int:
         return port
 
 
-def wait_port(host: str, port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args!r} exited {process.returncode} before listening") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 @contextmanager
 def server_process(argv: Sequence[str], port: int) -> Iterator[int]:
     """Run a server on 127.0.0.1:`port` for the block; killed and reaped on exit, even on failure."""
     process = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp")
     try:
-        wait_port("127.0.0.1", port, process)
+        wait_port("127.0.0.1", port, process=process)
         yield port
     finally:
         process.kill()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit import wait_port
+from conftest import wait_port
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ class Memcached:
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/tmp")
         try:
-            wait_port("127.0.0.1", self.port, self.process)
+            wait_port("127.0.0.1", self.port, process=self.process)
         except BaseException:
             self.kill()
             raise
