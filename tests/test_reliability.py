@@ -7,11 +7,14 @@ import random
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from labkit import root, unique_name
 from reliakit import (
+    Serve,
     closed_by_peer,
     config_text,
     free_ports,
@@ -29,6 +32,20 @@ from forwarder import netns
 ACTIVE = "natfwd_connections_active"
 REJECTED = "natfwd_connections_rejected_total"
 BYTES = "natfwd_bytes_total"
+
+
+@contextmanager
+def one_forward(
+    tmp_path: Path, *, nofile: tuple[int, int] | None = None, **options: object
+) -> Iterator[tuple[Serve, int]]:
+    """natfwd forwarding one free port to a fresh memcached (-m 16), `options` added to its config; yields it and
+    the port. `nofile` is natfwd's (soft, hard) open-file limit at start."""
+    port, metrics_port = free_ports(2)
+    with memcached_nodes(1, "-m", "16") as (node,):
+        text = config_text([(port, node.address)], metrics_port, **options)
+        with natfwd_serve(tmp_path, text, metrics_port, nofile=nofile) as serve:
+            yield serve, port
+
 
 # --- 8000 concurrent connections -------------------------------------------------------------------------------
 
@@ -101,18 +118,15 @@ def test_8000_concurrent_connections_are_served_with_bounded_memory(tmp_path: Pa
 def test_natfwd_raises_its_fd_limit_to_the_hard_limit_and_says_when_that_is_too_low(
     tmp_path: Path, hard: int, warned: bool
 ) -> None:
-    port, metrics_port = free_ports(2)
-    with memcached_nodes(1, "-m", "16") as (node,):
-        # 1000 connections need 2 * 1000 sockets plus a few: more than 1024, less than 8192.
-        text = config_text([(port, node.address)], metrics_port, max_connections=1000)
-        with natfwd_serve(tmp_path, text, metrics_port, nofile=(256, hard)) as serve:
-            assert serve.fd_limits() == (hard, hard)
-            warning = "open-file limit is below what max_connections needs"
-            assert (warning in serve.log()) is warned, serve.log()
-            if warned:
-                assert "limit=1024 needed=2064" in serve.log()
-            assert round_trip(port).startswith(b"VERSION ")
-        assert serve.stop() == 0
+    # 1000 connections need 2 * 1000 sockets plus a few: more than 1024, less than 8192.
+    with one_forward(tmp_path, nofile=(256, hard), max_connections=1000) as (serve, port):
+        assert serve.fd_limits() == (hard, hard)
+        warning = "open-file limit is below what max_connections needs"
+        assert (warning in serve.log()) is warned, serve.log()
+        if warned:
+            assert "limit=1024 needed=2064" in serve.log()
+        assert round_trip(port).startswith(b"VERSION ")
+    assert serve.stop() == 0
 
 
 # --- a node killed ---------------------------------------------------------------------------------------------
@@ -213,37 +227,35 @@ def test_a_client_that_never_reads_is_held_back_and_others_are_unaffected(tmp_pa
 
 
 def test_random_bytes_are_relayed_and_natfwd_stays_healthy(tmp_path: Path) -> None:
-    port, metrics_port = free_ports(2)
     rng = random.Random(7)
     # Lines of random bytes without CR/LF, so memcached answers each one with exactly one ERROR.
     lines = [bytes(b for b in rng.randbytes(rng.randint(1, 200)) if b not in b"\r\n") or b"x" for _ in range(300)]
     assert lines[0][0] != 0x80  # that first byte would switch memcached to its binary protocol
     payload = b"".join(line + b"\r\n" for line in lines)
-    with memcached_nodes(1, "-m", "16") as (node,):
-        with natfwd_serve(tmp_path, config_text([(port, node.address)], metrics_port), metrics_port) as serve:
+    with one_forward(tmp_path) as (serve, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(payload)
+            assert read_exactly(sock, 7 * len(lines)) == b"ERROR\r\n" * len(lines)
+        wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == 0, 5, "the connection to be closed")
+        assert serve.value(BYTES, forward=str(port), direction="client_to_node") == len(payload)
+        assert serve.value(BYTES, forward=str(port), direction="node_to_client") == 7 * len(lines)
+        # Unframed garbage too (binary-protocol magic, NULs, lone LFs), then half-close: whatever memcached
+        # makes of it, natfwd relays and survives.
+        blob = b"\x80" + rng.randbytes(1 << 20)
+        for _ in range(3):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                sock.sendall(payload)
-                assert read_exactly(sock, 7 * len(lines)) == b"ERROR\r\n" * len(lines)
-            wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == 0, 5, "the connection to be closed")
-            assert serve.value(BYTES, forward=str(port), direction="client_to_node") == len(payload)
-            assert serve.value(BYTES, forward=str(port), direction="node_to_client") == 7 * len(lines)
-            # Unframed garbage too (binary-protocol magic, NULs, lone LFs), then half-close: whatever memcached
-            # makes of it, natfwd relays and survives.
-            blob = b"\x80" + rng.randbytes(1 << 20)
-            for _ in range(3):
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                    try:
-                        sock.sendall(blob)
-                        sock.shutdown(socket.SHUT_WR)
-                        closed_by_peer(sock, 5)
-                    except (ConnectionResetError, BrokenPipeError):
-                        pass  # memcached may give up on the garbage before reading it all
-            assert round_trip(port, b"set k 0 0 2\r\nok\r\n") == b"STORED\r\n"
-            assert round_trip(port, b"get k\r\n", until=b"END\r\n") == b"VALUE k 0 2\r\nok\r\nEND\r\n"
-            wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == 0, 5, "every connection to be closed")
-            assert serve.alive()
-            assert "Traceback" not in serve.log()
-        assert serve.stop() == 0
+                try:
+                    sock.sendall(blob)
+                    sock.shutdown(socket.SHUT_WR)
+                    closed_by_peer(sock, 5)
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # memcached may give up on the garbage before reading it all
+        assert round_trip(port, b"set k 0 0 2\r\nok\r\n") == b"STORED\r\n"
+        assert round_trip(port, b"get k\r\n", until=b"END\r\n") == b"VALUE k 0 2\r\nok\r\nEND\r\n"
+        wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == 0, 5, "every connection to be closed")
+        assert serve.alive()
+        assert "Traceback" not in serve.log()
+    assert serve.stop() == 0
 
 
 # --- timeouts ---------------------------------------------------------------------------------------------------
@@ -252,41 +264,36 @@ IDLE_TIMEOUT_S = 0.5
 
 
 def test_idle_and_stalled_connections_are_closed_and_busy_ones_are_not(tmp_path: Path) -> None:
-    port, metrics_port = free_ports(2)
-    with memcached_nodes(1, "-m", "16") as (node,):
-        text = config_text([(port, node.address)], metrics_port, idle_timeout_s=IDLE_TIMEOUT_S)
-        with natfwd_serve(tmp_path, text, metrics_port) as serve:
-            idle = socket.create_connection(("127.0.0.1", port), timeout=3)
-            stalled = socket.create_connection(("127.0.0.1", port), timeout=3)
-            busy = socket.create_connection(("127.0.0.1", port), timeout=3)
-            try:
-                assert _version(idle).startswith(b"VERSION ")
-                stalled.sendall(b"get half-a-comm")  # a request that never completes: nothing more ever flows
-                started = time.monotonic()
-                # A busy client with gaps shorter than the timeout is never cut off.
-                while time.monotonic() - started < 3 * IDLE_TIMEOUT_S:
-                    assert _version(busy).startswith(b"VERSION ")
-                    time.sleep(IDLE_TIMEOUT_S / 3)
-                assert closed_by_peer(idle, 0.01)
-                assert closed_by_peer(stalled, 0.01)
-                assert not closed_by_peer(busy, 0.01)
-                busy.settimeout(3)
+    with one_forward(tmp_path, idle_timeout_s=IDLE_TIMEOUT_S) as (serve, port):
+        idle = socket.create_connection(("127.0.0.1", port), timeout=3)
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=3)
+        busy = socket.create_connection(("127.0.0.1", port), timeout=3)
+        try:
+            assert _version(idle).startswith(b"VERSION ")
+            stalled.sendall(b"get half-a-comm")  # a request that never completes: nothing more ever flows
+            started = time.monotonic()
+            # A busy client with gaps shorter than the timeout is never cut off.
+            while time.monotonic() - started < 3 * IDLE_TIMEOUT_S:
                 assert _version(busy).startswith(b"VERSION ")
-            finally:
-                for sock in (idle, stalled, busy):
-                    sock.close()
-            # How fast: a fresh idle connection goes between the timeout and a couple of sweeper ticks later.
-            with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
-                assert _version(sock).startswith(b"VERSION ")
-                started = time.monotonic()
-                assert closed_by_peer(sock, 5)
-                closed_after_s = time.monotonic() - started
-            print(
-                f"\nidle connection closed {closed_after_s:.2f} s after its last byte (idle_timeout_s {IDLE_TIMEOUT_S})"
-            )
-            assert IDLE_TIMEOUT_S * 0.9 <= closed_after_s <= IDLE_TIMEOUT_S + 0.5
-            assert serve.value(REJECTED, forward=str(port), reason="idle_timeout") == 3
-        assert serve.stop() == 0
+                time.sleep(IDLE_TIMEOUT_S / 3)
+            assert closed_by_peer(idle, 0.01)
+            assert closed_by_peer(stalled, 0.01)
+            assert not closed_by_peer(busy, 0.01)
+            busy.settimeout(3)
+            assert _version(busy).startswith(b"VERSION ")
+        finally:
+            for sock in (idle, stalled, busy):
+                sock.close()
+        # How fast: a fresh idle connection goes between the timeout and a couple of sweeper ticks later.
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            assert _version(sock).startswith(b"VERSION ")
+            started = time.monotonic()
+            assert closed_by_peer(sock, 5)
+            closed_after_s = time.monotonic() - started
+        print(f"\nidle connection closed {closed_after_s:.2f} s after its last byte (idle_timeout_s {IDLE_TIMEOUT_S})")
+        assert IDLE_TIMEOUT_S * 0.9 <= closed_after_s <= IDLE_TIMEOUT_S + 0.5
+        assert serve.value(REJECTED, forward=str(port), reason="idle_timeout") == 3
+    assert serve.stop() == 0
 
 
 CONNECT_TIMEOUT_S = 0.5
@@ -336,35 +343,32 @@ OVER_LIMIT = 20
 
 
 def test_connections_over_max_connections_are_refused_fast_and_counted(tmp_path: Path) -> None:
-    port, metrics_port = free_ports(2)
-    with memcached_nodes(1, "-m", "16") as (node,):
-        text = config_text([(port, node.address)], metrics_port, max_connections=LIMIT)
-        with natfwd_serve(tmp_path, text, metrics_port) as serve:
-            fds_before = serve.settled_fds()
-            served = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(LIMIT)]
-            try:
-                assert all(_version(sock).startswith(b"VERSION ") for sock in served)
-                refuse_s: list[float] = []
-                for _ in range(OVER_LIMIT):
-                    started = time.monotonic()
-                    assert _reply_or_nothing(port) == b""
-                    refuse_s.append(time.monotonic() - started)
-                assert serve.value(REJECTED, forward=str(port), reason="limit") == OVER_LIMIT
-                assert serve.value(ACTIVE, forward=str(port)) == LIMIT
-                assert serve.value("natfwd_connections_accepted_total", forward=str(port)) == LIMIT
-                assert serve.settled_fds() <= fds_before + 2 * LIMIT  # refused sockets are not kept
-                print(
-                    f"\nover the limit: refused in {max(refuse_s) * 1000:.2f} ms at most "
-                    f"(median {sorted(refuse_s)[len(refuse_s) // 2] * 1000:.2f} ms)"
-                )
-                assert max(refuse_s) < 0.5
-                # The limit holds a place, not a grudge: one leaves, the next one is served.
-                served.pop().close()
-                wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == LIMIT - 1, 5, "one connection to close")
-                assert round_trip(port).startswith(b"VERSION ")
-                assert all(_version(sock).startswith(b"VERSION ") for sock in served)
-            finally:
-                for sock in served:
-                    sock.close()
-            wait_until(lambda: serve.settled_fds() == fds_before, 10, f"natfwd's open fds to return to {fds_before}")
-        assert serve.stop() == 0
+    with one_forward(tmp_path, max_connections=LIMIT) as (serve, port):
+        fds_before = serve.settled_fds()
+        served = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(LIMIT)]
+        try:
+            assert all(_version(sock).startswith(b"VERSION ") for sock in served)
+            refuse_s: list[float] = []
+            for _ in range(OVER_LIMIT):
+                started = time.monotonic()
+                assert _reply_or_nothing(port) == b""
+                refuse_s.append(time.monotonic() - started)
+            assert serve.value(REJECTED, forward=str(port), reason="limit") == OVER_LIMIT
+            assert serve.value(ACTIVE, forward=str(port)) == LIMIT
+            assert serve.value("natfwd_connections_accepted_total", forward=str(port)) == LIMIT
+            assert serve.settled_fds() <= fds_before + 2 * LIMIT  # refused sockets are not kept
+            print(
+                f"\nover the limit: refused in {max(refuse_s) * 1000:.2f} ms at most "
+                f"(median {sorted(refuse_s)[len(refuse_s) // 2] * 1000:.2f} ms)"
+            )
+            assert max(refuse_s) < 0.5
+            # The limit holds a place, not a grudge: one leaves, the next one is served.
+            served.pop().close()
+            wait_until(lambda: serve.value(ACTIVE, forward=str(port)) == LIMIT - 1, 5, "one connection to close")
+            assert round_trip(port).startswith(b"VERSION ")
+            assert all(_version(sock).startswith(b"VERSION ") for sock in served)
+        finally:
+            for sock in served:
+                sock.close()
+        wait_until(lambda: serve.settled_fds() == fds_before, 10, f"natfwd's open fds to return to {fds_before}")
+    assert serve.stop() == 0
