@@ -7,7 +7,8 @@ import hashlib
 import os
 
 import pytest
-from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, free_port, run, sink, wait_for, worker_for
+from conftest import free_port
+from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, wait_for, worker_for
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
