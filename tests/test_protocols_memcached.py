@@ -259,6 +259,19 @@ def test_table_keeps_tracking_afterwards(client: bytes, reply: bytes, expected: 
     assert out == expected + config(PUBLIC_PAYLOAD)
 
 
+@pytest.mark.parametrize(("over", "followed"), [(0, True), (1, False)], ids=["at-the-cap", "one-byte-over"])
+def test_a_request_line_over_the_cap_switches_to_pass_through(over: int, followed: bool) -> None:
+    """A request line longer than 1 MiB cannot be followed, so the connection passes through unchanged from then
+    on; one exactly at the cap is followed. The same however the line arrives cut."""
+    cap = 1 << 20
+    get = b"get " + b"k" * (cap - len(b"get ") - 1 + over) + b"\r\n"  # cap + over bytes before the \n
+    client = get + b"config get cluster\r\n"
+    reply = b"END\r\n" + config(PRIVATE)
+    expected = b"END\r\n" + config(PUBLIC_PAYLOAD) if followed else reply
+    for cuts in ([], [cap // 2], [cap - 1], [cap], [cap + 1], [len(get) - 1], list(range(65536, len(get), 65536))):
+        assert feed(client, reply, [], client_cuts=cuts)[0] == expected, f"request cut at {cuts[:3]}"
+
+
 def test_warning_names_the_node() -> None:
     _, _, warnings = feed(b"config get cluster\r\n", config(render_cluster_config(3, [STRANGER, NODE1])), [])
     assert warnings == [

@@ -414,6 +414,19 @@ def test_table_client_split_at_every_byte(client: bytes, reply: bytes, expected:
     assert feed(client, reply, [], client_cuts=list(range(1, len(client))))[0] == expected
 
 
+@pytest.mark.parametrize(("over", "followed"), [(0, True), (1, False)], ids=["at-the-cap", "one-byte-over"])
+def test_an_inline_command_over_the_cap_stops_rewriting_from_its_reply_on(over: int, followed: bool) -> None:
+    """An inline command line longer than redis' own 64 KiB limit cannot be followed: from its reply on, every
+    reply passes unchanged; one exactly at the limit is followed. The same however the line arrives cut."""
+    cap = 1 << 16
+    inline = b"PING " + b"x" * (cap - len(b"PING ") - 1 + over) + b"\r\n"  # cap + over bytes before the \n
+    client = inline + command("GET", "later")
+    reply = b"+OK\r\n-MOVED 5 10.0.1.232:6379\r\n"
+    expected = b"+OK\r\n-MOVED 5 203.0.113.73:11213\r\n" if followed else reply
+    for cuts in ([], [cap // 2], [cap - 1], [cap], [cap + 1], [len(inline) - 1], list(range(4096, len(inline), 4096))):
+        assert feed(client, reply, [], client_cuts=cuts)[0] == expected, f"request cut at {cuts[:3]}"
+
+
 def test_plain_values_stream_through_without_being_held() -> None:
     """A large GET value is passed on as it arrives: only a header line is ever held back."""
     value = (MOVED_LOOKALIKE + NODES_PRIVATE) * 2000
