@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,6 +292,33 @@ def tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list
     return lines
 
 
+def _median_us(runs: Sequence[Measurement], key: str) -> float | None:
+    return median([v for m in runs if (v := m.cpu_per_request_us(key)) is not None])
+
+
+def _cpu_table(
+    by_load: Mapping[str, Mapping[str, Sequence[Measurement]]], paths: Sequence[str], column: str,
+    cell: Callable[[Sequence[Measurement]], str],
+) -> list[str]:  # fmt: skip
+    """One row per load (in LOADS order), one `cell(runs)` per path."""
+    lines = ["| load | " + " | ".join(f"{SHORT[p]} {column}" for p in paths) + " |", "|---|" + "---:|" * len(paths)]
+    for load in LOADS:
+        if load.id in by_load:
+            cells = [cell(by_load[load.id].get(p, [])) for p in paths]
+            lines.append(f"| {load.label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _proxy_cell(runs: Sequence[Measurement]) -> str:
+    total, user = _median_us(runs, "proxy"), _median_us(runs, "proxy_user")
+    return "–" if total is None else f"{total:.1f} ({user or 0:.1f})"
+
+
+def _machine_cell(runs: Sequence[Measurement]) -> str:
+    value = _median_us(runs, "machine")
+    return "–" if value is None else f"{value:.1f}"
+
+
 def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
     """CPU per request for the fixed-count loads: the proxy's own (user share in brackets) and the machine's."""
     by_load: dict[str, dict[str, list[Measurement]]] = {}
@@ -300,9 +327,9 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
             by_load.setdefault(m.load, {}).setdefault(m.path, []).append(m)
     if not by_load:
         return []
-    proxies = [p for p in path_ids if any(m.cpu_per_request_us("proxy") is not None for r in by_load.values()
-                                         for m in r.get(p, []))]  # fmt: skip
-    labels = {load.id: load.label for load in LOADS}
+    proxies = [
+        p for p in path_ids if any(_median_us(runs.get(p, []), "proxy") is not None for runs in by_load.values())
+    ]
     lines = [
         "### CPU per request",
         "",
@@ -312,31 +339,8 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
         "",
     ]
     if proxies:
-        lines += [
-            "| load | " + " | ".join(f"{SHORT[p]} µs (user)" for p in proxies) + " |",
-            "|---|" + "---:|" * len(proxies),
-        ]
-        for load_id in (load.id for load in LOADS if load.id in by_load):
-            cells = []
-            for p in proxies:
-                runs = by_load[load_id].get(p, [])
-                total = median([v for m in runs if (v := m.cpu_per_request_us("proxy")) is not None])
-                user = median([v for m in runs if (v := m.cpu_per_request_us("proxy_user")) is not None])
-                cells.append("–" if total is None else f"{total:.1f} ({user or 0:.1f})")
-            lines.append(f"| {labels[load_id]} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [
-        "| load | " + " | ".join(f"{SHORT[p]} machine µs" for p in path_ids) + " |",
-        "|---|" + "---:|" * len(path_ids),
-    ]
-    for load_id in (load.id for load in LOADS if load.id in by_load):
-        cells = []
-        for p in path_ids:
-            values = [v for m in by_load[load_id].get(p, []) if (v := m.cpu_per_request_us("machine")) is not None]
-            value = median(values)
-            cells.append("–" if value is None else f"{value:.1f}")
-        lines.append(f"| {labels[load_id]} | " + " | ".join(cells) + " |")
-    return lines
+        lines += [*_cpu_table(by_load, proxies, "µs (user)", _proxy_cell), ""]
+    return lines + _cpu_table(by_load, path_ids, "machine µs", _machine_cell)
 
 
 def per_round_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
