@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -13,6 +14,10 @@ log = logging.getLogger("natfwd.server")
 
 # Connections taken per readiness callback: enough to empty a burst, few enough to let established traffic run.
 ACCEPT_BATCH = 64
+# Out of descriptors or memory, the listener stays readable: stop watching it for this long instead of spinning.
+ACCEPT_BACKOFF_S = 0.1
+# Errors about the one connection being accepted (it was reset, or a firewall refused it): just take the next.
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 class TlsListener:
@@ -42,6 +47,7 @@ class TlsListener:
         self.failed = failed
         self.spawn = spawn
         self.loop = asyncio.get_running_loop()
+        self.resume: asyncio.TimerHandle | None = None
         sock.listen(backlog)
         self.loop.add_reader(sock.fileno(), self._accept)
 
@@ -51,8 +57,13 @@ class TlsListener:
                 conn, address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors or buffers: the backlog keeps the client until next time
-                log.warning("accept failed", extra={"error": str(exc)})
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                # EMFILE, ENFILE, ENOBUFS...: the client waits in the backlog until connections had a chance to close.
+                log.warning("accept failed, pausing accepts", extra={"error": str(exc), "pause_s": ACCEPT_BACKOFF_S})
+                self.loop.remove_reader(self.sock.fileno())
+                self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
                 return
             client_ip = str(address[0])
             if not self.admit(client_ip):
@@ -70,8 +81,15 @@ class TlsListener:
             # The loop owns `conn` from the call on and has closed it: closing it here could close a reused fd.
             self.failed(client_ip, str(exc) or type(exc).__name__)
 
+    def _resume(self) -> None:
+        self.resume = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
     def close(self) -> None:
         """Stop accepting; connections already handed over live on."""
-        if self.sock.fileno() >= 0:
+        if self.resume is not None:
+            self.resume.cancel()
+            self.resume = None
+        elif self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
+        self.sock.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import Node, free_port, require_binary, write_config
+from reliakit import config_text, free_ports, memcached_nodes, natfwd_serve
 from servekit import Serve, serving
 from tlskit import CA, Issued
 
@@ -275,3 +276,52 @@ def _peer_serial(port: int, ca: Path) -> int | None:
     from cryptography import x509
 
     return x509.load_der_x509_certificate(der).serial_number if der else None
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_pauses_tls_accepts_instead_of_spinning(tmp_path: Path, pki: dict) -> None:
+    """At EMFILE the TLS listener stays readable (the client waits in the backlog). natfwd stops watching it for a
+    moment instead of retrying in a loop, and takes clients again once descriptors are free."""
+    front, ca = pki["front"], pki["ca"]
+    port, metrics_port = free_ports(2)
+    with memcached_nodes(1) as (node,):
+        text = config_text(
+            [(port, node.address)], metrics_port, max_connections=10, connect_timeout_s=30,
+            tls=f"{{cert: {front.cert}, key: {front.key}}}",
+        )  # fmt: skip
+        with natfwd_serve(tmp_path, text, metrics_port, nofile=(64, 64)) as serve:
+            # Clients that connect and never start TLS each hold a descriptor until the 30 s handshake timeout.
+            idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(250)]
+            try:
+                for _ in range(100):
+                    if "pausing accepts" in serve.log():
+                        break
+                    time.sleep(0.05)
+                assert "pausing accepts" in serve.log(), serve.log()[-2000:]
+                before = cpu_seconds(serve.pid)
+                time.sleep(1.0)
+                assert cpu_seconds(serve.pid) - before < 0.3, "natfwd spins on a listener it cannot accept from"
+                assert serve.log().count("pausing accepts") < 40  # about 10 a second, not one per loop turn
+            finally:
+                for sock in idle:
+                    sock.close()
+            # Descriptors come back as natfwd notices the closed clients; then a real client gets TLS again.
+            context = ssl.create_default_context(cafile=str(ca.path))
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with context.wrap_socket(
+                        socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="localhost"
+                    ) as tls:
+                        tls.sendall(b"version\r\n")
+                        assert tls.recv(100).startswith(b"VERSION ")
+                    break
+                except (OSError, ssl.SSLError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            assert serve.alive()
