@@ -17,7 +17,7 @@ import redis
 from conftest import Node, free_port, require_binary, write_config
 from reliakit import config_text, free_ports, memcached_nodes, natfwd_serve
 from servekit import Serve, serving
-from tlskit import CA, Issued
+from tlskit import CA, Issued, client_hello
 
 
 @pytest.fixture
@@ -128,15 +128,6 @@ def test_plaintext_client_on_tls_front_is_dropped_and_counted(
                 break
             time.sleep(0.05)
         assert serve.metric("natfwd_connections_active", forward=str(port)) == 0
-
-
-def client_hello() -> bytes:
-    """The first flight of a real TLS client, as bytes."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def rejected(serve: Serve, port: int, reason: str) -> float:
