@@ -132,7 +132,7 @@ def test_node_killed_mid_connection(tmp_path: Path, memcached_nodes: list[Node])
     with serving(cfg, [p for p, _ in forwards]) as serve:
         victim = mc(forwards[0][0])
         survivor = mc(forwards[1][0])
-        assert victim.set("a", "1") and survivor.set("b", "2")
+        assert victim.set("a", "1", noreply=False) and survivor.set("b", "2", noreply=False)
         memcached_nodes[0].kill()
         started = time.monotonic()
         with pytest.raises((ConnectionError, OSError, Exception)):  # noqa: B017 - pymemcache raises its own types
@@ -223,7 +223,7 @@ def test_sigterm_drains_live_connections_then_exits_0(tmp_path: Path, memcached_
     port = forwards[0][0]
     with serving(cfg, [port]) as serve:
         live = mc(port)
-        assert live.set("k", "before")
+        assert live.set("k", "before", noreply=False)  # a reply: the connection is live through natfwd
         serve.signal(signal.SIGTERM)
         serve.wait_log("draining")
         # Listeners are closed, but the live connection still works during the grace period.
@@ -239,7 +239,9 @@ def test_sigterm_grace_period_cuts_stragglers(tmp_path: Path, memcached_nodes: l
     cfg = write_config(tmp_path / "natfwd.yaml", forwards, extra="drain_timeout_s: 0.5\n")
     with serving(cfg, [forwards[0][0]]) as serve:
         idle = mc(forwards[0][0])
-        assert idle.set("k", "v")
+        # With a reply, not pymemcache's default noreply: the connection must be live in natfwd before the
+        # SIGTERM, or it may still sit in the accept backlog and be refused as draining instead.
+        assert idle.set("k", "v", noreply=False)
         serve.signal(signal.SIGTERM)
         assert serve.proc.wait(10) == 0
         assert "aborted connections" in serve.log()
