@@ -82,6 +82,7 @@ class Discovery:
     refresh_s: float
     first_port: int
     endpoint_url: str | None
+    state_file: Path | None = None  # where each node's port is kept across restarts
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +326,7 @@ def _auto_discovery(value: object) -> AutoDiscovery:
 
 
 def _discovery(value: object) -> Discovery:
-    keys = ("cluster_id", "region", "refresh_s", "first_port", "endpoint_url")
+    keys = ("cluster_id", "region", "refresh_s", "first_port", "endpoint_url", "state_file")
     entry = _mapping(value, "discovery", keys)
     cluster_id = _require(entry, "cluster_id", "discovery.cluster_id")
     if not isinstance(cluster_id, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", cluster_id):
@@ -338,7 +339,8 @@ def _discovery(value: object) -> Discovery:
         raise _fail("discovery.endpoint_url", endpoint_url, "an http:// or https:// URL")
     refresh_s = _seconds(entry.get("refresh_s", 30), "discovery.refresh_s")
     first_port = _port(entry.get("first_port", 11211), "discovery.first_port")
-    return Discovery(cluster_id, region, refresh_s, first_port, endpoint_url)
+    state_file = _optional(entry, "state_file", _path, "discovery.state_file")
+    return Discovery(cluster_id, region, refresh_s, first_port, endpoint_url, state_file)
 
 
 def _tls(value: object) -> TLSConfig:

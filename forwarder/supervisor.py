@@ -10,6 +10,7 @@ import time
 from types import FrameType
 
 from forwarder import config as config_mod
+from forwarder import portstate
 from forwarder.errors import NatfwdError
 
 log = logging.getLogger("natfwd.supervisor")
@@ -53,6 +54,9 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
     multiproc_dir = tempfile.mkdtemp(prefix="natfwd-metrics-")
     # Must be set before prometheus_client is first imported, in this process and so in every fork.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    if cfg.discovery is not None and cfg.discovery.state_file is None:
+        # Each worker polls the cluster on its own; one file makes them agree on every node's port.
+        os.environ[portstate.SHARED_FILE_ENV] = os.path.join(multiproc_dir, "ports.json")
     from prometheus_client import CollectorRegistry
 
     from forwarder import metrics as metrics_mod

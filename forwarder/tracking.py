@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forwarder import config as config_mod
+from forwarder import portstate
 from forwarder.errors import NatfwdError
 
 if TYPE_CHECKING:
@@ -22,37 +25,16 @@ DNS_REFRESH_S = 30.0
 """How often DNS-name targets are re-resolved when there is no discovery section (else every refresh_s)."""
 
 
-def assign_ports(
-    node_ids: Sequence[str], previous: Mapping[str, int], first_port: int, reserved: frozenset[int] = frozenset()
-) -> dict[str, int]:
-    """Listen port per node id (ids in node-id order).
-
-    With no previous assignment, node N gets the N-th port from first_port (skipping `reserved` ports, such as
-    the auto_discovery one). Afterwards a node keeps its port for as long as it exists, so clients that hold an
-    address keep reaching the same node; an added node takes the lowest free port from first_port, and a removed
-    node's port is freed. Raises ConfigError when a port would pass 65535.
-    """
-    ports = {node_id: previous[node_id] for node_id in node_ids if node_id in previous}
-    used = set(ports.values()) | set(reserved)
-    candidate = first_port
-    for node_id in node_ids:
-        if node_id in ports:
-            continue
-        while candidate in used:
-            candidate += 1
-        if candidate > 65535:
-            raise config_mod.ConfigError(
-                f"discovery.first_port: {first_port} leaves no room for {len(node_ids)} nodes; pick a lower first_port"
-            )
-        ports[node_id] = candidate
-        used.add(candidate)
-    return ports
-
-
 def forwards_for(nodes: Sequence[NodeEndpoint], ports: Mapping[str, int]) -> tuple[config_mod.Forward, ...]:
     """One forward per node, to its endpoint name, ordered by listen port."""
     forwards = [config_mod.Forward(ports[node.node_id], config_mod.Target(node.address, node.port)) for node in nodes]
     return tuple(sorted(forwards, key=lambda forward: forward.port))
+
+
+def _shared_file() -> Path | None:
+    # With `workers: N` and no state_file, the supervisor gives its workers one file to agree through.
+    shared = os.environ.get(portstate.SHARED_FILE_ENV)
+    return Path(shared) if shared else None
 
 
 def _reserved(cfg: config_mod.Config) -> frozenset[int]:
@@ -130,10 +112,30 @@ class Tracker:
         assert cfg.discovery is not None
         if self.first_port != cfg.discovery.first_port:
             self.ports = {}  # a new first_port renumbers everything
-        ports = assign_ports([node.node_id for node in nodes], self.ports, cfg.discovery.first_port, _reserved(cfg))
+        node_ids = [node.node_id for node in nodes]
+        ports = self._assign(cfg.discovery, node_ids, _reserved(cfg))
         forwards = forwards_for(nodes, ports)
         self.ports, self.first_port, self.discovered = ports, cfg.discovery.first_port, forwards
         return dataclasses.replace(cfg, forwards=forwards)
+
+    def _assign(self, discovery: config_mod.Discovery, node_ids: list[str], reserved: frozenset[int]) -> dict[str, int]:
+        """Ports per node id: through the state file when there is one, so that workers and restarts agree."""
+        path = discovery.state_file or _shared_file()
+        if path is None:
+            return portstate.assign_ports(node_ids, self.ports, discovery.first_port, reserved)
+        try:
+            return portstate.assign(path, discovery.cluster_id, node_ids, self.ports, discovery.first_port, reserved)
+        except OSError as exc:
+            if not self.discovered:  # at start: a state file that cannot be written is a configuration error
+                raise NatfwdError(
+                    f"discovery.state_file: cannot write {path}: {exc.strerror or exc}; create its directory or "
+                    "give natfwd write access to it"
+                ) from exc
+            log.warning(
+                "cannot write the port state file; assigning ports in this worker only",
+                extra={"path": str(path), "error": str(exc)},
+            )
+            return portstate.assign_ports(node_ids, self.ports, discovery.first_port, reserved)
 
     async def _poll_discovery(self) -> None:
         while True:

@@ -26,8 +26,8 @@ from pymemcache.client.base import Client
 from servekit import Serve, serving
 
 from forwarder import config
+from forwarder.portstate import assign_ports
 from forwarder.rewriting import NodeMap
-from forwarder.tracking import assign_ports
 
 REFRESH_S = 0.3
 LOOPBACK_MEMCACHED = """\
@@ -268,6 +268,62 @@ def test_serve_start_fails_clearly_when_the_cluster_is_missing(aws: Aws, tmp_pat
     )
     assert result.returncode == 1
     assert "natfwd: error: discovery: cannot list the nodes of 'ghost'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("state_file", "workers", "kept"),
+    [(True, 1, True), (True, 2, True), (False, 1, False)],
+    ids=["state-file", "state-file-2-workers", "no-state-file-renumbers"],
+)
+def test_a_state_file_keeps_each_nodes_port_across_a_restart(
+    aws: Aws, tmp_path: Path, state_file: bool, workers: int, kept: bool
+) -> None:
+    memcached_cluster(aws, build_world(aws), "mc", nodes=3)
+    with ExitStack() as stack:
+        node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 4)}
+        for name, port in node_ports.items():
+            set_whoami(port, name)
+        set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node2"], "0003": node_ports["node3"]})
+        first = free_run(3)
+        state = f"  state_file: {tmp_path / 'ports.json'}\n" if state_file else ""
+        path = write_loopback_config(
+            tmp_path,
+            f"workers: {workers}\ndrain_timeout_s: 1\ndiscovery:\n  cluster_id: mc\n  region: {REGION}\n"
+            f"  refresh_s: {REFRESH_S}\n"
+            f"  first_port: {first}\n  endpoint_url: {aws.url}\n{state}",
+        )
+        with serving(path, [first, first + 1, first + 2]) as serve:
+            # 0001 goes away: its port closes, the other two keep theirs.
+            set_endpoints("mc", {"0002": node_ports["node2"], "0003": node_ports["node3"]})
+            wait_until(lambda: refused(first), 5, "the removed node's port closing", serve.log)
+            assert [whoami(first + 1), whoami(first + 2)] == ["node2", "node3"]
+        # serving() kills the supervisor; its workers drain on their own: wait until none still listens.
+        wait_until(lambda: all(refused(p) for p in range(first, first + 3)), 10, "the old workers stopping", serve.log)
+        ports = [first + 1, first + 2] if kept else [first, first + 1]
+        restarted = tmp_path / "restarted.yaml"  # the same config; its own log next to it
+        restarted.write_text(path.read_text())
+        with serving(restarted, ports) as serve:
+            assert [whoami(port) for port in ports] == ["node2", "node3"]
+            assert refused(first) is kept  # without the file the restart renumbers from first_port
+
+
+def test_a_state_file_that_cannot_be_written_stops_the_start(aws: Aws, tmp_path: Path) -> None:
+    memcached_cluster(aws, build_world(aws), "mc", nodes=1)
+    with memcached_server() as node_port:
+        set_endpoints("mc", {"0001": node_port})
+        missing = tmp_path / "missing" / "ports.json"
+        path = write_loopback_config(
+            tmp_path,
+            f"discovery: {{cluster_id: mc, region: {REGION}, first_port: {free_run(1)}, endpoint_url: {aws.url}, "
+            f"state_file: {missing}}}\n",
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "forwarder", "serve", "--config", str(path)],
+            capture_output=True, text=True, timeout=60, env=aws.cli_env(), cwd=REPO, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert f"natfwd: error: discovery.state_file: cannot write {missing}" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -38,6 +38,8 @@ LimitNOFILE=1048576
 
 # No root: a throwaway user that may bind ports below 1024 and nothing more.
 DynamicUser=yes
+# /var/lib/natfwd, writable by that user: for discovery.state_file (each node's port across restarts).
+StateDirectory=natfwd
 AmbientCapabilities=CAP_NET_BIND_SERVICE
 CapabilityBoundingSet=CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
