@@ -157,13 +157,20 @@ def free_run(count: int) -> int:
     raise RuntimeError("no run of free ports")
 
 
-def test_serve_follows_replaced_added_and_removed_nodes(aws: Aws, tmp_path: Path) -> None:
+def three_node_cluster(aws: Aws, stack: ExitStack, spare: int = 0) -> dict[str, int]:
+    """moto's cluster "mc" listing nodes 0001-0003 on memcached node1-node3, plus `spare` more memcached nodes for
+    later; every node holds its own name under `whoami`. Returns name -> port."""
     memcached_cluster(aws, build_world(aws), "mc", nodes=3)
+    node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 4 + spare)}
+    for name, port in node_ports.items():
+        set_whoami(port, name)
+    set_endpoints("mc", {f"000{i}": node_ports[f"node{i}"] for i in range(1, 4)})
+    return node_ports
+
+
+def test_serve_follows_replaced_added_and_removed_nodes(aws: Aws, tmp_path: Path) -> None:
     with ExitStack() as stack:
-        node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 6)}
-        for name, port in node_ports.items():
-            set_whoami(port, name)
-        set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node2"], "0003": node_ports["node3"]})
+        node_ports = three_node_cluster(aws, stack, spare=2)
         first = free_run(4)
         metrics_port = free_port()
         path = write_loopback_config(
@@ -279,12 +286,8 @@ def test_serve_start_fails_clearly_when_the_cluster_is_missing(aws: Aws, tmp_pat
 def test_a_state_file_keeps_each_nodes_port_across_a_restart(
     aws: Aws, tmp_path: Path, state_file: bool, workers: int, kept: bool
 ) -> None:
-    memcached_cluster(aws, build_world(aws), "mc", nodes=3)
     with ExitStack() as stack:
-        node_ports = {f"node{i}": stack.enter_context(memcached_server()) for i in range(1, 4)}
-        for name, port in node_ports.items():
-            set_whoami(port, name)
-        set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node2"], "0003": node_ports["node3"]})
+        node_ports = three_node_cluster(aws, stack)
         first = free_run(3)
         state = f"  state_file: {tmp_path / 'ports.json'}\n" if state_file else ""
         path = write_loopback_config(
