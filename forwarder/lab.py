@@ -544,7 +544,7 @@ def describe_up(result: UpResult) -> str:
             f'metrics: ip netns exec {lab.nat} {sys.executable} -c "import urllib.request; '
             f"print(urllib.request.urlopen('http://{METRICS_LISTEN}/metrics').read().decode())\""
         )
-    lines.append(f"tear down: natfwd lab down --name {lab.name}")
+    lines.append(f"tear down: {natfwd} lab down --name {lab.name}")
     return "\n".join(lines)
 
 
