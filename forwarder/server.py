@@ -89,8 +89,7 @@ class ClientHalf(Half):
         worker = self.worker
         peer = transport.get_extra_info("peername")
         client_ip = peer[0] if peer else ""
-        if not route.config.is_allowed(client_ip):
-            worker.reject(route, "not_allowed", client_ip)
+        if not worker.allows(route, client_ip):
             self.transport.abort()
             return
         if worker.active >= route.config.max_connections:
@@ -244,6 +243,13 @@ class Worker:
         self.tracker = Tracker(self)
 
     # --- accounting -------------------------------------------------------------------------------------------
+    def allows(self, route: Route, client_ip: str) -> bool:
+        """The allowlist check, at accept (with TLS: before the handshake); a refusal is counted and logged."""
+        if route.config.is_allowed(client_ip):
+            return True
+        self.reject(route, "not_allowed", client_ip)
+        return False
+
     def reject(self, route: Route, reason: str, client_ip: str, error: str | None = None) -> None:
         self.metrics.rejected.labels(str(route.port), reason).inc()
         extra = {"forward": route.port, "client": client_ip, "reason": reason}
@@ -331,13 +337,10 @@ class Worker:
         return opened
 
     def _tls_listener(self, route: Route, sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> Listener:
+        # The allowlist is checked before the handshake, so a client outside it costs no TLS work (connection_made
+        # checks it again, harmlessly); the limit is checked after it, against connections that are live.
         def admit(client_ip: str) -> bool:
-            # The same check ClientHalf.connection_made makes, taken before the handshake so that a client outside
-            # the allowlist costs no TLS work; the limit is checked after it, against connections that are live.
-            if route.config.is_allowed(client_ip):
-                return True
-            self.reject(route, "not_allowed", client_ip)
-            return False
+            return self.allows(route, client_ip)
 
         def failed(client_ip: str, error: str) -> None:
             self.reject(route, "tls_handshake", client_ip, error=error)
