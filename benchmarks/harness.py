@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from benchmarks import cpu, report
 from benchmarks.loads import Load, Runner, requests_per_run
-from benchmarks.paths import PATHS, REPO, PathSpec, RunningPath
+from benchmarks.paths import AGAINST, PATHS, REPO, PathSpec, RunningPath
 from forwarder.errors import NatfwdError
 from forwarder.lab import Lab, require_root
 
@@ -41,6 +41,11 @@ class Settings:
     paths: tuple[PathSpec, ...]
     loads: tuple[Load, ...]
     quick: bool
+    against: str | None = None  # a git revision whose natfwd runs next to this one (natfwd-base)
+
+    @property
+    def measured(self) -> tuple[PathSpec, ...]:
+        return self.paths + ((AGAINST,) if self.against else ())
 
 
 def tools_needed(settings: Settings) -> list[str]:
@@ -89,6 +94,9 @@ def metadata(settings: Settings) -> dict[str, Any]:
         "rounds": settings.rounds,
         "duration_s": settings.duration_s,
         "quick": settings.quick,
+        "against": None
+        if settings.against is None
+        else _version(["git", "-C", str(REPO), "rev-parse", "--short", settings.against]),  # fmt: skip
         "versions": {
             "python": platform.python_version(),
             "uvloop": str(getattr(uvloop, "__version__", "?")),
@@ -154,9 +162,10 @@ class Bench:
             lab.client,
             ["redis-benchmark", "-h", node.address, "-p", "6379", "-t", "set", "-n", "10", "-c", "1", "-d", "32", "-q"],
         )
-        for spec in self.settings.paths:
+        for spec in self.settings.measured:
             self.say(f"starting {spec.label}")
-            running = RunningPath(spec, lab, self.settings.out / "logs")
+            root = self._checkout(self.settings.against) if spec is AGAINST and self.settings.against else REPO
+            running = RunningPath(spec, lab, self.settings.out / "logs", root)
             running.start()
             self.running[spec.id] = running
         env = dict(os.environ)
@@ -175,6 +184,19 @@ class Bench:
             )
         self.agent = cast("subprocess.Popen[str]", agent)
         self.runner = Runner(lab.client, self.agent)
+
+    def _checkout(self, revision: str) -> Path:
+        """`forwarder/` as it was at `revision`, unpacked under the output directory; raises NatfwdError."""
+        root = self.settings.out / "against"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", revision, "forwarder"], capture_output=True, check=False
+        )
+        if archive.returncode != 0:
+            raise NatfwdError(f"--against {revision}: git archive failed: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+        return root
 
     def calibrate(self) -> None:
         """Size each fixed-count load so one run takes about `duration_s` on the direct path (also a warm-up).
@@ -224,7 +246,7 @@ class Bench:
 
     def rounds(self) -> None:
         settings = self.settings
-        paths = list(settings.paths)
+        paths = list(settings.measured)
         total = settings.rounds * len(settings.loads) * len(paths)
         done = 0
         started = time.monotonic()
@@ -246,11 +268,11 @@ class Bench:
     def write(self, *, chart: bool) -> None:
         """Write results.json and results.md (and the chart) from the measurements so far."""
         out = self.settings.out
-        path_ids = [p.id for p in self.settings.paths]
+        path_ids = [p.id for p in self.settings.measured]
         summary = report.summary(self.measurements)
         data = {
             "meta": self.meta,
-            "paths": [{"id": p.id, "label": p.label} for p in self.settings.paths],
+            "paths": [{"id": p.id, "label": p.label} for p in self.settings.measured],
             "loads": [
                 {
                     "id": load.id,
@@ -291,6 +313,11 @@ def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
     groups: list[list[PathSpec]] = []
     partners = {"natfwd": "haproxy", "haproxy": "natfwd"}
     for spec in paths:
+        if spec is AGAINST:  # natfwd-w1's A/B partner: [base, w1, HAProxy], so w1 is next to both either way round
+            group = next((g for g in groups if any(p.id == "natfwd-w1" for p in g)), None)
+            if group is not None:
+                group[:] = [spec] + sorted(group, key=lambda p: p.id != "natfwd-w1")
+                continue
         partner = next((g for g in groups if g[0].kind == partners.get(spec.kind) and g[0].threads == spec.threads
                         and len(g) == 1), None)  # fmt: skip
         if partner is not None:

@@ -48,6 +48,8 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("socat", "socat (fork per connection)", "socat", 1, 6),
 )
 PATH_IDS = tuple(p.id for p in PATHS)
+# `--against REV`: natfwd `workers: 1` as it was at git revision REV, measured next to natfwd-w1 in every round.
+AGAINST = PathSpec("natfwd-base", "natfwd workers: 1 at the --against revision", "natfwd", 1, 7)
 ENGINES: tuple[Engine, ...] = ("memcached", "redis")
 
 
@@ -106,17 +108,18 @@ def socat_argv(spec: PathSpec, engine: Engine, node_address: str) -> list[str]:
     return ["socat", f"{listen},range={CLIENT_ADDRESS}/32", f"TCP4:{node_address}:{NODE_PORTS[engine]},nodelay"]
 
 
-def _package_env() -> dict[str, str]:
+def _package_env(root: Path = REPO) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     return env
 
 
 class RunningPath:
     """A path started in the lab; `before()`/`after()` bracket each measurement (the kernel rules live only then)."""
 
-    def __init__(self, spec: PathSpec, lab: Lab, workdir: Path) -> None:
+    def __init__(self, spec: PathSpec, lab: Lab, workdir: Path, package_root: Path = REPO) -> None:
         self.spec = spec
+        self.package_root = package_root  # where `python -m forwarder` comes from (another revision's copy)
         self.lab = lab
         self.workdir = workdir
         self.node_address = lab.nodes[0].address
@@ -133,7 +136,7 @@ class RunningPath:
                 cfg = self.workdir / f"{spec.id}.yaml"
                 cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot))
                 argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
-                process = self._popen(argv, log, env=_package_env())
+                process = self._popen(argv, log, env=_package_env(self.package_root))
                 watch = {engine: process for engine in ENGINES}
             elif spec.kind == "haproxy":
                 cfg = self.workdir / f"{spec.id}.cfg"

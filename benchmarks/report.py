@@ -20,6 +20,7 @@ SHORT = {
     "haproxy-t1": "HAProxy t1",
     "haproxy-t2": "HAProxy t2",
     "socat": "socat",
+    "natfwd-base": "natfwd base",
 }
 
 
@@ -343,6 +344,25 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
     return lines + _cpu_table(by_load, path_ids, "machine µs", _machine_cell)
 
 
+def against_table(measurements: Sequence[Measurement], revision: str) -> list[str]:
+    """`--against`: natfwd-w1 over natfwd-base, paired within each round (above 1: the change is better)."""
+    table = per_round(measurements)
+    lines = [
+        f"### natfwd w1 over natfwd at {revision} (`--against`)",
+        "",
+        "Both ran right beside each other in every round; above 1 means the current code is better.",
+        "",
+        "| figure | per round | median |",
+        "|---|---|---:|",
+    ]
+    for fid in _figure_order(table):
+        ratios = paired_ratios(table[fid], FIGURES[fid], "natfwd-w1", "natfwd-base")
+        if ratios:
+            per = ", ".join(f"{r:.2f}" for r in ratios)
+            lines.append(f"| {FIGURES[fid].label} | {per} | {ratio(median(ratios))} |")
+    return lines
+
+
 def per_round_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
     table = per_round(measurements)
     rounds = sorted({m.round for m in measurements})
@@ -384,6 +404,8 @@ def markdown(
     cpu = cpu_tables(measurements, path_ids)
     if cpu:
         lines += [*cpu, ""]
+    if "natfwd-base" in path_ids:
+        lines += [*against_table(measurements, str(meta.get("against") or "the --against revision")), ""]
     if chart_name:
         lines += [f"![natfwd benchmark chart]({chart_name})", ""]
     errors = [m for m in measurements if m.error]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks import harness, report  # noqa: E402
 from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
-from benchmarks.paths import PATH_IDS, PATHS  # noqa: E402
+from benchmarks.paths import PATH_IDS, PATHS, REPO  # noqa: E402
 from forwarder.errors import NatfwdError, UsageError  # noqa: E402
 
 QUICK = {"rounds": 3, "duration_s": 0.5}
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--paths", type=_ids("path", PATH_IDS), default=PATH_IDS, help="comma-separated path ids")
     parser.add_argument("--loads", type=_ids("load", LOAD_IDS), default=LOAD_IDS, help="comma-separated load ids")
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run natfwd (workers: 1) from git revision REV right beside natfwd-w1 in every round, and "
+        "report the paired ratios: an A/B of a change on the same machine state",
+    )
     return parser
 
 
@@ -65,7 +72,17 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
     paths = tuple(p for p in PATHS if p.id in args.paths)
     if "direct" not in args.paths:
         raise UsageError("--paths: must include direct, the baseline every ratio (and the calibration) uses")
+    if args.against is not None:
+        if "natfwd-w1" not in args.paths:
+            raise UsageError("--against: needs natfwd-w1 in --paths, the natfwd it is compared with")
+        known = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{args.against}^{{commit}}"],
+            capture_output=True, check=False,
+        )  # fmt: skip
+        if known.returncode != 0:
+            raise UsageError(f"--against: {args.against!r} is not a commit of this repository; try HEAD~1 or a hash")
     return harness.Settings(
+        against=args.against,
         out=args.out.resolve(),
         rounds=int(rounds),
         duration_s=float(duration),

@@ -288,6 +288,8 @@ def test_agent_reports_a_wrong_value_as_an_error(start_redis: Callable[..., Node
         (["--rounds", "0"], "--rounds: 0 is not valid"),
         (["--duration", "0"], "--duration: 0.0 is not valid"),
         (["--paths", "natfwd-w1,haproxy-t1"], "--paths: must include direct"),
+        (["--against", "no-such-revision"], "--against: 'no-such-revision' is not a commit of this repository"),
+        (["--against", "HEAD", "--paths", "direct,haproxy-t1"], "--against: needs natfwd-w1 in --paths"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -328,16 +330,18 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     out = tmp_path / "out"
     result = subprocess.run(
         [*RUN, "--rounds", "1", "--duration", "0.2", "--paths", "direct,natfwd-w1,haproxy-t1",
-         "--loads", "rb-get-c50,mc-1conn", "--out", str(out)],
+         "--loads", "rb-get-c50,mc-1conn", "--against", "HEAD", "--out", str(out)],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[round 1/1   6/6" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
+    assert "[round 1/1   8/8" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
     data = json.loads((out / "results.json").read_text())
     done = {(m["load"], m["path"]) for m in data["measurements"] if m["error"] is None}
-    assert done == {
-        (load, path) for load in ("rb-get-c50", "mc-1conn") for path in ("direct", "natfwd-w1", "haproxy-t1")
-    }
+    paths = ("direct", "natfwd-w1", "haproxy-t1", "natfwd-base")  # natfwd-base: this very commit, via --against
+    assert done == {(load, path) for load in ("rb-get-c50", "mc-1conn") for path in paths}
+    committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:forwarder/relay.py"], capture_output=True)
+    assert (out / "against" / "forwarder" / "relay.py").read_bytes() == committed.stdout
+    assert "### natfwd w1 over natfwd at " in (out / "results.md").read_text()
     assert data["summary"]["figures"]["rb-get-c50"]["median"]["natfwd-w1"] > 1000
     spent = {(m["load"], m["path"]): m["cpu"] for m in data["measurements"]}
     counts = {load["id"]: load["requests_per_run"] for load in data["loads"]}
