@@ -1,4 +1,5 @@
-"""Raw mode (the relay owning socket duplicates, splice through pooled pipes) on both loops, and when it must not apply."""
+"""Raw mode (the relay owning socket duplicates: read/write for small messages, splice through pooled pipes for bulk)
+on both loops, and when it must not apply."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypat
     original_readable = relay._Raw.readable
     original_splice = relay._splice
 
-    def counting_splice(src: int, dst: int, count: int, **kwargs: Any) -> int:
-        moved = original_splice(src, dst, count, **kwargs)
+    def counting_splice(src: int, dst: int, count: int, *args: Any) -> int:
+        moved = original_splice(src, dst, count, *args)
         if src == reading["fd"]:
             reading["chunks"] += 1
         return moved
@@ -121,18 +122,59 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypat
     assert max(chunks_per_call) <= relay.SPLICE_BURST
 
 
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each direction reads small messages with os.read, switches to splice on a full read, and back after it."""
+    spliced: list[int] = []
+    original_splice = relay._splice
+
+    def counting_splice(src: int, dst: int, count: int, *args: Any) -> int:
+        moved = original_splice(src, dst, count, *args)
+        spliced.append(moved)
+        return moved
+
+    monkeypatch.setattr(relay, "_splice", counting_splice)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await ping_pong(reader, writer)
+            client = only_connection(worker)
+            halves = [client, client.peer]
+            assert all(h is not None and h.raw is not None and h.raw.copying for h in halves)
+            assert not spliced, "small messages should not go through a pipe"
+
+            payload = os.urandom(4 * 1024 * 1024)
+            writer.write(payload)
+            received = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            assert sum(spliced) > len(payload), "most of the bulk should have been spliced, both ways"
+
+            await ping_pong(reader, writer, rounds=relay.COPY_AFTER_SMALL)  # a run of short splices: small again
+            count = len(spliced)
+            await ping_pong(reader, writer, rounds=5)
+            assert len(spliced) == count, "after the bulk, small messages should be copied again"
+            assert all(h is not None and h.raw is not None and h.raw.copying for h in halves)
+            writer.close()
+        server.close()
+
+    run(loop_name, main)
+
+
 def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Raw mode as on a system without os.splice: chunks are copied through the buffer pool."""
+    """Raw mode as on a system without os.splice: every chunk goes through os.read/os.write."""
     monkeypatch.setattr(relay, "_splice", relay._no_splice)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("mode", ["transport", "copy"])
 def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """7-byte buffers against 1 MB each way: through the transports for the whole connection (no descriptors to
-    spare for raw mode), or in raw mode without splice, partial sends and all."""
+    """7-byte buffers and reads against 1 MB each way: through the transports for the whole connection (no
+    descriptors to spare for raw mode), or in raw mode without splice, partial sends and all."""
     if mode == "copy":
         no_splice(monkeypatch)
+        monkeypatch.setattr(relay, "COPY_READ", 7)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -224,10 +266,12 @@ def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
             conns = {c for route in worker.routes.values() for c in route.connections}
             stuck = [c.peer for c in conns if c.peer is not None and c.peer.raw is not None and c.peer.raw.writing]
             assert stuck, "the stalled connection should be waiting for its client's socket, bytes in hand"
-            for half in stuck:  # the buffer (copy mode) holding the unsent bytes is not lendable
+            for half in stuck:  # the pipe holding the unsent bytes (splice mode) is not lendable
                 assert half.raw is not None
-                assert (half.raw.view is not None) == (mode == "copy")
-                assert all(view is not half.raw.view for view in worker.pool.free)
+                if mode == "copy":
+                    assert half.raw.tail is not None and half.raw.pipe is None
+                else:
+                    assert half.raw.pipe is not None and half.raw.pipe not in worker.pool.pipes
 
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"echo\n")
