@@ -200,9 +200,11 @@ class _Raw:
                 pipe = pipes.pop()
             else:
                 new = self.half.pool.take_pipe()
-                if new is None:  # no splice, or no descriptors to spare for a pipe: copy this chunk
+                if new is None:
+                    # No descriptors to spare for a pipe: copy. The socket is still readable, and epoll is
+                    # level-triggered, so the chunk comes back as a copy on the next loop turn. Copying it from here
+                    # could recurse: a full read switches back to splicing, which finds no pipe again.
                     self.copying = True
-                    self.readable()
                     return
                 pipe = new
             try:
@@ -217,8 +219,7 @@ class _Raw:
                     pool.can_splice = False
                     while pipes:
                         pool.give_pipe(pipes.pop(), empty=False)  # closes them
-                    self.copying = True
-                    self.readable()
+                    self.copying = True  # for good: pool.can_splice is False now
                     return
                 self.half.raw_failed()
                 return

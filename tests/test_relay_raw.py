@@ -189,6 +189,43 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
+def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With descriptors for the socket duplicates but none for a pipe, full reads keep asking for splice and keep
+    getting copies: every byte arrives, and no callback recurses."""
+    asked: list[int] = []
+    depth = {"now": 0, "max": 0}
+    original_readable = relay._Raw.readable
+
+    def no_pipe(pool: relay.BufferPool) -> None:
+        asked.append(1)
+        return None
+
+    def readable(raw: relay._Raw) -> None:
+        depth["now"] += 1
+        depth["max"] = max(depth["max"], depth["now"])
+        try:
+            original_readable(raw)
+        finally:
+            depth["now"] -= 1
+
+    monkeypatch.setattr(relay.BufferPool, "take_pipe", no_pipe)
+    monkeypatch.setattr(relay._Raw, "readable", readable)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            await transfer_both_ways(port, 8 * 1024 * 1024)
+            assert asked, "full reads should have asked for a pipe"
+            assert depth["max"] == 1, "a readiness callback should copy or splice, never call itself"
+            assert not worker.pool.pipes
+            await wait_for(lambda: worker.active == 0, "the connection to close")
+            assert worker.pool.extra_fds == 0
+        server.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
