@@ -7,6 +7,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -160,6 +161,42 @@ def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypat
         server.close()
 
     run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_concurrent_mixed_sizes_switching_modes_stay_intact(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """20 connections at once, each echoing messages of random sizes from 1 byte to 300 KB, so every direction
+    switches between copying and splicing many times while sharing one pipe pool: every echo comes back exact."""
+    switches = {"to_splice": 0}
+    original_splice_chunks = relay._Raw.splice_chunks
+
+    def splice_chunks(raw: relay._Raw) -> None:
+        switches["to_splice"] += 1
+        original_splice_chunks(raw)
+
+    monkeypatch.setattr(relay._Raw, "splice_chunks", splice_chunks)
+    sizes = (1, 30, 1000, 16 * 1024, 16 * 1024 + 1, 70_000, 300_000)
+
+    async def client(port: int, seed: int) -> None:
+        rng = random.Random(seed)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await ping_pong(reader, writer)
+        for _ in range(40):
+            message = rng.randbytes(rng.choice(sizes))
+            writer.write(message)
+            assert await asyncio.wait_for(reader.readexactly(len(message)), 30) == message
+        writer.close()
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            await asyncio.gather(*(client(port, seed) for seed in range(20)))
+            await wait_for(lambda: worker.active == 0, "every connection to close")
+            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+        server.close()
+
+    run(loop_name, main)
+    assert switches["to_splice"] > 20, "bulk messages should have been spliced"
 
 
 def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
