@@ -9,7 +9,8 @@ from typing import Any
 from benchmarks.report import SHORT, truncated
 
 COLOURS = {"direct": "#7f7f7f", "kernel": "#bcbd22", "natfwd-w1": "#1f77b4", "natfwd-w2": "#17becf",
-           "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", "natfwd-base": "#aec7e8"}  # fmt: skip
+           "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", "natfwd-base": "#aec7e8",
+           "haproxy-splice": "#8c564b"}  # fmt: skip
 
 
 def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: str) -> None:

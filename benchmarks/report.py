@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.loads import FIGURES, LOADS, Figure
-from benchmarks.paths import PATHS
+from benchmarks.paths import KNOWN_PATHS
 
-PATH_LABELS = {p.id: p.label for p in PATHS}
+PATH_LABELS = {p.id: p.label for p in KNOWN_PATHS}
 SHORT = {
     "direct": "direct",
     "kernel": "kernel",
@@ -19,6 +19,7 @@ SHORT = {
     "natfwd-w2": "natfwd w2",
     "haproxy-t1": "HAProxy t1",
     "haproxy-t2": "HAProxy t2",
+    "haproxy-splice": "HAProxy t1 splice",
     "socat": "socat",
     "natfwd-base": "natfwd base",
 }

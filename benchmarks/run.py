@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks import harness, report  # noqa: E402
 from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
-from benchmarks.paths import PATH_IDS, PATHS, REPO  # noqa: E402
+from benchmarks.paths import KNOWN_PATHS, PATH_IDS, REPO  # noqa: E402
 from forwarder.errors import NatfwdError, UsageError  # noqa: E402
 
 QUICK = {"rounds": 3, "duration_s": 0.5}
@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration", type=float, default=None, help="seconds per measurement (default 2, or 0.5 with --quick)"
     )
-    parser.add_argument("--paths", type=_ids("path", PATH_IDS), default=PATH_IDS, help="comma-separated path ids")
+    parser.add_argument(
+        "--paths",
+        type=_ids("path", tuple(p.id for p in KNOWN_PATHS)),
+        default=PATH_IDS,
+        help="comma-separated path ids; haproxy-splice (HAProxy with option splice-auto) runs only when named",
+    )
     parser.add_argument("--loads", type=_ids("load", LOAD_IDS), default=LOAD_IDS, help="comma-separated load ids")
     parser.add_argument(
         "--against",
@@ -69,7 +74,7 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
         raise UsageError(f"--rounds: {rounds} is not valid; use 1 or more (3 gives the targets' median)")
     if not 0.05 <= float(duration) <= 600:
         raise UsageError(f"--duration: {duration} is not valid; use 0.05 to 600 seconds")
-    paths = tuple(p for p in PATHS if p.id in args.paths)
+    paths = tuple(p for p in KNOWN_PATHS if p.id in args.paths)
     if "direct" not in args.paths:
         raise UsageError("--paths: must include direct, the baseline every ratio (and the calibration) uses")
     if args.against is not None:

@@ -26,13 +26,13 @@ from benchmarks.loads import (
     redis_benchmark_argv,
     requests_per_run,
 )
-from benchmarks.paths import PATHS, haproxy_config, natfwd_config, nft_rules, socat_argv
+from benchmarks.paths import KNOWN_PATHS, PATH_IDS, haproxy_config, natfwd_config, nft_rules, socat_argv
 from benchmarks.report import Measurement
 from forwarder import config, lab
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "benchmarks" / "run.py")]
-PATH = {p.id: p for p in PATHS}
+PATH = {p.id: p for p in KNOWN_PATHS}
 
 REDIS_BENCHMARK_CSV = """\
 "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
@@ -142,7 +142,7 @@ def test_results_markdown_has_the_targets_tables_and_failures() -> None:
 def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads_in_turn() -> None:
     firsts = set()
     for turn in range(10):
-        order = [p.id for p in measuring_order(PATHS, turn)]
+        order = [p.id for p in measuring_order(KNOWN_PATHS, turn)]
         assert sorted(order) == sorted(PATH)
         for natfwd, haproxy in (("natfwd-w1", "haproxy-t1"), ("natfwd-w2", "haproxy-t2")):
             assert abs(order.index(natfwd) - order.index(haproxy)) == 1
@@ -166,6 +166,17 @@ def test_haproxy_config_is_valid_for_haproxy(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     text = path.read_text()
     assert "nbthread 2" in text and f"bind {lab.PUBLIC_ADDRESS}:20050" in text and "splice" not in text
+
+
+def test_spliced_haproxy_is_valid_and_runs_only_when_asked_for(tmp_path: Path) -> None:
+    binary = require_binary("haproxy")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(haproxy_config(PATH["haproxy-splice"], "10.0.1.230"))
+    result = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = path.read_text()
+    assert "option splice-auto" in text and "maxpipes 512" in text and "nbthread 1" in text and f"bind {lab.PUBLIC_ADDRESS}:20080" in text
+    assert "haproxy-splice" not in PATH_IDS  # not in a default run: the issue's targets compare plain HAProxy
 
 
 def test_kernel_path_uses_the_emitted_nft_rules_for_its_own_ports() -> None:
