@@ -345,22 +345,49 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
     return lines + _cpu_table(by_load, path_ids, "machine µs", _machine_cell)
 
 
+SIGN_TEST_ALPHA = 0.1
+
+
+def sign_test_p(ratios: Sequence[float]) -> float:
+    """Two-sided sign test of paired ratios against 1 (ties dropped): how likely at least this lopsided a split of
+    rounds above and below 1 is when the change does nothing. It assumes nothing about the noise's shape."""
+    above = sum(1 for r in ratios if r > 1)
+    below = sum(1 for r in ratios if r < 1)
+    n = above + below
+    if n == 0:
+        return 1.0
+    tail: float = sum(math.comb(n, k) for k in range(min(above, below) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def verdict(ratios: Sequence[float]) -> str:
+    """'better', 'worse' or 'within noise', by the sign test at SIGN_TEST_ALPHA."""
+    if sign_test_p(ratios) >= SIGN_TEST_ALPHA:
+        return "within noise"
+    return "better" if sum(1 for r in ratios if r > 1) > len(ratios) / 2 else "worse"
+
+
 def against_table(measurements: Sequence[Measurement], revision: str) -> list[str]:
     """`--against`: natfwd-w1 over natfwd-base, paired within each round (above 1: the change is better)."""
     table = per_round(measurements)
     lines = [
         f"### natfwd w1 over natfwd at {revision} (`--against`)",
         "",
-        "Both ran right beside each other in every round; above 1 means the current code is better.",
+        "Both ran right beside each other in every round; above 1 means the current code is better. The verdict is a "
+        f"two-sided sign test on the rounds (p < {SIGN_TEST_ALPHA}); it needs 5 rounds or more to say anything.",
         "",
-        "| figure | per round | median |",
-        "|---|---|---:|",
+        "| figure | per round | median | rounds above 1 | sign test p | verdict |",
+        "|---|---|---:|---:|---:|---|",
     ]
     for fid in _figure_order(table):
         ratios = paired_ratios(table[fid], FIGURES[fid], "natfwd-w1", "natfwd-base")
         if ratios:
             per = ", ".join(f"{r:.2f}" for r in ratios)
-            lines.append(f"| {FIGURES[fid].label} | {per} | {ratio(median(ratios))} |")
+            above = sum(1 for r in ratios if r > 1)
+            lines.append(
+                f"| {FIGURES[fid].label} | {per} | {ratio(median(ratios))} | {above}/{len(ratios)} "
+                f"| {sign_test_p(ratios):.2f} | {verdict(ratios)} |"
+            )
     return lines
 
 

@@ -115,6 +115,22 @@ def test_targets_pass_only_at_or_above_their_minimum() -> None:
     assert "| redis-benchmark GET c1 | – | – | 1 | not measured |" in text
 
 
+@pytest.mark.parametrize(
+    ("ratios", "p", "said"),
+    [
+        ([1.1, 1.2, 1.05, 1.3, 1.02], 2 / 32, "better"),  # 5 of 5 above: the smallest p five rounds can give
+        ([0.9, 0.95, 0.8, 0.99, 0.97, 0.93], 2 / 64, "worse"),
+        ([1.1, 0.9, 1.2, 0.95, 1.05], 1.0, "within noise"),  # 3 above, 2 below
+        ([1.3, 1.2, 1.1, 1.4], 2 / 16, "within noise"),  # 4 of 4 is still p = 0.125
+        ([1.1, 1.1, 1.1, 1.1, 1.1, 0.9], 14 / 64, "within noise"),
+        ([1.0, 1.0], 1.0, "within noise"),  # ties say nothing
+    ],
+)
+def test_the_ab_verdict_is_a_two_sided_sign_test(ratios: list[float], p: float, said: str) -> None:
+    assert report.sign_test_p(ratios) == pytest.approx(p)
+    assert report.verdict(ratios) == said
+
+
 def test_a_ratio_just_below_a_target_never_prints_as_reaching_it() -> None:
     assert report.truncated(0.996) == "0.99"
     assert report.truncated(1.0) == "1.00"
