@@ -43,7 +43,7 @@ def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: 
         axis.grid(axis="x", alpha=0.3)
         if key == "vs_direct":
             axis.axvline(1.0, color="black", linewidth=0.8)
-        else:
+        elif ids:  # a run of --loads without latency figures has nothing to put on a log scale
             axis.set_xscale("log")  # p50 on one connection and p99 on 200 differ by 100x
     handles, labels = left.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)

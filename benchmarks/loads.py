@@ -124,6 +124,14 @@ LOADS: tuple[Load, ...] = (
         {"clients": 50, "pipeline": 16},
     ),
     Load(
+        "rb-get-c50-new",
+        "redis-benchmark GET, 50 clients, a new connection per request",
+        "redis",
+        "redis-benchmark",
+        (Figure("rb-get-c50-new", "redis-benchmark GET c50, new conn each", "req/s", "GET"),),
+        {"clients": 50, "keepalive": 0},
+    ),
+    Load(
         "rb-256k",
         "redis-benchmark SET and GET of 256 KiB values, 8 connections",
         "redis",
@@ -205,6 +213,8 @@ def redis_benchmark_argv(host: str, port: int, requests: int, args: dict[str, ob
         argv += ["-P", str(args["pipeline"])]
     if "size" in args:
         argv += ["-d", str(args["size"])]
+    if "keepalive" in args:  # -k 0: every request opens and closes its own connection (PHP-style clients)
+        argv += ["-k", str(args["keepalive"])]
     if "dbnum" in args:  # big values live in their own db, so the small-value GET tests never fetch them
         argv += ["--dbnum", str(args["dbnum"])]
     return argv

@@ -155,6 +155,16 @@ def test_results_markdown_has_the_targets_tables_and_failures() -> None:
     assert "![natfwd benchmark chart](c.png)" in text
 
 
+def test_the_chart_draws_a_run_without_latency_figures(tmp_path: Path) -> None:
+    """--loads with throughput figures only (no agent load): nothing for the log-scaled latency panel."""
+    _require_matplotlib()
+    from benchmarks import chart
+
+    measurements = [_m(1, p, rb_get_c50_new=v) for p, v in (("direct", 100.0), ("natfwd-w1", 40.0), ("haproxy-t1", 60.0))]
+    chart.draw(report.summary(measurements), ["direct", "natfwd-w1", "haproxy-t1"], tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads_in_turn() -> None:
     firsts = set()
     for turn in range(10):
