@@ -7,7 +7,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast, get_args
 
@@ -18,6 +18,7 @@ from forwarder.errors import UsageError
 Engine = Literal["memcached", "redis", "redis-cluster"]
 ENGINES: tuple[str, ...] = get_args(Engine)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ALLOWED_CACHE_SIZE = 4096  # client addresses whose allowlist answer each config keeps
 
 # RFC 1123 host names; anything else (spaces, quotes, `;`) could inject into the
 # shell and nft text that emit-iptables renders, so it is rejected here, once.
@@ -125,8 +126,21 @@ class Config:
     upstream_tls: UpstreamTLS | None = None
     auth: Auth | None = None
 
+    # Answers per client address: parsing it with ipaddress costs more than the rest of the accept path in Python,
+    # and clients come back from the same few addresses. Not a field's value: replace() starts an empty one.
+    _allowed: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
+
     def is_allowed(self, address: str) -> bool:
         """True when `address` (an IP literal) falls in `allowed_clients`."""
+        known = self._allowed.get(address)
+        if known is None:
+            known = self._is_allowed(address)
+            if len(self._allowed) >= ALLOWED_CACHE_SIZE:
+                self._allowed.clear()  # a spray of addresses costs what it did before caching, no more memory
+            self._allowed[address] = known
+        return known
+
+    def _is_allowed(self, address: str) -> bool:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

@@ -63,6 +63,7 @@ class ClientHalf(Half):
         "worker",
         "route",
         "connect_task",
+        "connect_expired",
         "seen_to_node",
         "seen_to_client",
         "idle_s",
@@ -74,6 +75,7 @@ class ClientHalf(Half):
         self.worker = worker
         self.route = route
         self.connect_task: asyncio.Task[None] | None = None
+        self.connect_expired = False  # the connect timer cancelled connect_task (the client did not leave)
         self.seen_to_node = 0
         self.seen_to_client = 0
         self.idle_s = 0.0
@@ -108,14 +110,17 @@ class ClientHalf(Half):
         node = self.node_half()
         self.peer = node
         node.peer = self
-        self.connect_task = asyncio.get_running_loop().create_task(self._connect(node, route.target, client_ip))
+        self.connect_task = worker.loop.create_task(self._connect(node, route.target, client_ip))
 
     async def _connect(self, node: NodeHalf, target: config_mod.Target, client_ip: str) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.worker.loop
         route = self.route
         started = loop.time()
+        # A timer that cancels this task, rather than asyncio.timeout(): that asks for the running loop twice per
+        # connection, each a getpid() system call on Python 3.11, and this runs once per client connection.
+        expired = loop.call_later(route.config.connect_timeout_s, self._connect_expired)
         try:
-            async with asyncio.timeout(route.config.connect_timeout_s):
+            try:
                 upstream_ssl = self.worker.upstream_ssl
                 await loop.create_connection(
                     lambda: node,
@@ -126,9 +131,13 @@ class ClientHalf(Half):
                     server_hostname=target.host if upstream_ssl is not None else None,
                     ssl_handshake_timeout=route.config.connect_timeout_s if upstream_ssl is not None else None,
                 )
-        except asyncio.CancelledError:
-            node.abort()  # the client left; the node connection may have completed meanwhile
-            raise
+            except asyncio.CancelledError:
+                node.abort()  # the client left, or the timer fired; the node connection may have completed meanwhile
+                if not self.connect_expired:
+                    raise
+                raise TimeoutError from None
+            finally:
+                expired.cancel()
         except (OSError, TimeoutError) as exc:
             reason = _connect_failure_reason(exc)
             self.worker.metrics.upstream_errors.labels(str(route.port), reason).inc()
@@ -152,6 +161,12 @@ class ClientHalf(Half):
             node.abort()
             return
         self.release_early()
+
+    def _connect_expired(self) -> None:
+        task = self.connect_task
+        if task is not None:
+            self.connect_expired = True
+            task.cancel()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
@@ -238,6 +253,9 @@ class Worker:
         self.idle = asyncio.Event()  # set whenever the last connection closes; drain waits on it
         self._retired: list[Route] = []  # routes removed by reload whose connections still run
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set by start(). Per connection, asyncio.get_running_loop() costs a getpid() system call (Python 3.11
+        # checks for a fork), and connection setup asked for it five times.
+        self.loop: asyncio.AbstractEventLoop
         self.nodes = NodeMap()  # the rewriters' node -> public address map, shared by every connection
         self.warn = RateLimitedWarning()
         self.tracker = Tracker(self)
@@ -354,6 +372,7 @@ class Worker:
             raise NatfwdError(_bind_message(self.config.listen_address, route.port, exc)) from exc
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.config = await self.tracker.prepare(self.config)
         self.listeners = await self._open(all_forwards(self.config), self.config)
         self._spawn(self._sweep())

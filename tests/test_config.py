@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import signal
 import socket
 import subprocess
@@ -37,6 +39,20 @@ def test_valid_config_defaults() -> None:
     assert cfg.is_allowed("198.51.100.27")
     assert cfg.is_allowed("::ffff:198.51.100.27")
     assert not cfg.is_allowed("198.51.100.28")
+
+
+def test_allowlist_answers_are_kept_per_config_and_bounded() -> None:
+    cfg = config.loads(VALID)
+    for _ in range(2):  # the second round answers from what the first one kept
+        assert cfg.is_allowed("198.51.100.27") and cfg.is_allowed("::ffff:198.51.100.27")
+        assert not cfg.is_allowed("198.51.100.28") and not cfg.is_allowed("not-an-address")
+    other = dataclasses.replace(cfg, allowed_clients=(ipaddress.ip_network("198.51.100.28/32"),))
+    assert other.is_allowed("198.51.100.28") and not other.is_allowed("198.51.100.27")  # not the old answers
+    assert cfg == config.loads(VALID)  # what is kept is not part of the config's value
+    for i in range(config.ALLOWED_CACHE_SIZE + 100):
+        assert not cfg.is_allowed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+    assert len(cfg._allowed) <= config.ALLOWED_CACHE_SIZE
+    assert cfg.is_allowed("198.51.100.27")
 
 
 def test_example_config_is_valid() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 
 import pytest
 from conftest import free_port
@@ -119,3 +121,48 @@ def test_unreachable_node_closes_client_promptly_and_counts(loop_name: str) -> N
         await asyncio.sleep(0)
 
     run(loop_name, main)
+
+
+def _never_accepting_listener() -> tuple[socket.socket, socket.socket]:
+    """A port whose SYNs go unanswered: listen(0) with its one queue slot taken, so further connects hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    return listener, filler
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("client_leaves", [False, True])
+def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(loop_name: str, client_leaves: bool) -> None:
+    """The connect timer closes the client and counts a timeout; a client that resets first cancels the connect
+    quietly, and nothing is counted."""
+    listener, filler = _never_accepting_listener()
+
+    async def main() -> None:
+        async with worker_for(listener.getsockname()[1], connect_timeout_s=0.5) as (worker, port):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # A client that leaves resets before sending: a FIN is only a half-close, which keeps waiting for the
+            # node's answer, and a client that spoke first is not read again until the node is connected.
+            if client_leaves:
+                await asyncio.sleep(0.1)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            else:
+                writer.write(b"version\r\n")
+                assert await asyncio.wait_for(reader.read(-1), 5) == b""
+                assert 0.4 < loop.time() - started < 2
+                writer.close()
+            await wait_for(lambda: worker.active == 0, "the connection to be gone")
+            await asyncio.sleep(0.6)  # past the connect timeout: a timer left behind would fire now
+            metric = worker.metrics.upstream_errors.labels(str(port), "timeout")
+            assert metric._value.get() == (0 if client_leaves else 1)
+
+    try:
+        run(loop_name, main)
+    finally:
+        filler.close()
+        listener.close()
