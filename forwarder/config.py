@@ -127,7 +127,8 @@ class Config:
     auth: Auth | None = None
 
     # Answers per client address: parsing it with ipaddress costs more than the rest of the accept path in Python,
-    # and clients come back from the same few addresses. Not a field's value: replace() starts an empty one.
+    # and clients come back from the same few addresses. Not part of the config's value (no init, repr or
+    # comparison), so replace() starts an empty one for the new allowlist.
     _allowed: dict[str, bool] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def is_allowed(self, address: str) -> bool:
