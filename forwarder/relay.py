@@ -47,6 +47,7 @@ BULK_MIN = 16 * 1024
 COPY_AFTER_SMALL = 8
 RAW_FD_SHARE = 8  # raw mode may always use 1/8 of RLIMIT_NOFILE; more when max_connections leaves more
 PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
+EARLY_LIMIT = 64 * 1024  # bytes held from a client while its node connection is made; reading pauses beyond
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 
 
@@ -351,7 +352,7 @@ class Half(asyncio.BufferedProtocol):
         assert view is not None and self.peer is not None
         self.nbytes += nbytes
         transport = self.peer.transport
-        if transport is None:
+        if transport is None or self.early is not None:  # held bytes go first, when release_early sends them
             self.hold(view, nbytes)
             return
         if self.peer.closed:
@@ -369,10 +370,11 @@ class Half(asyncio.BufferedProtocol):
                 self.take_over()
 
     def hold(self, view: memoryview, nbytes: int) -> None:
-        """Keep bytes that arrive before the peer is connected, and stop reading until it is.
+        """Keep bytes that arrive before the peer is connected; stop reading only once EARLY_LIMIT are held.
 
-        uvloop starts reading right after connection_made whatever the protocol asked there, so the client side
-        cannot simply be paused at accept.
+        Reading on (rather than pausing at the first bytes) is what notices a client that resets or half-closes
+        while the node connection is still being made. uvloop starts reading right after connection_made whatever
+        the protocol asked there, so the client side cannot simply be paused at accept anyway.
         """
         if self.early is None:
             self.early = bytearray()
@@ -381,22 +383,37 @@ class Half(asyncio.BufferedProtocol):
         # memcached and Redis) keeps a 64 KiB buffer for as long as it stays idle afterwards.
         self.view = None
         self.pool.give(view)
-        self.pause_reading()
+        if len(self.early) >= EARLY_LIMIT:
+            self.pause_reading()
 
     def release_early(self) -> None:
-        """The peer is connected now: send what was held back and start reading again."""
+        """The peer is connected now: send what was held back, and the EOF if one came meanwhile; read on."""
         early = self.early
         peer = self.peer
-        if early is not None and peer is not None and peer.transport is not None:
+        if peer is None or peer.transport is None:
+            return
+        if early is not None:
             self.early = None
             peer.transport.write(bytes(early))
-        self.resume_reading()
+        if not self.eof:
+            self.resume_reading()
+        elif not self.pass_eof(peer) and self.transport is not None:
+            self.transport.close()  # as returning False from eof_received would have
 
     def eof_received(self) -> bool:
         self.eof = True
         peer = self.peer
-        if peer is None or peer.transport is None or peer.closed:
+        if peer is None or peer.closed:
             return False
+        if self.early is not None:
+            return True  # a request, then EOF, before the node is connected: release_early passes both on
+        if peer.transport is None:
+            return False
+        return self.pass_eof(peer)
+
+    def pass_eof(self, peer: Half) -> bool:
+        """Half-close the connected peer after our EOF; False when the whole connection should close instead."""
+        assert peer.transport is not None
         if peer.eof or not peer.transport.can_write_eof():
             # Both directions are done (or TLS, which cannot half-close): close() still flushes pending writes.
             peer.transport.close()

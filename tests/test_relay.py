@@ -7,10 +7,13 @@ import hashlib
 import os
 import socket
 import struct
+from typing import Any
 
 import pytest
 from conftest import free_port
 from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, wait_for, worker_for
+
+from forwarder import relay, server
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -166,3 +169,83 @@ def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(loop
     finally:
         filler.close()
         listener.close()
+
+
+def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
+    """Every node connection starts `delay_s` late: a slow network path, so clients act while it is being made."""
+    original = server.ClientHalf._connect
+
+    async def slow(self: server.ClientHalf, *args: Any) -> None:
+        await asyncio.sleep(delay_s)
+        await original(self, *args)
+
+    monkeypatch.setattr(server.ClientHalf, "_connect", slow)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_request_and_eof_before_the_node_is_connected_still_get_the_reply(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`printf 'version\\r\\n' | socat - TCP:...` sends its request and half-closes at once."""
+    _slow_connects(monkeypatch, 0.3)
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        async with worker_for(target) as (_worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 5) == b"version\r\n"
+            writer.close()
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_once(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_connects(monkeypatch, 2.0)
+    reached: list[int] = []
+
+    async def counting_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(1)
+        await echo(reader, writer)
+
+    async def main() -> None:
+        server_, target = await sink(counting_echo)
+        async with worker_for(target) as (worker, port):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            await wait_for(lambda: worker.active == 1, "the connection to be accepted")
+            await asyncio.sleep(0.05)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            await wait_for(lambda: worker.active == 0, "the reset client to be dropped", timeout_s=1.0)
+            await asyncio.sleep(2.2)  # past the slow connect: it was cancelled, so the node never sees it
+            assert not reached
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_more_than_early_limit_before_the_node_is_connected_arrives_intact(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_connects(monkeypatch, 0.3)
+    payload = os.urandom(8 * relay.EARLY_LIMIT)
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        async with worker_for(target) as (_worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(payload)
+            writer.write_eof()
+            received = await asyncio.wait_for(reader.read(-1), 10)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+            writer.close()
+        server_.close()
+
+    run(loop_name, main)
