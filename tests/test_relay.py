@@ -126,6 +126,12 @@ def test_unreachable_node_closes_client_promptly_and_counts(loop_name: str) -> N
     run(loop_name, main)
 
 
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Leave with a reset (SO_LINGER 0), not a FIN: a FIN is only a half-close, which still waits for the reply."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 def _never_accepting_listener() -> tuple[socket.socket, socket.socket]:
     """A port whose SYNs go unanswered: listen(0) with its one queue slot taken, so further connects hang."""
     listener = socket.socket()
@@ -147,15 +153,11 @@ def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(loop
             loop = asyncio.get_running_loop()
             started = loop.time()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            # A client that leaves resets before sending: a FIN is only a half-close, which keeps waiting for the
-            # node's answer, and a client that spoke first is not read again until the node is connected.
+            writer.write(b"version\r\n")
             if client_leaves:
                 await asyncio.sleep(0.1)
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()
+                _reset(writer)
             else:
-                writer.write(b"version\r\n")
                 assert await asyncio.wait_for(reader.read(-1), 5) == b""
                 assert 0.4 < loop.time() - started < 2
                 writer.close()
@@ -183,19 +185,23 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_a_request_and_eof_before_the_node_is_connected_still_get_the_reply(
-    loop_name: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("size", [0, 8 * relay.EARLY_LIMIT])
+def test_bytes_and_eof_before_the_node_is_connected_all_arrive_in_order(
+    loop_name: str, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`printf 'version\\r\\n' | socat - TCP:...` sends its request and half-closes at once."""
+    """A request and EOF at once, as `printf 'version\r\n' | socat - TCP:...` sends them; and more than
+    EARLY_LIMIT, where reading pauses until the node is connected."""
     _slow_connects(monkeypatch, 0.3)
+    payload = b"version\r\n" + os.urandom(size)
 
     async def main() -> None:
         server_, target = await sink(echo)
         async with worker_for(target) as (_worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"version\r\n")
+            writer.write(payload)
             writer.write_eof()
-            assert await asyncio.wait_for(reader.read(-1), 5) == b"version\r\n"
+            received = await asyncio.wait_for(reader.read(-1), 10)
+            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
             writer.close()
         server_.close()
 
@@ -220,32 +226,10 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
             writer.write(b"version\r\n")
             await wait_for(lambda: worker.active == 1, "the connection to be accepted")
             await asyncio.sleep(0.05)
-            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            _reset(writer)
             await wait_for(lambda: worker.active == 0, "the reset client to be dropped", timeout_s=1.0)
             await asyncio.sleep(2.2)  # past the slow connect: it was cancelled, so the node never sees it
             assert not reached
-        server_.close()
-
-    run(loop_name, main)
-
-
-@pytest.mark.parametrize("loop_name", LOOPS)
-def test_more_than_early_limit_before_the_node_is_connected_arrives_intact(
-    loop_name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _slow_connects(monkeypatch, 0.3)
-    payload = os.urandom(8 * relay.EARLY_LIMIT)
-
-    async def main() -> None:
-        server_, target = await sink(echo)
-        async with worker_for(target) as (_worker, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(payload)
-            writer.write_eof()
-            received = await asyncio.wait_for(reader.read(-1), 10)
-            assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
-            writer.close()
         server_.close()
 
     run(loop_name, main)
