@@ -9,8 +9,9 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import redis
@@ -49,12 +50,24 @@ def tls_redis(start_redis: Callable[..., Node], cert: Issued, ca: CA) -> Node:
     return node
 
 
-def tls_config(
-    tmp_path: Path, node: Node, pki: dict[str, object], *, client_ca: bool = False, allowed: str = "127.0.0.0/8"
-) -> tuple[Path, int, int]:
+class Front(NamedTuple):
+    serve: Serve
+    port: int
+    config: Path
+
+
+@contextlib.contextmanager
+def tls_front(
+    tmp_path: Path, start_redis: Callable[..., Node], pki: dict[str, object], *, node: str = "node", node_ca: str = "ca",
+    client_ca: bool = False, allowed: str = "127.0.0.0/8",
+) -> Iterator[Front]:
+    """A TLS-only redis node with `pki[node]`'s certificate (issued by `pki[node_ca]`), and natfwd serving it
+    behind a TLS front with `pki["front"]`, verifying the node against `pki["ca"]`."""
+    cert, issuer = pki[node], pki[node_ca]
     front = pki["front"]
     ca = pki["ca"]
-    assert isinstance(front, Issued) and isinstance(ca, CA)
+    assert isinstance(cert, Issued) and isinstance(issuer, CA) and isinstance(front, Issued) and isinstance(ca, CA)
+    redis_node = tls_redis(start_redis, cert, issuer)
     port, metrics_port = free_port(), free_port()
     extra = (
         f"tls: {{cert: {front.cert}, key: {front.key}"
@@ -64,14 +77,15 @@ def tls_config(
         + f"metrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
         + "auth: {password: s3cret-token}\n"
     )
-    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], engine="redis", allowed=allowed, extra=extra)
-    return cfg, port, metrics_port
+    cfg = write_config(
+        tmp_path / "natfwd.yaml", [(port, redis_node.address)], engine="redis", allowed=allowed, extra=extra
+    )
+    with serving(cfg, [port], metrics_port) as serve:
+        yield Front(serve, port, cfg)
 
 
 def test_tls_front_to_verified_tls_node(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki) as (serve, port, cfg):
         client = redis.Redis(
             host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=str(pki["ca"].path),
             socket_timeout=10, protocol=2,
@@ -107,9 +121,7 @@ def _has(serve: object, name: str) -> bool:
 def test_plaintext_client_on_tls_front_is_dropped_and_counted(
     tmp_path: Path, start_redis: Callable[..., Node], pki: dict
 ) -> None:
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki) as (serve, port, _):
         plain = redis.Redis(host="127.0.0.1", port=port, password="s3cret-token", socket_timeout=5, protocol=2)
         with pytest.raises(redis.exceptions.ConnectionError):
             plain.ping()
@@ -146,9 +158,7 @@ def test_client_outside_the_allowlist_costs_no_handshake(
     tmp_path: Path, start_redis: Callable[..., Node], pki: dict
 ) -> None:
     """With tls the allowlist is checked on the bare socket: a refused client never gets a ServerHello."""
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki, allowed="127.0.0.2/32")
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki, allowed="127.0.0.2/32") as (serve, port, _):
         refused = rejected(serve, port, "not_allowed")
         with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0)) as sock:
             sock.sendall(client_hello())
@@ -176,9 +186,7 @@ def test_client_outside_the_allowlist_costs_no_handshake(
 def test_failed_handshakes_leave_no_descriptors_behind(
     tmp_path: Path, start_redis: Callable[..., Node], pki: dict
 ) -> None:
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki) as (serve, port, _):
         serve.wait_log("reason=tls_handshake")  # the readiness probe's empty connection
         before = open_fds(serve.proc.pid)
         failures = rejected(serve, port, "tls_handshake")
@@ -199,9 +207,7 @@ def test_failed_handshakes_leave_no_descriptors_behind(
 def test_rogue_node_certificate_is_never_relayed_to(
     tmp_path: Path, start_redis: Callable[..., Node], pki: dict
 ) -> None:
-    node = tls_redis(start_redis, pki["rogue_node"], pki["rogue"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki, node="rogue_node", node_ca="rogue") as (serve, port, _):
         client = redis.Redis(
             host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=str(pki["ca"].path),
             socket_timeout=5, protocol=2,
@@ -216,9 +222,7 @@ def test_rogue_node_certificate_is_never_relayed_to(
 
 
 def test_mutual_tls(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki, client_ca=True)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki, client_ca=True) as (serve, port, _):
         ca_path = str(pki["ca"].path)
         with_cert = redis.Redis(
             host="127.0.0.1", port=port, password="s3cret-token", ssl=True, ssl_ca_certs=ca_path,
@@ -239,9 +243,7 @@ def test_mutual_tls(tmp_path: Path, start_redis: Callable[..., Node], pki: dict)
 
 
 def test_certificates_reload_on_sighup(tmp_path: Path, start_redis: Callable[..., Node], pki: dict) -> None:
-    node = tls_redis(start_redis, pki["node"], pki["ca"])
-    cfg, port, metrics_port = tls_config(tmp_path, node, pki)
-    with serving(cfg, [port], metrics_port) as serve:
+    with tls_front(tmp_path, start_redis, pki) as (serve, port, _):
         first = _peer_serial(port, pki["ca"].path)
         renewed = pki["ca"].issue("front2", ips=("127.0.0.1",))
         front = pki["front"]
