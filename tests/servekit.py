@@ -61,12 +61,19 @@ class Serve:
 
 @contextlib.contextmanager
 def serving(
-    config_path: Path, ports: list[int], metrics_port: int | None = None, extra_args: tuple[str, ...] = ()
+    config_path: Path,
+    ports: list[int],
+    metrics_port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    wrapper: tuple[str, ...] = (),
 ) -> Iterator[Serve]:
+    """`natfwd serve` until the block ends (then SIGKILL), once every port in `ports` listens. `wrapper` goes
+    before the python command line; it must exec it, so that the process started is natfwd itself."""
     log_path = config_path.with_suffix(".log")
     log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
-        [sys.executable, "-m", "forwarder", *extra_args, "serve", "--config", str(config_path)],
+        [*wrapper, sys.executable, "-m", "forwarder", *extra_args, "serve", "--config", str(config_path)],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=log_file,
         text=True,

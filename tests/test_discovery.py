@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -20,10 +18,9 @@ import pytest
 from awskit import ACCOUNT, REGION, REPO, Aws, build_world, memcached_cluster
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
-from conftest import wait_port
 from labkit import free_port, memcached_server, root
 from pymemcache.client.base import Client
-from servekit import Serve, serving
+from servekit import serving
 
 from forwarder import config
 from forwarder.portstate import assign_ports
@@ -386,32 +383,13 @@ forwards:
     with nxdomain_server() as (dns_address, asked):
         resolv = tmp_path / "resolv.conf"
         resolv.write_text(f"nameserver {dns_address}\noptions attempts:1 timeout:1\n")
-        log_path = tmp_path / "natfwd.log"
-        with open(log_path, "w") as log:
-            # unshare execs sh, which execs python: the Popen pid is natfwd's supervisor.
-            proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c"]
-                + ['mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv)]
-                + [sys.executable, "-m", "forwarder", "serve", "--config", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        serve = Serve(proc, log_path, metrics_port)
-        try:
-            try:
-                wait_port("127.0.0.1", metrics_port, 15)
-            except TimeoutError:
-                raise AssertionError(f"natfwd did not serve metrics; log:\n{serve.log()}") from None
+        # unshare execs sh, which execs python: the process started is natfwd's supervisor.
+        private_resolv = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                          'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv))  # fmt: skip
+        with serving(path, [metrics_port], metrics_port, wrapper=private_resolv) as serve:
             serve.wait_log("forwarding", count=2)
             # Each worker resolves its node names once at start (the next round is DNS_REFRESH_S = 30 s later).
             assert serve.metric("natfwd_discovery_errors_total", source="dns") == 2
             assert serve.metric("natfwd_discovery_errors_total", source="elasticache") == 0  # no discovery section
             assert "node-gone.natfwd-test.invalid" in asked  # a real lookup, answered by our server alone
-            assert proc.poll() is None  # an unresolvable node does not stop natfwd
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
+            assert serve.proc.poll() is None  # an unresolvable node does not stop natfwd
