@@ -1,0 +1,307 @@
+"""Where requests and replies end, for multiplexing many clients over one node connection (`multiplex: true`).
+
+Two scanners per engine, both pure and fast rather than complete:
+
+- `requests(buf)` finds the complete requests at the start of a client's bytes that may share a node connection:
+  it returns (end, count, pin). `pin` is True when the request at `end` must not be multiplexed: it changes the
+  connection's state (SELECT, AUTH, MULTI, SUBSCRIBE...), may block (BLPOP), asks for no reply (memcached
+  `noreply`), or is anything the scanner does not know or cannot check. Such a client then gets a connection of its
+  own, so the node sees its bytes unchanged (see forwarder/mux.py).
+- `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: it returns (end, got). A reply it cannot
+  parse raises FramingError: the shared connection is out of step and must close.
+
+Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
+REDIS_MAX_ARGS = 1024  # more arguments (a huge MSET) go to a connection of their own
+
+# Redis commands with exactly one reply, no effect on the connection's state, and no blocking. Everything else
+# (SELECT, AUTH, HELLO, MULTI/EXEC, WATCH, SUBSCRIBE, MONITOR, BLPOP, WAIT, EVAL...) pins the client. Of CLIENT,
+# only SETINFO and MAINT_NOTIFICATIONS share: redis-py sends both on every connect; the first only labels the
+# connection, and the pushes the second may turn on are dropped (redis_push).
+REDIS_COMMANDS = frozenset(
+    b"""
+    GET SET SETNX SETEX PSETEX GETSET GETDEL GETEX MGET MSET MSETNX APPEND STRLEN GETRANGE SETRANGE
+    INCR INCRBY INCRBYFLOAT DECR DECRBY DEL UNLINK EXISTS TOUCH TYPE EXPIRE PEXPIRE EXPIREAT PEXPIREAT PERSIST
+    TTL PTTL EXPIRETIME PEXPIRETIME
+    HGET HSET HSETNX HMGET HMSET HDEL HLEN HEXISTS HGETALL HKEYS HVALS HINCRBY HINCRBYFLOAT HSTRLEN HRANDFIELD
+    LPUSH RPUSH LPUSHX RPUSHX LPOP RPOP LLEN LRANGE LINDEX LSET LREM LTRIM LPOS LINSERT
+    SADD SREM SCARD SISMEMBER SMISMEMBER SMEMBERS SRANDMEMBER SPOP SINTER SUNION SDIFF
+    ZADD ZREM ZCARD ZSCORE ZMSCORE ZINCRBY ZRANK ZREVRANK ZRANGE ZREVRANGE ZRANGEBYSCORE ZREVRANGEBYSCORE ZCOUNT
+    PFADD PFCOUNT GETBIT SETBIT BITCOUNT PING ECHO
+    """.split()
+)
+
+_REDIS_SPECIAL = frozenset((b"CLIENT", b"HELLO"))  # shared only in the forms redis_requests checks for
+
+# memcached text commands with exactly one reply, and how many tokens they take (noreply forms have one more and pin).
+_MC_RETRIEVAL = {b"get": 2, b"gets": 2, b"gat": 3, b"gats": 3}  # at least this many: any number of keys
+_MC_STORAGE = {b"set": 5, b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}  # then a data block
+_MC_OTHER = {b"delete": 2, b"incr": 3, b"decr": 3, b"touch": 3, b"version": 1}
+_MC_STORAGE_LIMITS = (2**32 - 1, 2**31 - 1, 2**31 - 3, 2**64 - 1)  # flags, exptime, bytes, cas
+MEMCACHED_LINE_MAX = 8192  # a get/gets line longer than this pins (memcached's own limit for key lists is larger)
+MEMCACHED_SHORT_LINE_MAX = 2048  # any other line longer than this pins
+
+_SIMPLE = frozenset(b"+-:_,#(")
+_BULK = frozenset(b"$!=")
+_AGGREGATE = frozenset(b"*~>")
+
+
+class FramingError(ValueError):
+    """A node's reply is not what the protocol allows: the shared connection can no longer be followed."""
+
+
+STAY = 0
+PIN = -1  # the request at `end` must go over a connection of its own
+RESP2, RESP3 = 2, 3  # lanes: the protocol version a shared Redis connection speaks
+HELLO3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
+
+
+class Requests(NamedTuple):
+    end: int  # offset just past the last complete request that may be multiplexed
+    complete: int  # how many requests that is (one reply each)
+    leave: int  # STAY, PIN, or the lane the request at `end` needs (a client's `HELLO 3`)
+
+
+class Framer(NamedTuple):
+    requests: Callable[[bytes | bytearray, int], Requests]  # (buf, the client's lane)
+    replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
+    push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
+    first_lane: int  # where clients start
+    greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
+
+
+def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> Requests:
+    """Complete RESP requests (arrays of bulk strings) of known one-reply commands at the start of `buf`.
+
+    `HELLO 2` or `HELLO 3` (and nothing more) asks for that protocol version: on the client's own lane it is an
+    ordinary request, otherwise the client moves to a connection of that lane first. Other HELLOs pin.
+    """
+    n = len(buf)
+    pos = 0
+    count = 0
+    while pos < n:
+        if buf[pos] != 42:  # '*': an inline command, or not RESP at all
+            return Requests(pos, count, PIN)
+        e = buf.find(b"\r\n", pos)
+        if e < 0:
+            break
+        digits = buf[pos + 1 : e]
+        if not _redis_number(digits) or not 0 < int(digits) <= REDIS_MAX_ARGS:
+            return Requests(pos, count, PIN)
+        argc = int(digits)
+        name = b""
+        p = e + 2
+        for index in range(argc):
+            if p >= n:
+                return Requests(pos, count, STAY)
+            if buf[p] != 36:  # '$'
+                return Requests(pos, count, PIN)
+            e = buf.find(b"\r\n", p)
+            if e < 0:
+                return Requests(pos, count, STAY)
+            digits = buf[p + 1 : e]
+            if not _redis_number(digits):
+                return Requests(pos, count, PIN)
+            start = e + 2
+            p = start + int(digits) + 2
+            if p > n:
+                if index == 0 and n - start >= 32:  # no command name is this long
+                    return Requests(pos, count, PIN)
+                return Requests(pos, count, STAY)
+            if buf[p - 2 : p] != b"\r\n":
+                return Requests(pos, count, PIN)
+            if index == 0:
+                name = bytes(buf[start : p - 2]).upper()
+                if name not in REDIS_COMMANDS and name not in _REDIS_SPECIAL:
+                    return Requests(pos, count, PIN)
+            elif index == 1 and name in _REDIS_SPECIAL:
+                argument = bytes(buf[start : p - 2]).upper()
+                if name == b"CLIENT" and argument not in (b"SETINFO", b"MAINT_NOTIFICATIONS"):
+                    return Requests(pos, count, PIN)
+                if name == b"HELLO":
+                    if argc != 2 or argument not in (b"2", b"3"):
+                        return Requests(pos, count, PIN)
+                    if int(argument) != lane:
+                        return Requests(pos, count, int(argument))
+        if name in _REDIS_SPECIAL and argc < 2:
+            return Requests(pos, count, PIN)
+        pos = p
+        count += 1
+    return Requests(pos, count, STAY)
+
+
+def _redis_number(digits: bytes | bytearray) -> bool:
+    """A length Redis accepts: digits without a leading zero (it answers a protocol error and closes otherwise)."""
+    return digits.isdigit() and (digits[0] != 48 or len(digits) == 1)
+
+
+def redis_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
+    """Up to `want` complete RESP replies from `pos`, each with any nesting: (end, got).
+
+    Stops early before a push (`>`), which is no reply: see redis_push.
+    """
+    n = len(buf)
+    got = 0
+    while got < want and pos < n and buf[pos] != 62:  # '>'
+        end = _resp_end(buf, pos, n)
+        if end < 0:
+            break
+        pos = end
+        got += 1
+    return pos, got
+
+
+def redis_push(buf: bytes | bytearray, pos: int) -> int:
+    """The end of a complete push at `pos` (an out-of-band message to drop, never a reply); 0 when there is none
+    there, -1 when it is incomplete. A shared connection only gets pushes its server sends on its own, such as the
+    maintenance notifications redis-py 8 asks for with CLIENT MAINT_NOTIFICATIONS."""
+    if pos >= len(buf) or buf[pos] != 62:
+        return 0
+    return _resp_end(buf, pos, len(buf))
+
+
+def _resp_end(buf: bytes | bytearray, p: int, n: int) -> int:
+    """The end of the complete RESP value at `p`, or -1 when it is incomplete; FramingError when malformed."""
+    # Aggregates are walked flat: `remaining` counts the values still owed to the one at `p`.
+    remaining = 1
+    try:
+        while remaining:
+            if p >= n:
+                return -1
+            kind = buf[p]
+            e = buf.find(b"\r\n", p)
+            if e < 0:
+                return -1
+            if kind in _BULK:
+                size = int(buf[p + 1 : e])
+                p = e + 2 if size < 0 else e + 4 + size
+                if p > n:
+                    return -1
+            elif kind in _SIMPLE:
+                p = e + 2
+            elif kind in _AGGREGATE:
+                remaining += max(int(buf[p + 1 : e]), 0)
+                p = e + 2
+            elif kind == 37:  # '%': a map, key and value per entry
+                remaining += 2 * max(int(buf[p + 1 : e]), 0)
+                p = e + 2
+            elif kind == 124:  # '|': attributes, then the value they describe
+                remaining += 2 * max(int(buf[p + 1 : e]), 0) + 1
+                p = e + 2
+            else:
+                raise FramingError(f"unexpected RESP type byte {kind!r} in a reply")
+            remaining -= 1
+    except ValueError as exc:
+        if isinstance(exc, FramingError):
+            raise
+        raise FramingError(f"malformed RESP length in a reply: {exc}") from None
+    return p
+
+
+def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> Requests:
+    """Complete memcached text requests (get, set, delete, incr...; no noreply) at the start of `buf`."""
+    n = len(buf)
+    pos = 0
+    count = 0
+    while pos < n:
+        e = buf.find(b"\n", pos)
+        if e < 0:
+            if n - pos > _memcached_line_limit(buf, pos):
+                return Requests(pos, count, PIN)
+            break
+        if e - pos > _memcached_line_limit(buf, pos):
+            return Requests(pos, count, PIN)
+        line = buf[pos : e - 1] if e > pos and buf[e - 1] == 13 else buf[pos:e]
+        tokens = line.split(b" ")
+        command = bytes(tokens[0])
+        if b"" in tokens or b"\r" in line or b"\t" in line:
+            return Requests(pos, count, PIN)  # memcached splits on single spaces only: keep to what both agree on
+        size = len(tokens)
+        if command in _MC_RETRIEVAL:
+            if size < _MC_RETRIEVAL[command]:
+                return Requests(pos, count, PIN)
+            if command in (b"gat", b"gats") and not tokens[1].isdigit():
+                return Requests(pos, count, PIN)
+            keys = tokens[1:] if command in (b"get", b"gets") else tokens[2:]
+            if any(len(key) > KEY_MAX for key in keys):
+                return Requests(pos, count, PIN)
+            pos = e + 1
+        elif command in _MC_STORAGE:
+            if size != _MC_STORAGE[command] or len(tokens[1]) > KEY_MAX:
+                return Requests(pos, count, PIN)
+            # Out of range, memcached answers CLIENT_ERROR and then runs the data block as a command: two replies.
+            for index in range(2, size):
+                if not tokens[index].isdigit() or int(tokens[index]) > _MC_STORAGE_LIMITS[index - 2]:
+                    return Requests(pos, count, PIN)
+            end = e + 1 + int(tokens[4]) + 2
+            if end > n:
+                break
+            if buf[end - 2 : end] != b"\r\n":
+                return Requests(pos, count, PIN)  # memcached would answer "bad data chunk" and swallow a line
+            pos = end
+        elif command in _MC_OTHER:
+            if size != _MC_OTHER[command] or (size > 1 and len(tokens[1]) > KEY_MAX):
+                return Requests(pos, count, PIN)
+            if command != b"delete" and size > 2 and not tokens[2].isdigit():
+                return Requests(pos, count, PIN)
+            pos = e + 1
+        else:
+            return Requests(pos, count, PIN)
+        count += 1
+    return Requests(pos, count, STAY)
+
+
+def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
+    # memcached closes a connection holding more than 2048 bytes of an unfinished line, except for get and gets.
+    if buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos):
+        return MEMCACHED_LINE_MAX
+    return MEMCACHED_SHORT_LINE_MAX
+
+
+def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
+    """Up to `want` complete memcached text replies from `pos`: VALUE blocks up to the next other line."""
+    n = len(buf)
+    got = 0
+    while got < want:
+        p = pos
+        while True:
+            e = buf.find(b"\n", p)
+            if e < 0:
+                return pos, got
+            if buf.startswith(b"VALUE ", p):
+                tokens = buf[p:e].split()
+                if len(tokens) not in (4, 5) or not tokens[3].isdigit():
+                    raise FramingError(f"malformed memcached VALUE line in a reply: {bytes(buf[p:e])[:80]!r}")
+                p = e + 1 + int(tokens[3]) + 2
+                if p > n:
+                    return pos, got
+                continue
+            p = e + 1
+            break
+        pos = p
+        got += 1
+    return pos, got
+
+
+def _redis_greeting(lane: int) -> bytes:
+    return HELLO3 if lane == RESP3 else b""
+
+
+REDIS = Framer(redis_requests, redis_replies, redis_push, RESP2, _redis_greeting)
+MEMCACHED = Framer(memcached_requests, memcached_replies, lambda _buf, _pos: 0, RESP2, lambda _lane: b"")
+
+
+def framer(engine: str) -> Framer:
+    """The scanners for a config's engine; redis-cluster is not multiplexed (config refuses it)."""
+    if engine == "memcached":
+        return MEMCACHED
+    if engine == "redis":
+        return REDIS
+    raise ValueError(f"no multiplexing for engine {engine!r}")

@@ -1,0 +1,343 @@
+"""Pure tests of forwarder/protocols/framing.py: boundaries at every cut, pins, RESP3, memcached blocks, seeded fuzz."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from collections.abc import Callable, Sequence
+
+import pytest
+
+from forwarder.protocols.framing import (
+    HELLO3,
+    KEY_MAX,
+    MEMCACHED,
+    MEMCACHED_LINE_MAX,
+    PIN,
+    REDIS,
+    REDIS_MAX_ARGS,
+    RESP2,
+    RESP3,
+    STAY,
+    FramingError,
+    Requests,
+    framer,
+    memcached_replies,
+    memcached_requests,
+    redis_replies,
+    redis_requests,
+)
+
+RequestScan = Callable[[bytes | bytearray], Requests]
+ReplyScan = Callable[[bytes | bytearray, int, int], tuple[int, int]]
+# Bytes that look like framing, for values that must be skipped by length and not read.
+TRICKY = [
+    b"\r\n",
+    b"\n",
+    b"\r",
+    b" ",
+    b"*1\r\n$3\r\nGET\r\n",
+    b"$-1\r\n",
+    b"VALUE k 0 1\r\nx\r\n",
+    b"END\r\n",
+    b"get a\r\n",
+]
+
+
+def bulk(kind: bytes, data: bytes) -> bytes:
+    return kind + b"%d\r\n" % len(data) + data + b"\r\n"
+
+
+def cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(bulk(b"$", arg) for arg in args)
+
+
+def store(verb: bytes, key: bytes, data: bytes, extra: bytes = b"", eol: bytes = b"\r\n") -> bytes:
+    return b"%s %s 0 0 %d%s%s%s\r\n" % (verb, key, len(data), extra, eol, data)
+
+
+def value(key: bytes, data: bytes, cas: bytes = b"") -> bytes:
+    return b"VALUE %s 3 %d%s\r\n%s\r\n" % (key, len(data), cas, data)
+
+
+def assert_requests_at_every_cut(scan: RequestScan, parts: Sequence[bytes]) -> None:
+    """Every prefix ends at the last whole request in it, counts the whole ones, and stays."""
+    data = b"".join(parts)
+    ends = list(itertools.accumulate((len(part) for part in parts), initial=0))
+    for cut in range(len(data) + 1):
+        whole = bisect.bisect_right(ends, cut) - 1
+        buf = data[:cut] if cut % 2 else bytearray(data[:cut])
+        assert scan(buf) == Requests(ends[whole], whole, STAY), (cut, data[:cut])
+
+
+def assert_replies_at_every_cut(scan: ReplyScan, parts: Sequence[bytes], prefix: bytes = b"") -> None:
+    """From `pos` = len(prefix): every prefix counts only whole replies, and `want` caps the count."""
+    data = prefix + b"".join(parts)
+    ends = list(itertools.accumulate((len(part) for part in parts), initial=len(prefix)))
+    for cut in range(len(prefix), len(data) + 1):
+        whole = bisect.bisect_right(ends, cut) - 1
+        buf = data[:cut] if cut % 2 else bytearray(data[:cut])
+        assert scan(buf, len(prefix), len(parts) + 3) == (ends[whole], whole), (cut, data[:cut])
+    for want in range(len(parts) + 1):
+        assert scan(data, len(prefix), want) == (ends[want], want)
+
+
+REDIS_REQUESTS = [
+    cmd(b"GET", b"a"),
+    cmd(b"set", b"k", b"v" + b"".join(TRICKY)),
+    cmd(b"GeT", b"SELECT"),
+    cmd(b"PING"),
+    cmd(b"MSET", b"a", b"", b"b", b"*2\r\n"),
+    cmd(b"hset", b"h", b"f", b"x" * 300),
+    cmd(b"ZRANGEBYSCORE", b"z", b"-inf", b"+inf"),
+    cmd(b"client", b"SETINFO", b"lib-name", b"redis-py"),
+    cmd(b"Hello", b"2"),  # the client's own lane: an ordinary request
+]
+REDIS_REPLIES = [
+    *(line + b"\r\n" for line in [b"+OK", b"-ERR wrong number of arguments", b":-42", b"$-1", b"*-1", b"*0"]),
+    *(line + b"\r\n" for line in [b"$0\r\n", b"%0", b"~2\r\n_\r\n#t", b"(-12345678901234567890"]),
+    bulk(b"$", b"".join(TRICKY)),
+    b"*3\r\n*2\r\n:1\r\n$1\r\na\r\n*0\r\n$-1\r\n",
+    b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n" + bulk(b"$", b"\r\n"),
+    b"*4\r\n,3.5\r\n(123456789012345678901\r\n" + bulk(b"=", b"txt:a\r\nb") + bulk(b"!", b"ERR x"),
+    b"|1\r\n+ttl\r\n:3\r\n" + bulk(b"$", b"v"),  # attributes, then the value they describe
+    b"*2\r\n|2\r\n+a\r\n*0\r\n+b\r\n_\r\n%1\r\n+k\r\n|0\r\n:1\r\n:2\r\n",
+]
+MEMCACHED_REQUESTS = [
+    *(line + b"\r\n" for line in [b"get a", b"get a noreply", b"gat 10 a b", b"gats 0 a", b"delete k", b"incr k 5"]),
+    *(line + eol for line in [b"gets a b c", b"decr k 1", b"touch k 100", b"version"] for eol in [b"\r\n", b"\n"]),
+    store(b"set", b"k", b"".join(TRICKY)),
+    store(b"add", b"k", b""),
+    store(b"append", b"k", b"\n\n\n", eol=b"\n"),
+    store(b"prepend", b"k" * KEY_MAX, b"\r\n"),
+    store(b"cas", b"k", b"x", extra=b" 99"),
+    store(b"replace", b"k", b"END"),
+    b"get " + b"k" * KEY_MAX + b" b\r\n",
+]
+MC_LINES = [line + b"\r\n" for line in b"END STORED NOT_STORED EXISTS NOT_FOUND DELETED TOUCHED 42 ERROR".split()]
+MC_LINES += [b"VERSION 1.6.21\r\n", b"CLIENT_ERROR bad command line format\r\n", b"SERVER_ERROR out of memory\r\n"]
+MEMCACHED_REPLIES = [
+    b"VALUE a 0 5\r\nhello\r\nEND\r\n",
+    *MC_LINES,
+    value(b"a", b"END\r\n", b" 99") + value(b"b", b"") + b"END\r\n",
+    value(b"a", b"".join(TRICKY)) + value(b"b", b"VALUE ") + b"END\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    ("scan", "parts"), [(redis_requests, REDIS_REQUESTS), (memcached_requests, MEMCACHED_REQUESTS)], ids=["redis", "mc"]
+)
+def test_requests_at_every_cut(scan: RequestScan, parts: list[bytes]) -> None:
+    assert_requests_at_every_cut(scan, parts)
+
+
+@pytest.mark.parametrize(
+    ("scan", "parts"), [(redis_replies, REDIS_REPLIES), (memcached_replies, MEMCACHED_REPLIES)], ids=["redis", "mc"]
+)
+@pytest.mark.parametrize("prefix", [b"", b"+OK\r\nVALUE junk"])
+def test_replies_at_every_cut(scan: ReplyScan, parts: list[bytes], prefix: bytes) -> None:
+    assert_replies_at_every_cut(scan, parts, prefix)
+
+
+REDIS_PINS = [
+    *(cmd(*args) for args in [[b"SELECT", b"1"], [b"select", b"1"], [b"AUTH", b"pw"], [b"MULTI"], [b"EXEC"]]),
+    *(cmd(*args) for args in [[b"WATCH", b"k"], [b"SuBsCrIbE", b"ch"], [b"BLPOP", b"l", b"0"], [b"MONITOR"], [b""]]),
+    *(cmd(*args) for args in [[b"CLIENT", b"TRACKING", b"on"], [b"client", b"SETNAME", b"x"], [b"CLIENT"]]),
+    *(cmd(*args) for args in [[b"HELLO"], [b"HELLO", b"4"], [b"HELLO", b"3", b"AUTH", b"u", b"p"], [b"EVAL", b"1"]]),
+    cmd(b"DEL", *[b"k"] * REDIS_MAX_ARGS),  # too many arguments
+    b"PING\r\n",  # inline
+    b"\r\n",
+    *(b"*%s\r\n$4\r\nPING\r\n" % digits for digits in [b"-1", b"0", b"1_0", b" 1", b"+1", b"x", b""]),
+    *(b"*1\r\n%s\r\nPING\r\n" % header for header in [b"$1_0", b"$-1", b"$ 4", b"$+4", b"$", b"+4", b":4"]),
+    b"*1\r\n$4\r\nPINGxx",  # the bulk is not followed by CRLF
+    b"*2\r\n$3\r\nGET\r\n$1\r\nab\r\n",
+    b"*%d\r\n" % (REDIS_MAX_ARGS + 1),  # pins before the arguments arrive
+    b"*1\r\n$40\r\n" + b"A" * 32,  # no command name is this long: pins before the name is complete
+]
+
+
+@pytest.mark.parametrize("pin", REDIS_PINS)
+def test_redis_pins_at_the_request_that_cannot_share(pin: bytes) -> None:
+    first, last = cmd(b"GET", b"a"), cmd(b"GET", b"b")
+    assert redis_requests(pin) == Requests(0, 0, PIN)
+    assert redis_requests(first + pin + last) == Requests(len(first), 1, PIN)
+    assert redis_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
+
+
+@pytest.mark.parametrize(("lane", "other"), [(RESP2, RESP3), (RESP3, RESP2)])
+def test_redis_hello_moves_a_client_to_the_other_lane(lane: int, other: int) -> None:
+    get, stay, move = cmd(b"GET", b"a"), cmd(b"HELLO", b"%d" % lane), cmd(b"hello", b"%d" % other)
+    assert redis_requests(move, lane) == Requests(0, 0, other)
+    assert redis_requests(get + stay + move + get, lane) == Requests(len(get + stay), 2, other)
+    assert redis_requests(get + move[:-1], lane) == Requests(len(get), 1, STAY)  # not whole yet
+    assert redis_requests(move + get, other) == Requests(len(move + get), 2, STAY)
+
+
+def test_redis_limits_are_inclusive() -> None:
+    most = cmd(b"DEL", *[b"k"] * (REDIS_MAX_ARGS - 1))
+    assert redis_requests(most) == Requests(len(most), 1, STAY)
+    assert redis_requests(b"*1\r\n$40\r\n" + b"A" * 31) == Requests(0, 0, STAY)  # may still be a name: wait
+    assert redis_requests(cmd(b"GET", b"a") + b"*1\r\n") == Requests(len(cmd(b"GET", b"a")), 1, STAY)
+
+
+MEMCACHED_PINS = [
+    store(b"set", b"k", b"x", extra=b" noreply"),
+    store(b"cas", b"k", b"x", extra=b" 1 noreply"),
+    *(line + b" noreply\r\n" for line in [b"delete k", b"incr k 1", b"decr k 1", b"touch k 1"]),
+    *(b"%s\r\n" % line for line in [b"stats", b"flush_all", b"mg k v", b"ms k 1", b"GET a", b"quit", b"verbosity 1"]),
+    *(
+        b"%s\r\n" % line
+        for line in [b"get", b"gat 10", b"gat x a", b"gat -1 a", b"delete", b"delete k 0", b"version 1"]
+    ),
+    *(b"%s\r\n" % line for line in [b"incr k x", b"incr k", b"touch k", b"set k 0 0", b"set k x 0 1", b"set k 0 0 -1"]),
+    *(b"%s %s\r\n" % (verb, b"k" * (KEY_MAX + 1)) for verb in [b"get", b"gets a", b"gat 1", b"delete"]),
+    store(b"set", b"k" * (KEY_MAX + 1), b"x"),
+    b"incr %s 1\r\n" % (b"k" * (KEY_MAX + 1)),
+    b"set k 0 0 1\r\nxy\r\n",  # bad data block terminator
+    b"set k 0 0 1\r\nx\n\n",
+    *(b"%s\r\n" % line for line in [b"get  a", b"get a ", b" get a", b"get\ta", b"get a\rb", b"", b"\r"]),
+    b"\n",
+    b"get " + b"k" * (MEMCACHED_LINE_MAX - 3),  # too long, and no newline yet
+]
+
+
+@pytest.mark.parametrize("pin", MEMCACHED_PINS)
+def test_memcached_pins_at_the_request_that_cannot_share(pin: bytes) -> None:
+    first, last = b"get a\r\n", store(b"set", b"b", b"1")
+    assert memcached_requests(pin) == Requests(0, 0, PIN)
+    assert memcached_requests(first + pin + last) == Requests(len(first), 1, PIN)
+    assert memcached_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
+
+
+def test_memcached_line_limit_is_inclusive() -> None:
+    assert memcached_requests(b"get " + b"k" * (MEMCACHED_LINE_MAX - 4)) == Requests(0, 0, STAY)
+    long_get = b"get" + b" k" * MEMCACHED_LINE_MAX + b"\r\n"  # a whole line that long pins too: always safe
+    assert memcached_requests(long_get) == Requests(0, 0, PIN)
+    fits = b"get" + b" k" * (MEMCACHED_LINE_MAX // 2 - 2) + b"\r\n"
+    assert memcached_requests(fits) == Requests(len(fits), 1, STAY)
+    big = store(b"set", b"k", b"x" * (3 * MEMCACHED_LINE_MAX))  # so may a data block, even cut off
+    assert memcached_requests(big[:-10]) == Requests(0, 0, STAY)
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [b"?\r\n", b"hello\r\n", b"\r\n", b"$x\r\n", b"$\r\n", b"*x\r\n", b"%-\r\n", b"~1.5\r\n", b"*2\r\n:1\r\n&\r\n"],
+)
+def test_redis_malformed_reply_raises(buf: bytes) -> None:
+    with pytest.raises(FramingError):
+        redis_replies(buf, 0, 5)
+    with pytest.raises(FramingError):
+        redis_replies(b"+OK\r\n" + buf, 5, 5)
+
+
+@pytest.mark.parametrize(
+    "line", [b"VALUE k 0", b"VALUE k 0 x", b"VALUE k 0 -1", b"VALUE k 0 1 2 3", b"VALUE ", b"VALUE k 0 1.5"]
+)
+def test_memcached_malformed_value_line_raises(line: bytes) -> None:
+    with pytest.raises(FramingError):
+        memcached_replies(line + b"\r\nx\r\nEND\r\n", 0, 1)
+    with pytest.raises(FramingError):
+        memcached_replies(b"STORED\r\n" + line + b"\r\n", 0, 2)
+
+
+def test_framer_by_engine() -> None:
+    assert framer("redis") is REDIS and REDIS.requests is redis_requests and REDIS.replies is redis_replies
+    assert framer("memcached") is MEMCACHED and MEMCACHED.requests is memcached_requests
+    assert REDIS.first_lane == MEMCACHED.first_lane == RESP2 and cmd(b"HELLO", b"3") == HELLO3
+    assert (REDIS.greeting(RESP2), REDIS.greeting(RESP3), MEMCACHED.greeting(RESP2)) == (b"", HELLO3, b"")
+    hello_reply = b"%1\r\n+server\r\n+redis\r\n"  # RESP3 answers the greeting with a map
+    assert redis_replies(hello_reply + b"+OK\r\n", 0, 1) == (len(hello_reply), 1)
+    with pytest.raises(ValueError, match="redis-cluster"):
+        framer("redis-cluster")
+
+
+def blob(rng: random.Random) -> bytes:
+    pieces = [*TRICKY, bytes(rng.randrange(256) for _ in range(rng.randrange(6)))]
+    return b"".join(rng.choice(pieces) for _ in range(rng.randrange(4)))
+
+
+def mc_key(rng: random.Random) -> bytes:
+    return bytes(rng.randrange(33, 127) for _ in range(rng.choice([1, 2, 8, KEY_MAX])))
+
+
+def random_redis_request(rng: random.Random) -> bytes:
+    name = rng.choice([b"GET", b"SET", b"MGET", b"HGETALL", b"LPUSH", b"ZADD", b"PING", b"EXPIRE", b"DEL"])
+    name = b"".join(rng.choice([name[i : i + 1], name[i : i + 1].lower()]) for i in range(len(name)))
+    return cmd(name, *(blob(rng) for _ in range(rng.randrange(4))))
+
+
+def random_redis_reply(rng: random.Random, depth: int = 0) -> bytes:
+    kind = rng.randrange(11 if depth < 3 else 6)
+    if kind < 2:
+        return rng.choice([b"+OK\r\n", b"-ERR x\r\n", b":-7\r\n", b"_\r\n", b"#f\r\n", b",1e3\r\n", b"(1\r\n"])
+    if kind < 4:
+        return bulk(rng.choice([b"$", b"=", b"!"]), blob(rng))
+    if kind < 6:
+        return rng.choice([b"$-1\r\n", b"*-1\r\n", b"*0\r\n", b"%0\r\n"])
+    size = rng.randrange(4)
+    if kind == 10:  # attributes, then the value they describe
+        pairs = b"".join(random_redis_reply(rng, depth + 1) for _ in range(2 * size))
+        return b"|%d\r\n%s%s" % (size, pairs, random_redis_reply(rng, depth + 1))
+    children = b"".join(random_redis_reply(rng, depth + 1) for _ in range(size * (2 if kind >= 8 else 1)))
+    return b"%s%d\r\n%s" % (rng.choice([b"%"] if kind >= 8 else [b"*", b"~"]), size, children)
+
+
+def random_mc_request(rng: random.Random) -> bytes:
+    eol, kind = rng.choice([b"\r\n", b"\n"]), rng.randrange(6)
+    keys = b"".join(b" " + mc_key(rng) for _ in range(rng.randrange(1, 4)))
+    if kind == 0:
+        return rng.choice([b"get", b"gets"]) + keys + eol
+    if kind == 1:
+        return b"%s %d%s%s" % (rng.choice([b"gat", b"gats"]), rng.randrange(1000), keys, eol)
+    if kind == 2:
+        verb = rng.choice([b"set", b"add", b"replace", b"append", b"prepend", b"cas"])
+        return store(verb, mc_key(rng), blob(rng), b" 7" if verb == b"cas" else b"", eol)
+    if kind == 3:
+        return b"delete " + mc_key(rng) + eol
+    if kind == 4:
+        return b"%s %s %d%s" % (rng.choice([b"incr", b"decr", b"touch"]), mc_key(rng), rng.randrange(99), eol)
+    return b"version" + eol
+
+
+def random_mc_reply(rng: random.Random) -> bytes:
+    if rng.randrange(2):
+        return rng.choice(MC_LINES)
+    blocks = (value(mc_key(rng), blob(rng), rng.choice([b"", b" 9"])) for _ in range(rng.randrange(3)))
+    return b"".join(blocks) + b"END\r\n"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fuzz_random_sequences(seed: int) -> None:
+    rng = random.Random(seed)
+    cases: list[tuple[RequestScan, Callable[[random.Random], bytes], bytes]] = [
+        (redis_requests, random_redis_request, cmd(b"SELECT", b"1")),
+        (memcached_requests, random_mc_request, b"stats\r\n"),
+    ]
+    for scan, make, pin in cases:
+        parts = [make(rng) for _ in range(rng.randrange(1, 8))]
+        assert_requests_at_every_cut(scan, parts)
+        at = rng.randrange(len(parts) + 1)
+        assert scan(b"".join(parts[:at] + [pin] + parts[at:])) == Requests(len(b"".join(parts[:at])), at, PIN)
+    prefix = blob(rng)
+    assert_replies_at_every_cut(redis_replies, [random_redis_reply(rng) for _ in range(rng.randrange(1, 8))], prefix)
+    assert_replies_at_every_cut(memcached_replies, [random_mc_reply(rng) for _ in range(rng.randrange(1, 6))], prefix)
+
+
+# Bugs these tests found, each checked against redis-server 7.0.15 and memcached 1.6.18, and fixed.
+
+
+@pytest.mark.parametrize("buf", [b"*1\r\n$04\r\nPING\r\n", b"*01\r\n$4\r\nPING\r\n"])
+def test_redis_leading_zero_lengths_pin(buf: bytes) -> None:
+    assert redis_requests(buf) == Requests(0, 0, PIN)
+
+
+@pytest.mark.parametrize(
+    "line", [b"set k 18446744073709551616 0 1", b"set k 0 9223372036854775808 1", b"cas k 0 0 1 18446744073709551616"]
+)
+def test_memcached_overflowing_storage_numbers_pin(line: bytes) -> None:
+    assert memcached_requests(line + b"\r\nx\r\n") == Requests(0, 0, PIN)
+
+
+def test_memcached_long_gat_line_pins() -> None:
+    assert memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n").leave == PIN
