@@ -120,6 +120,8 @@ class Config:
     idle_timeout_s: float
     drain_timeout_s: float
     max_connections: int
+    multiplex: bool = False
+    multiplex_connections: int = 1
     auto_discovery: AutoDiscovery | None = None
     discovery: Discovery | None = None
     tls: TLSConfig | None = None
@@ -161,6 +163,8 @@ DEFAULTS: dict[str, Any] = {
     "idle_timeout_s": 3600.0,
     "drain_timeout_s": 30.0,
     "max_connections": 10000,
+    "multiplex": False,
+    "multiplex_connections": 1,
 }
 
 _TOP_KEYS = (
@@ -176,6 +180,8 @@ _TOP_KEYS = (
     "idle_timeout_s",
     "drain_timeout_s",
     "max_connections",
+    "multiplex",
+    "multiplex_connections",
     "auto_discovery",
     "discovery",
     "tls",
@@ -285,6 +291,27 @@ def _workers(value: object, path: str) -> int:
         return os.cpu_count() or 1
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
         raise _fail(path, value, "an integer from 1 to 256, or auto (one per core)")
+    return value
+
+
+def _multiplex_connections(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise _fail(path, value, "an integer from 1 to 64 (shared node connections per forward and worker)")
+    return value
+
+
+def _multiplex(value: object, engine: str, tls: TLSConfig | None, upstream: UpstreamTLS | None) -> bool:
+    """`multiplex: true` shares node connections; refused where natfwd cannot follow the requests yet."""
+    if not isinstance(value, bool):
+        raise _fail("multiplex", value, "true or false")
+    if value and engine == "redis-cluster":
+        raise ConfigError(
+            "multiplex: not available with engine redis-cluster (cluster clients open a connection per node "
+            "anyway); remove multiplex or use engine redis"
+        )
+    if value and (tls is not None or upstream is not None):
+        key = "tls" if tls is not None else "upstream_tls"
+        raise ConfigError(f"multiplex: cannot be combined with {key} yet; remove one of the two")
     return value
 
 
@@ -433,6 +460,8 @@ def parse(data: object) -> Config:
                 f"auto_discovery.port: {auto_discovery.port} is already used by forwards[{clash}]; pick a free port"
             )
 
+    tls = _optional(top, "tls", lambda v, _p: _tls(v), "tls")
+    upstream_tls = _optional(top, "upstream_tls", lambda v, _p: _upstream_tls(v), "upstream_tls")
     metrics = _optional(top, "metrics", lambda v, _p: _metrics(v), "metrics")
     if (
         metrics is not None
@@ -454,10 +483,12 @@ def parse(data: object) -> Config:
         idle_timeout_s=_seconds(merged["idle_timeout_s"], "idle_timeout_s", allow_zero=True),
         drain_timeout_s=_seconds(merged["drain_timeout_s"], "drain_timeout_s", allow_zero=True),
         max_connections=_positive_int(merged["max_connections"], "max_connections"),
+        multiplex=_multiplex(merged["multiplex"], engine, tls, upstream_tls),
+        multiplex_connections=_multiplex_connections(merged["multiplex_connections"], "multiplex_connections"),
         auto_discovery=auto_discovery,
         discovery=discovery,
-        tls=_optional(top, "tls", lambda v, _p: _tls(v), "tls"),
-        upstream_tls=_optional(top, "upstream_tls", lambda v, _p: _upstream_tls(v), "upstream_tls"),
+        tls=tls,
+        upstream_tls=upstream_tls,
         auth=_optional(top, "auth", lambda v, _p: _auth(v), "auth"),
     )
 

@@ -463,9 +463,9 @@ class Half(asyncio.BufferedProtocol):
             self.reads_left = RAW_AFTER_READS * 64
             return
         try:
-            mine = _duplicate(self.transport)
+            mine = duplicate(self.transport)
             try:
-                theirs = _duplicate(peer.transport)
+                theirs = duplicate(peer.transport)
             except OSError:
                 mine.close()
                 raise
@@ -594,7 +594,7 @@ def _plain_socket(transport: asyncio.BaseTransport) -> Any:
     return sock
 
 
-def _duplicate(transport: asyncio.BaseTransport) -> socket.socket:
+def duplicate(transport: asyncio.BaseTransport) -> socket.socket:
     """A non-blocking duplicate of a plain transport's socket; raises OSError (EMFILE) when there is none to spare."""
     sock = socket.socket(fileno=os.dup(_plain_socket(transport).fileno()))
     sock.setblocking(False)

@@ -11,13 +11,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from forwarder import config as config_mod
 from forwarder import tls
 from forwarder.acceptor import TlsListener
 from forwarder.errors import NatfwdError
-from forwarder.relay import BUFFER_SIZE, RAW_FD_SHARE, BufferPool, Half
+from forwarder.mux import MuxPool, Session, new_pool
+from forwarder.relay import BUFFER_SIZE, RAW_FD_SHARE, BufferPool, Half, duplicate
 from forwarder.rewriting import (
     NodeMap,
     ObservingClient,
@@ -48,6 +49,7 @@ class Route:
     metrics: ForwardMetrics
     connections: set[ClientHalf]
     rewriter: RewriterFactory | None = None  # set for cluster-aware forwards; None keeps the plain fast relay
+    mux: MuxPool | None = None  # the shared node connections, with `multiplex: true`
 
 
 class NodeHalf(Half):
@@ -68,6 +70,7 @@ class ClientHalf(Half):
         "seen_to_client",
         "idle_s",
         "accounted",
+        "client_ip",
     )
 
     def __init__(self, worker: Worker, route: Route) -> None:
@@ -80,6 +83,7 @@ class ClientHalf(Half):
         self.seen_to_client = 0
         self.idle_s = 0.0
         self.accounted = False
+        self.client_ip = ""
 
     def node_half(self) -> NodeHalf:
         return NodeHalf(self.worker.pool)
@@ -107,10 +111,15 @@ class ClientHalf(Half):
         route.connections.add(self)
         route.metrics.accepted.inc()
         route.metrics.active.inc()
+        self.client_ip = client_ip
         node = self.node_half()
         self.peer = node
         node.peer = self
-        self.connect_task = worker.loop.create_task(self._connect(node, route.target, client_ip))
+        self.open_node(node)
+
+    def open_node(self, node: NodeHalf) -> None:
+        """Connect this client's own node connection (MuxClient shares one instead)."""
+        self.connect_task = self.worker.loop.create_task(self._connect(node, self.route.target, self.client_ip))
 
     async def _connect(self, node: NodeHalf, target: config_mod.Target, client_ip: str) -> None:
         loop = self.worker.loop
@@ -209,6 +218,103 @@ class RewritingClientHalf(ObservingClient, ClientHalf):
         return RewritingNode(self.worker.pool, factory())
 
 
+class MuxClient(ClientHalf):
+    """A client on a multiplexed forward: its requests share the route's node connections (forwarder/mux.py).
+
+    The transport stays for accounting, drain and close; once admitted, the session reads and writes a duplicate
+    of its socket. A pinned client gets its own node connection, and from then on it is an ordinary ClientHalf
+    (raw mode included): the transport resumes reading once the bytes the session had not sent are out.
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self, worker: Worker, route: Route) -> None:
+        super().__init__(worker, route)
+        self.session: Session | None = None
+
+    def open_node(self, node: NodeHalf) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.reading_paused = True
+        # uvloop reads once after connection_made whatever the protocol asked (those bytes land in `early`);
+        # pausing again one loop turn later is what stops it, and only then may the session read the socket.
+        self.worker.loop.call_soon(self._join)
+
+    def _join(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.transport.pause_reading()
+        first = bytes(self.early) if self.early is not None else b""
+        self.early = None
+        try:
+            sock = duplicate(self.transport)
+        except OSError:  # no descriptor to spare: a connection of its own needs none beyond the node's socket
+            self.mux_pin(first)
+            return
+        self.session = self.worker.mux_pool(self.route).join(self, sock)
+        self.session.start(first)
+
+    def mux_replied(self, nbytes: int) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.nbytes += nbytes
+
+    def mux_pin(self, rest: bytes) -> None:
+        self.session = None
+        if self.closed or self.peer is None:
+            return
+        self.early = bytearray(rest)  # release_early sends them once connected, then resumes the transport
+        super().open_node(cast(NodeHalf, self.peer))
+
+    def mux_close(self, *, abort: bool) -> None:
+        self.session = None
+        if self.transport is not None and not self.closed:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session = self.session
+        if session is not None:
+            self.session = None
+            session.detach()
+        super().connection_lost(exc)
+
+    def abort(self) -> None:
+        session = self.session
+        if session is not None:
+            self.session = None
+            session.detach()
+        super().abort()
+
+
+class _MuxHooks:
+    """A pool's reports, counted and logged like a dedicated connection's."""
+
+    __slots__ = ("worker", "port")
+
+    def __init__(self, worker: Worker, port: int) -> None:
+        self.worker = worker
+        self.port = port
+
+    def connected(self, seconds: float) -> None:
+        self.worker.metrics.upstream_connect.observe(seconds)
+
+    def connect_failed(self, target: config_mod.Target, exc: BaseException) -> None:
+        reason = _connect_failure_reason(exc)
+        self.worker.metrics.upstream_errors.labels(str(self.port), reason).inc()
+        log.warning(
+            "shared node connection failed",
+            extra={
+                "forward": self.port,
+                "target": str(target),
+                "reason": reason,
+                "error": str(exc) or type(exc).__name__,
+            },
+        )
+
+
 def _connect_failure_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
@@ -259,6 +365,15 @@ class Worker:
         self.nodes = NodeMap()  # the rewriters' node -> public address map, shared by every connection
         self.warn = RateLimitedWarning()
         self.tracker = Tracker(self)
+
+    def mux_pool(self, route: Route) -> MuxPool:
+        """The route's shared node connections, new after a retarget (the old ones serve their clients out)."""
+        pool = route.mux
+        if pool is None or pool.target != route.target or pool.retired:
+            if pool is not None:
+                pool.retire()
+            pool = route.mux = new_pool(self.loop, route.config, route.target, _MuxHooks(self, route.port))
+        return pool
 
     # --- accounting -------------------------------------------------------------------------------------------
     def allows(self, route: Route, client_ip: str) -> bool:
@@ -438,6 +553,8 @@ class Worker:
             if port not in wanted:
                 route = self.routes.pop(port)
                 self._retired.append(route)
+                if route.mux is not None:
+                    route.mux.retire()
                 self.metrics.forward_changes.labels("closed").inc()
                 log.info("forward closed; live connections continue", extra={"forward": port})
         for port in opened:
@@ -455,6 +572,9 @@ class Worker:
                 self.metrics.forward_changes.labels("retargeted").inc()
             route.target = forward.target
             route.config = new
+            if route.mux is not None and (not new.multiplex or route.mux.target != forward.target):
+                route.mux.retire()
+                route.mux = None
             route.rewriter = rewriter_factory(new, port, self.nodes, self.warn)
         if self.server_ssl is not None and new.tls is not None:
             # Listeners keep their SSLContext; loading the new chain into it serves it to every new handshake.
@@ -512,8 +632,15 @@ class Worker:
 
 
 def _factory(worker: Worker, route: Route) -> Callable[[], ClientHalf]:
-    # The class is picked per connection: a reload can turn rewriting on or off for a port.
-    return lambda: (ClientHalf if route.rewriter is None else RewritingClientHalf)(worker, route)
+    # The class is picked per connection: a reload can turn rewriting or multiplexing on or off for a port.
+    def make() -> ClientHalf:
+        if route.rewriter is not None:
+            return RewritingClientHalf(worker, route)
+        if route.config.multiplex:
+            return MuxClient(worker, route)
+        return ClientHalf(worker, route)
+
+    return make
 
 
 def _bind_message(address: str, port: int, exc: OSError) -> str:

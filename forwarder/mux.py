@@ -1,0 +1,527 @@
+"""Multiplexing (`multiplex: true`): many clients' requests pipelined over a few shared node connections.
+
+With one node connection per client, each request costs the node (and the NAT's kernel) a read, a write and two
+TCP segments of its own. Here every request that is ready in one loop iteration, from any client, goes to the node
+in one write, and the node answers them all in one write too; natfwd splits the replies back by counting them
+(forwarder/protocols/framing.py). twemproxy and Envoy's Redis proxy do the same.
+
+A `Pipe` is one shared node connection: requests leave in arrival order, and a FIFO of (session, replies owed)
+routes the replies back. A `Session` is one client's end: it reads the client's socket (a duplicate of its
+transport's, as raw mode does), frames requests, and writes replies. A client whose request cannot share a
+connection (SELECT, AUTH, MULTI, blocking or unknown commands, memcached noreply) or who pipelines many requests
+itself is *pinned*: once every reply it is owed has arrived, its owner gives it a node connection of its own and
+the ordinary relay takes over, with the bytes not yet sent going first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import deque
+from typing import Protocol
+
+from forwarder import config as config_mod
+from forwarder.protocols.framing import PIN as PINNED
+from forwarder.protocols.framing import Framer, FramingError
+
+log = logging.getLogger("natfwd.mux")
+
+CLIENT_READ = 64 * 1024
+NODE_READ = 256 * 1024
+HOLD_MAX = 1024 * 1024  # bytes of one unfinished request a session keeps; a bigger request pins the client
+PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itself, a connection of its own is cheaper
+CLIENT_OUT_MAX = 16 * 1024 * 1024  # replies waiting for a client that does not read them; beyond, it is dropped
+PIPE_HIGH = 1024 * 1024  # requests waiting for the node's socket; beyond, its sessions stop reading
+PIPE_LOW = 256 * 1024
+_read = os.read
+_write = os.write
+
+
+class Owner(Protocol):
+    """What a session needs from the client connection that owns it (server.MuxClient)."""
+
+    nbytes: int  # bytes read from the client
+
+    def mux_replied(self, nbytes: int) -> None: ...  # bytes written to the client
+    def mux_pin(self, rest: bytes) -> None: ...  # give the client its own node connection, `rest` first
+    def mux_close(self, *, abort: bool) -> None: ...  # the session is over: close (or reset) the client
+
+
+class Hooks(Protocol):
+    """What a pipe reports to its worker: connect times and failures (metrics and logs)."""
+
+    def connected(self, seconds: float) -> None: ...
+    def connect_failed(self, target: config_mod.Target, exc: BaseException) -> None: ...
+
+
+class Session:
+    """One client's end of the multiplexer."""
+
+    __slots__ = ("owner", "pipe", "loop", "sock", "fd", "held", "out", "reading", "writing", "owed", "eof",
+                 "closed", "leaving", "lane", "scan")  # fmt: skip
+
+    def __init__(self, owner: Owner, pipe: Pipe, sock: socket.socket) -> None:
+        self.owner = owner
+        self.pipe = pipe
+        self.loop = pipe.loop
+        self.sock = sock  # our duplicate of the client's socket; the transport stays paused
+        self.fd = sock.fileno()
+        self.held: bytearray | None = None  # the start of an unfinished request
+        self.out: bytearray | None = None  # replies the client's socket did not take yet
+        self.reading = False
+        self.writing = False
+        self.owed = 0  # replies the client waits for
+        self.eof = False
+        self.closed = False
+        # Set when the client must leave its pipe, once every reply it is owed is out: (lane, bytes not yet sent).
+        # Lane PINNED means a connection of its own; another lane, a pipe speaking that protocol version.
+        self.leaving: tuple[int, bytes] | None = None
+        self.lane = pipe.lane
+        self.scan = pipe.framer.requests
+        pipe.sessions.add(self)
+
+    def start(self, first: bytes) -> None:
+        """Begin with the bytes the transport read (and counted) before we took over, if any."""
+        if first:
+            self.feed(first)
+            if self.closed or self.leaving is not None:
+                return
+        self.resume()
+
+    def resume(self) -> None:
+        if not self.reading and not self.closed and not self.eof and self.leaving is None:
+            self.reading = True
+            self.loop.add_reader(self.fd, self.readable)
+
+    def pause(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
+
+    def readable(self) -> None:
+        try:
+            data = _read(self.fd, CLIENT_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(abort=True)
+            return
+        if not data:
+            self.eof = True
+            self.pause()
+            if self.held:
+                self.leave(PINNED, bytes(self.held))  # a request cut off by EOF: the node answers it as it would
+            elif not self.owed and self.out is None:
+                self.close(abort=False)
+            return
+        self.owner.nbytes += len(data)
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        held = self.held
+        buf: bytes | bytearray
+        if held is None:
+            buf = data
+        else:
+            held += data
+            buf = held
+        end, count, lane = self.scan(buf, self.lane)
+        if count >= PIPELINE_PIN:
+            lane = PINNED
+        if count:
+            self.owed += count
+            self.pipe.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
+        if lane:
+            self.leave(lane, bytes(buf[end:]))
+            return
+        rest = len(buf) - end
+        if not rest:
+            self.held = None
+        elif rest > HOLD_MAX:
+            self.leave(PINNED, bytes(buf[end:]))
+            return
+        elif held is None:
+            self.held = bytearray(buf[end:])
+        else:
+            del held[:end]
+        if self.pipe.congested:
+            self.pause()
+            self.pipe.waiting.append(self)
+
+    def leave(self, lane: int, rest: bytes) -> None:
+        """Stop reading; once every reply the client is owed is out, move it to `lane` with `rest` first."""
+        self.pause()
+        self.held = None
+        self.leaving = (lane, rest)
+        self.maybe_leave()
+
+    def deliver(self, data: bytes | bytearray, replies: int) -> None:
+        """Replies from the node: write them to the client, or queue them behind what its socket did not take."""
+        self.owed -= replies
+        if self.closed:
+            return
+        self.owner.mux_replied(len(data))
+        out = self.out
+        if out is not None:
+            out += data
+            if len(out) > CLIENT_OUT_MAX:
+                log.warning("client does not read its replies; dropped", extra={"queued": len(out)})
+                self.close(abort=True)
+            return
+        try:
+            sent = _write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close(abort=True)
+            return
+        if sent < len(data):
+            self.out = bytearray(memoryview(data)[sent:])
+            self.writing = True
+            self.loop.add_writer(self.fd, self.writable)
+            return
+        if not self.owed:
+            self.maybe_leave()
+
+    def writable(self) -> None:
+        out = self.out
+        assert out is not None
+        try:
+            sent = _write(self.fd, out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(abort=True)
+            return
+        del out[:sent]
+        if out:
+            return
+        self.out = None
+        self.writing = False
+        self.loop.remove_writer(self.fd)
+        self.maybe_leave()
+
+    def maybe_leave(self) -> None:
+        """After the last owed reply is out: close after the client's EOF, or move a leaving client on."""
+        if self.owed or self.out is not None or self.closed:
+            return
+        leaving = self.leaving
+        if leaving is None:
+            if self.eof:
+                self.close(abort=False)
+            return
+        lane, rest = leaving
+        self.leaving = None
+        if lane == PINNED:
+            self.detach()
+            self.owner.mux_pin(rest)
+            return
+        old = self.pipe
+        old.sessions.discard(self)
+        self.pipe = old.pool.pipe(lane)
+        self.pipe.sessions.add(self)
+        self.lane = lane
+        old.pool.left(old)
+        self.start(rest)
+
+    def detach(self) -> None:
+        """Leave the multiplexer: callbacks removed, our duplicate closed; replies still owed are discarded."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pause()
+        if self.writing:
+            self.writing = False
+            self.loop.remove_writer(self.fd)
+        self.out = None
+        self.held = None
+        self.sock.close()
+        self.pipe.sessions.discard(self)
+        self.pipe.pool.left(self.pipe)
+
+    def close(self, *, abort: bool) -> None:
+        if self.closed:
+            return
+        self.detach()
+        self.owner.mux_close(abort=abort)
+
+
+class Pipe:
+    """One shared node connection: requests go out in arrival order, replies come back to whoever is owed them."""
+
+    __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
+                 "held", "sessions", "waiting", "closed", "connect_task")  # fmt: skip
+
+    def __init__(self, pool: MuxPool, lane: int) -> None:
+        self.pool = pool
+        self.lane = lane
+        self.loop = pool.loop
+        self.framer: Framer = pool.framer
+        self.sock: socket.socket | None = None
+        self.fd = -1  # until connected
+        self.out: list[bytes | bytearray] = []  # requests not yet written
+        self.out_size = 0
+        self.tail: memoryview | None = None  # the part of a write the node's socket did not take
+        self.flushing = False
+        self.fifo: deque[list[object]] = deque()  # [session, replies owed], in request order
+        self.held: bytearray | None = None  # the start of an unfinished reply
+        self.sessions: set[Session] = set()
+        self.waiting: list[Session] = []  # sessions paused while the node's socket is full
+        self.closed = False
+        self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
+        greeting = self.framer.greeting(lane)
+        if greeting:  # switches the connection to the lane's protocol; its reply is nobody's
+            self.out.append(greeting)
+            self.out_size = len(greeting)
+            self.fifo.append([None, 1])
+
+    @property
+    def congested(self) -> bool:
+        return self.out_size + (len(self.tail) if self.tail is not None else 0) > PIPE_HIGH
+
+    async def connect(self) -> None:
+        target = self.pool.target
+        loop = self.loop
+        started = loop.time()
+        sock: socket.socket | None = None
+        try:
+            async with asyncio.timeout(self.pool.connect_timeout_s):
+                infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+                family, kind, proto, _name, address = infos[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+        except (OSError, TimeoutError) as exc:
+            if sock is not None:
+                sock.close()
+            self.connect_task = None
+            self.pool.hooks.connect_failed(target, exc)
+            self.fail()
+            return
+        except asyncio.CancelledError:
+            if sock is not None:
+                sock.close()
+            raise
+        self.connect_task = None
+        self.pool.hooks.connected(loop.time() - started)
+        if self.closed:
+            sock.close()
+            return
+        self.sock = sock
+        self.fd = sock.fileno()
+        loop.add_reader(self.fd, self.readable)
+        if self.out:
+            self.flush()
+
+    def send(self, session: Session, data: bytes | bytearray, count: int) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+        fifo = self.fifo
+        if fifo and fifo[-1][0] is session:
+            fifo[-1][1] += count  # type: ignore[operator]
+        else:
+            fifo.append([session, count])
+        if self.flushing:
+            return
+        if self.fd >= 0:
+            # Once per loop iteration: every client read in this one goes to the node in one write.
+            self.flushing = True
+            self.loop.call_soon(self.flush)
+        elif self.connect_task is None and not self.closed:
+            # The first request: connect now. Clients that only say HELLO 3 here never make this lane connect.
+            self.connect_task = self.loop.create_task(self.connect())
+
+    def flush(self) -> None:
+        self.flushing = False
+        if self.tail is not None or self.fd < 0 or not self.out:
+            return
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.out_size = 0
+        try:
+            sent = _write(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self.lost(str(exc))
+            return
+        if sent < len(data):
+            self.tail = memoryview(data)[sent:]
+            self.loop.add_writer(self.fd, self.writable)
+
+    def writable(self) -> None:
+        tail = self.tail
+        assert tail is not None
+        try:
+            sent = _write(self.fd, tail)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(str(exc))
+            return
+        if sent < len(tail):
+            self.tail = tail[sent:]
+            return
+        self.tail = None
+        self.loop.remove_writer(self.fd)
+        self.flush()
+        if self.waiting and not self.congested:
+            waiting = self.waiting
+            self.waiting = []
+            for session in waiting:
+                session.resume()
+
+    def readable(self) -> None:
+        try:
+            data = _read(self.fd, NODE_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(str(exc))
+            return
+        if not data:
+            self.lost("the node closed the connection")
+            return
+        held = self.held
+        buf: bytes | bytearray
+        if held is None:
+            buf = data
+        else:
+            held += data
+            buf = held
+        replies = self.framer.replies
+        fifo = self.fifo
+        pos = 0
+        n = len(buf)
+        try:
+            while pos < n:
+                if not fifo:
+                    push = self.framer.push(buf, pos)
+                    if push > 0:
+                        pos = push
+                        continue
+                    if push < 0:
+                        break
+                    raise FramingError("the node sent bytes nobody asked for")
+                entry = fifo[0]
+                owed: int = entry[1]  # type: ignore[assignment]
+                end, got = replies(buf, pos, owed)
+                if not got:
+                    push = self.framer.push(buf, pos)
+                    if push > 0:
+                        pos = push
+                        continue
+                    break
+                session: Session | None = entry[0]  # type: ignore[assignment]
+                if session is not None:
+                    session.deliver(buf[pos:end], got)
+                if self.closed:  # the last client of a retired pool just left
+                    return
+                pos = end
+                if got < owed:
+                    entry[1] = owed - got
+                    break
+                fifo.popleft()
+        except FramingError as exc:
+            self.lost(str(exc))
+            return
+        if pos == n:
+            self.held = None
+        elif held is None:
+            self.held = bytearray(memoryview(buf)[pos:])
+        elif pos:
+            del held[:pos]
+
+    def lost(self, reason: str) -> None:
+        log.warning(
+            "shared node connection lost; its clients are disconnected",
+            extra={"target": str(self.pool.target), "clients": len(self.sessions), "error": reason},
+        )
+        self.fail()
+
+    def fail(self) -> None:
+        """Close the node connection and reset every client on it: their replies can no longer be told apart."""
+        self.close()
+        for session in list(self.sessions):
+            session.close(abort=True)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.pipes.remove(self)
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.sock is not None:
+            self.loop.remove_reader(self.fd)
+            if self.tail is not None:
+                self.loop.remove_writer(self.fd)
+            self.sock.close()
+            self.sock = None
+            self.fd = -1
+        self.out.clear()
+        self.fifo.clear()
+        self.waiting.clear()
+
+
+class MuxPool:
+    """The shared connections of one forward in one worker, to one target; clients are spread round-robin."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: config_mod.Target,
+        framer: Framer,
+        connections: int,
+        connect_timeout_s: float,
+        hooks: Hooks,
+    ) -> None:
+        self.loop = loop
+        self.target = target
+        self.framer = framer
+        self.connections = connections
+        self.connect_timeout_s = connect_timeout_s
+        self.hooks = hooks
+        self.pipes: list[Pipe] = []
+        self.turn = 0
+        self.retired = False  # the forward was retargeted or removed: close once the last client leaves
+
+    def join(self, owner: Owner, sock: socket.socket) -> Session:
+        return Session(owner, self.pipe(self.framer.first_lane), sock)
+
+    def pipe(self, lane: int) -> Pipe:
+        """A pipe of `lane`, round-robin once the lane has `connections` of them."""
+        pipes = [p for p in self.pipes if p.lane == lane]
+        if len(pipes) < self.connections:
+            pipe = Pipe(self, lane)
+            self.pipes.append(pipe)
+            return pipe
+        self.turn += 1
+        return pipes[self.turn % len(pipes)]
+
+    def left(self, pipe: Pipe) -> None:
+        if self.retired and not pipe.sessions:
+            pipe.close()
+
+    def retire(self) -> None:
+        self.retired = True
+        for pipe in list(self.pipes):
+            if not pipe.sessions:
+                pipe.close()
+
+    def close(self) -> None:
+        for pipe in list(self.pipes):
+            pipe.fail()
+
+
+def new_pool(
+    loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
+) -> MuxPool:
+    from forwarder.protocols.framing import framer
+
+    return MuxPool(loop, target, framer(cfg.engine), cfg.multiplex_connections, cfg.connect_timeout_s, hooks)

@@ -1,0 +1,291 @@
+"""`multiplex: true`: real clients share one node connection through a real `natfwd serve`, and get their own replies."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import Node, free_port, write_config
+from pymemcache.client.base import Client
+from servekit import Serve, serving
+
+CLIENTS = 24
+
+
+def mux_config(tmp_path: Path, node: Node, engine: str, extra: str = "") -> tuple[Path, int, int]:
+    port, metrics_port = free_port(), free_port()
+    cfg = write_config(
+        tmp_path / "natfwd.yaml",
+        [(port, node.address)],
+        engine=engine,
+        extra=f"multiplex: true\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n{extra}",
+    )
+    return cfg, port, metrics_port
+
+
+@pytest.fixture
+def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
+    node = start_redis()
+    cfg, port, metrics_port = mux_config(tmp_path, node, "redis")
+    with serving(cfg, [port], metrics_port) as serve:
+        yield node, port, serve
+
+
+@pytest.fixture
+def memcached_mux(tmp_path: Path, start_memcached: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
+    node = start_memcached()
+    cfg, port, metrics_port = mux_config(tmp_path, node, "memcached")
+    with serving(cfg, [port], metrics_port) as serve:
+        yield node, port, serve
+
+
+def node_clients(node: Node) -> int:
+    """Connections the redis node has, other than the one asking."""
+    with redis.Redis(port=node.port) as direct:
+        return len(direct.client_list()) - 1
+
+
+def value(seed: str, size: int) -> bytes:
+    # Bytes that look like protocol (CRLF, '*', '$', 'VALUE ', 'END') inside values must not confuse the framing.
+    unit = hashlib.sha256(seed.encode()).digest() + b"\r\n*3\r\n$-1\r\nVALUE k 0 1\r\nEND\r\n"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def test_redis_clients_share_one_node_connection_and_each_gets_its_own_replies(
+    redis_mux: tuple[Node, int, Serve],
+) -> None:
+    node, port, serve = redis_mux
+    clients = [redis.Redis(port=port, socket_timeout=20) for _ in range(CLIENTS)]
+    ready = threading.Barrier(CLIENTS)
+
+    def work(index: int) -> int:
+        client = clients[index]
+        rng = random.Random(index)
+        client.ping()
+        ready.wait(20)  # every client connected at once, so their requests really interleave
+        checked = 0
+        for j in range(150):
+            key = f"k{index}:{j}"
+            data = value(key, rng.choice((0, 1, 9, 300, 4000, 70_000)))
+            assert client.set(key, data)
+            assert client.get(key) == data
+            assert client.incr(f"n{index}") == j + 1
+            assert client.mget([key, "missing", key]) == [data, None, data]
+            checked += 4
+        assert client.delete(f"n{index}") == 1
+        return checked
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        assert sum(pool.map(work, range(CLIENTS))) == CLIENTS * 150 * 4
+        assert node_clients(node) == 1  # 24 clients, one node connection
+    for client in clients:
+        client.close()
+    assert "shared node connection lost" not in serve.log()
+
+
+def test_memcached_clients_share_one_node_connection_and_each_gets_its_own_replies(
+    memcached_mux: tuple[Node, int, Serve],
+) -> None:
+    node, port, serve = memcached_mux
+    direct = Client(("127.0.0.1", node.port))
+    before = int(direct.stats()[b"curr_connections"])
+    clients = [Client(("127.0.0.1", port), connect_timeout=5, timeout=20) for _ in range(CLIENTS)]
+    ready = threading.Barrier(CLIENTS)
+
+    def work(index: int) -> int:
+        client = clients[index]
+        rng = random.Random(index)
+        client.version()
+        ready.wait(20)
+        for j in range(100):
+            key = f"k{index}:{j}"
+            data = value(key, rng.choice((0, 1, 100, 5000, 300_000)))
+            assert client.set(key, data, noreply=False)
+            assert client.get(key) == data
+            assert client.get_many([key, "missing"]) == {key: data}
+            got, cas = client.gets(key)
+            assert got == data
+            assert client.cas(key, b"swapped", cas, noreply=False)
+            assert client.get(key) == b"swapped"
+            assert client.incr(f"n{index}", 1, noreply=False) is None  # no such key: NOT_FOUND
+            assert client.delete(key, noreply=False)
+        return 100
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        assert sum(pool.map(work, range(CLIENTS))) == CLIENTS * 100
+        assert int(direct.stats()[b"curr_connections"]) == before + 1
+    for client in clients:
+        client.close()
+    direct.close()
+    assert "shared node connection lost" not in serve.log()
+
+
+def test_stateful_commands_get_a_connection_of_their_own(redis_mux: tuple[Node, int, Serve]) -> None:
+    node, port, _serve = redis_mux
+    shared = redis.Redis(port=port, socket_timeout=10)
+    db2 = redis.Redis(port=port, db=2, socket_timeout=10)  # sends SELECT 2 on connect: pinned
+    assert db2.set("x", "in db 2")
+    assert shared.get("x") is None
+    assert db2.get("x") == b"in db 2"
+    with db2.pipeline(transaction=True) as tx:  # MULTI ... EXEC on the pinned connection
+        tx.incr("counter").incr("counter")
+        assert tx.execute() == [1, 2]
+    assert node_clients(node) == 2
+
+    # A blocking command must not stall the shared connection: BLPOP waits on its own one.
+    popped: list[object] = []
+    blocker = redis.Redis(port=port, socket_timeout=30)
+    waiter = threading.Thread(target=lambda: popped.append(blocker.blpop(["queue"], timeout=25)))
+    waiter.start()
+    for j in range(200):
+        assert shared.set(f"s{j}", j) and shared.get(f"s{j}") == str(j).encode()
+    assert waiter.is_alive() and not popped  # still blocked, and the shared clients were served meanwhile
+    assert shared.rpush("queue", "item") == 1
+    waiter.join(20)
+    assert popped == [(b"queue", b"item")]
+    for client in (shared, db2, blocker):
+        client.close()
+
+
+def test_a_client_that_pipelines_gets_its_own_connection(redis_mux: tuple[Node, int, Serve]) -> None:
+    node, port, _serve = redis_mux
+    shared = redis.Redis(port=port)
+    assert shared.ping()
+    assert node_clients(node) == 1
+    piped = redis.Redis(port=port)
+    with piped.pipeline(transaction=False) as pipe:
+        for j in range(100):
+            pipe.set(f"p{j}", j).get(f"p{j}")
+        results = pipe.execute()
+    assert results == [x for j in range(100) for x in (True, str(j).encode())]
+    assert node_clients(node) == 2
+    assert shared.get("p99") == b"99"
+    shared.close()
+    piped.close()
+
+
+def raw(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_requests_cut_anywhere_then_eof_get_every_reply(memcached_mux: tuple[Node, int, Serve]) -> None:
+    _node, port, _serve = memcached_mux
+    data = b"x" * 1000
+    requests = b"set a 0 0 1000\r\n" + data + b"\r\nget a\r\nincr nothere 1\r\nversion\r\n"
+    sock = raw(port)
+    for cut in range(0, len(requests), 7):  # seven bytes per segment: every header and data block is cut
+        sock.sendall(requests[cut : cut + 7])
+    sock.shutdown(socket.SHUT_WR)
+    reply = read_until_eof(sock)
+    sock.close()
+    assert reply.startswith(b"STORED\r\nVALUE a 0 1000\r\n" + data + b"\r\nEND\r\nNOT_FOUND\r\nVERSION ")
+
+
+def test_unframed_bytes_reach_the_node_unchanged(memcached_mux: tuple[Node, int, Serve]) -> None:
+    node, port, _serve = memcached_mux
+    # `stats` and noreply are not multiplexed: the client is pinned, and memcached sees exactly what it sent.
+    sock = raw(port)
+    sock.sendall(b"get a\r\nset q 0 0 1 noreply\r\nz\r\nget q\r\nstats\r\nquit\r\n")
+    reply = read_until_eof(sock)
+    sock.close()
+    assert reply.startswith(b"END\r\nVALUE q 0 1\r\nz\r\nEND\r\nSTAT pid ")
+    assert reply.endswith(b"END\r\n")
+
+
+def test_a_client_leaving_with_replies_owed_does_not_disturb_the_others(redis_mux: tuple[Node, int, Serve]) -> None:
+    _node, port, serve = redis_mux
+    keeper = redis.Redis(port=port)
+    big = value("big", 500_000)
+    assert keeper.set("big", big)
+    for _ in range(20):
+        sock = raw(port)
+        sock.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n" * 4)  # 2 MB of replies owed, then gone
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()  # a reset
+        assert keeper.get("big") == big
+    assert "shared node connection lost" not in serve.log()
+    keeper.close()
+
+
+def test_the_node_going_away_resets_its_clients_and_the_next_ones_reconnect(
+    tmp_path: Path, start_redis: Callable[..., Node]
+) -> None:
+    node = start_redis()
+    cfg, port, metrics_port = mux_config(tmp_path, node, "redis")
+    with serving(cfg, [port], metrics_port) as serve:
+        client = redis.Redis(port=port, socket_timeout=5)
+        assert client.set("a", "1")
+        node.kill()
+        with pytest.raises(redis.ConnectionError):
+            client.get("a")
+        serve.wait_log("shared node connection lost")
+        node = start_redis(node.port)
+        fresh = redis.Redis(port=port, socket_timeout=5)
+        assert fresh.get("a") is None  # a new node process: the shared connection was made again
+        assert fresh.set("a", "2")
+        client.close()
+        fresh.close()
+
+
+def test_sigterm_waits_for_a_multiplexed_client_then_exits_0(redis_mux: tuple[Node, int, Serve]) -> None:
+    _node, port, serve = redis_mux
+    client = redis.Redis(port=port)
+    assert client.set("a", "1")
+    serve.signal(signal.SIGTERM)
+    serve.wait_log("draining")
+    assert client.get("a") == b"1"  # still served while draining
+    client.close()
+    assert serve.proc.wait(10) == 0
+
+
+def test_bytes_and_connections_are_counted(redis_mux: tuple[Node, int, Serve]) -> None:
+    _node, port, serve = redis_mux
+    client = redis.Redis(port=port)
+    client.set("a", b"v" * 10_000)
+    assert client.get("a") == b"v" * 10_000
+    assert serve.metric("natfwd_connections_active", forward=str(port)) == 1
+    client.close()
+    deadline = time.monotonic() + 5  # byte counters are flushed once a second
+    while serve.metric("natfwd_bytes_total", forward=str(port), direction="node_to_client") < 10_000:
+        assert time.monotonic() < deadline, "bytes to the client were never counted"
+        time.sleep(0.05)
+    assert serve.metric("natfwd_bytes_total", forward=str(port), direction="client_to_node") > 10_000
+
+
+@pytest.mark.parametrize(
+    ("extra", "engine", "message"),
+    [
+        ("multiplex: yes-please\n", "redis", "multiplex: 'yes-please' is not valid; expected true or false"),
+        ("multiplex: true\n", "redis-cluster", "multiplex: not available with engine redis-cluster"),
+        ("multiplex: true\nupstream_tls: true\n", "redis", "multiplex: cannot be combined with upstream_tls yet"),
+        ("multiplex: true\nmultiplex_connections: 0\n", "redis", "multiplex_connections: 0 is not valid"),
+    ],
+)
+def test_bad_multiplex_settings_exit_2_naming_the_key(tmp_path: Path, extra: str, engine: str, message: str) -> None:
+    cfg = write_config(tmp_path / "natfwd.yaml", [(free_port(), "127.0.0.1:6379")], engine=engine, extra=extra)
+    done = subprocess.run(
+        [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
