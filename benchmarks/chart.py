@@ -10,7 +10,7 @@ from benchmarks.report import SHORT, truncated
 
 COLOURS = {"direct": "#7f7f7f", "kernel": "#bcbd22", "natfwd-w1": "#1f77b4", "natfwd-w2": "#17becf",
            "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", "natfwd-base": "#aec7e8",
-           "haproxy-splice": "#8c564b"}  # fmt: skip
+           "haproxy-splice": "#8c564b", "natfwd-mux-w1": "#2ca02c", "natfwd-mux-w2": "#98df8a"}  # fmt: skip
 
 
 def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: str) -> None:
@@ -58,11 +58,11 @@ def _targets(axis: Any, targets: Sequence[Mapping[str, Any]], figures: Mapping[s
     labels = []
     for row, target in enumerate(targets):
         median = target["median"] or 0.0
-        colour = COLOURS["natfwd-w1" if target["path"] == "natfwd-w1" else "natfwd-w2"]
+        colour = COLOURS.get(target["path"], "#1f77b4")
         axis.barh(row, median, height=0.6, color=colour, alpha=1.0 if target["passed"] else 0.55)
         axis.plot([target["minimum"]] * 2, [row - 0.4, row + 0.4], color="black", linewidth=2)
         axis.text(median + 0.02, row, truncated(target["median"]), va="center", fontsize=8)
-        workers = "w1/t1" if target["path"] == "natfwd-w1" else "w2/t2"
+        workers = ("mux " if "mux" in target["path"] else "") + ("w1/t1" if target["path"].endswith("w1") else "w2/t2")
         labels.append(f"{figures.get(target['figure'], {}).get('label', target['figure'])} ({workers})")
     axis.set_yticks(range(len(targets)), labels, fontsize=8)
     axis.invert_yaxis()

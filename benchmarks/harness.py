@@ -138,7 +138,9 @@ class Bench:
         # closing side (the client, and each proxy towards the node): reuse them after a second, as busy proxy
         # hosts are set up to, or later rounds run out of local ports.
         for namespace in (lab.client, lab.nat):
-            lab.run(namespace, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"])
+            lab.run(
+                namespace, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"]
+            )
         lab.start_nodes()
         node = lab.nodes[0]
         with open(self.settings.out / "logs" / "redis.log", "ab") as log:
@@ -324,6 +326,12 @@ def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
             group = next((g for g in groups if any(p.id == "natfwd-w1" for p in g)), None)
             if group is not None:
                 group[:] = [spec] + sorted(group, key=lambda p: p.id != "natfwd-w1")
+                continue
+        if spec.multiplex:  # after the HAProxy of its thread count: [natfwd, HAProxy, natfwd multiplexing]
+            group = next((g for g in groups if any(p.kind == "haproxy" and p.threads == spec.threads and not p.splice
+                                                   for p in g)), None)  # fmt: skip
+            if group is not None:
+                group.append(spec)
                 continue
         partner = next((g for g in groups if g[0].kind == partners.get(spec.kind) and g[0].threads == spec.threads
                         and len(g) == 1), None)  # fmt: skip

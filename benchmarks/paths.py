@@ -29,6 +29,7 @@ class PathSpec:
     threads: int  # natfwd workers / HAProxy nbthread; 1 for the rest
     slot: int  # public ports are 20000 + 10*slot (memcached) and +1 (redis); 0 means the node itself
     splice: bool = False  # HAProxy only: `option splice-auto`
+    multiplex: bool = False  # natfwd only: `multiplex: true`, one process per engine (the framing follows `engine`)
 
     def port(self, engine: Engine) -> int:
         if self.kind == "direct":
@@ -46,6 +47,8 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("natfwd-w2", "natfwd workers: 2", "natfwd", 2, 3),
     PathSpec("haproxy-t1", "HAProxy nbthread 1", "haproxy", 1, 4),
     PathSpec("haproxy-t2", "HAProxy nbthread 2", "haproxy", 2, 5),
+    PathSpec("natfwd-mux-w1", "natfwd workers: 1, multiplex: true", "natfwd", 1, 9, multiplex=True),
+    PathSpec("natfwd-mux-w2", "natfwd workers: 2, multiplex: true", "natfwd", 2, 10, multiplex=True),
     PathSpec("socat", "socat (fork per connection)", "socat", 1, 6),
 )
 PATH_IDS = tuple(p.id for p in PATHS)
@@ -59,16 +62,17 @@ AGAINST = PathSpec("natfwd-base", "natfwd workers: 1 at the --against revision",
 ENGINES: tuple[Engine, ...] = ("memcached", "redis")
 
 
-def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int) -> str:
-    """The natfwd config for `spec`: the lab's, with this path's ports and worker count."""
+def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int, engine: Engine | None = None) -> str:
+    """The natfwd config for `spec`: the lab's, with this path's ports and worker count. With `engine`, only that
+    engine's forward, framed as that engine (multiplexing paths run one natfwd per engine)."""
     host, _, _ = METRICS_LISTEN.partition(":")
-    forwards = "\n".join(
-        f"  - port: {spec.port(engine)}\n    target: {node_address}:{NODE_PORTS[engine]}" for engine in ENGINES
-    )
+    engines = ENGINES if engine is None else (engine,)
+    forwards = "\n".join(f"  - port: {spec.port(e)}\n    target: {node_address}:{NODE_PORTS[e]}" for e in engines)
     return (
-        f"engine: memcached\npublic_address: {PUBLIC_ADDRESS}\nlisten_address: {PUBLIC_ADDRESS}\n"
+        f"engine: {engine or 'memcached'}\npublic_address: {PUBLIC_ADDRESS}\nlisten_address: {PUBLIC_ADDRESS}\n"
         f"allowed_clients:\n  - {CLIENT_ADDRESS}/32\nforwards:\n{forwards}\n"
         f"metrics:\n  listen: {host}:{metrics_port}\nworkers: {spec.threads}\n"
+        + ("multiplex: true\n" if spec.multiplex else "")
     )
 
 
@@ -145,7 +149,14 @@ class RunningPath:
         if spec.kind in ("direct", "kernel"):
             return
         with open(self.workdir / f"{spec.id}.log", "ab") as log:  # the children keep their own copy
-            if spec.kind == "natfwd":
+            if spec.kind == "natfwd" and spec.multiplex:
+                watch = {}
+                for index, engine in enumerate(ENGINES):
+                    cfg = self.workdir / f"{spec.id}-{engine}.yaml"
+                    cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot + 50 * index, engine))
+                    argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
+                    watch[engine] = self._popen(argv, log, env=_package_env(self.package_root))
+            elif spec.kind == "natfwd":
                 cfg = self.workdir / f"{spec.id}.yaml"
                 cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot))
                 argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]

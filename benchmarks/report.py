@@ -17,6 +17,8 @@ SHORT = {
     "kernel": "kernel",
     "natfwd-w1": "natfwd w1",
     "natfwd-w2": "natfwd w2",
+    "natfwd-mux-w1": "natfwd mux w1",
+    "natfwd-mux-w2": "natfwd mux w2",
     "haproxy-t1": "HAProxy t1",
     "haproxy-t2": "HAProxy t2",
     "haproxy-splice": "HAProxy t1 splice",
@@ -64,6 +66,18 @@ TARGETS: tuple[Target, ...] = (
     Target("`workers: 1` vs `nbthread 1`", "256 KiB SET and GET", "rb-256k-get", "natfwd-w1", "haproxy-t1", 2.0),
     Target("`workers: 2` vs `nbthread 2`", "GET c50", "rb-get-c50", "natfwd-w2", "haproxy-t2", 1.2),
     Target("`workers: 2` vs `nbthread 2`", "GET c50", "ms-get-c50", "natfwd-w2", "haproxy-t2", 1.2),
+)
+# The same targets for `multiplex: true`, which shares node connections between clients (forwarder/mux.py).
+TARGETS += tuple(
+    Target(
+        t.comparison.replace("`workers: ", "`multiplex`, `workers: "),
+        t.test,
+        t.figure,
+        t.path.replace("natfwd-", "natfwd-mux-"),
+        t.base,
+        t.minimum,
+    )
+    for t in TARGETS
 )
 
 

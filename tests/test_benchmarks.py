@@ -160,7 +160,9 @@ def test_the_chart_draws_a_run_without_latency_figures(tmp_path: Path) -> None:
     _require_matplotlib()
     from benchmarks import chart
 
-    measurements = [_m(1, p, rb_get_c50_new=v) for p, v in (("direct", 100.0), ("natfwd-w1", 40.0), ("haproxy-t1", 60.0))]
+    measurements = [
+        _m(1, p, rb_get_c50_new=v) for p, v in (("direct", 100.0), ("natfwd-w1", 40.0), ("haproxy-t1", 60.0))
+    ]
     chart.draw(report.summary(measurements), ["direct", "natfwd-w1", "haproxy-t1"], tmp_path / "c.png", "t")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +172,8 @@ def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads
     for turn in range(10):
         order = [p.id for p in measuring_order(KNOWN_PATHS, turn)]
         assert sorted(order) == sorted(PATH)
-        for natfwd, haproxy in (("natfwd-w1", "haproxy-t1"), ("natfwd-w2", "haproxy-t2")):
+        pairs = ("natfwd-w1", "haproxy-t1"), ("natfwd-w2", "haproxy-t2"), ("natfwd-mux-w1", "haproxy-t1")
+        for natfwd, haproxy in (*pairs, ("natfwd-mux-w2", "haproxy-t2")):
             assert abs(order.index(natfwd) - order.index(haproxy)) == 1
         firsts.add(order[0])
     assert {"direct", "kernel", "socat"} <= firsts and firsts & {"natfwd-w1", "haproxy-t1"}
@@ -184,14 +187,28 @@ def test_natfwd_config_is_the_labs_with_this_paths_ports_and_workers() -> None:
     assert cfg.is_allowed(lab.CLIENT_ADDRESS) and not cfg.is_allowed("198.51.100.28")
 
 
+def test_multiplexing_paths_run_one_natfwd_per_engine_framed_as_that_engine() -> None:
+    for engine, port in (("memcached", 20090), ("redis", 20091)):
+        cfg = config.loads(natfwd_config(PATH["natfwd-mux-w1"], "10.0.1.230", 9111, engine))
+        assert cfg.engine == engine and cfg.multiplex and cfg.workers == 1
+        assert [f.port for f in cfg.forwards] == [port]
+    assert not config.loads(natfwd_config(PATH["natfwd-w1"], "10.0.1.230", 9111)).multiplex
+
+
 @pytest.mark.parametrize(
     ("path_id", "present", "absent"),
     [
         ("haproxy-t2", ["nbthread 2", f"bind {lab.PUBLIC_ADDRESS}:20050"], ["splice", "maxpipes"]),
-        ("haproxy-splice", ["nbthread 1", f"bind {lab.PUBLIC_ADDRESS}:20080", "option splice-auto", "maxpipes 512"], []),
+        (
+            "haproxy-splice",
+            ["nbthread 1", f"bind {lab.PUBLIC_ADDRESS}:20080", "option splice-auto", "maxpipes 512"],
+            [],
+        ),
     ],
 )
-def test_haproxy_config_is_valid_for_haproxy(tmp_path: Path, path_id: str, present: list[str], absent: list[str]) -> None:
+def test_haproxy_config_is_valid_for_haproxy(
+    tmp_path: Path, path_id: str, present: list[str], absent: list[str]
+) -> None:
     binary = require_binary("haproxy")
     path = tmp_path / "haproxy.cfg"
     path.write_text(haproxy_config(PATH[path_id], "10.0.1.230"))
