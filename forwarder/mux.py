@@ -29,7 +29,7 @@ from forwarder.protocols.framing import Framer, FramingError
 log = logging.getLogger("natfwd.mux")
 
 CLIENT_READ = 64 * 1024
-NODE_READ = 256 * 1024
+NODE_READ = 64 * 1024  # below glibc's mmap threshold (128 KiB): a bigger read costs mmap, mremap and munmap each
 HOLD_MAX = 1024 * 1024  # bytes of one unfinished request a session keeps; a bigger request pins the client
 PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itself, a connection of its own is cheaper
 CLIENT_OUT_MAX = 16 * 1024 * 1024  # replies waiting for a client that does not read them; beyond, it is dropped
@@ -320,16 +320,20 @@ class Pipe:
         self.out.append(data)
         self.out_size += len(data)
         fifo = self.fifo
-        if fifo and fifo[-1][0] is session:
+        idle = not fifo
+        if not idle and fifo[-1][0] is session:
             fifo[-1][1] += count  # type: ignore[operator]
         else:
             fifo.append([session, count])
         if self.flushing:
             return
         if self.fd >= 0:
-            # Once per loop iteration: every client read in this one goes to the node in one write.
-            self.flushing = True
-            self.loop.call_soon(self.flush)
+            if idle:
+                self.flush()  # the node has nothing to do: waiting a loop turn would only add latency
+            else:
+                # The node is busy: every request read in this loop turn, from any client, goes in one write.
+                self.flushing = True
+                self.loop.call_soon(self.flush)
         elif self.connect_task is None and not self.closed:
             # The first request: connect now. Clients that only say HELLO 3 here never make this lane connect.
             self.connect_task = self.loop.create_task(self.connect())

@@ -143,7 +143,9 @@ def _never_accepting_listener() -> tuple[socket.socket, socket.socket]:
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("client_leaves", [False, True])
-def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(loop_name: str, client_leaves: bool) -> None:
+def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(
+    loop_name: str, client_leaves: bool
+) -> None:
     """The connect timer closes the client and counts a timeout; a client that resets first cancels the connect
     quietly, and nothing is counted."""
     listener, filler = _never_accepting_listener()

@@ -58,8 +58,14 @@ class Front(NamedTuple):
 
 @contextlib.contextmanager
 def tls_front(
-    tmp_path: Path, start_redis: Callable[..., Node], pki: dict[str, object], *, node: str = "node", node_ca: str = "ca",
-    client_ca: bool = False, allowed: str = "127.0.0.0/8",
+    tmp_path: Path,
+    start_redis: Callable[..., Node],
+    pki: dict[str, object],
+    *,
+    node: str = "node",
+    node_ca: str = "ca",
+    client_ca: bool = False,
+    allowed: str = "127.0.0.0/8",
 ) -> Iterator[Front]:
     """A TLS-only redis node with `pki[node]`'s certificate (issued by `pki[node_ca]`), and natfwd serving it
     behind a TLS front with `pki["front"]`, verifying the node against `pki["ca"]`."""
