@@ -39,12 +39,15 @@ _read = os.read
 _write = os.write
 
 
+class Counter(Protocol):
+    nbytes: int
+
+
 class Owner(Protocol):
     """What a session needs from the client connection that owns it (server.MuxClient)."""
 
     nbytes: int  # bytes read from the client
 
-    def mux_replied(self, nbytes: int) -> None: ...  # bytes written to the client
     def mux_pin(self, rest: bytes) -> None: ...  # give the client its own node connection, `rest` first
     def mux_close(self, *, abort: bool) -> None: ...  # the session is over: close (or reset) the client
 
@@ -59,11 +62,12 @@ class Hooks(Protocol):
 class Session:
     """One client's end of the multiplexer."""
 
-    __slots__ = ("owner", "pipe", "loop", "sock", "fd", "held", "out", "reading", "writing", "owed", "eof",
-                 "closed", "leaving", "lane", "scan")  # fmt: skip
+    __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "reading", "writing", "owed",
+                 "eof", "closed", "leaving", "lane", "scan")  # fmt: skip
 
-    def __init__(self, owner: Owner, pipe: Pipe, sock: socket.socket) -> None:
+    def __init__(self, owner: Owner, replied: Counter, pipe: Pipe, sock: socket.socket) -> None:
         self.owner = owner
+        self.replied = replied  # counts the bytes written to the client (for the metrics)
         self.pipe = pipe
         self.loop = pipe.loop
         self.sock = sock  # our duplicate of the client's socket; the transport stays paused
@@ -117,6 +121,17 @@ class Session:
                 self.close(abort=False)
             return
         self.owner.nbytes += len(data)
+        if self.held is None:
+            # The usual case, whole requests that may share: a turn through feed() costs a call more.
+            end, count, lane = self.scan(data, self.lane)
+            if end == len(data) and not lane and count < PIPELINE_PIN:
+                self.owed += count
+                pipe = self.pipe
+                pipe.send(self, data, count)
+                if pipe.out_size > PIPE_HIGH:
+                    self.pause()
+                    pipe.waiting.append(self)
+                return
         self.feed(data)
 
     def feed(self, data: bytes) -> None:
@@ -146,7 +161,7 @@ class Session:
             self.held = bytearray(buf[end:])
         else:
             del held[:end]
-        if self.pipe.congested:
+        if self.pipe.out_size > PIPE_HIGH:
             self.pause()
             self.pipe.waiting.append(self)
 
@@ -162,7 +177,7 @@ class Session:
         self.owed -= replies
         if self.closed:
             return
-        self.owner.mux_replied(len(data))
+        self.replied.nbytes += len(data)
         out = self.out
         if out is not None:
             out += data
@@ -182,7 +197,7 @@ class Session:
             self.writing = True
             self.loop.add_writer(self.fd, self.writable)
             return
-        if not self.owed:
+        if not self.owed and (self.eof or self.leaving is not None):
             self.maybe_leave()
 
     def writable(self) -> None:
@@ -277,10 +292,6 @@ class Pipe:
             self.out_size = len(greeting)
             self.fifo.append([None, 1])
 
-    @property
-    def congested(self) -> bool:
-        return self.out_size + (len(self.tail) if self.tail is not None else 0) > PIPE_HIGH
-
     async def connect(self) -> None:
         target = self.pool.target
         loop = self.loop
@@ -373,7 +384,7 @@ class Pipe:
         self.tail = None
         self.loop.remove_writer(self.fd)
         self.flush()
-        if self.waiting and not self.congested:
+        if self.waiting and self.out_size <= PIPE_LOW:
             waiting = self.waiting
             self.waiting = []
             for session in waiting:
@@ -495,8 +506,8 @@ class MuxPool:
         self.turn = 0
         self.retired = False  # the forward was retargeted or removed: close once the last client leaves
 
-    def join(self, owner: Owner, sock: socket.socket) -> Session:
-        return Session(owner, self.pipe(self.framer.first_lane), sock)
+    def join(self, owner: Owner, replied: Counter, sock: socket.socket) -> Session:
+        return Session(owner, replied, self.pipe(self.framer.first_lane), sock)
 
     def pipe(self, lane: int) -> Pipe:
         """A pipe of `lane`, round-robin once the lane has `connections` of them."""

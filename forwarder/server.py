@@ -251,13 +251,9 @@ class MuxClient(ClientHalf):
         except OSError:  # no descriptor to spare: a connection of its own needs none beyond the node's socket
             self.mux_pin(first)
             return
-        self.session = self.worker.mux_pool(self.route).join(self, sock)
+        assert self.peer is not None
+        self.session = self.worker.mux_pool(self.route).join(self, self.peer, sock)
         self.session.start(first)
-
-    def mux_replied(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is not None:
-            peer.nbytes += nbytes
 
     def mux_pin(self, rest: bytes) -> None:
         self.session = None

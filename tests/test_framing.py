@@ -340,4 +340,4 @@ def test_memcached_overflowing_storage_numbers_pin(line: bytes) -> None:
 
 
 def test_memcached_long_gat_line_pins() -> None:
-    assert memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n").leave == PIN
+    assert memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n")[2] == PIN

@@ -70,76 +70,78 @@ class Requests(NamedTuple):
 
 
 class Framer(NamedTuple):
-    requests: Callable[[bytes | bytearray, int], Requests]  # (buf, the client's lane)
+    requests: Callable[[bytes | bytearray, int], tuple[int, int, int]]  # (buf, the client's lane) -> Requests fields
     replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
     push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
 
 
-def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> Requests:
-    """Complete RESP requests (arrays of bulk strings) of known one-reply commands at the start of `buf`.
+def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
+    """Complete RESP requests (arrays of bulk strings) of known one-reply commands at the start of `buf`: the
+    fields of a Requests, as a plain tuple (this runs once per client read, and a NamedTuple costs more to make).
 
     `HELLO 2` or `HELLO 3` (and nothing more) asks for that protocol version: on the client's own lane it is an
     ordinary request, otherwise the client moves to a connection of that lane first. Other HELLOs pin.
     """
     n = len(buf)
+    find = buf.find
     pos = 0
     count = 0
     while pos < n:
         if buf[pos] != 42:  # '*': an inline command, or not RESP at all
-            return Requests(pos, count, PIN)
-        e = buf.find(b"\r\n", pos)
+            return pos, count, PIN
+        e = find(b"\r\n", pos)
         if e < 0:
             break
         digits = buf[pos + 1 : e]
-        if not _redis_number(digits) or not 0 < int(digits) <= REDIS_MAX_ARGS:
-            return Requests(pos, count, PIN)
+        # Redis refuses a leading zero (a protocol error, and it closes the connection); no request has 0 arguments.
+        if not digits.isdigit() or digits[0] == 48:
+            return pos, count, PIN
         argc = int(digits)
+        if argc > REDIS_MAX_ARGS:
+            return pos, count, PIN
         name = b""
+        argument = b""
         p = e + 2
         for index in range(argc):
             if p >= n:
-                return Requests(pos, count, STAY)
+                return pos, count, STAY
             if buf[p] != 36:  # '$'
-                return Requests(pos, count, PIN)
-            e = buf.find(b"\r\n", p)
+                return pos, count, PIN
+            e = find(b"\r\n", p)
             if e < 0:
-                return Requests(pos, count, STAY)
+                return pos, count, STAY
             digits = buf[p + 1 : e]
-            if not _redis_number(digits):
-                return Requests(pos, count, PIN)
+            if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
+                return pos, count, PIN
             start = e + 2
             p = start + int(digits) + 2
             if p > n:
-                if index == 0 and n - start >= 32:  # no command name is this long
-                    return Requests(pos, count, PIN)
-                return Requests(pos, count, STAY)
-            if buf[p - 2 : p] != b"\r\n":
-                return Requests(pos, count, PIN)
-            if index == 0:
-                name = bytes(buf[start : p - 2]).upper()
-                if name not in REDIS_COMMANDS and name not in _REDIS_SPECIAL:
-                    return Requests(pos, count, PIN)
+                if not index and n - start >= 32:  # no command name is this long
+                    return pos, count, PIN
+                return pos, count, STAY
+            if buf[p - 2] != 13 or buf[p - 1] != 10:
+                return pos, count, PIN
+            if not index:
+                name = bytes(buf[start : p - 2])
+                if name not in REDIS_COMMANDS:
+                    name = name.upper()
+                    if name not in REDIS_COMMANDS and name not in _REDIS_SPECIAL:
+                        return pos, count, PIN
             elif index == 1 and name in _REDIS_SPECIAL:
                 argument = bytes(buf[start : p - 2]).upper()
-                if name == b"CLIENT" and argument not in (b"SETINFO", b"MAINT_NOTIFICATIONS"):
-                    return Requests(pos, count, PIN)
-                if name == b"HELLO":
-                    if argc != 2 or argument not in (b"2", b"3"):
-                        return Requests(pos, count, PIN)
-                    if int(argument) != lane:
-                        return Requests(pos, count, int(argument))
-        if name in _REDIS_SPECIAL and argc < 2:
-            return Requests(pos, count, PIN)
+        if name in _REDIS_SPECIAL:
+            if name == b"CLIENT":
+                if argument not in (b"SETINFO", b"MAINT_NOTIFICATIONS"):
+                    return pos, count, PIN
+            elif argc != 2 or argument not in (b"2", b"3"):  # HELLO
+                return pos, count, PIN
+            elif int(argument) != lane:
+                return pos, count, int(argument)
         pos = p
         count += 1
-    return Requests(pos, count, STAY)
-
-
-def _redis_number(digits: bytes | bytearray) -> bool:
-    """A length Redis accepts: digits without a leading zero (it answers a protocol error and closes otherwise)."""
-    return digits.isdigit() and (digits[0] != 48 or len(digits) == 1)
+    return pos, count, STAY
 
 
 def redis_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
@@ -205,8 +207,9 @@ def _resp_end(buf: bytes | bytearray, p: int, n: int) -> int:
     return p
 
 
-def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> Requests:
-    """Complete memcached text requests (get, set, delete, incr...; no noreply) at the start of `buf`."""
+def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
+    """Complete memcached text requests (get, set, delete, incr...; no noreply) at the start of `buf`: the fields
+    of a Requests, as a plain tuple."""
     n = len(buf)
     pos = 0
     count = 0
@@ -214,48 +217,47 @@ def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> Requests:
         e = buf.find(b"\n", pos)
         if e < 0:
             if n - pos > _memcached_line_limit(buf, pos):
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
             break
-        if e - pos > _memcached_line_limit(buf, pos):
-            return Requests(pos, count, PIN)
+        if e - pos > MEMCACHED_SHORT_LINE_MAX and e - pos > _memcached_line_limit(buf, pos):
+            return pos, count, PIN
         line = buf[pos : e - 1] if e > pos and buf[e - 1] == 13 else buf[pos:e]
         tokens = line.split(b" ")
         command = bytes(tokens[0])
         if b"" in tokens or b"\r" in line or b"\t" in line:
-            return Requests(pos, count, PIN)  # memcached splits on single spaces only: keep to what both agree on
+            return pos, count, PIN  # memcached splits on single spaces only: keep to what both agree on
         size = len(tokens)
         if command in _MC_RETRIEVAL:
             if size < _MC_RETRIEVAL[command]:
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
             if command in (b"gat", b"gats") and not tokens[1].isdigit():
-                return Requests(pos, count, PIN)
-            keys = tokens[1:] if command in (b"get", b"gets") else tokens[2:]
-            if any(len(key) > KEY_MAX for key in keys):
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
+            if len(line) > KEY_MAX and max(map(len, tokens[1:])) > KEY_MAX:  # no key can be longer than its line
+                return pos, count, PIN
             pos = e + 1
         elif command in _MC_STORAGE:
             if size != _MC_STORAGE[command] or len(tokens[1]) > KEY_MAX:
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
             # Out of range, memcached answers CLIENT_ERROR and then runs the data block as a command: two replies.
             for index in range(2, size):
                 if not tokens[index].isdigit() or int(tokens[index]) > _MC_STORAGE_LIMITS[index - 2]:
-                    return Requests(pos, count, PIN)
+                    return pos, count, PIN
             end = e + 1 + int(tokens[4]) + 2
             if end > n:
                 break
-            if buf[end - 2 : end] != b"\r\n":
-                return Requests(pos, count, PIN)  # memcached would answer "bad data chunk" and swallow a line
+            if buf[end - 2] != 13 or buf[end - 1] != 10:
+                return pos, count, PIN  # memcached would answer "bad data chunk" and swallow a line
             pos = end
         elif command in _MC_OTHER:
             if size != _MC_OTHER[command] or (size > 1 and len(tokens[1]) > KEY_MAX):
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
             if command != b"delete" and size > 2 and not tokens[2].isdigit():
-                return Requests(pos, count, PIN)
+                return pos, count, PIN
             pos = e + 1
         else:
-            return Requests(pos, count, PIN)
+            return pos, count, PIN
         count += 1
-    return Requests(pos, count, STAY)
+    return pos, count, STAY
 
 
 def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
