@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import signal
@@ -18,16 +19,17 @@ import pytest
 import redis
 from conftest import Node, free_port, write_config
 from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheUnexpectedCloseError
 from servekit import Serve, serving
 
 CLIENTS = 24
 
 
-def mux_config(tmp_path: Path, node: Node, engine: str, extra: str = "") -> tuple[Path, int, int]:
+def mux_config(tmp_path: Path, target: str, engine: str, extra: str = "") -> tuple[Path, int, int]:
     port, metrics_port = free_port(), free_port()
     cfg = write_config(
         tmp_path / "natfwd.yaml",
-        [(port, node.address)],
+        [(port, target)],
         engine=engine,
         extra=f"multiplex: true\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n{extra}",
     )
@@ -37,7 +39,7 @@ def mux_config(tmp_path: Path, node: Node, engine: str, extra: str = "") -> tupl
 @pytest.fixture
 def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
     node = start_redis()
-    cfg, port, metrics_port = mux_config(tmp_path, node, "redis")
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis")
     with serving(cfg, [port], metrics_port) as serve:
         yield node, port, serve
 
@@ -45,7 +47,7 @@ def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tupl
 @pytest.fixture
 def memcached_mux(tmp_path: Path, start_memcached: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
     node = start_memcached()
-    cfg, port, metrics_port = mux_config(tmp_path, node, "memcached")
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "memcached")
     with serving(cfg, [port], metrics_port) as serve:
         yield node, port, serve
 
@@ -231,7 +233,7 @@ def test_the_node_going_away_resets_its_clients_and_the_next_ones_reconnect(
     tmp_path: Path, start_redis: Callable[..., Node]
 ) -> None:
     node = start_redis()
-    cfg, port, metrics_port = mux_config(tmp_path, node, "redis")
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis")
     with serving(cfg, [port], metrics_port) as serve:
         client = redis.Redis(port=port, socket_timeout=5)
         assert client.set("a", "1")
@@ -289,3 +291,63 @@ def test_bad_multiplex_settings_exit_2_naming_the_key(tmp_path: Path, extra: str
     assert done.returncode == 2
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def mc_connections(node: Node) -> int:
+    with contextlib.closing(Client(("127.0.0.1", node.port))) as direct:
+        return int(direct.stats()[b"curr_connections"])
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_reload_retargets_new_clients_and_the_old_shared_connection_closes_with_its_last_client(
+    tmp_path: Path, memcached_nodes: list[Node]
+) -> None:
+    a, b, _c = memcached_nodes
+    for name, node in (("a", a), ("b", b)):
+        with contextlib.closing(Client(("127.0.0.1", node.port))) as direct:
+            direct.set("whoami", name)
+    cfg, port, metrics_port = mux_config(tmp_path, a.address, "memcached")
+    with serving(cfg, [port], metrics_port) as serve:
+        baseline = mc_connections(a)
+        old = [Client(("127.0.0.1", port)) for _ in range(3)]
+        assert all(client.get("whoami") == b"a" for client in old)
+        assert mc_connections(a) == baseline + 1  # three clients, one shared connection
+        cfg.write_text(cfg.read_text().replace(a.address, b.address))
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("config reloaded")
+        new = Client(("127.0.0.1", port))
+        assert new.get("whoami") == b"b"
+        assert all(client.get("whoami") == b"a" for client in old)  # live clients keep their node
+        for client in old:
+            client.close()
+        wait_for(lambda: mc_connections(a) == baseline, "the retired shared connection to a did not close")
+        assert new.get("whoami") == b"b"
+
+        # Multiplexing turned off by reload: new clients get a connection each again.
+        cfg.write_text(cfg.read_text().replace("multiplex: true", "multiplex: false"))
+        serve.signal(signal.SIGHUP)
+        serve.wait_log("config reloaded", count=2)
+        before = mc_connections(b)
+        plain = [Client(("127.0.0.1", port)) for _ in range(2)]
+        assert all(client.get("whoami") == b"b" for client in plain)
+        assert mc_connections(b) == before + 2
+        for client in [*plain, new]:
+            client.close()
+
+
+def test_a_node_that_refuses_is_counted_and_its_clients_are_closed(tmp_path: Path) -> None:
+    cfg, port, metrics_port = mux_config(tmp_path, f"127.0.0.1:{free_port()}", "memcached")  # nothing listens there
+    with serving(cfg, [port], metrics_port) as serve:
+        client = Client(("127.0.0.1", port), connect_timeout=5, timeout=5)
+        with pytest.raises(MemcacheUnexpectedCloseError):
+            client.get("a")
+        client.close()
+        serve.wait_log("shared node connection failed")
+        assert serve.metric("natfwd_upstream_errors_total", forward=str(port), reason="refused") == 1
+        assert "Traceback" not in serve.log()
