@@ -32,7 +32,11 @@ CLIENT_READ = 64 * 1024
 NODE_READ = 64 * 1024  # below glibc's mmap threshold (128 KiB): a bigger read costs mmap, mremap and munmap each
 HOLD_MAX = 1024 * 1024  # bytes of one unfinished request a session keeps; a bigger request pins the client
 PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itself, a connection of its own is cheaper
-CLIENT_OUT_MAX = 16 * 1024 * 1024  # replies waiting for a client that does not read them; beyond, it is dropped
+# Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
+# on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
+# replies; the price is head-of-line blocking, as in any multiplexer.
+SESSION_HIGH = 8 * 1024 * 1024
+SESSION_LOW = 1024 * 1024
 PIPE_HIGH = 1024 * 1024  # requests waiting for the node's socket; beyond, its sessions stop reading
 PIPE_LOW = 256 * 1024
 _read = os.read
@@ -62,8 +66,8 @@ class Hooks(Protocol):
 class Session:
     """One client's end of the multiplexer."""
 
-    __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "reading", "writing", "owed",
-                 "eof", "closed", "leaving", "lane", "scan")  # fmt: skip
+    __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
+                 "writing", "owed", "eof", "closed", "leaving", "lane", "scan")  # fmt: skip
 
     def __init__(self, owner: Owner, replied: Counter, pipe: Pipe, sock: socket.socket) -> None:
         self.owner = owner
@@ -73,7 +77,9 @@ class Session:
         self.sock = sock  # our duplicate of the client's socket; the transport stays paused
         self.fd = sock.fileno()
         self.held: bytearray | None = None  # the start of an unfinished request
-        self.out: bytearray | None = None  # replies the client's socket did not take yet
+        self.out: deque[bytes | bytearray | memoryview] | None = None  # replies its socket did not take yet
+        self.out_size = 0
+        self.blocking = False  # the pipe stopped reading the node for us (out_size passed SESSION_HIGH)
         self.reading = False
         self.writing = False
         self.owed = 0  # replies the client waits for
@@ -180,10 +186,11 @@ class Session:
         self.replied.nbytes += len(data)
         out = self.out
         if out is not None:
-            out += data
-            if len(out) > CLIENT_OUT_MAX:
-                log.warning("client does not read its replies; dropped", extra={"queued": len(out)})
-                self.close(abort=True)
+            out.append(data)  # never a buffer anyone changes later: pipes hand over copies or whole reads
+            self.out_size += len(data)
+            if self.out_size > SESSION_HIGH and not self.blocking:
+                self.blocking = True
+                self.pipe.block()
             return
         try:
             sent = _write(self.fd, data)
@@ -193,7 +200,8 @@ class Session:
             self.close(abort=True)
             return
         if sent < len(data):
-            self.out = bytearray(memoryview(data)[sent:])
+            self.out = deque((memoryview(data)[sent:],))
+            self.out_size = len(data) - sent
             self.writing = True
             self.loop.add_writer(self.fd, self.writable)
             return
@@ -203,14 +211,23 @@ class Session:
     def writable(self) -> None:
         out = self.out
         assert out is not None
-        try:
-            sent = _write(self.fd, out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(abort=True)
-            return
-        del out[:sent]
+        while out:
+            chunk = out[0]
+            try:
+                sent = _write(self.fd, chunk)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close(abort=True)
+                return
+            self.out_size -= sent
+            if sent < len(chunk):
+                out[0] = memoryview(chunk)[sent:]
+                break
+            out.popleft()
+        if self.blocking and self.out_size <= SESSION_LOW:
+            self.blocking = False
+            self.pipe.unblock()
         if out:
             return
         self.out = None
@@ -250,7 +267,11 @@ class Session:
         if self.writing:
             self.writing = False
             self.loop.remove_writer(self.fd)
+        if self.blocking:
+            self.blocking = False
+            self.pipe.unblock()
         self.out = None
+        self.out_size = 0
         self.held = None
         self.sock.close()
         self.pipe.sessions.discard(self)
@@ -267,7 +288,8 @@ class Pipe:
     """One shared node connection: requests go out in arrival order, replies come back to whoever is owed them."""
 
     __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
-                 "held", "sessions", "waiting", "closed", "connect_task")  # fmt: skip
+                 "held", "streaming", "stream_ends_reply", "sessions", "waiting", "blockers", "closed",
+                 "connect_task")  # fmt: skip
 
     def __init__(self, pool: MuxPool, lane: int) -> None:
         self.pool = pool
@@ -282,8 +304,11 @@ class Pipe:
         self.flushing = False
         self.fifo: deque[list[object]] = deque()  # [session, replies owed], in request order
         self.held: bytearray | None = None  # the start of an unfinished reply
+        self.streaming = 0  # bytes still to come of a big value being passed on as it arrives
+        self.stream_ends_reply = False  # whether the head reply is complete once they have (Redis) or not (VALUE)
         self.sessions: set[Session] = set()
         self.waiting: list[Session] = []  # sessions paused while the node's socket is full
+        self.blockers = 0  # sessions too far behind on their replies: while any, the node is not read
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
         greeting = self.framer.greeting(lane)
@@ -323,7 +348,7 @@ class Pipe:
             return
         self.sock = sock
         self.fd = sock.fileno()
-        loop.add_reader(self.fd, self.readable)
+        loop.add_reader(self.fd, self.readable)  # no session can be blocking yet: nothing was read
         if self.out:
             self.flush()
 
@@ -412,6 +437,10 @@ class Pipe:
         fifo = self.fifo
         pos = 0
         n = len(buf)
+        if self.streaming:
+            pos = self.pass_on(buf, 0, min(self.streaming, n))
+            if self.closed:
+                return
         try:
             while pos < n:
                 if not fifo:
@@ -430,7 +459,15 @@ class Pipe:
                     if push > 0:
                         pos = push
                         continue
-                    break
+                    body_end, self.stream_ends_reply = self.framer.stream(buf, pos)
+                    if not body_end:
+                        break
+                    # A big value: pass on what is here now, and the rest of it as it comes.
+                    self.streaming = body_end - pos
+                    pos = self.pass_on(buf, pos, min(body_end, n))
+                    if self.closed:
+                        return
+                    continue
                 session: Session | None = entry[0]  # type: ignore[assignment]
                 if session is not None:
                     session.deliver(buf[pos:end], got)
@@ -450,6 +487,32 @@ class Pipe:
             self.held = bytearray(memoryview(buf)[pos:])
         elif pos:
             del held[:pos]
+
+    def block(self) -> None:
+        self.blockers += 1
+        if self.blockers == 1 and self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+
+    def unblock(self) -> None:
+        self.blockers -= 1
+        if not self.blockers and self.fd >= 0:
+            self.loop.add_reader(self.fd, self.readable)
+
+    def pass_on(self, buf: bytes | bytearray, start: int, end: int) -> int:
+        """Hand buf[start:end], the next part of a streamed value, to the client owed the head reply."""
+        self.streaming -= end - start
+        entry = self.fifo[0]
+        done = 1 if not self.streaming and self.stream_ends_reply else 0
+        session: Session | None = entry[0]  # type: ignore[assignment]
+        if session is not None:
+            session.deliver(buf if start == 0 and end == len(buf) else buf[start:end], done)
+        if done:
+            owed: int = entry[1]  # type: ignore[assignment]
+            if owed == 1:
+                self.fifo.popleft()
+            else:
+                entry[1] = owed - 1
+        return end
 
     def lost(self, reason: str) -> None:
         log.warning(

@@ -20,13 +20,17 @@ from forwarder.protocols.framing import (
     RESP2,
     RESP3,
     STAY,
+    STREAM_MIN,
     FramingError,
     Requests,
     framer,
     memcached_replies,
     memcached_requests,
+    memcached_stream,
+    redis_push,
     redis_replies,
     redis_requests,
+    redis_stream,
 )
 
 RequestScan = Callable[[bytes | bytearray], Requests]
@@ -341,3 +345,35 @@ def test_memcached_overflowing_storage_numbers_pin(line: bytes) -> None:
 
 def test_memcached_long_gat_line_pins() -> None:
     assert memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n")[2] == PIN
+
+
+# --- big values pass on as they arrive ---------------------------------------------------------------------------
+def test_a_big_bulk_string_streams_once_its_header_is_in() -> None:
+    head = b"$%d\r\n" % STREAM_MIN
+    assert redis_stream(head + b"x" * 10, 0) == (len(head) + STREAM_MIN + 2, True)
+    assert redis_stream(b"+OK\r\n" + head, 5) == (5 + len(head) + STREAM_MIN + 2, True)
+    assert redis_stream(head[:-1], 0) == (0, False)  # the header is cut: wait
+    assert redis_stream(b"$%d\r\nx" % (STREAM_MIN - 1), 0) == (0, False)  # small: wait for the whole reply
+    assert redis_stream(b"$-1\r\n", 0) == (0, False)
+    assert redis_stream(b"*1\r\n" + head, 0) == (0, False)  # inside an array: held whole
+
+
+def test_a_big_value_block_streams_and_the_reply_goes_on_to_end() -> None:
+    line = b"VALUE k 0 %d\r\n" % STREAM_MIN
+    assert memcached_stream(line, 0) == (len(line) + STREAM_MIN + 2, False)
+    with_cas = b"VALUE k 0 %d 77\r\n" % STREAM_MIN
+    assert memcached_stream(b"END\r\n" + with_cas, 5) == (5 + len(with_cas) + STREAM_MIN + 2, False)
+    assert memcached_stream(line[:-2], 0) == (0, False)
+    assert memcached_stream(b"VALUE k 0 10\r\n", 0) == (0, False)
+    # What follows a streamed block is the rest of the same reply: it counts as one when it ends.
+    assert memcached_replies(b"END\r\n", 0, 1) == (5, 1)
+    more = b"VALUE j 0 1\r\nz\r\nEND\r\n"
+    assert memcached_replies(more, 0, 1) == (len(more), 1)
+
+
+def test_pushes_are_not_replies() -> None:
+    push = b">2\r\n$7\r\nmessage\r\n$2\r\nhi\r\n"
+    assert redis_replies(push + b"+OK\r\n", 0, 1) == (0, 0)
+    assert redis_push(push + b"+OK\r\n", 0) == len(push)
+    assert redis_push(push[:-1], 0) == -1
+    assert redis_push(b"+OK\r\n", 0) == 0

@@ -351,3 +351,53 @@ def test_a_node_that_refuses_is_counted_and_its_clients_are_closed(tmp_path: Pat
         serve.wait_log("shared node connection failed")
         assert serve.metric("natfwd_upstream_errors_total", forward=str(port), reason="refused") == 1
         assert "Traceback" not in serve.log()
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_a_big_value_passes_through_without_being_held_whole(redis_mux: tuple[Node, int, Serve]) -> None:
+    node, port, serve = redis_mux
+    big = value("big", 48 * 1024 * 1024)
+    with redis.Redis(port=node.port) as direct:
+        assert direct.set("big", big)
+    client = redis.Redis(port=port, socket_timeout=30)
+    assert client.get("small") is None  # the shared connection is up before the baseline
+    before = peak_rss_kib(serve.proc.pid)
+    assert hashlib.sha256(client.get("big")).digest() == hashlib.sha256(big).digest()
+    # Held whole, the value (and the copy sliced from it) would cost natfwd 96 MiB; passed on as it arrives, at most
+    # what a client may have queued (8 MiB) and a read.
+    assert peak_rss_kib(serve.proc.pid) - before < 32 * 1024
+    client.close()
+
+
+def test_a_slow_reader_gets_every_byte_and_the_others_are_served_after(redis_mux: tuple[Node, int, Serve]) -> None:
+    node, port, serve = redis_mux
+    big = value("slow", 20 * 1024 * 1024)
+    with redis.Redis(port=node.port) as direct:
+        assert direct.set("big", big)
+    slow = raw(port)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    slow.sendall(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n")
+    others = redis.Redis(port=port, socket_timeout=30)
+    results: list[bytes | None] = []
+    worker = threading.Thread(target=lambda: results.extend(others.get(f"k{j}") for j in range(20)))
+    worker.start()  # their replies queue behind the big one on the shared connection
+    header = b"$%d\r\n" % len(big)
+    received = bytearray()
+    while len(received) < len(header) + len(big) + 2:
+        chunk = slow.recv(64 * 1024)
+        assert chunk, "natfwd closed the slow reader"
+        received += chunk
+        if len(received) < 4 * 1024 * 1024:
+            time.sleep(0.002)  # slow for the first MiBs: the pipe stops reading the node meanwhile
+    worker.join(30)
+    assert bytes(received) == header + big + b"\r\n"
+    assert results == [None] * 20
+    assert "shared node connection lost" not in serve.log()
+    slow.close()
+    others.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
+STREAM_MIN = 64 * 1024  # values this big pass on as they arrive; smaller ones wait until their reply is whole
 REDIS_MAX_ARGS = 1024  # more arguments (a huge MSET) go to a connection of their own
 
 # Redis commands with exactly one reply, no effect on the connection's state, and no blocking. Everything else
@@ -73,6 +74,7 @@ class Framer(NamedTuple):
     requests: Callable[[bytes | bytearray, int], tuple[int, int, int]]  # (buf, the client's lane) -> Requests fields
     replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
     push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
+    stream: Callable[[bytes | bytearray, int], tuple[int, bool]]  # a big value at pos: see redis_stream
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
 
@@ -169,6 +171,22 @@ def redis_push(buf: bytes | bytearray, pos: int) -> int:
     return _resp_end(buf, pos, len(buf))
 
 
+def redis_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
+    """For a bulk string of STREAM_MIN bytes or more at `pos` whose header is in: (the end of its data and CRLF,
+    True as the reply ends there). (0, False) for anything else. Lets a pipe pass a big value on as it arrives
+    instead of holding all of it."""
+    if pos >= len(buf) or buf[pos] != 36:  # '$'
+        return 0, False
+    e = buf.find(b"\r\n", pos, pos + 24)
+    if e < 0:
+        return 0, False
+    digits = buf[pos + 1 : e]
+    if not digits.isdigit():
+        return 0, False  # a null bulk, or malformed: redis_replies says which
+    size = int(digits)
+    return (e + 4 + size, True) if size >= STREAM_MIN else (0, False)
+
+
 def _resp_end(buf: bytes | bytearray, p: int, n: int) -> int:
     """The end of the complete RESP value at `p`, or -1 when it is incomplete; FramingError when malformed."""
     # Aggregates are walked flat: `remaining` counts the values still owed to the one at `p`.
@@ -260,6 +278,21 @@ def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, 
     return pos, count, STAY
 
 
+def memcached_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
+    """For a VALUE block of STREAM_MIN bytes or more at `pos` whose line is in: (the end of its data and CRLF, False
+    as the reply goes on to END). (0, False) for anything else."""
+    if not buf.startswith(b"VALUE ", pos):
+        return 0, False
+    e = buf.find(b"\n", pos, pos + 512)
+    if e < 0:
+        return 0, False
+    tokens = buf[pos:e].split()
+    if len(tokens) not in (4, 5) or not tokens[3].isdigit():
+        return 0, False  # memcached_replies raises for it
+    size = int(tokens[3])
+    return (e + 3 + size, False) if size >= STREAM_MIN else (0, False)
+
+
 def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
     # memcached closes a connection holding more than 2048 bytes of an unfinished line, except for get and gets.
     if buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos):
@@ -296,8 +329,10 @@ def _redis_greeting(lane: int) -> bytes:
     return HELLO3 if lane == RESP3 else b""
 
 
-REDIS = Framer(redis_requests, redis_replies, redis_push, RESP2, _redis_greeting)
-MEMCACHED = Framer(memcached_requests, memcached_replies, lambda _buf, _pos: 0, RESP2, lambda _lane: b"")
+REDIS = Framer(redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting)
+MEMCACHED = Framer(
+    memcached_requests, memcached_replies, lambda _buf, _pos: 0, memcached_stream, RESP2, lambda _lane: b""
+)
 
 
 def framer(engine: str) -> Framer:
