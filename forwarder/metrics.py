@@ -76,6 +76,20 @@ class Metrics:
             ["forward", "reason"],
             registry=registry,
         )
+        self.shared = Gauge(
+            "natfwd_multiplex_node_connections",
+            "Node connections shared by multiplexed clients (multiplex: true) open now, by listen port",
+            ["forward"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.pinned = Counter(
+            "natfwd_multiplex_pinned_total",
+            "Multiplexed clients given a node connection of their own, by listen port and reason (command: a "
+            "request that cannot share; pipelined; large_request; eof_mid_request; no_descriptor)",
+            ["forward", "reason"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "natfwd_config_reloads_total",
             "Config reloads (SIGHUP), by result (success, failure)",

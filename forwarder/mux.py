@@ -61,6 +61,8 @@ class Hooks(Protocol):
 
     def connected(self, seconds: float) -> None: ...
     def connect_failed(self, target: config_mod.Target, exc: BaseException) -> None: ...
+    def closed(self) -> None: ...  # a shared connection that was up is gone
+    def pinned(self, reason: str) -> None: ...  # a client left for a connection of its own
 
 
 class Session:
@@ -122,7 +124,7 @@ class Session:
             self.eof = True
             self.pause()
             if self.held:
-                self.leave(PINNED, bytes(self.held))  # a request cut off by EOF: the node answers it as it would
+                self.leave(PINNED, bytes(self.held), "eof_mid_request")  # the node answers it as it would
             elif not self.owed and self.out is None:
                 self.close(abort=False)
             return
@@ -149,19 +151,21 @@ class Session:
             held += data
             buf = held
         end, count, lane = self.scan(buf, self.lane)
+        reason = "command"
         if count >= PIPELINE_PIN:
             lane = PINNED
+            reason = "pipelined"
         if count:
             self.owed += count
             self.pipe.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
         if lane:
-            self.leave(lane, bytes(buf[end:]))
+            self.leave(lane, bytes(buf[end:]), reason)
             return
         rest = len(buf) - end
         if not rest:
             self.held = None
         elif rest > HOLD_MAX:
-            self.leave(PINNED, bytes(buf[end:]))
+            self.leave(PINNED, bytes(buf[end:]), "large_request")
             return
         elif held is None:
             self.held = bytearray(buf[end:])
@@ -171,8 +175,10 @@ class Session:
             self.pause()
             self.pipe.waiting.append(self)
 
-    def leave(self, lane: int, rest: bytes) -> None:
+    def leave(self, lane: int, rest: bytes, reason: str) -> None:
         """Stop reading; once every reply the client is owed is out, move it to `lane` with `rest` first."""
+        if lane == PINNED:
+            self.pipe.pool.hooks.pinned(reason)
         self.pause()
         self.held = None
         self.leaving = (lane, rest)
@@ -342,10 +348,10 @@ class Pipe:
                 sock.close()
             raise
         self.connect_task = None
-        self.pool.hooks.connected(loop.time() - started)
         if self.closed:
             sock.close()
             return
+        self.pool.hooks.connected(loop.time() - started)
         self.sock = sock
         self.fd = sock.fileno()
         loop.add_reader(self.fd, self.readable)  # no session can be blocking yet: nothing was read
@@ -536,6 +542,7 @@ class Pipe:
             self.connect_task.cancel()
             self.connect_task = None
         if self.sock is not None:
+            self.pool.hooks.closed()
             self.loop.remove_reader(self.fd)
             if self.tail is not None:
                 self.loop.remove_writer(self.fd)

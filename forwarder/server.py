@@ -249,6 +249,7 @@ class MuxClient(ClientHalf):
         try:
             sock = duplicate(self.transport)
         except OSError:  # no descriptor to spare: a connection of its own needs none beyond the node's socket
+            self.worker.metrics.pinned.labels(str(self.route.port), "no_descriptor").inc()
             self.mux_pin(first)
             return
         assert self.peer is not None
@@ -296,6 +297,13 @@ class _MuxHooks:
 
     def connected(self, seconds: float) -> None:
         self.worker.metrics.upstream_connect.observe(seconds)
+        self.worker.metrics.shared.labels(str(self.port)).inc()
+
+    def closed(self) -> None:
+        self.worker.metrics.shared.labels(str(self.port)).dec()
+
+    def pinned(self, reason: str) -> None:
+        self.worker.metrics.pinned.labels(str(self.port), reason).inc()
 
     def connect_failed(self, target: config_mod.Target, exc: BaseException) -> None:
         reason = _connect_failure_reason(exc)

@@ -91,6 +91,7 @@ def test_redis_clients_share_one_node_connection_and_each_gets_its_own_replies(
     with ThreadPoolExecutor(CLIENTS) as pool:
         assert sum(pool.map(work, range(CLIENTS))) == CLIENTS * 150 * 4
         assert node_clients(node) == 1  # 24 clients, one node connection
+        assert serve.metric("natfwd_multiplex_node_connections", forward=str(port)) == 1
     for client in clients:
         client.close()
     assert "shared node connection lost" not in serve.log()
@@ -134,7 +135,7 @@ def test_memcached_clients_share_one_node_connection_and_each_gets_its_own_repli
 
 
 def test_stateful_commands_get_a_connection_of_their_own(redis_mux: tuple[Node, int, Serve]) -> None:
-    node, port, _serve = redis_mux
+    node, port, serve = redis_mux
     shared = redis.Redis(port=port, socket_timeout=10)
     db2 = redis.Redis(port=port, db=2, socket_timeout=10)  # sends SELECT 2 on connect: pinned
     assert db2.set("x", "in db 2")
@@ -156,12 +157,13 @@ def test_stateful_commands_get_a_connection_of_their_own(redis_mux: tuple[Node, 
     assert shared.rpush("queue", "item") == 1
     waiter.join(20)
     assert popped == [(b"queue", b"item")]
+    assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="command") == 2  # SELECT, BLPOP
     for client in (shared, db2, blocker):
         client.close()
 
 
 def test_a_client_that_pipelines_gets_its_own_connection(redis_mux: tuple[Node, int, Serve]) -> None:
-    node, port, _serve = redis_mux
+    node, port, serve = redis_mux
     shared = redis.Redis(port=port)
     assert shared.ping()
     assert node_clients(node) == 1
@@ -172,6 +174,7 @@ def test_a_client_that_pipelines_gets_its_own_connection(redis_mux: tuple[Node, 
         results = pipe.execute()
     assert results == [x for j in range(100) for x in (True, str(j).encode())]
     assert node_clients(node) == 2
+    assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="pipelined") == 1
     assert shared.get("p99") == b"99"
     shared.close()
     piped.close()
@@ -241,6 +244,7 @@ def test_the_node_going_away_resets_its_clients_and_the_next_ones_reconnect(
         with pytest.raises(redis.ConnectionError):
             client.get("a")
         serve.wait_log("shared node connection lost")
+        assert serve.metric("natfwd_multiplex_node_connections", forward=str(port)) == 0
         node = start_redis(node.port)
         fresh = redis.Redis(port=port, socket_timeout=5)
         assert fresh.get("a") is None  # a new node process: the shared connection was made again
