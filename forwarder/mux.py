@@ -512,6 +512,8 @@ class Pipe:
         session: Session | None = entry[0]  # type: ignore[assignment]
         if session is not None:
             session.deliver(buf if start == 0 and end == len(buf) else buf[start:end], done)
+            if self.closed:  # the last client of a retired pool just left
+                return end
         if done:
             owed: int = entry[1]  # type: ignore[assignment]
             if owed == 1:
@@ -522,16 +524,30 @@ class Pipe:
 
     def lost(self, reason: str) -> None:
         log.warning(
-            "shared node connection lost; its clients are disconnected",
-            extra={"target": str(self.pool.target), "clients": len(self.sessions), "error": reason},
+            "shared node connection lost; clients waiting for replies are reset",
+            extra={
+                "target": str(self.pool.target),
+                "reset": sum(1 for session in self.sessions if session.owed),
+                "clients": len(self.sessions),
+                "error": reason,
+            },
         )
         self.fail()
 
     def fail(self) -> None:
-        """Close the node connection and reset every client on it: their replies can no longer be told apart."""
+        """Close the node connection. Clients waiting for replies are reset (those will never come, or can no longer
+        be told apart); the others carry on over a new one, as a node that closes idle connections would want."""
         self.close()
+        pool = self.pool
         for session in list(self.sessions):
-            session.close(abort=True)
+            if session.owed or pool.retired:
+                session.close(abort=True)
+                continue
+            self.sessions.discard(session)
+            session.blocking = False  # this pipe reads no more; what the client has queued still goes out
+            session.pipe = pool.pipe(session.lane)
+            session.pipe.sessions.add(session)
+            session.resume()  # it may have been waiting for this pipe's socket to drain
 
     def close(self) -> None:
         if self.closed:

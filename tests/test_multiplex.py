@@ -405,3 +405,66 @@ def test_a_slow_reader_gets_every_byte_and_the_others_are_served_after(redis_mux
     assert "shared node connection lost" not in serve.log()
     slow.close()
     others.close()
+
+
+def test_a_random_mix_of_clients_under_load_each_gets_exactly_its_own_replies(
+    redis_mux: tuple[Node, int, Serve],
+) -> None:
+    """RESP2 and RESP3 clients, small and streamed values, pinning commands, pipelines and abrupt exits, all at once."""
+    node, port, serve = redis_mux
+
+    def client_life(seed: int) -> int:
+        rng = random.Random(seed)
+        checked = 0
+        for _life in range(4):
+            client = redis.Redis(port=port, protocol=rng.choice((2, 3)), socket_timeout=30)
+            for j in range(rng.randrange(20, 60)):
+                key = f"{seed}:{j}"
+                action = rng.random()
+                if action < 0.6:
+                    data = value(key, rng.choice((0, 5, 500, 20_000, 100_000, 300_000)))
+                    assert client.set(key, data) and client.get(key) == data
+                elif action < 0.75:
+                    assert client.incrby(f"n{seed}", 3) % 3 == 0
+                elif action < 0.85:
+                    with client.pipeline(transaction=False) as pipe:
+                        for k in range(rng.randrange(1, 12)):
+                            pipe.set(f"{key}:{k}", k).get(f"{key}:{k}")
+                        results = pipe.execute()
+                    assert results[1::2] == [str(k).encode() for k in range(len(results) // 2)]
+                elif action < 0.9:
+                    assert client.execute_command("SELECT", 0) in (True, b"OK")  # pins this client
+                    assert client.set(key, "pinned") and client.get(key) == b"pinned"
+                else:
+                    sock = raw(port)  # a client that asks and leaves without reading
+                    sock.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key.encode()))
+                    sock.close()
+                checked += 1
+            client.close()
+        return checked
+
+    with ThreadPoolExecutor(12) as pool:
+        assert sum(pool.map(client_life, range(12))) > 12 * 4 * 20
+    log = serve.log()
+    assert "shared node connection lost" not in log and "Traceback" not in log
+    assert node_clients(node) <= 2  # every client gone: only the shared connections (RESP2 and RESP3) remain
+
+
+def test_idle_clients_carry_on_when_the_node_closes_the_shared_connection(
+    tmp_path: Path, start_redis: Callable[..., Node]
+) -> None:
+    node = start_redis()
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis")
+    with serving(cfg, [port], metrics_port) as serve:
+        clients = [redis.Redis(port=port, socket_timeout=5) for _ in range(3)]
+        assert all(client.set(f"k{i}", i) for i, client in enumerate(clients))
+        with redis.Redis(port=node.port) as direct:  # what a node's idle `timeout` does: close the connection
+            shared = [c for c in direct.client_list() if c["id"] != str(direct.client_id())]
+            assert len(shared) == 1
+            direct.client_kill_filter(_id=shared[0]["id"])
+        serve.wait_log("shared node connection lost")
+        # Nothing was in flight: the clients never notice, and their next requests go over a new shared connection.
+        assert [client.get(f"k{i}") for i, client in enumerate(clients)] == [b"0", b"1", b"2"]
+        assert node_clients(node) == 1
+        for client in clients:
+            client.close()
