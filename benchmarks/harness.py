@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from benchmarks import cpu, report
 from benchmarks.loads import Load, Runner, requests_per_run
-from benchmarks.paths import AGAINST, PATHS, REPO, PathSpec, RunningPath
+from benchmarks.paths import AGAINST, LOCAL_PORTS, PATHS, REPO, PathSpec, RunningPath
 from forwarder.errors import NatfwdError
 from forwarder.lab import Lab, require_root
 
@@ -137,9 +137,9 @@ class Bench:
         # A new connection per request (rb-get-c50-new) leaves tens of thousands of TIME_WAIT sockets per run on the
         # closing side (the client, and each proxy towards the node): reuse them after a second, as busy proxy
         # hosts are set up to, or later rounds run out of local ports.
-        for namespace in (lab.client, lab.nat):
+        for namespace, ports in ((lab.client, "1024 65000"), (lab.nat, LOCAL_PORTS)):
             lab.run(
-                namespace, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65000"]
+                namespace, ["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1", f"net.ipv4.ip_local_port_range={ports}"]
             )
         lab.start_nodes()
         node = lab.nodes[0]

@@ -111,12 +111,21 @@ def haproxy_config(spec: PathSpec, node_address: str) -> str:
     )
 
 
+# The kernel path masquerades to ports the proxies' own connections never use (the NAT namespace's local port range
+# ends below): with tens of thousands of new connections per run (rb-get-c50-new), a masqueraded flow otherwise
+# reuses the 4-tuple of an idle long-lived proxy connection to the node (natfwd's shared one, with multiplex), and
+# the node's challenge ACK draws a RST from the client that kills that connection.
+MASQUERADE_PORTS = "40000-65000"
+LOCAL_PORTS = "1024 39999"
+
+
 def nft_rules(spec: PathSpec, node_address: str) -> str:
-    """The kernel path's rules, exactly as `natfwd emit-iptables --format nft` renders them."""
+    """The kernel path's rules as `natfwd emit-iptables --format nft` renders them, masquerading to MASQUERADE_PORTS."""
     from forwarder import config, iptables
 
     text = natfwd_config(spec, node_address, 9100)
-    return iptables.render(config.loads(text, "<bench kernel path>"), "nft")
+    rules = iptables.render(config.loads(text, "<bench kernel path>"), "nft")
+    return rules.replace(" masquerade\n", f" masquerade to :{MASQUERADE_PORTS}\n")
 
 
 def socat_argv(spec: PathSpec, engine: Engine, node_address: str) -> list[str]:

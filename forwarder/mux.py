@@ -39,6 +39,7 @@ SESSION_HIGH = 8 * 1024 * 1024
 SESSION_LOW = 1024 * 1024
 PIPE_HIGH = 1024 * 1024  # requests waiting for the node's socket; beyond, its sessions stop reading
 PIPE_LOW = 256 * 1024
+KEEPALIVE_IDLE_S = 30
 _read = os.read
 _write = os.write
 
@@ -335,6 +336,7 @@ class Pipe:
                 sock = socket.socket(family, kind, proto)
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _keepalive(sock)
                 await loop.sock_connect(sock, address)
         except (OSError, TimeoutError) as exc:
             if sock is not None:
@@ -568,6 +570,15 @@ class Pipe:
         self.out.clear()
         self.fifo.clear()
         self.waiting.clear()
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Probe a shared connection after KEEPALIVE_IDLE_S of silence: one the node (or a firewall on the way) dropped
+    without a word is then found and replaced while idle, not by the next clients' requests."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):  # Linux; macOS has only some of them
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class MuxPool:

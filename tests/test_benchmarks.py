@@ -26,7 +26,16 @@ from benchmarks.loads import (
     redis_benchmark_argv,
     requests_per_run,
 )
-from benchmarks.paths import KNOWN_PATHS, PATH_IDS, haproxy_config, natfwd_config, nft_rules, socat_argv
+from benchmarks.paths import (
+    KNOWN_PATHS,
+    LOCAL_PORTS,
+    MASQUERADE_PORTS,
+    PATH_IDS,
+    haproxy_config,
+    natfwd_config,
+    nft_rules,
+    socat_argv,
+)
 from benchmarks.report import Measurement
 from forwarder import config, lab
 
@@ -226,6 +235,10 @@ def test_kernel_path_uses_the_emitted_nft_rules_for_its_own_ports() -> None:
     rules = nft_rules(PATH["kernel"], "10.0.1.230")
     assert "tcp dport 20010 dnat to 10.0.1.230:11211" in rules
     assert "tcp dport 20011 dnat to 10.0.1.230:6379" in rules
+    # Masqueraded to ports outside the NAT namespace's local range, so no flow takes a proxy connection's 4-tuple.
+    assert rules.count(f"masquerade to :{MASQUERADE_PORTS}\n") == 2 and " masquerade\n" not in rules
+    high = int(LOCAL_PORTS.split()[1])
+    assert high < int(MASQUERADE_PORTS.split("-")[0])
 
 
 def test_socat_relays_with_nodelay_and_the_allowlist() -> None:

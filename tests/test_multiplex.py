@@ -468,3 +468,17 @@ def test_idle_clients_carry_on_when_the_node_closes_the_shared_connection(
         assert node_clients(node) == 1
         for client in clients:
             client.close()
+
+
+def test_the_shared_connection_is_kept_alive_with_probes(redis_mux: tuple[Node, int, Serve]) -> None:
+    node, port, _serve = redis_mux
+    client = redis.Redis(port=port)
+    assert client.ping()
+    sockets = subprocess.run(
+        ["ss", "-tnoH", "state", "established", "dst", f"127.0.0.1:{node.port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "timer:(keepalive," in sockets, sockets  # found dead while idle, not by the next requests
+    client.close()
