@@ -482,3 +482,23 @@ def test_the_shared_connection_is_kept_alive_with_probes(redis_mux: tuple[Node, 
     ).stdout
     assert "timer:(keepalive," in sockets, sockets  # found dead while idle, not by the next requests
     client.close()
+
+
+def test_with_two_workers_each_shares_its_own_node_connection(
+    tmp_path: Path, start_memcached: Callable[..., Node]
+) -> None:
+    node = start_memcached()
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "memcached", extra="workers: 2\n")
+    baseline = mc_connections(node)
+    with serving(cfg, [port], metrics_port) as serve:
+        clients = [Client(("127.0.0.1", port), connect_timeout=5, timeout=10) for _ in range(16)]
+        for index, client in enumerate(clients):
+            assert client.set(f"k{index}", f"v{index}", noreply=False)
+        assert [client.get(f"k{index}") for index, client in enumerate(clients)] == [
+            f"v{index}".encode() for index in range(16)
+        ]
+        # SO_REUSEPORT spreads 16 clients over both workers (all on one is 2 in 65536), one shared connection each.
+        assert mc_connections(node) == baseline + 2
+        assert serve.metric("natfwd_multiplex_node_connections", forward=str(port)) == 2
+        for client in clients:
+            client.close()
