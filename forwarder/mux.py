@@ -24,7 +24,7 @@ from typing import Protocol
 
 from forwarder import config as config_mod
 from forwarder.protocols.framing import PIN as PINNED
-from forwarder.protocols.framing import Framer, FramingError
+from forwarder.protocols.framing import Framer, FramingError, framer
 
 log = logging.getLogger("natfwd.mux")
 
@@ -626,14 +626,8 @@ class MuxPool:
             if not pipe.sessions:
                 pipe.close()
 
-    def close(self) -> None:
-        for pipe in list(self.pipes):
-            pipe.fail()
-
 
 def new_pool(
     loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
 ) -> MuxPool:
-    from forwarder.protocols.framing import framer
-
     return MuxPool(loop, target, framer(cfg.engine), cfg.multiplex_connections, cfg.connect_timeout_s, hooks)
