@@ -37,8 +37,7 @@ PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itse
 # replies; the price is head-of-line blocking, as in any multiplexer.
 SESSION_HIGH = 8 * 1024 * 1024
 SESSION_LOW = 1024 * 1024
-PIPE_HIGH = 1024 * 1024  # requests waiting for the node's socket; beyond, its sessions stop reading
-PIPE_LOW = 256 * 1024
+PIPE_HIGH = 1024 * 1024  # requests waiting to be written to the node; beyond, the sessions that add more stop reading
 KEEPALIVE_IDLE_S = 30
 _read = os.read
 _write = os.write
@@ -400,6 +399,15 @@ class Pipe:
         if sent < len(data):
             self.tail = memoryview(data)[sent:]
             self.loop.add_writer(self.fd, self.writable)
+        elif self.waiting:
+            self.resume_waiting()
+
+    def resume_waiting(self) -> None:
+        """The node's socket took everything: sessions that stopped reading for it read again."""
+        waiting = self.waiting
+        self.waiting = []
+        for session in waiting:
+            session.resume()
 
     def writable(self) -> None:
         tail = self.tail
@@ -416,12 +424,10 @@ class Pipe:
             return
         self.tail = None
         self.loop.remove_writer(self.fd)
-        self.flush()
-        if self.waiting and self.out_size <= PIPE_LOW:
-            waiting = self.waiting
-            self.waiting = []
-            for session in waiting:
-                session.resume()
+        if self.out:
+            self.flush()
+        elif self.waiting:
+            self.resume_waiting()
 
     def readable(self) -> None:
         try:

@@ -148,18 +148,7 @@ class ClientHalf(Half):
             finally:
                 expired.cancel()
         except (OSError, TimeoutError) as exc:
-            reason = _connect_failure_reason(exc)
-            self.worker.metrics.upstream_errors.labels(str(route.port), reason).inc()
-            log.warning(
-                "node connection failed",
-                extra={
-                    "forward": route.port,
-                    "target": str(target),
-                    "client": client_ip,
-                    "reason": reason,
-                    "error": str(exc) or type(exc).__name__,
-                },
-            )
+            self.worker.connect_failed("node connection failed", route.port, target, exc, client=client_ip)
             if self.transport is not None and not self.closed:
                 self.transport.abort()
             return
@@ -306,17 +295,7 @@ class _MuxHooks:
         self.worker.metrics.pinned.labels(str(self.port), reason).inc()
 
     def connect_failed(self, target: config_mod.Target, exc: BaseException) -> None:
-        reason = _connect_failure_reason(exc)
-        self.worker.metrics.upstream_errors.labels(str(self.port), reason).inc()
-        log.warning(
-            "shared node connection failed",
-            extra={
-                "forward": self.port,
-                "target": str(target),
-                "reason": reason,
-                "error": str(exc) or type(exc).__name__,
-            },
-        )
+        self.worker.connect_failed("shared node connection failed", self.port, target, exc)
 
 
 def _connect_failure_reason(exc: BaseException) -> str:
@@ -386,6 +365,15 @@ class Worker:
             return True
         self.reject(route, "not_allowed", client_ip)
         return False
+
+    def connect_failed(
+        self, message: str, port: int, target: config_mod.Target, exc: BaseException, **extra: object
+    ) -> None:
+        """Count (by reason) and log a node connection that could not be made."""
+        reason = _connect_failure_reason(exc)
+        self.metrics.upstream_errors.labels(str(port), reason).inc()
+        error = str(exc) or type(exc).__name__
+        log.warning(message, extra={"forward": port, "target": str(target), **extra, "reason": reason, "error": error})
 
     def reject(self, route: Route, reason: str, client_ip: str, error: str | None = None) -> None:
         self.metrics.rejected.labels(str(route.port), reason).inc()

@@ -36,20 +36,23 @@ def mux_config(tmp_path: Path, target: str, engine: str, extra: str = "") -> tup
     return cfg, port, metrics_port
 
 
-@pytest.fixture
-def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
-    node = start_redis()
-    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis")
+@contextlib.contextmanager
+def serving_mux(tmp_path: Path, node: Node, engine: str) -> Iterator[tuple[Node, int, Serve]]:
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, engine)
     with serving(cfg, [port], metrics_port) as serve:
         yield node, port, serve
+
+
+@pytest.fixture
+def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
+    with serving_mux(tmp_path, start_redis(), "redis") as running:
+        yield running
 
 
 @pytest.fixture
 def memcached_mux(tmp_path: Path, start_memcached: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
-    node = start_memcached()
-    cfg, port, metrics_port = mux_config(tmp_path, node.address, "memcached")
-    with serving(cfg, [port], metrics_port) as serve:
-        yield node, port, serve
+    with serving_mux(tmp_path, start_memcached(), "memcached") as running:
+        yield running
 
 
 def node_clients(node: Node) -> int:
