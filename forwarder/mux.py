@@ -30,7 +30,9 @@ log = logging.getLogger("natfwd.mux")
 
 CLIENT_READ = 64 * 1024
 NODE_READ = 64 * 1024  # below glibc's mmap threshold (128 KiB): a bigger read costs mmap, mremap and munmap each
-HOLD_MAX = 1024 * 1024  # bytes of one unfinished request a session keeps; a bigger request pins the client
+# A request still unfinished by this much after a read pins its client: big values go over a connection of its own,
+# where raw mode splices them, instead of being held and copied whole (and holding up every client behind them).
+LARGE_REQUEST = 64 * 1024
 PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itself, a connection of its own is cheaper
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
@@ -164,7 +166,7 @@ class Session:
         rest = len(buf) - end
         if not rest:
             self.held = None
-        elif rest > HOLD_MAX:
+        elif rest >= LARGE_REQUEST:
             self.leave(PINNED, bytes(buf[end:]), "large_request")
             return
         elif held is None:
