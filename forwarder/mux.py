@@ -100,8 +100,8 @@ class Session:
         """Begin with the bytes the transport read (and counted) before we took over, if any."""
         if first:
             self.feed(first)
-            if self.closed or self.leaving is not None:
-                return
+            if self.closed or self.leaving is not None or self in self.pipe.waiting:
+                return  # resumed when it may read again
         self.resume()
 
     def resume(self) -> None:
@@ -133,18 +133,17 @@ class Session:
         self.owner.nbytes += len(data)
         if self.held is None:
             # The usual case, whole requests that may share: a turn through feed() costs a call more.
-            end, count, lane = self.scan(data, self.lane)
+            scanned = self.scan(data, self.lane)
+            end, count, lane = scanned
             if end == len(data) and not lane and count < PIPELINE_PIN:
-                self.owed += count
-                pipe = self.pipe
-                pipe.send(self, data, count)
-                if pipe.out_size > PIPE_HIGH:
-                    self.pause()
-                    pipe.waiting.append(self)
+                self.pipe.send(self, data, count)
                 return
+            self.feed(data, scanned)
+            return
         self.feed(data)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes, scanned: tuple[int, int, int] | None = None) -> None:
+        """Frame `data` after what is held; `scanned` is the scan of `data` alone, when nothing was held."""
         held = self.held
         buf: bytes | bytearray
         if held is None:
@@ -152,13 +151,12 @@ class Session:
         else:
             held += data
             buf = held
-        end, count, lane = self.scan(buf, self.lane)
+        end, count, lane = scanned if scanned is not None else self.scan(buf, self.lane)
         reason = "command"
         if count >= PIPELINE_PIN:
             lane = PINNED
             reason = "pipelined"
         if count:
-            self.owed += count
             self.pipe.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
         if lane:
             self.leave(lane, bytes(buf[end:]), reason)
@@ -168,14 +166,10 @@ class Session:
             self.held = None
         elif rest >= LARGE_REQUEST:
             self.leave(PINNED, bytes(buf[end:]), "large_request")
-            return
         elif held is None:
             self.held = bytearray(buf[end:])
         else:
             del held[:end]
-        if self.pipe.out_size > PIPE_HIGH:
-            self.pause()
-            self.pipe.waiting.append(self)
 
     def leave(self, lane: int, rest: bytes, reason: str) -> None:
         """Stop reading; once every reply the client is owed is out, move it to `lane` with `rest` first."""
@@ -362,6 +356,11 @@ class Pipe:
             self.flush()
 
     def send(self, session: Session, data: bytes | bytearray, count: int) -> None:
+        """Queue `count` whole requests of `session`; it stops reading while too much waits for the node."""
+        session.owed += count
+        if self.out_size + len(data) > PIPE_HIGH:
+            session.pause()
+            self.waiting.append(session)
         self.out.append(data)
         self.out_size += len(data)
         fifo = self.fifo
