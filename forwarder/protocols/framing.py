@@ -1,14 +1,16 @@
 """Where requests and replies end, for multiplexing many clients over one node connection (`multiplex: true`).
 
-Two scanners per engine, both pure and fast rather than complete:
+A `Framer` per engine, its functions pure and fast rather than complete:
 
-- `requests(buf)` finds the complete requests at the start of a client's bytes that may share a node connection:
-  it returns (end, count, pin). `pin` is True when the request at `end` must not be multiplexed: it changes the
-  connection's state (SELECT, AUTH, MULTI, SUBSCRIBE...), may block (BLPOP), asks for no reply (memcached
-  `noreply`), or is anything the scanner does not know or cannot check. Such a client then gets a connection of its
-  own, so the node sees its bytes unchanged (see forwarder/mux.py).
-- `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: it returns (end, got). A reply it cannot
-  parse raises FramingError: the shared connection is out of step and must close.
+- `requests(buf, lane)` finds the complete requests at the start of a client's bytes that may share a node
+  connection, and returns the fields of a `Requests`: (end, complete, leave). `leave` is PIN when the request at
+  `end` must not be multiplexed: it changes the connection's state (SELECT, AUTH, MULTI, SUBSCRIBE...), may block
+  (BLPOP), asks for no reply (memcached `noreply`), or is anything the scanner does not know or cannot check; the
+  client then gets a connection of its own, so the node sees its bytes unchanged (forwarder/mux.py). For Redis,
+  `leave` can also name a lane: `HELLO 3` moves a client to connections that speak RESP3.
+- `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: (end, got). A reply it cannot parse
+  raises FramingError: the shared connection is out of step and must close.
+- `push` skips out-of-band messages (RESP3 pushes), and `stream` finds big values that may pass on as they arrive.
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
 """
