@@ -352,9 +352,7 @@ class Worker:
     def mux_pool(self, route: Route) -> MuxPool:
         """The route's shared node connections, new after a retarget (the old ones serve their clients out)."""
         pool = route.mux
-        if pool is None or pool.target != route.target or pool.retired:
-            if pool is not None:
-                pool.retire()
+        if pool is None:  # reload retires a pool whose target or settings changed (_apply)
             pool = route.mux = new_pool(self.loop, route.config, route.target, _MuxHooks(self, route.port))
         return pool
 
@@ -564,8 +562,12 @@ class Worker:
                 self.metrics.forward_changes.labels("retargeted").inc()
             route.target = forward.target
             route.config = new
-            if route.mux is not None and (not new.multiplex or route.mux.target != forward.target):
-                route.mux.retire()
+            shared = (new.multiplex, new.engine, new.multiplex_connections, new.connect_timeout_s)
+            if route.mux is not None and (
+                route.mux.target != forward.target
+                or shared != (old.multiplex, old.engine, old.multiplex_connections, old.connect_timeout_s)
+            ):
+                route.mux.retire()  # its clients keep it; new clients get a pool made from the new config
                 route.mux = None
             route.rewriter = rewriter_factory(new, port, self.nodes, self.warn)
         if self.server_ssl is not None and new.tls is not None:
