@@ -158,18 +158,17 @@ class RunningPath:
         if spec.kind in ("direct", "kernel"):
             return
         with open(self.workdir / f"{spec.id}.log", "ab") as log:  # the children keep their own copy
-            if spec.kind == "natfwd" and spec.multiplex:
-                watch = {}
-                for index, engine in enumerate(ENGINES):
-                    cfg = self.workdir / f"{spec.id}-{engine}.yaml"
-                    cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot + 50 * index, engine))
-                    argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
-                    watch[engine] = self._popen(argv, log, env=_package_env(self.package_root))
+            if spec.kind == "natfwd" and spec.multiplex:  # one natfwd per engine: the framing follows `engine`
+                watch = {
+                    engine: self._natfwd(
+                        f"{spec.id}-{engine}",
+                        natfwd_config(spec, self.node_address, 9108 + spec.slot + 50 * index, engine),
+                        log,
+                    )
+                    for index, engine in enumerate(ENGINES)
+                }
             elif spec.kind == "natfwd":
-                cfg = self.workdir / f"{spec.id}.yaml"
-                cfg.write_text(natfwd_config(spec, self.node_address, 9108 + spec.slot))
-                argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
-                process = self._popen(argv, log, env=_package_env(self.package_root))
+                process = self._natfwd(spec.id, natfwd_config(spec, self.node_address, 9108 + spec.slot), log)
                 watch = {engine: process for engine in ENGINES}
             elif spec.kind == "haproxy":
                 cfg = self.workdir / f"{spec.id}.cfg"
@@ -180,6 +179,12 @@ class RunningPath:
                 watch = {engine: self._popen(socat_argv(spec, engine, self.node_address), log) for engine in ENGINES}
         for engine, process in watch.items():
             lab.wait_listening(lab.client, PUBLIC_ADDRESS, spec.port(engine), 15.0, process)
+
+    def _natfwd(self, name: str, config_text: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        cfg = self.workdir / f"{name}.yaml"
+        cfg.write_text(config_text)
+        argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
+        return self._popen(argv, log, env=_package_env(self.package_root))
 
     def _popen(self, argv: Sequence[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         process = self.lab.popen(

@@ -252,13 +252,18 @@ class Session:
             self.detach()
             self.owner.mux_pin(rest)
             return
+        old = self.move(lane)
+        old.pool.left(old)
+        self.start(rest)
+
+    def move(self, lane: int) -> Pipe:
+        """Go over a pipe of `lane` from now on; returns the pipe left."""
         old = self.pipe
         old.sessions.discard(self)
         self.pipe = old.pool.pipe(lane)
         self.pipe.sessions.add(self)
         self.lane = lane
-        old.pool.left(old)
-        self.start(rest)
+        return old
 
     def detach(self) -> None:
         """Leave the multiplexer: callbacks removed, our duplicate closed; replies still owed are discarded."""
@@ -552,10 +557,8 @@ class Pipe:
             if session.owed or pool.retired:
                 session.close(abort=True)
                 continue
-            self.sessions.discard(session)
             session.blocking = False  # this pipe reads no more; what the client has queued still goes out
-            session.pipe = pool.pipe(session.lane)
-            session.pipe.sessions.add(session)
+            session.move(session.lane)
             session.resume()  # it may have been waiting for this pipe's socket to drain
 
     def close(self) -> None:

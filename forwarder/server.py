@@ -261,18 +261,18 @@ class MuxClient(ClientHalf):
                 self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        session = self.session
-        if session is not None:
-            self.session = None
-            session.detach()
+        self._detach()
         super().connection_lost(exc)
 
     def abort(self) -> None:
+        self._detach()
+        super().abort()
+
+    def _detach(self) -> None:
         session = self.session
         if session is not None:
             self.session = None
             session.detach()
-        super().abort()
 
 
 class _MuxHooks:
