@@ -1,4 +1,5 @@
-"""Pure tests of forwarder/protocols/framing.py: boundaries at every cut, pins, RESP3, memcached blocks, seeded fuzz."""
+"""Tests of forwarder/protocols/framing.py's scanners: boundaries at every cut, pins, RESP3, memcached blocks, seeded
+fuzz. Each runs against both implementations, the pure Python (the reference) and _cframing.c (`impl`)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,71 @@ import bisect
 import itertools
 import random
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import pytest
+from conftest import IN_CI
 
+from forwarder.protocols import framing
 from forwarder.protocols.framing import (
     HELLO3,
     KEY_MAX,
     MEMCACHED,
     MEMCACHED_LINE_MAX,
+    MEMCACHED_PY,
     PIN,
     REDIS,
     REDIS_MAX_ARGS,
+    REDIS_PY,
     RESP2,
     RESP3,
     STAY,
     STREAM_MIN,
+    Framer,
     FramingError,
     Requests,
     framer,
-    memcached_replies,
-    memcached_requests,
-    memcached_stream,
-    redis_push,
-    redis_replies,
-    redis_requests,
-    redis_stream,
 )
+
+
+class Impl(NamedTuple):
+    """One implementation of the scanners, with framing.py's names, and the Framers made of it."""
+
+    redis_requests: Callable[..., tuple[int, int, int]]
+    redis_replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
+    redis_push: Callable[[bytes | bytearray, int], int]
+    redis_stream: Callable[[bytes | bytearray, int], tuple[int, bool]]
+    memcached_requests: Callable[..., tuple[int, int, int]]
+    memcached_replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
+    memcached_stream: Callable[[bytes | bytearray, int], tuple[int, bool]]
+    redis: Framer
+    memcached: Framer
+
+
+def _impl(scanners: Any, redis: Framer, memcached: Framer) -> Impl:
+    return Impl(*(getattr(scanners, name) for name in Impl._fields[:7]), redis, memcached)
+
+
+PY = _impl(framing, REDIS_PY, MEMCACHED_PY)
+C = None if framing.C is None else _impl(framing.C, REDIS, MEMCACHED)
+
+
+def implementation(name: str) -> Impl:
+    """ "python", or "c": skipped when the extension was not built, but a failure in CI, which must test it."""
+    if name == "python":
+        return PY
+    if C is None:
+        why = "forwarder.protocols._cframing is not built (no compiler at install) or NATFWD_NO_EXTENSIONS is set"
+        if IN_CI:
+            pytest.fail(f"{why}: CI must test the C scanners")
+        pytest.skip(why)
+    return C
+
+
+@pytest.fixture(params=["python", "c"])
+def impl(request: pytest.FixtureRequest) -> Impl:
+    return implementation(request.param)
+
 
 RequestScan = Callable[[bytes | bytearray], Requests]
 ReplyScan = Callable[[bytes | bytearray, int, int], tuple[int, int]]
@@ -130,18 +170,20 @@ MEMCACHED_REPLIES = [
 
 
 @pytest.mark.parametrize(
-    ("scan", "parts"), [(redis_requests, REDIS_REQUESTS), (memcached_requests, MEMCACHED_REQUESTS)], ids=["redis", "mc"]
+    ("scan", "parts"),
+    [("redis_requests", REDIS_REQUESTS), ("memcached_requests", MEMCACHED_REQUESTS)],
+    ids=["redis", "mc"],
 )
-def test_requests_at_every_cut(scan: RequestScan, parts: list[bytes]) -> None:
-    assert_requests_at_every_cut(scan, parts)
+def test_requests_at_every_cut(impl: Impl, scan: str, parts: list[bytes]) -> None:
+    assert_requests_at_every_cut(getattr(impl, scan), parts)
 
 
 @pytest.mark.parametrize(
-    ("scan", "parts"), [(redis_replies, REDIS_REPLIES), (memcached_replies, MEMCACHED_REPLIES)], ids=["redis", "mc"]
+    ("scan", "parts"), [("redis_replies", REDIS_REPLIES), ("memcached_replies", MEMCACHED_REPLIES)], ids=["redis", "mc"]
 )
 @pytest.mark.parametrize("prefix", [b"", b"+OK\r\nVALUE junk"])
-def test_replies_at_every_cut(scan: ReplyScan, parts: list[bytes], prefix: bytes) -> None:
-    assert_replies_at_every_cut(scan, parts, prefix)
+def test_replies_at_every_cut(impl: Impl, scan: str, parts: list[bytes], prefix: bytes) -> None:
+    assert_replies_at_every_cut(getattr(impl, scan), parts, prefix)
 
 
 REDIS_PINS = [
@@ -162,27 +204,27 @@ REDIS_PINS = [
 
 
 @pytest.mark.parametrize("pin", REDIS_PINS)
-def test_redis_pins_at_the_request_that_cannot_share(pin: bytes) -> None:
+def test_redis_pins_at_the_request_that_cannot_share(impl: Impl, pin: bytes) -> None:
     first, last = cmd(b"GET", b"a"), cmd(b"GET", b"b")
-    assert redis_requests(pin) == Requests(0, 0, PIN)
-    assert redis_requests(first + pin + last) == Requests(len(first), 1, PIN)
-    assert redis_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
+    assert impl.redis_requests(pin) == Requests(0, 0, PIN)
+    assert impl.redis_requests(first + pin + last) == Requests(len(first), 1, PIN)
+    assert impl.redis_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
 
 
 @pytest.mark.parametrize(("lane", "other"), [(RESP2, RESP3), (RESP3, RESP2)])
-def test_redis_hello_moves_a_client_to_the_other_lane(lane: int, other: int) -> None:
+def test_redis_hello_moves_a_client_to_the_other_lane(impl: Impl, lane: int, other: int) -> None:
     get, stay, move = cmd(b"GET", b"a"), cmd(b"HELLO", b"%d" % lane), cmd(b"hello", b"%d" % other)
-    assert redis_requests(move, lane) == Requests(0, 0, other)
-    assert redis_requests(get + stay + move + get, lane) == Requests(len(get + stay), 2, other)
-    assert redis_requests(get + move[:-1], lane) == Requests(len(get), 1, STAY)  # not whole yet
-    assert redis_requests(move + get, other) == Requests(len(move + get), 2, STAY)
+    assert impl.redis_requests(move, lane) == Requests(0, 0, other)
+    assert impl.redis_requests(get + stay + move + get, lane) == Requests(len(get + stay), 2, other)
+    assert impl.redis_requests(get + move[:-1], lane) == Requests(len(get), 1, STAY)  # not whole yet
+    assert impl.redis_requests(move + get, other) == Requests(len(move + get), 2, STAY)
 
 
-def test_redis_limits_are_inclusive() -> None:
+def test_redis_limits_are_inclusive(impl: Impl) -> None:
     most = cmd(b"DEL", *[b"k"] * (REDIS_MAX_ARGS - 1))
-    assert redis_requests(most) == Requests(len(most), 1, STAY)
-    assert redis_requests(b"*1\r\n$40\r\n" + b"A" * 31) == Requests(0, 0, STAY)  # may still be a name: wait
-    assert redis_requests(cmd(b"GET", b"a") + b"*1\r\n") == Requests(len(cmd(b"GET", b"a")), 1, STAY)
+    assert impl.redis_requests(most) == Requests(len(most), 1, STAY)
+    assert impl.redis_requests(b"*1\r\n$40\r\n" + b"A" * 31) == Requests(0, 0, STAY)  # may still be a name: wait
+    assert impl.redis_requests(cmd(b"GET", b"a") + b"*1\r\n") == Requests(len(cmd(b"GET", b"a")), 1, STAY)
 
 
 MEMCACHED_PINS = [
@@ -207,51 +249,54 @@ MEMCACHED_PINS = [
 
 
 @pytest.mark.parametrize("pin", MEMCACHED_PINS)
-def test_memcached_pins_at_the_request_that_cannot_share(pin: bytes) -> None:
+def test_memcached_pins_at_the_request_that_cannot_share(impl: Impl, pin: bytes) -> None:
     first, last = b"get a\r\n", store(b"set", b"b", b"1")
-    assert memcached_requests(pin) == Requests(0, 0, PIN)
-    assert memcached_requests(first + pin + last) == Requests(len(first), 1, PIN)
-    assert memcached_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
+    assert impl.memcached_requests(pin) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(first + pin + last) == Requests(len(first), 1, PIN)
+    assert impl.memcached_requests(bytearray(first + first + pin)) == Requests(2 * len(first), 2, PIN)
 
 
-def test_memcached_line_limit_is_inclusive() -> None:
-    assert memcached_requests(b"get " + b"k" * (MEMCACHED_LINE_MAX - 4)) == Requests(0, 0, STAY)
+def test_memcached_line_limit_is_inclusive(impl: Impl) -> None:
+    assert impl.memcached_requests(b"get " + b"k" * (MEMCACHED_LINE_MAX - 4)) == Requests(0, 0, STAY)
     long_get = b"get" + b" k" * MEMCACHED_LINE_MAX + b"\r\n"  # a whole line that long pins too: always safe
-    assert memcached_requests(long_get) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(long_get) == Requests(0, 0, PIN)
     fits = b"get" + b" k" * (MEMCACHED_LINE_MAX // 2 - 2) + b"\r\n"
-    assert memcached_requests(fits) == Requests(len(fits), 1, STAY)
+    assert impl.memcached_requests(fits) == Requests(len(fits), 1, STAY)
     big = store(b"set", b"k", b"x" * (3 * MEMCACHED_LINE_MAX))  # so may a data block, even cut off
-    assert memcached_requests(big[:-10]) == Requests(0, 0, STAY)
+    assert impl.memcached_requests(big[:-10]) == Requests(0, 0, STAY)
 
 
 @pytest.mark.parametrize(
     "buf",
     [b"?\r\n", b"hello\r\n", b"\r\n", b"$x\r\n", b"$\r\n", b"*x\r\n", b"%-\r\n", b"~1.5\r\n", b"*2\r\n:1\r\n&\r\n"],
 )
-def test_redis_malformed_reply_raises(buf: bytes) -> None:
+def test_redis_malformed_reply_raises(impl: Impl, buf: bytes) -> None:
     with pytest.raises(FramingError):
-        redis_replies(buf, 0, 5)
+        impl.redis_replies(buf, 0, 5)
     with pytest.raises(FramingError):
-        redis_replies(b"+OK\r\n" + buf, 5, 5)
+        impl.redis_replies(b"+OK\r\n" + buf, 5, 5)
 
 
 @pytest.mark.parametrize(
     "line", [b"VALUE k 0", b"VALUE k 0 x", b"VALUE k 0 -1", b"VALUE k 0 1 2 3", b"VALUE ", b"VALUE k 0 1.5"]
 )
-def test_memcached_malformed_value_line_raises(line: bytes) -> None:
+def test_memcached_malformed_value_line_raises(impl: Impl, line: bytes) -> None:
     with pytest.raises(FramingError):
-        memcached_replies(line + b"\r\nx\r\nEND\r\n", 0, 1)
+        impl.memcached_replies(line + b"\r\nx\r\nEND\r\n", 0, 1)
     with pytest.raises(FramingError):
-        memcached_replies(b"STORED\r\n" + line + b"\r\n", 0, 2)
+        impl.memcached_replies(b"STORED\r\n" + line + b"\r\n", 0, 2)
 
 
 def test_framer_by_engine() -> None:
-    assert framer("redis") is REDIS and REDIS.requests is redis_requests and REDIS.replies is redis_replies
-    assert framer("memcached") is MEMCACHED and MEMCACHED.requests is memcached_requests
+    scanners = framing if framing.C is None else framing.C  # the C ones whenever they were built
+    assert framer("redis") is REDIS and REDIS.requests is scanners.redis_requests
+    assert REDIS.replies is scanners.redis_replies and REDIS.push is scanners.redis_push
+    assert framer("memcached") is MEMCACHED and MEMCACHED.requests is scanners.memcached_requests
+    assert REDIS_PY.requests is framing.redis_requests and MEMCACHED_PY.replies is framing.memcached_replies
     assert REDIS.first_lane == MEMCACHED.first_lane == RESP2 and cmd(b"HELLO", b"3") == HELLO3
     assert (REDIS.greeting(RESP2), REDIS.greeting(RESP3), MEMCACHED.greeting(RESP2)) == (b"", HELLO3, b"")
     hello_reply = b"%1\r\n+server\r\n+redis\r\n"  # RESP3 answers the greeting with a map
-    assert redis_replies(hello_reply + b"+OK\r\n", 0, 1) == (len(hello_reply), 1)
+    assert REDIS.replies(hello_reply + b"+OK\r\n", 0, 1) == (len(hello_reply), 1)
     with pytest.raises(ValueError, match="redis-cluster"):
         framer("redis-cluster")
 
@@ -312,11 +357,11 @@ def random_mc_reply(rng: random.Random) -> bytes:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_fuzz_random_sequences(seed: int) -> None:
+def test_fuzz_random_sequences(impl: Impl, seed: int) -> None:
     rng = random.Random(seed)
     cases: list[tuple[RequestScan, Callable[[random.Random], bytes], bytes]] = [
-        (redis_requests, random_redis_request, cmd(b"SELECT", b"1")),
-        (memcached_requests, random_mc_request, b"stats\r\n"),
+        (impl.redis_requests, random_redis_request, cmd(b"SELECT", b"1")),
+        (impl.memcached_requests, random_mc_request, b"stats\r\n"),
     ]
     for scan, make, pin in cases:
         parts = [make(rng) for _ in range(rng.randrange(1, 8))]
@@ -324,56 +369,60 @@ def test_fuzz_random_sequences(seed: int) -> None:
         at = rng.randrange(len(parts) + 1)
         assert scan(b"".join(parts[:at] + [pin] + parts[at:])) == Requests(len(b"".join(parts[:at])), at, PIN)
     prefix = blob(rng)
-    assert_replies_at_every_cut(redis_replies, [random_redis_reply(rng) for _ in range(rng.randrange(1, 8))], prefix)
-    assert_replies_at_every_cut(memcached_replies, [random_mc_reply(rng) for _ in range(rng.randrange(1, 6))], prefix)
+    assert_replies_at_every_cut(
+        impl.redis_replies, [random_redis_reply(rng) for _ in range(rng.randrange(1, 8))], prefix
+    )
+    assert_replies_at_every_cut(
+        impl.memcached_replies, [random_mc_reply(rng) for _ in range(rng.randrange(1, 6))], prefix
+    )
 
 
 # Bugs these tests found, each checked against redis-server 7.0.15 and memcached 1.6.18, and fixed.
 
 
 @pytest.mark.parametrize("buf", [b"*1\r\n$04\r\nPING\r\n", b"*01\r\n$4\r\nPING\r\n"])
-def test_redis_leading_zero_lengths_pin(buf: bytes) -> None:
-    assert redis_requests(buf) == Requests(0, 0, PIN)
+def test_redis_leading_zero_lengths_pin(impl: Impl, buf: bytes) -> None:
+    assert impl.redis_requests(buf) == Requests(0, 0, PIN)
 
 
 @pytest.mark.parametrize(
     "line", [b"set k 18446744073709551616 0 1", b"set k 0 9223372036854775808 1", b"cas k 0 0 1 18446744073709551616"]
 )
-def test_memcached_overflowing_storage_numbers_pin(line: bytes) -> None:
-    assert memcached_requests(line + b"\r\nx\r\n") == Requests(0, 0, PIN)
+def test_memcached_overflowing_storage_numbers_pin(impl: Impl, line: bytes) -> None:
+    assert impl.memcached_requests(line + b"\r\nx\r\n") == Requests(0, 0, PIN)
 
 
-def test_memcached_long_gat_line_pins() -> None:
-    assert memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n")[2] == PIN
+def test_memcached_long_gat_line_pins(impl: Impl) -> None:
+    assert impl.memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n")[2] == PIN
 
 
 # --- big values pass on as they arrive ---------------------------------------------------------------------------
-def test_a_big_bulk_string_streams_once_its_header_is_in() -> None:
+def test_a_big_bulk_string_streams_once_its_header_is_in(impl: Impl) -> None:
     head = b"$%d\r\n" % STREAM_MIN
-    assert redis_stream(head + b"x" * 10, 0) == (len(head) + STREAM_MIN + 2, True)
-    assert redis_stream(b"+OK\r\n" + head, 5) == (5 + len(head) + STREAM_MIN + 2, True)
-    assert redis_stream(head[:-1], 0) == (0, False)  # the header is cut: wait
-    assert redis_stream(b"$%d\r\nx" % (STREAM_MIN - 1), 0) == (0, False)  # small: wait for the whole reply
-    assert redis_stream(b"$-1\r\n", 0) == (0, False)
-    assert redis_stream(b"*1\r\n" + head, 0) == (0, False)  # inside an array: held whole
+    assert impl.redis_stream(head + b"x" * 10, 0) == (len(head) + STREAM_MIN + 2, True)
+    assert impl.redis_stream(b"+OK\r\n" + head, 5) == (5 + len(head) + STREAM_MIN + 2, True)
+    assert impl.redis_stream(head[:-1], 0) == (0, False)  # the header is cut: wait
+    assert impl.redis_stream(b"$%d\r\nx" % (STREAM_MIN - 1), 0) == (0, False)  # small: wait for the whole reply
+    assert impl.redis_stream(b"$-1\r\n", 0) == (0, False)
+    assert impl.redis_stream(b"*1\r\n" + head, 0) == (0, False)  # inside an array: held whole
 
 
-def test_a_big_value_block_streams_and_the_reply_goes_on_to_end() -> None:
+def test_a_big_value_block_streams_and_the_reply_goes_on_to_end(impl: Impl) -> None:
     line = b"VALUE k 0 %d\r\n" % STREAM_MIN
-    assert memcached_stream(line, 0) == (len(line) + STREAM_MIN + 2, False)
+    assert impl.memcached_stream(line, 0) == (len(line) + STREAM_MIN + 2, False)
     with_cas = b"VALUE k 0 %d 77\r\n" % STREAM_MIN
-    assert memcached_stream(b"END\r\n" + with_cas, 5) == (5 + len(with_cas) + STREAM_MIN + 2, False)
-    assert memcached_stream(line[:-2], 0) == (0, False)
-    assert memcached_stream(b"VALUE k 0 10\r\n", 0) == (0, False)
+    assert impl.memcached_stream(b"END\r\n" + with_cas, 5) == (5 + len(with_cas) + STREAM_MIN + 2, False)
+    assert impl.memcached_stream(line[:-2], 0) == (0, False)
+    assert impl.memcached_stream(b"VALUE k 0 10\r\n", 0) == (0, False)
     # What follows a streamed block is the rest of the same reply: it counts as one when it ends.
-    assert memcached_replies(b"END\r\n", 0, 1) == (5, 1)
+    assert impl.memcached_replies(b"END\r\n", 0, 1) == (5, 1)
     more = b"VALUE j 0 1\r\nz\r\nEND\r\n"
-    assert memcached_replies(more, 0, 1) == (len(more), 1)
+    assert impl.memcached_replies(more, 0, 1) == (len(more), 1)
 
 
-def test_pushes_are_not_replies() -> None:
+def test_pushes_are_not_replies(impl: Impl) -> None:
     push = b">2\r\n$7\r\nmessage\r\n$2\r\nhi\r\n"
-    assert redis_replies(push + b"+OK\r\n", 0, 1) == (0, 0)
-    assert redis_push(push + b"+OK\r\n", 0) == len(push)
-    assert redis_push(push[:-1], 0) == -1
-    assert redis_push(b"+OK\r\n", 0) == 0
+    assert impl.redis_replies(push + b"+OK\r\n", 0, 1) == (0, 0)
+    assert impl.redis_push(push + b"+OK\r\n", 0) == len(push)
+    assert impl.redis_push(push[:-1], 0) == -1
+    assert impl.redis_push(b"+OK\r\n", 0) == 0

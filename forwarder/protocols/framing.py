@@ -13,11 +13,16 @@ A `Framer` per engine, its functions pure and fast rather than complete:
 - `push` skips out-of-band messages (RESP3 pushes), and `stream` finds big values that may pass on as they arrive.
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
+
+The functions here are the reference; `_cframing.c` is the same in C, a tenth of the cost, and `REDIS` and
+`MEMCACHED` use it when it was built (as aiohttp does with its parser; NATFWD_NO_EXTENSIONS=1 turns it off).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
@@ -50,6 +55,10 @@ _MC_OTHER = {b"delete": 2, b"incr": 3, b"decr": 3, b"touch": 3, b"version": 1}
 _MC_STORAGE_LIMITS = (2**32 - 1, 2**31 - 1, 2**31 - 3, 2**64 - 1)  # flags, exptime, bytes, cas
 MEMCACHED_LINE_MAX = 8192  # a get/gets line longer than this pins (memcached's own limit for key lists is larger)
 MEMCACHED_SHORT_LINE_MAX = 2048  # any other line longer than this pins
+
+# A length with more digits is more than any buffer holds: treated as such without int(), which refuses more than
+# 4300 digits with a ValueError (and takes quadratic time below that).
+_LENGTH_DIGITS = 18
 
 _SIMPLE = frozenset(b"+-:_,#(")
 _BULK = frozenset(b"$!=")
@@ -100,7 +109,8 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
             break
         digits = buf[pos + 1 : e]
         # Redis refuses a leading zero (a protocol error, and it closes the connection); no request has 0 arguments.
-        if not digits.isdigit() or digits[0] == 48:
+        # The length check first: int() refuses more than 4300 digits, with a ValueError no caller expects.
+        if not digits.isdigit() or digits[0] == 48 or len(digits) > 6:
             return pos, count, PIN
         argc = int(digits)
         if argc > REDIS_MAX_ARGS:
@@ -120,7 +130,7 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
             if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
                 return pos, count, PIN
             start = e + 2
-            p = start + int(digits) + 2
+            p = start + (int(digits) if len(digits) <= _LENGTH_DIGITS else n) + 2
             if p > n:
                 if not index and n - start >= 32:  # no command name is this long
                     return pos, count, PIN
@@ -316,7 +326,7 @@ def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int,
                 tokens = buf[p:e].split()
                 if len(tokens) not in (4, 5) or not tokens[3].isdigit():
                     raise FramingError(f"malformed memcached VALUE line in a reply: {bytes(buf[p:e])[:80]!r}")
-                p = e + 1 + int(tokens[3]) + 2
+                p = e + 1 + (int(tokens[3]) if len(tokens[3]) <= _LENGTH_DIGITS else n) + 2
                 if p > n:
                     return pos, got
                 continue
@@ -331,10 +341,34 @@ def _redis_greeting(lane: int) -> bytes:
     return HELLO3 if lane == RESP3 else b""
 
 
-REDIS = Framer(redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting)
-MEMCACHED = Framer(
+REDIS_PY = Framer(redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting)
+MEMCACHED_PY = Framer(
     memcached_requests, memcached_replies, lambda _buf, _pos: 0, memcached_stream, RESP2, lambda _lane: b""
 )
+
+
+def _extension() -> ModuleType | None:
+    """The C scanners, unless NATFWD_NO_EXTENSIONS is set or they were not built (no compiler at install)."""
+    if os.environ.get("NATFWD_NO_EXTENSIONS"):
+        return None
+    try:
+        from forwarder.protocols import _cframing
+    except ImportError:
+        return None
+    _cframing.init(FramingError, REDIS_COMMANDS)
+    return _cframing
+
+
+C = _extension()
+if C is None:
+    REDIS, MEMCACHED = REDIS_PY, MEMCACHED_PY
+else:
+    REDIS = REDIS_PY._replace(
+        requests=C.redis_requests, replies=C.redis_replies, push=C.redis_push, stream=C.redis_stream
+    )
+    MEMCACHED = MEMCACHED_PY._replace(
+        requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream
+    )
 
 
 def framer(engine: str) -> Framer:

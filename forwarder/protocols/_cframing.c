@@ -1,0 +1,796 @@
+/* The scanners of forwarder/protocols/framing.py in C: the same functions, arguments, results and errors.
+ *
+ * framing.py is the reference (its docstrings say what each returns); this file only makes it cheap. A multiplexed
+ * request costs about 1.5 us of Python to scan and its reply 0.4-1 us, as much as the rest of natfwd's work on it;
+ * here each is under 0.1 us. tests/test_framing.py runs every test against both, and a differential fuzz compares
+ * them on mutated input. Built when a compiler is there (pyproject.toml, optional); NATFWD_NO_EXTENSIONS=1 turns
+ * it off. Python's own quirks are kept where a reply could show them (int() takes " +1_0 "), so the two never
+ * disagree on what a node sent.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define STAY 0
+#define PIN (-1)
+#define SATURATED ((int64_t)1 << 62) /* any length at least this big is "more than any buffer holds" */
+#define INT_MAX_DIGITS 4300          /* int()'s default limit on decimal digits (sys.get_int_max_str_digits) */
+
+/* Kept equal to framing.py's by test_framing.py (the module exposes them). */
+#define KEY_MAX 250
+#define STREAM_MIN (64 * 1024)
+#define REDIS_MAX_ARGS 1024
+#define MEMCACHED_LINE_MAX 8192
+#define MEMCACHED_SHORT_LINE_MAX 2048
+#define COMMAND_MAX 32 /* no Redis command name is longer (framing.py's redis_requests says the same) */
+
+static PyObject *FramingError;  /* framing.FramingError, handed over by init() */
+static char (*commands)[COMMAND_MAX + 1]; /* framing.REDIS_COMMANDS, sorted for bsearch */
+static size_t ncommands;
+
+/* ---- small helpers over bytes ---- */
+
+static inline int is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
+
+/* Python's Py_ISSPACE for bytes: what int() strips and bytes.split() splits on. */
+static inline int is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r'); }
+
+/* bytes.isdigit() of b[s:e]: non-empty, ASCII digits only. */
+static int all_digits(const unsigned char *b, Py_ssize_t s, Py_ssize_t e)
+{
+    if (s >= e)
+        return 0;
+    for (; s < e; s++)
+        if (!is_digit(b[s]))
+            return 0;
+    return 1;
+}
+
+/* v * 10 + digit, saturating at SATURATED; v is at most SATURATED, and v * 10 is not computed when it would
+ * overflow. */
+static inline int64_t append_digit(int64_t v, unsigned char digit)
+{
+    if (v > SATURATED / 10)
+        return SATURATED;
+    v = v * 10 + digit;
+    return v < SATURATED ? v : SATURATED;
+}
+
+/* The value of b[s:e], all digits, saturating at SATURATED. */
+static int64_t digits_value(const unsigned char *b, Py_ssize_t s, Py_ssize_t e)
+{
+    int64_t v = 0;
+    for (; s < e && v < SATURATED; s++)
+        v = append_digit(v, b[s] - '0');
+    return v;
+}
+
+/* int(b[s:e]) as CPython parses bytes in base 10: surrounding whitespace, one sign, single underscores between
+ * digits, at most INT_MAX_DIGITS digits. Saturates; 0 when int() would raise ValueError. */
+static int parse_int(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, int64_t *out)
+{
+    while (s < e && is_space(b[s]))
+        s++;
+    while (e > s && is_space(b[e - 1]))
+        e--;
+    int negative = 0;
+    if (s < e && (b[s] == '+' || b[s] == '-')) {
+        negative = b[s] == '-';
+        s++;
+    }
+    if (s >= e || !is_digit(b[s]) || b[e - 1] == '_')
+        return 0;
+    int64_t v = 0;
+    Py_ssize_t ndigits = 0;
+    for (; s < e; s++) {
+        unsigned char c = b[s];
+        if (c == '_') {
+            if (b[s + 1] == '_') /* s + 1 < e: the last byte is a digit */
+                return 0;
+            continue;
+        }
+        if (!is_digit(c))
+            return 0;
+        ndigits++;
+        v = append_digit(v, c - '0');
+    }
+    if (ndigits > INT_MAX_DIGITS)
+        return 0;
+    *out = negative ? -v : v;
+    return 1;
+}
+
+/* buf.find(b"\r\n", pos) within b[:end]. */
+static Py_ssize_t find_crlf(const unsigned char *b, Py_ssize_t pos, Py_ssize_t end)
+{
+    while (pos + 1 < end) {
+        const unsigned char *r = memchr(b + pos, '\r', (size_t)(end - 1 - pos));
+        if (r == NULL)
+            return -1;
+        Py_ssize_t i = r - b;
+        if (b[i + 1] == '\n')
+            return i;
+        pos = i + 1;
+    }
+    return -1;
+}
+
+/* buf.find(b"\n", pos, end). */
+static Py_ssize_t find_lf(const unsigned char *b, Py_ssize_t pos, Py_ssize_t end)
+{
+    if (pos >= end)
+        return -1;
+    const unsigned char *r = memchr(b + pos, '\n', (size_t)(end - pos));
+    return r == NULL ? -1 : r - b;
+}
+
+static int starts_with(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos, const char *prefix, Py_ssize_t len)
+{
+    return pos >= 0 && pos + len <= n && memcmp(b + pos, prefix, (size_t)len) == 0;
+}
+
+static int equals(const unsigned char *b, Py_ssize_t len, const char *word)
+{
+    return (size_t)len == strlen(word) && memcmp(b, word, (size_t)len) == 0;
+}
+
+/* bytes.split() of b[s:e]: the first `max` tokens' bounds, and how many there are in all. */
+static Py_ssize_t split_ws(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, Py_ssize_t *starts, Py_ssize_t *ends,
+                           Py_ssize_t max)
+{
+    Py_ssize_t count = 0;
+    while (s < e) {
+        while (s < e && is_space(b[s]))
+            s++;
+        if (s >= e)
+            break;
+        Py_ssize_t t = s;
+        while (s < e && !is_space(b[s]))
+            s++;
+        if (count < max) {
+            starts[count] = t;
+            ends[count] = s;
+        }
+        count++;
+    }
+    return count;
+}
+
+/* `offset + int(b[s:e])` (all digits) as a Python int, exact however long the digits are. */
+static PyObject *exact_end(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, Py_ssize_t offset)
+{
+    int64_t v = digits_value(b, s, e);
+    if (v < SATURATED)
+        return PyLong_FromLongLong(offset + v);
+    PyObject *digits = PyBytes_FromStringAndSize((const char *)b + s, e - s);
+    if (digits == NULL)
+        return NULL;
+    PyObject *size = PyLong_FromString(PyBytes_AS_STRING(digits), NULL, 10);
+    Py_DECREF(digits);
+    if (size == NULL)
+        return NULL;
+    PyObject *start = PyLong_FromSsize_t(offset);
+    if (start == NULL) {
+        Py_DECREF(size);
+        return NULL;
+    }
+    PyObject *end = PyNumber_Add(start, size);
+    Py_DECREF(start);
+    Py_DECREF(size);
+    return end;
+}
+
+static PyObject *pair(Py_ssize_t a, Py_ssize_t b)
+{
+    PyObject *t = PyTuple_New(2);
+    if (t == NULL)
+        return NULL;
+    PyObject *x = PyLong_FromSsize_t(a), *y = PyLong_FromSsize_t(b);
+    if (x == NULL || y == NULL) {
+        Py_XDECREF(x);
+        Py_XDECREF(y);
+        Py_DECREF(t);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, x);
+    PyTuple_SET_ITEM(t, 1, y);
+    return t;
+}
+
+static PyObject *triple(Py_ssize_t a, Py_ssize_t b, long c)
+{
+    PyObject *t = PyTuple_New(3);
+    if (t == NULL)
+        return NULL;
+    PyObject *x = PyLong_FromSsize_t(a), *y = PyLong_FromSsize_t(b), *z = PyLong_FromLong(c);
+    if (x == NULL || y == NULL || z == NULL) {
+        Py_XDECREF(x);
+        Py_XDECREF(y);
+        Py_XDECREF(z);
+        Py_DECREF(t);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, x);
+    PyTuple_SET_ITEM(t, 1, y);
+    PyTuple_SET_ITEM(t, 2, z);
+    return t;
+}
+
+/* (end, flag) with end a Python int already made (stolen). */
+static PyObject *end_and_flag(PyObject *end, int flag)
+{
+    if (end == NULL)
+        return NULL;
+    PyObject *t = PyTuple_New(2);
+    if (t == NULL) {
+        Py_DECREF(end);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, end);
+    PyObject *f = flag ? Py_True : Py_False;
+    Py_INCREF(f);
+    PyTuple_SET_ITEM(t, 1, f);
+    return t;
+}
+
+static PyObject *no_stream(void)
+{
+    return end_and_flag(PyLong_FromLong(0), 0);
+}
+
+/* ---- arguments ---- */
+
+static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max)
+{
+    if (nargs < min || nargs > max) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd to %zd arguments (%zd given)", name, min, max, nargs);
+        return 0;
+    }
+    return 1;
+}
+
+static int index_arg(PyObject *o, Py_ssize_t *out)
+{
+    Py_ssize_t v = PyNumber_AsSsize_t(o, PyExc_OverflowError);
+    if (v == -1 && PyErr_Occurred())
+        return 0;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "a position must not be negative");
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* ---- Redis ---- */
+
+static int compare_command(const void *a, const void *b) { return strcmp(a, b); }
+
+/* Whether upper-cased b[s:e] is in framing.REDIS_COMMANDS; `upper` gets the name. */
+static int known_command(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, char *upper)
+{
+    Py_ssize_t len = e - s;
+    upper[0] = 0;
+    if (len > COMMAND_MAX)
+        return 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned char c = b[s + i];
+        if (c == 0) { /* not a name, and it would end the C string early */
+            upper[0] = 0;
+            return 0;
+        }
+        upper[i] = (char)(c >= 'a' && c <= 'z' ? c - 32 : c);
+    }
+    upper[len] = 0;
+    return commands != NULL && bsearch(upper, commands, ncommands, sizeof *commands, compare_command) != NULL;
+}
+
+static int upper_equals(const unsigned char *b, Py_ssize_t len, const char *word)
+{
+    if ((size_t)len != strlen(word))
+        return 0;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        unsigned char c = b[i];
+        if ((char)(c >= 'a' && c <= 'z' ? c - 32 : c) != word[i])
+            return 0;
+    }
+    return 1;
+}
+
+enum { NOT_SPECIAL, CLIENT, HELLO };
+
+static PyObject *redis_requests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    long lane = 2;
+    if (!check_nargs("redis_requests", nargs, 1, 2))
+        return NULL;
+    if (nargs == 2) {
+        lane = PyLong_AsLong(args[1]);
+        if (lane == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, pos = 0, count = 0;
+    long leave = STAY;
+    char upper[COMMAND_MAX + 1];
+    while (pos < n) {
+        if (b[pos] != '*') { /* an inline command, or not RESP at all */
+            leave = PIN;
+            break;
+        }
+        Py_ssize_t e = find_crlf(b, pos, n);
+        if (e < 0)
+            break;
+        /* Redis refuses a leading zero (a protocol error, and it closes the connection); no request has 0
+         * arguments. */
+        if (!all_digits(b, pos + 1, e) || b[pos + 1] == '0') {
+            leave = PIN;
+            break;
+        }
+        int64_t argc = digits_value(b, pos + 1, e);
+        if (argc > REDIS_MAX_ARGS) {
+            leave = PIN;
+            break;
+        }
+        int special = NOT_SPECIAL;
+        const unsigned char *argument = NULL;
+        Py_ssize_t argument_len = 0, p = e + 2;
+        long stop = 1; /* 1: the request is whole and may be multiplexed */
+        for (int64_t index = 0; index < argc; index++) {
+            if (p >= n) {
+                stop = STAY;
+                break;
+            }
+            if (b[p] != '$') {
+                stop = PIN;
+                break;
+            }
+            e = find_crlf(b, p, n);
+            if (e < 0) {
+                stop = STAY;
+                break;
+            }
+            if (!all_digits(b, p + 1, e) || (b[p + 1] == '0' && e - (p + 1) > 1)) {
+                stop = PIN;
+                break;
+            }
+            Py_ssize_t start = e + 2;
+            int64_t size = digits_value(b, p + 1, e);
+            if (size > n - start - 2) {
+                stop = !index && n - start >= 32 ? PIN : STAY; /* no command name is this long */
+                break;
+            }
+            p = start + (Py_ssize_t)size + 2;
+            if (b[p - 2] != '\r' || b[p - 1] != '\n') {
+                stop = PIN;
+                break;
+            }
+            if (!index) {
+                if (!known_command(b, start, p - 2, upper)) {
+                    if (strcmp(upper, "CLIENT") == 0 && p - 2 - start == 6)
+                        special = CLIENT;
+                    else if (strcmp(upper, "HELLO") == 0 && p - 2 - start == 5)
+                        special = HELLO;
+                    else {
+                        stop = PIN;
+                        break;
+                    }
+                }
+            } else if (index == 1 && special) {
+                argument = b + start;
+                argument_len = p - 2 - start;
+            }
+        }
+        if (stop != 1) {
+            leave = stop;
+            break;
+        }
+        if (special == CLIENT) {
+            if (argument == NULL ||
+                !(upper_equals(argument, argument_len, "SETINFO") ||
+                  upper_equals(argument, argument_len, "MAINT_NOTIFICATIONS"))) {
+                leave = PIN;
+                break;
+            }
+        } else if (special == HELLO) {
+            if (argc != 2 || argument_len != 1 || (argument[0] != '2' && argument[0] != '3')) {
+                leave = PIN;
+                break;
+            }
+            if (argument[0] - '0' != lane) {
+                leave = argument[0] - '0';
+                break;
+            }
+        }
+        pos = p;
+        count++;
+    }
+    PyBuffer_Release(&view);
+    return triple(pos, count, leave);
+}
+
+/* a + b for lengths and counts, neither negative, saturating at SATURATED. */
+static inline int64_t add_saturating(int64_t a, int64_t b) { return a >= SATURATED - b ? SATURATED : a + b; }
+
+/* The end of the complete RESP value at p; -1 when incomplete, -2 with FramingError set when malformed. Aggregates
+ * are walked flat: `remaining` counts the values still owed to the one at p. */
+static Py_ssize_t resp_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
+{
+    int64_t remaining = 1;
+    while (remaining) {
+        if (p >= n)
+            return -1;
+        unsigned char kind = b[p];
+        Py_ssize_t e = find_crlf(b, p, n);
+        if (e < 0)
+            return -1;
+        if (strchr("+-:_,#(", kind) != NULL && kind) {
+            p = e + 2;
+        } else if (strchr("$!=*~>%|", kind) != NULL && kind) {
+            int64_t v;
+            if (!parse_int(b, p + 1, e, &v)) {
+                PyObject *text = PyBytes_FromStringAndSize((const char *)b + p + 1, e - p - 1);
+                if (text != NULL) {
+                    PyErr_Format(FramingError, "malformed RESP length in a reply: %.80R", text);
+                    Py_DECREF(text);
+                }
+                return -2;
+            }
+            int64_t size = v < 0 ? 0 : v; /* a null bulk or array is -1: nothing follows it */
+            if (kind == '$' || kind == '!' || kind == '=') {
+                if (v >= 0 && size > n - e - 4)
+                    return -1;
+                p = v < 0 ? e + 2 : e + 4 + (Py_ssize_t)size;
+            } else {
+                if (kind == '%') /* a map: key and value per entry */
+                    remaining = add_saturating(remaining, size);
+                else if (kind == '|') /* attributes, then the value they describe */
+                    remaining = add_saturating(add_saturating(remaining, size), 1);
+                remaining = add_saturating(remaining, size);
+                p = e + 2;
+            }
+        } else {
+            PyErr_Format(FramingError, "unexpected RESP type byte %d in a reply", (int)kind);
+            return -2;
+        }
+        remaining--;
+    }
+    return p;
+}
+
+static PyObject *redis_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos, want;
+    if (!check_nargs("redis_replies", nargs, 3, 3) || !index_arg(args[1], &pos))
+        return NULL;
+    want = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (want == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, got = 0;
+    while (got < want && pos < n && b[pos] != '>') {
+        Py_ssize_t end = resp_end(b, pos, n);
+        if (end == -2) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (end < 0)
+            break;
+        pos = end;
+        got++;
+    }
+    PyBuffer_Release(&view);
+    return pair(pos, got);
+}
+
+static PyObject *redis_push(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    if (!check_nargs("redis_push", nargs, 2, 2) || !index_arg(args[1], &pos))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t end = pos >= view.len || b[pos] != '>' ? 0 : resp_end(b, pos, view.len);
+    PyBuffer_Release(&view);
+    return end == -2 ? NULL : PyLong_FromSsize_t(end);
+}
+
+static PyObject *redis_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    if (!check_nargs("redis_stream", nargs, 2, 2) || !index_arg(args[1], &pos))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *result = NULL;
+    if (pos < n && b[pos] == '$') {
+        Py_ssize_t e = find_crlf(b, pos, pos + 24 < n ? pos + 24 : n);
+        /* a null bulk, or malformed: redis_replies says which */
+        if (e >= 0 && all_digits(b, pos + 1, e) && digits_value(b, pos + 1, e) >= STREAM_MIN)
+            result = end_and_flag(exact_end(b, pos + 1, e, e + 4), 1);
+    }
+    PyBuffer_Release(&view);
+    return result != NULL || PyErr_Occurred() ? result : no_stream();
+}
+
+/* ---- memcached ---- */
+
+static Py_ssize_t memcached_line_limit(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos)
+{
+    /* memcached closes a connection holding more than 2048 bytes of an unfinished line, except for get and gets */
+    return starts_with(b, n, pos, "get ", 4) || starts_with(b, n, pos, "gets ", 5) ? MEMCACHED_LINE_MAX
+                                                                                  : MEMCACHED_SHORT_LINE_MAX;
+}
+
+/* Whether the digits b[s:e] are a number no bigger than `limit`. */
+static int at_most(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, uint64_t limit)
+{
+    if (!all_digits(b, s, e))
+        return 0;
+    uint64_t v = 0;
+    for (; s < e; s++)
+        if (__builtin_mul_overflow(v, 10, &v) || __builtin_add_overflow(v, (uint64_t)(b[s] - '0'), &v))
+            return 0;
+    return v <= limit;
+}
+
+#define MC_TOKENS 8
+
+static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    static const uint64_t storage_limits[] = {UINT32_MAX, INT32_MAX, INT32_MAX - 2, UINT64_MAX}; /* flags, exptime,
+                                                                                                    bytes, cas */
+    if (!check_nargs("memcached_requests", nargs, 1, 2))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, pos = 0, count = 0;
+    long leave = STAY;
+    while (pos < n) {
+        Py_ssize_t e = find_lf(b, pos, n);
+        if (e < 0) {
+            if (n - pos > memcached_line_limit(b, n, pos))
+                leave = PIN;
+            break;
+        }
+        if (e - pos > MEMCACHED_SHORT_LINE_MAX && e - pos > memcached_line_limit(b, n, pos)) {
+            leave = PIN;
+            break;
+        }
+        Py_ssize_t line_end = e > pos && b[e - 1] == '\r' ? e - 1 : e, line_len = line_end - pos;
+        /* memcached splits on single spaces only: keep to what both agree on */
+        if (memchr(b + pos, '\r', (size_t)line_len) || memchr(b + pos, '\t', (size_t)line_len)) {
+            leave = PIN;
+            break;
+        }
+        Py_ssize_t starts[MC_TOKENS], ends[MC_TOKENS], size = 0, longest = 0, s = pos;
+        int empty = 0;
+        while (1) { /* line.split(b" "), keeping the first MC_TOKENS */
+            const unsigned char *space = memchr(b + s, ' ', (size_t)(line_end - s));
+            Py_ssize_t t = space == NULL ? line_end : space - b;
+            empty |= t == s;
+            if (size < MC_TOKENS) {
+                starts[size] = s;
+                ends[size] = t;
+            }
+            if (size && t - s > longest)
+                longest = t - s;
+            size++;
+            if (space == NULL)
+                break;
+            s = t + 1;
+        }
+        if (empty) {
+            leave = PIN;
+            break;
+        }
+        const unsigned char *command = b + starts[0];
+        Py_ssize_t command_len = ends[0] - starts[0], key_len = size > 1 ? ends[1] - starts[1] : 0, next = e + 1;
+        int ok;
+        if (equals(command, command_len, "get") || equals(command, command_len, "gets")) {
+            ok = size >= 2 && !(line_len > KEY_MAX && longest > KEY_MAX); /* no key is longer than its line */
+        } else if (equals(command, command_len, "gat") || equals(command, command_len, "gats")) {
+            ok = size >= 3 && all_digits(b, starts[1], ends[1]) && !(line_len > KEY_MAX && longest > KEY_MAX);
+        } else if (equals(command, command_len, "set") || equals(command, command_len, "add") ||
+                   equals(command, command_len, "replace") || equals(command, command_len, "append") ||
+                   equals(command, command_len, "prepend") || equals(command, command_len, "cas")) {
+            /* Out of range, memcached answers CLIENT_ERROR and then runs the data block as a command: two
+             * replies. */
+            ok = size == (equals(command, command_len, "cas") ? 6 : 5) && key_len <= KEY_MAX;
+            for (Py_ssize_t index = 2; ok && index < size; index++)
+                ok = at_most(b, starts[index], ends[index], storage_limits[index - 2]);
+            if (ok) {
+                next = e + 1 + (Py_ssize_t)digits_value(b, starts[4], ends[4]) + 2;
+                if (next > n)
+                    break;
+                /* memcached would answer "bad data chunk" and swallow a line */
+                ok = b[next - 2] == '\r' && b[next - 1] == '\n';
+            }
+        } else if (equals(command, command_len, "delete")) {
+            ok = size == 2 && key_len <= KEY_MAX;
+        } else if (equals(command, command_len, "incr") || equals(command, command_len, "decr") ||
+                   equals(command, command_len, "touch")) {
+            ok = size == 3 && key_len <= KEY_MAX && all_digits(b, starts[2], ends[2]);
+        } else {
+            ok = equals(command, command_len, "version") && size == 1;
+        }
+        if (!ok) {
+            leave = PIN;
+            break;
+        }
+        pos = next;
+        count++;
+    }
+    PyBuffer_Release(&view);
+    return triple(pos, count, leave);
+}
+
+static PyObject *memcached_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos, want;
+    if (!check_nargs("memcached_replies", nargs, 3, 3) || !index_arg(args[1], &pos))
+        return NULL;
+    want = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+    if (want == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, got = 0;
+    while (got < want) {
+        Py_ssize_t p = pos, e;
+        while ((e = find_lf(b, p, n)) >= 0 && starts_with(b, n, p, "VALUE ", 6)) {
+            Py_ssize_t starts[5], ends[5];
+            Py_ssize_t size = split_ws(b, p, e, starts, ends, 5);
+            if ((size != 4 && size != 5) || !all_digits(b, starts[3], ends[3])) {
+                Py_ssize_t shown = e - p < 80 ? e - p : 80;
+                PyObject *line = PyBytes_FromStringAndSize((const char *)b + p, shown);
+                if (line != NULL) {
+                    PyErr_Format(FramingError, "malformed memcached VALUE line in a reply: %R", line);
+                    Py_DECREF(line);
+                }
+                PyBuffer_Release(&view);
+                return NULL;
+            }
+            int64_t value = digits_value(b, starts[3], ends[3]);
+            if (value > n - e - 3) { /* the block is not all in */
+                e = -1;
+                break;
+            }
+            p = e + 1 + (Py_ssize_t)value + 2;
+        }
+        if (e < 0)
+            break;
+        pos = e + 1;
+        got++;
+    }
+    PyBuffer_Release(&view);
+    return pair(pos, got);
+}
+
+static PyObject *memcached_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    if (!check_nargs("memcached_stream", nargs, 2, 2) || !index_arg(args[1], &pos))
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len;
+    PyObject *result = NULL;
+    if (starts_with(b, n, pos, "VALUE ", 6)) {
+        Py_ssize_t e = find_lf(b, pos, pos + 512 < n ? pos + 512 : n);
+        if (e >= 0) {
+            Py_ssize_t starts[5], ends[5];
+            Py_ssize_t size = split_ws(b, pos, e, starts, ends, 5);
+            /* anything malformed: memcached_replies raises for it */
+            if ((size == 4 || size == 5) && all_digits(b, starts[3], ends[3]) &&
+                digits_value(b, starts[3], ends[3]) >= STREAM_MIN)
+                result = end_and_flag(exact_end(b, starts[3], ends[3], e + 3), 0);
+        }
+    }
+    PyBuffer_Release(&view);
+    return result != NULL || PyErr_Occurred() ? result : no_stream();
+}
+
+/* ---- the module ---- */
+
+/* init(FramingError, REDIS_COMMANDS): framing.py hands over what it owns, so there is one list of commands. */
+static PyObject *init(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (!check_nargs("init", nargs, 2, 2))
+        return NULL;
+    PyObject *iterator = PyObject_GetIter(args[1]);
+    if (iterator == NULL)
+        return NULL;
+    Py_ssize_t size = PyObject_Length(args[1]);
+    if (size < 0) {
+        Py_DECREF(iterator);
+        return NULL;
+    }
+    char(*table)[COMMAND_MAX + 1] = calloc((size_t)size + 1, sizeof *table);
+    if (table == NULL) {
+        Py_DECREF(iterator);
+        return PyErr_NoMemory();
+    }
+    size_t count = 0;
+    PyObject *item;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        char *text;
+        Py_ssize_t len;
+        if (PyBytes_AsStringAndSize(item, &text, &len) < 0 || len > COMMAND_MAX || (size_t)len != strlen(text) ||
+            (Py_ssize_t)count >= size) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a Redis command name must be at most 32 bytes, with no NUL");
+            Py_DECREF(item);
+            break;
+        }
+        memcpy(table[count++], text, (size_t)len);
+        Py_DECREF(item);
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) {
+        free(table);
+        return NULL;
+    }
+    qsort(table, count, sizeof *table, compare_command);
+    free(commands);
+    commands = table;
+    ncommands = count;
+    Py_XSETREF(FramingError, Py_NewRef(args[0]));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"init", (PyCFunction)(void (*)(void))init, METH_FASTCALL, "Hand over FramingError and REDIS_COMMANDS."},
+    {"redis_requests", (PyCFunction)(void (*)(void))redis_requests, METH_FASTCALL, "framing.redis_requests"},
+    {"redis_replies", (PyCFunction)(void (*)(void))redis_replies, METH_FASTCALL, "framing.redis_replies"},
+    {"redis_push", (PyCFunction)(void (*)(void))redis_push, METH_FASTCALL, "framing.redis_push"},
+    {"redis_stream", (PyCFunction)(void (*)(void))redis_stream, METH_FASTCALL, "framing.redis_stream"},
+    {"memcached_requests", (PyCFunction)(void (*)(void))memcached_requests, METH_FASTCALL,
+     "framing.memcached_requests"},
+    {"memcached_replies", (PyCFunction)(void (*)(void))memcached_replies, METH_FASTCALL, "framing.memcached_replies"},
+    {"memcached_stream", (PyCFunction)(void (*)(void))memcached_stream, METH_FASTCALL, "framing.memcached_stream"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_cframing",
+    .m_doc = "The scanners of forwarder/protocols/framing.py in C.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__cframing(void)
+{
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "KEY_MAX", KEY_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "STREAM_MIN", STREAM_MIN) < 0 ||
+        PyModule_AddIntConstant(module, "REDIS_MAX_ARGS", REDIS_MAX_ARGS) < 0 ||
+        PyModule_AddIntConstant(module, "MEMCACHED_LINE_MAX", MEMCACHED_LINE_MAX) < 0 ||
+        PyModule_AddIntConstant(module, "MEMCACHED_SHORT_LINE_MAX", MEMCACHED_SHORT_LINE_MAX) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
