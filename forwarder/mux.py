@@ -19,10 +19,12 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections import deque
 from typing import Protocol
 
 from forwarder import config as config_mod
+from forwarder.protocols import framing
 from forwarder.protocols.framing import PIN as PINNED
 from forwarder.protocols.framing import Framer, FramingError, framer
 
@@ -33,7 +35,10 @@ NODE_READ = 64 * 1024  # below glibc's mmap threshold (128 KiB): a bigger read c
 # A request still unfinished by this much after a read pins its client: big values go over a connection of its own,
 # where raw mode splices them, instead of being held and copied whole (and holding up every client behind them).
 LARGE_REQUEST = 64 * 1024
-PIPELINE_PIN = 8  # a read with this many requests: the client pipelines by itself, a connection of its own is cheaper
+# A read with this many requests pins its client. With framing.py's pure-Python scanners a pipeline costs more to
+# frame (1.3 us a request) than sharing saves, and a connection of its own is cheaper; the C scanners take 40 ns,
+# and sharing took redis-benchmark -P 16 from 0.88 to 1.37x HAProxy (benchmarks/README.md), so they never pin it.
+PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
 # replies; the price is head-of-line blocking, as in any multiplexer.
@@ -637,7 +642,17 @@ class MuxPool:
                 pipe.close()
 
 
+_warned_pure = False
+
+
 def new_pool(
     loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
 ) -> MuxPool:
+    global _warned_pure
+    if framing.C is None and not _warned_pure and not os.environ.get("NATFWD_NO_EXTENSIONS"):
+        _warned_pure = True
+        log.warning(
+            "multiplexing with the pure-Python scanners, which cost about 2 us more per request: the C extension "
+            "was not built; install gcc and the Python headers (apt-get install gcc python3-dev) and reinstall natfwd"
+        )
     return MuxPool(loop, target, framer(cfg.engine), cfg.multiplex_connections, cfg.connect_timeout_s, hooks)
