@@ -85,6 +85,8 @@ def _version(argv: Sequence[str], line_with: str = "") -> str:
 def metadata(settings: Settings) -> dict[str, Any]:
     import uvloop
 
+    from forwarder.protocols import framing
+
     commit = _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = _version(["git", "-C", str(REPO), "status", "--porcelain", "--", "forwarder", "benchmarks"])
     return {
@@ -102,6 +104,8 @@ def metadata(settings: Settings) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "uvloop": str(getattr(uvloop, "__version__", "?")),
+            # what natfwd serve frames multiplexed requests with: it inherits this process's environment
+            "natfwd scanners": "C (_cframing)" if framing.C is not None else "pure Python",
             "haproxy": _version(["haproxy", "-v"]),
             "socat": _version(["socat", "-V"], "socat version"),
             "redis-server": _version(["redis-server", "--version"]),
