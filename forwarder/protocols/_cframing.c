@@ -264,6 +264,21 @@ static int index_arg(PyObject *o, Py_ssize_t *out)
     return 1;
 }
 
+/* The arguments of the reply scanners, (buf, pos) or (buf, pos, want): 0 with an exception set when they are
+ * wrong; otherwise the caller owns `view` and releases it. */
+static int scanner_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+                        Py_buffer *view, Py_ssize_t *pos, Py_ssize_t *want)
+{
+    if (!check_nargs(name, nargs, expected, expected) || !index_arg(args[1], pos))
+        return 0;
+    if (expected == 3) {
+        *want = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
+        if (*want == -1 && PyErr_Occurred())
+            return 0;
+    }
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) == 0;
+}
+
 /* ---- Redis ---- */
 
 static int compare_command(const void *a, const void *b) { return strcmp(a, b); }
@@ -466,13 +481,8 @@ static Py_ssize_t resp_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
 static PyObject *redis_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos, want;
-    if (!check_nargs("redis_replies", nargs, 3, 3) || !index_arg(args[1], &pos))
-        return NULL;
-    want = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (want == -1 && PyErr_Occurred())
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!scanner_args("redis_replies", args, nargs, 3, &view, &pos, &want))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, got = 0;
@@ -494,10 +504,8 @@ static PyObject *redis_replies(PyObject *module, PyObject *const *args, Py_ssize
 static PyObject *redis_push(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos;
-    if (!check_nargs("redis_push", nargs, 2, 2) || !index_arg(args[1], &pos))
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!scanner_args("redis_push", args, nargs, 2, &view, &pos, NULL))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t end = pos >= view.len || b[pos] != '>' ? 0 : resp_end(b, pos, view.len);
@@ -508,10 +516,8 @@ static PyObject *redis_push(PyObject *module, PyObject *const *args, Py_ssize_t 
 static PyObject *redis_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos;
-    if (!check_nargs("redis_stream", nargs, 2, 2) || !index_arg(args[1], &pos))
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!scanner_args("redis_stream", args, nargs, 2, &view, &pos, NULL))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len;
@@ -643,13 +649,8 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
 static PyObject *memcached_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos, want;
-    if (!check_nargs("memcached_replies", nargs, 3, 3) || !index_arg(args[1], &pos))
-        return NULL;
-    want = PyNumber_AsSsize_t(args[2], PyExc_OverflowError);
-    if (want == -1 && PyErr_Occurred())
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!scanner_args("memcached_replies", args, nargs, 3, &view, &pos, &want))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, got = 0;
@@ -687,10 +688,8 @@ static PyObject *memcached_replies(PyObject *module, PyObject *const *args, Py_s
 static PyObject *memcached_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos;
-    if (!check_nargs("memcached_stream", nargs, 2, 2) || !index_arg(args[1], &pos))
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!scanner_args("memcached_stream", args, nargs, 2, &view, &pos, NULL))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len;
