@@ -37,7 +37,7 @@ NODE_READ = 64 * 1024  # below glibc's mmap threshold (128 KiB): a bigger read c
 LARGE_REQUEST = 64 * 1024
 # A read with this many requests pins its client. With framing.py's pure-Python scanners a pipeline costs more to
 # frame (1.3 us a request) than sharing saves, and a connection of its own is cheaper; the C scanners take 40 ns,
-# and sharing took redis-benchmark -P 16 from 0.88 to 1.37x HAProxy (benchmarks/README.md), so they never pin it.
+# and sharing took redis-benchmark -P 16 from 0.85-0.99 to 1.10-1.37x HAProxy (benchmarks/README.md): they never pin.
 PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
