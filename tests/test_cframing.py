@@ -274,6 +274,8 @@ def test_replies_agree(c: Impl, seed: int, names: tuple[str, ...], make: Callabl
         b"*3\r\n%1\r\n|" + b"9" * 19 + b"\r\n",
         b"set k 0 0 " + b"9" * 25 + b"\r\n",
         b"set k 0 0 2147483645\r\n" + b"x" * 30,
+        b"VALUE k 0 " + b"0" * 20 + b"\r\nERROR\r\n",  # framing.py once took 19+ digits as too long, zeros or not
+        b"VALUE k 0 " + b"0" * 19 + b"5\r\nhello\r\nEND\r\n",
     ],
 )
 def test_long_numbers_and_limits_agree(c: Impl, buf: bytes) -> None:

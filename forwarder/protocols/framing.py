@@ -326,7 +326,8 @@ def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int,
                 tokens = buf[p:e].split()
                 if len(tokens) not in (4, 5) or not tokens[3].isdigit():
                     raise FramingError(f"malformed memcached VALUE line in a reply: {bytes(buf[p:e])[:80]!r}")
-                p = e + 1 + (int(tokens[3]) if len(tokens[3]) <= _LENGTH_DIGITS else n) + 2
+                size = tokens[3]
+                p = e + 1 + (int(size) if len(size) <= _LENGTH_DIGITS else _long_length(size, n)) + 2
                 if p > n:
                     return pos, got
                 continue
@@ -335,6 +336,12 @@ def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int,
         pos = p
         got += 1
     return pos, got
+
+
+def _long_length(digits: bytes | bytearray, beyond: int) -> int:
+    """A length of more than _LENGTH_DIGITS digits: its value when leading zeros make it short, else `beyond`."""
+    significant = digits.lstrip(b"0")
+    return int(significant or b"0") if len(significant) <= _LENGTH_DIGITS else beyond
 
 
 def _redis_greeting(lane: int) -> bytes:
