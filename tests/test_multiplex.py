@@ -39,9 +39,11 @@ def mux_config(tmp_path: Path, target: str, engine: str, extra: str = "") -> tup
 
 
 @contextlib.contextmanager
-def serving_mux(tmp_path: Path, node: Node, engine: str) -> Iterator[tuple[Node, int, Serve]]:
+def serving_mux(
+    tmp_path: Path, node: Node, engine: str, wrapper: tuple[str, ...] = ()
+) -> Iterator[tuple[Node, int, Serve]]:
     cfg, port, metrics_port = mux_config(tmp_path, node.address, engine)
-    with serving(cfg, [port], metrics_port) as serve:
+    with serving(cfg, [port], metrics_port, wrapper=wrapper) as serve:
         yield node, port, serve
 
 
@@ -199,9 +201,11 @@ def test_a_client_that_pipelines_shares_with_the_c_scanners(redis_mux: tuple[Nod
 def test_a_client_that_pipelines_gets_its_own_connection_with_the_python_scanners(
     tmp_path: Path, start_redis: Callable[..., Node]
 ) -> None:
-    node = start_redis()
-    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis")
-    with serving(cfg, [port], metrics_port, wrapper=("env", "NATFWD_NO_EXTENSIONS=1")) as serve:
+    with serving_mux(tmp_path, start_redis(), "redis", wrapper=("env", "NATFWD_NO_EXTENSIONS=1")) as (
+        node,
+        port,
+        serve,
+    ):
         shared = redis.Redis(port=port)
         assert shared.ping()
         assert node_clients(node) == 1

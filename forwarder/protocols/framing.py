@@ -130,7 +130,7 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
             if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
                 return pos, count, PIN
             start = e + 2
-            p = start + (int(digits) if len(digits) <= _LENGTH_DIGITS else n) + 2
+            p = start + (int(digits) if len(digits) <= _LENGTH_DIGITS else _long_length(digits, n)) + 2
             if p > n:
                 if not index and n - start >= 32:  # no command name is this long
                     return pos, count, PIN
