@@ -47,15 +47,24 @@ def serving_mux(
         yield node, port, serve
 
 
-@pytest.fixture
-def redis_mux(tmp_path: Path, start_redis: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
-    with serving_mux(tmp_path, start_redis(), "redis") as running:
+# Every test on these fixtures runs with each of natfwd's scanners: the C ones (_cframing.c, what natfwd uses when
+# they were built) and the pure-Python fallback, which pins pipelining clients where the C ones share them.
+SCANNERS = [pytest.param((), id="c"), pytest.param(("env", "NATFWD_NO_EXTENSIONS=1"), id="python")]
+
+
+@pytest.fixture(params=SCANNERS)
+def redis_mux(
+    request: pytest.FixtureRequest, tmp_path: Path, start_redis: Callable[..., Node]
+) -> Iterator[tuple[Node, int, Serve]]:
+    with serving_mux(tmp_path, start_redis(), "redis", request.param) as running:
         yield running
 
 
-@pytest.fixture
-def memcached_mux(tmp_path: Path, start_memcached: Callable[..., Node]) -> Iterator[tuple[Node, int, Serve]]:
-    with serving_mux(tmp_path, start_memcached(), "memcached") as running:
+@pytest.fixture(params=SCANNERS)
+def memcached_mux(
+    request: pytest.FixtureRequest, tmp_path: Path, start_memcached: Callable[..., Node]
+) -> Iterator[tuple[Node, int, Serve]]:
+    with serving_mux(tmp_path, start_memcached(), "memcached", request.param) as running:
         yield running
 
 
@@ -185,17 +194,17 @@ def pipeline_of_100(port: int) -> redis.Redis:
 
 
 @pytest.mark.skipif(framing.C is None, reason="the C scanners were not built (see pyproject.toml)")
-def test_a_client_that_pipelines_shares_with_the_c_scanners(redis_mux: tuple[Node, int, Serve]) -> None:
-    node, port, serve = redis_mux
-    shared = redis.Redis(port=port)
-    assert shared.ping()
-    piped = pipeline_of_100(port)
-    assert node_clients(node) == 1
-    assert 'reason="pipelined"' not in serve.metrics()  # no client was ever pinned for it
-    assert shared.get("p99") == b"99"
-    assert "pure-Python scanners" not in serve.log()
-    shared.close()
-    piped.close()
+def test_a_client_that_pipelines_shares_with_the_c_scanners(tmp_path: Path, start_redis: Callable[..., Node]) -> None:
+    with serving_mux(tmp_path, start_redis(), "redis") as (node, port, serve):
+        shared = redis.Redis(port=port)
+        assert shared.ping()
+        piped = pipeline_of_100(port)
+        assert node_clients(node) == 1
+        assert 'reason="pipelined"' not in serve.metrics()  # no client was ever pinned for it
+        assert shared.get("p99") == b"99"
+        assert "pure-Python scanners" not in serve.log()
+        shared.close()
+        piped.close()
 
 
 def test_a_client_that_pipelines_gets_its_own_connection_with_the_python_scanners(
