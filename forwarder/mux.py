@@ -649,7 +649,7 @@ def new_pool(
     loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
 ) -> MuxPool:
     global _warned_pure
-    if framing.C is None and not _warned_pure and not os.environ.get("NATFWD_NO_EXTENSIONS"):
+    if framing.C is None and not _warned_pure and not framing.EXTENSIONS_OFF:
         _warned_pure = True
         log.warning(
             "multiplexing with the pure-Python scanners, which cost about 2 us more per request: the C extension "

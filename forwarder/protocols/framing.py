@@ -354,9 +354,12 @@ MEMCACHED_PY = Framer(
 )
 
 
+EXTENSIONS_OFF = bool(os.environ.get("NATFWD_NO_EXTENSIONS"))  # the C scanners turned off on purpose
+
+
 def _extension() -> ModuleType | None:
     """The C scanners, unless NATFWD_NO_EXTENSIONS is set or they were not built (no compiler at install)."""
-    if os.environ.get("NATFWD_NO_EXTENSIONS"):
+    if EXTENSIONS_OFF:
         return None
     try:
         from forwarder.protocols import _cframing
