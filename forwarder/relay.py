@@ -22,7 +22,13 @@ import os
 import resource
 import socket
 from collections.abc import Callable
-from typing import Any, cast
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
+
+from forwarder.protocols.framing import EXTENSIONS_OFF
+
+if TYPE_CHECKING:
+    from forwarder._crelay import Link, Relay
 
 log = logging.getLogger("natfwd.relay")
 
@@ -59,6 +65,22 @@ _splice = getattr(os, "splice", _no_splice)  # Linux, Python 3.10+
 _read = os.read
 _write = os.write
 _NO_SPLICE_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+RELAY_PIPES = 32  # pipes the C relay thread may hold (64 descriptors, reserved when it starts)
+
+
+def _extension() -> ModuleType | None:
+    """Raw mode's C relay thread, unless NATFWD_NO_EXTENSIONS is set or it was not built (no compiler at install)."""
+    if EXTENSIONS_OFF:
+        return None
+    try:
+        from forwarder import _crelay
+    except ImportError:
+        return None
+    return _crelay
+
+
+CRELAY = _extension()  # tests set this to None to run raw mode in Python
+_warned_pure = False
 
 
 class BufferPool:
@@ -68,7 +90,8 @@ class BufferPool:
     cost no buffer memory at all). The pool also keeps raw mode's spare pipes, and its file-descriptor budget.
     """
 
-    __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "reserved_fds", "can_splice")
+    __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "reserved_fds", "can_splice", "thread",
+                 "thread_fds", "links")  # fmt: skip
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
@@ -78,6 +101,53 @@ class BufferPool:
         self.fd_budget = -1  # computed on first use: raise_fd_limit() runs before the first connection
         self.reserved_fds = 0  # descriptors the connections themselves may need at max_connections
         self.can_splice = True  # until the kernel refuses it once
+        self.thread: Relay | None = None  # the C relay thread, started by the first connection to go raw
+        self.thread_fds = 0  # descriptors reserved for the thread's pipes
+        self.links: dict[int, Half] = {}  # the thread's connections by link id: the half whose socket is fd0
+
+    def relay_thread(self, loop: asyncio.AbstractEventLoop) -> Relay | None:
+        """The C relay thread for this loop (started on first use), or None without the extension."""
+        global _warned_pure
+        if CRELAY is None and not _warned_pure and not EXTENSIONS_OFF:
+            _warned_pure = True
+            log.warning(
+                "raw mode in Python, which costs about 3 us more per request: the C relay was not built; install "
+                "gcc and the Python headers (apt-get install gcc python3-dev) and reinstall natfwd"
+            )
+        if self.thread is None and CRELAY is not None:
+            pipes = RELAY_PIPES if self.reserve_fds(2 * RELAY_PIPES) else 0
+            try:
+                thread: Relay = CRELAY.Relay(pipes)
+            except OSError as exc:
+                self.extra_fds -= 2 * pipes
+                log.warning("no relay thread, raw mode stays in Python", extra={"error": str(exc)})
+                return None
+            self.thread_fds = 2 * pipes
+            loop.add_reader(thread.fileno(), self.collect)
+            self.thread = thread
+        return self.thread
+
+    def collect(self) -> None:
+        """The thread reports finished connections: close them cleanly, or drop both sides after an error."""
+        assert self.thread is not None
+        for link_id, failed in self.thread.done():
+            half = self.links.pop(link_id, None)
+            if half is None:
+                continue  # stopped from this side meanwhile (an abort, a drain)
+            if failed:
+                half.raw_failed()
+            else:
+                half.raw_close()
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop the relay thread; its connections were closed before (drain)."""
+        thread = self.thread
+        if thread is not None:
+            self.thread = None
+            loop.remove_reader(thread.fileno())
+            thread.close()
+            self.extra_fds -= self.thread_fds
+            self.thread_fds = 0
 
     def take(self) -> memoryview:
         free = self.free
@@ -324,7 +394,7 @@ class Half(asyncio.BufferedProtocol):
     """One direction's reader and the other direction's writer: reads from its own transport, writes to the peer's."""
 
     __slots__ = ("transport", "peer", "pool", "view", "nbytes", "eof", "reading_paused", "closed", "on_closed", "early",
-                 "raw", "reads_left")  # fmt: skip
+                 "raw", "reads_left", "link", "link_first")  # fmt: skip
 
     def __init__(self, pool: BufferPool) -> None:
         self.transport: asyncio.Transport | None = None
@@ -339,6 +409,8 @@ class Half(asyncio.BufferedProtocol):
         self.early: bytearray | None = None  # bytes read before the peer connection existed
         self.raw: _Raw | None = None  # set while this half's direction runs in raw mode
         self.reads_left = RAW_AFTER_READS  # reads until we try raw mode; negative once it cannot apply
+        self.link: Link | None = None  # set (on both halves) while the C relay thread moves this connection's bytes
+        self.link_first = False  # whether our socket is the link's fd0 (its first count is then ours)
 
     # --- reading -----------------------------------------------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -480,6 +552,21 @@ class Half(asyncio.BufferedProtocol):
             assert half.transport is not None
             half.transport.pause_reading()
         loop = asyncio.get_running_loop()
+        thread = self.pool.relay_thread(loop)
+        if thread is not None:
+            try:
+                link: Link = thread.add(mine.fileno(), theirs.fileno(), self.nbytes, peer.nbytes)
+            except (OSError, MemoryError) as exc:
+                log.debug("relay thread refused a connection, raw mode in Python", extra={"error": str(exc)})
+            else:
+                mine.detach()  # the descriptors are the thread's now: Link.stop closes them
+                theirs.detach()
+                self.link = peer.link = link
+                self.link_first = True
+                peer.link_first = False
+                self.pool.links[link.id] = self
+                peer.reads_left = -1
+                return
         self.raw = _Raw(self, loop, mine, theirs)
         peer.raw = _Raw(peer, loop, theirs, mine)
         peer.reads_left = -1
@@ -516,8 +603,28 @@ class Half(asyncio.BufferedProtocol):
         if self.peer is not None:
             self.peer.abort()
 
+    def sync_counts(self) -> None:
+        """Bring both halves' byte counts up to date while the relay thread moves their bytes (metrics, idle)."""
+        link = self.link
+        if link is not None:
+            self.take_counts(link.counts())
+
+    def take_counts(self, counts: tuple[int, int]) -> None:
+        first, second = counts if self.link_first else counts[::-1]
+        self.nbytes = first
+        if self.peer is not None:
+            self.peer.nbytes = second
+
     def stop_raw(self) -> None:
         """Leave raw mode for both directions (duplicates closed, callbacks removed); a no-op outside it."""
+        link = self.link
+        if link is not None:
+            self.take_counts(link.stop())  # closes both duplicates; the thread will not touch them again
+            for half in (self, self.peer):
+                if half is not None:
+                    half.link = None
+            self.pool.links.pop(link.id, None)
+            self.pool.extra_fds -= 2
         for half in (self, self.peer):
             if half is not None and half.raw is not None:
                 raw = half.raw
@@ -539,14 +646,16 @@ class Half(asyncio.BufferedProtocol):
         if not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             raw = self.raw
-            if raw is None:
+            if self.link is not None:
+                pass  # the relay thread reads, and applies its own backpressure
+            elif raw is None:
                 self.transport.pause_reading()
             elif raw.reading:
                 raw.reading = False
                 raw.loop.remove_reader(raw.fd)
 
     def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closed:
+        if self.reading_paused and self.transport is not None and not self.closed and self.link is None:
             raw = self.raw
             if raw is None:
                 self.reading_paused = False

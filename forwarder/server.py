@@ -382,6 +382,7 @@ class Worker:
 
     def account(self, conn: ClientHalf) -> None:
         """Move a connection's byte counts since the last sweep into the counters."""
+        conn.sync_counts()
         node = conn.peer
         to_node = conn.nbytes - conn.seen_to_node
         to_client = (node.nbytes if node is not None else 0) - conn.seen_to_client
@@ -610,6 +611,7 @@ class Worker:
         for route in list(self.routes.values()) + self._retired:
             for conn in list(route.connections):
                 self.account(conn)
+        self.pool.close(self.loop)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""

@@ -7,15 +7,52 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import uvloop
-from conftest import free_port
+from conftest import IN_CI, free_port
 from prometheus_client import CollectorRegistry
 
-from forwarder import config
+from forwarder import config, relay
 from forwarder.metrics import Metrics
+from forwarder.relay import BufferPool, Half
 from forwarder.server import ClientHalf, Worker
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+RAW = ["c", "python"]  # raw mode's two implementations: the C relay thread, and _Raw's reader callbacks
+
+
+def use_raw(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw mode in Python (`python`), or the C relay thread (`c`): skipped when the extension was not built, but a
+    failure in CI, which must test it."""
+    if name == "python":
+        monkeypatch.setattr(relay, "CRELAY", None)
+        return
+    if relay.CRELAY is None:
+        why = "forwarder._crelay is not built (no compiler at install) or NATFWD_NO_EXTENSIONS is set"
+        if IN_CI:
+            pytest.fail(f"{why}: CI must test the C relay")
+        pytest.skip(why)
+
+
+def is_raw(half: Half | None) -> bool:
+    """Whether the half's bytes bypass its transport: in _Raw, or in the relay thread."""
+    return half is not None and (half.raw is not None or half.link is not None)
+
+
+def held_back(half: Half | None) -> bool:
+    """Whether the half stopped reading because its peer's socket is full (in the relay thread: bytes wait)."""
+    if half is None:
+        return False
+    if half.link is not None:
+        return half.link.pending()[0 if half.link_first else 1] > 0
+    return half.reading_paused
+
+
+def idle_fds(pool: BufferPool) -> int:
+    """The descriptors raw mode keeps with no raw connection left: pooled pipes, and the thread's reservation."""
+    return 2 * len(pool.pipes) + pool.thread_fds
+
+
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
 
@@ -101,7 +138,7 @@ async def check_the_node_is_held_back(
     assert firehose.sent == stalled_at
     assert firehose.sent < 32 * 1024 * 1024
     conn = only_connection(worker)
-    assert conn.peer is not None and conn.peer.reading_paused
+    assert held_back(conn.peer), "the node's side should have stopped reading"
     writer.transport.resume_reading()
     got = 0
     while got < 8 * 1024 * 1024:

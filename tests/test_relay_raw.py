@@ -1,5 +1,6 @@
 """Raw mode (the relay owning socket duplicates: read/write for small messages, splice through pooled pipes for bulk)
-on both loops, and when it must not apply."""
+on both loops and in both implementations (the C relay thread, and _Raw in Python), and when it must not apply.
+Tests that look inside _Raw run in Python only; tests/test_crelay.py has the thread's own."""
 
 from __future__ import annotations
 
@@ -18,12 +19,17 @@ import pytest
 from conftest import Node
 from relaykit import (
     LOOPS,
+    RAW,
     Firehose,
     check_the_node_is_held_back,
     echo,
+    held_back,
+    idle_fds,
+    is_raw,
     only_connection,
     run,
     sink,
+    use_raw,
     wait_for,
     worker_for,
 )
@@ -67,7 +73,12 @@ async def transfer_both_ways(port: int, size: int, check: Callable[[], None] | N
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_busy_connection_goes_raw_and_relays_every_byte(loop_name: str) -> None:
+@pytest.mark.parametrize("impl", RAW)
+def test_busy_connection_goes_raw_and_relays_every_byte(
+    loop_name: str, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_raw(impl, monkeypatch)
+
     async def main() -> None:
         server, target = await sink(echo)
         fds_before = open_fds()
@@ -76,15 +87,15 @@ def test_busy_connection_goes_raw_and_relays_every_byte(loop_name: str) -> None:
 
             def check() -> None:
                 conn = only_connection(worker)
-                seen.append(conn.raw is not None and conn.peer is not None and conn.peer.raw is not None)
+                seen.append(is_raw(conn) and is_raw(conn.peer))
+                assert (conn.link is not None) == (impl == "c")
 
             await transfer_both_ways(port, 8 * 1024 * 1024, check)
             assert seen and all(seen), "both halves should be in raw mode once the ping-pong is over"
             await wait_for(lambda: worker.active == 0, "the connection to close")
-            pool = worker.pool
-            assert pool.extra_fds == 2 * len(pool.pipes)  # the socket duplicates are closed; pooled pipes remain
+            assert worker.pool.extra_fds == idle_fds(worker.pool)  # the duplicates are closed; pooled pipes remain
         await asyncio.sleep(0.05)
-        assert open_fds() <= fds_before + 2 * relay.PIPE_POOL_LIMIT
+        assert open_fds() <= fds_before + 2 * relay.PIPE_POOL_LIMIT + 3  # + the thread's epoll and eventfds
         server.close()
 
     run(loop_name, main)
@@ -93,6 +104,7 @@ def test_busy_connection_goes_raw_and_relays_every_byte(loop_name: str) -> None:
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full chunk means more is queued: one readiness callback keeps splicing, up to SPLICE_BURST chunks."""
+    use_raw("python", monkeypatch)  # looks inside _Raw
     chunks_per_call: list[int] = []
     reading = {"fd": -1, "chunks": 0}
     original_readable = relay._Raw.readable
@@ -126,6 +138,7 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypat
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each direction reads small messages with os.read, switches to splice on a full read, and back after it."""
+    use_raw("python", monkeypatch)  # looks inside _Raw
     spliced: list[int] = []
     original_splice = relay._splice
 
@@ -164,9 +177,13 @@ def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypat
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_concurrent_mixed_sizes_switching_modes_stay_intact(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("impl", RAW)
+def test_concurrent_mixed_sizes_switching_modes_stay_intact(
+    loop_name: str, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """20 connections at once, each echoing messages of random sizes from 1 byte to 300 KB, so every direction
     switches between copying and splicing many times while sharing one pipe pool: every echo comes back exact."""
+    use_raw(impl, monkeypatch)
     switches = {"to_splice": 0}
     original_splice_chunks = relay._Raw.splice_chunks
 
@@ -192,7 +209,12 @@ def test_concurrent_mixed_sizes_switching_modes_stay_intact(loop_name: str, monk
         async with worker_for(target) as (worker, port):
             await asyncio.gather(*(client(port, seed) for seed in range(20)))
             await wait_for(lambda: worker.active == 0, "every connection to close")
-            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+            assert worker.pool.extra_fds == idle_fds(worker.pool)
+            if impl == "c":
+                assert worker.pool.thread is not None
+                stats = worker.pool.thread.stats()
+                assert stats["pipes_open"] and stats["pipes_open"] == stats["pipes_pooled"], stats
+                switches["to_splice"] = 21  # spliced: it opened pipes, and every one is back, empty
         server.close()
 
     run(loop_name, main)
@@ -200,25 +222,32 @@ def test_concurrent_mixed_sizes_switching_modes_stay_intact(loop_name: str, monk
 
 
 def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Raw mode as on a system without os.splice: every chunk goes through os.read/os.write."""
+    """Raw mode as on a system without os.splice: every chunk goes through os.read/os.write (the relay thread gets
+    no pipe)."""
     monkeypatch.setattr(relay, "_splice", relay._no_splice)
+    monkeypatch.setattr(relay, "RELAY_PIPES", 0)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-@pytest.mark.parametrize("mode", ["transport", "copy"])
+@pytest.mark.parametrize("mode", ["transport", "copy", "c-copy"])
 def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """7-byte buffers and reads against 1 MB each way: through the transports for the whole connection (no
-    descriptors to spare for raw mode), or in raw mode without splice, partial sends and all."""
+    descriptors to spare for raw mode), or in raw mode without splice, partial sends and all (the relay thread
+    without pipes: its reads stay 16 KiB)."""
     if mode == "copy":
+        use_raw("python", monkeypatch)
         no_splice(monkeypatch)
         monkeypatch.setattr(relay, "COPY_READ", 7)
+    elif mode == "c-copy":
+        use_raw("c", monkeypatch)
+        monkeypatch.setattr(relay, "RELAY_PIPES", 0)
 
     async def main() -> None:
         server, target = await sink(echo)
         async with worker_for(target, fd_budget=0 if mode == "transport" else None, buffer_size=7) as (worker, port):
             modes: list[bool] = []
-            await transfer_both_ways(port, 1024 * 1024, lambda: modes.append(only_connection(worker).raw is not None))
-            assert modes and all(m == (mode == "copy") for m in modes)
+            await transfer_both_ways(port, 1024 * 1024, lambda: modes.append(is_raw(only_connection(worker))))
+            assert modes and all(m == (mode != "transport") for m in modes)
             assert not worker.pool.pipes
         server.close()
 
@@ -229,6 +258,7 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest
 def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With descriptors for the socket duplicates but none for a pipe, full reads keep asking for splice and keep
     getting copies: every byte arrives, and no callback recurses."""
+    use_raw("python", monkeypatch)  # looks inside _Raw
     asked: list[int] = []
     depth = {"now": 0, "max": 0}
     original_readable = relay._Raw.readable
@@ -264,6 +294,8 @@ def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_raw("python", monkeypatch)  # looks inside _Raw
+
     def refuse(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
@@ -283,9 +315,11 @@ def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: p
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("impl", RAW)
 def test_raw_mode_holds_back_a_fast_node_for_a_slow_client(
-    loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch
+    loop_name: str, mode: str, impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    use_raw(impl, monkeypatch)
     if mode == "copy":
         no_splice(monkeypatch)
     firehose = Firehose(echo_lines=20)  # the ping-pong, answered by hand
@@ -295,7 +329,7 @@ def test_raw_mode_holds_back_a_fast_node_for_a_slow_client(
         async with worker_for(target) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
             await ping_pong(reader, writer)
-            assert only_connection(worker).raw is not None
+            assert is_raw(only_connection(worker))
             await check_the_node_is_held_back(firehose, worker, reader, writer)
             writer.close()
         server.close()
@@ -305,11 +339,13 @@ def test_raw_mode_holds_back_a_fast_node_for_a_slow_client(
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("impl", RAW)
 def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
-    loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch
+    loop_name: str, mode: str, impl: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One connection stalls with bytes stuck in its pipe (or buffer) while another moves megabytes through the
     same pools: lending the stuck pipe or buffer to anyone else would corrupt the other stream."""
+    use_raw(impl, monkeypatch)
     if mode == "copy":
         no_splice(monkeypatch)
 
@@ -338,9 +374,14 @@ def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
             stalled.transport.pause_reading()
             await asyncio.sleep(0.5)  # the firehose fills every buffer up to the relay, and the relay stops reading
             conns = {c for route in worker.routes.values() for c in route.connections}
-            stuck = [c.peer for c in conns if c.peer is not None and c.peer.raw is not None and c.peer.raw.writing]
+            stuck = [c.peer for c in conns if held_back(c.peer)]
             assert stuck, "the stalled connection should be waiting for its client's socket, bytes in hand"
             for half in stuck:  # the pipe holding the unsent bytes (splice mode) is not lendable
+                if impl == "c":
+                    assert worker.pool.thread is not None
+                    stats = worker.pool.thread.stats()
+                    assert (stats["pipes_open"] > stats["pipes_pooled"]) == (mode == "splice"), stats
+                    continue
                 assert half.raw is not None
                 if mode == "copy":
                     assert half.raw.tail is not None and half.raw.pipe is None
@@ -367,8 +408,10 @@ def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_half_close_in_raw_mode(loop_name: str) -> None:
+@pytest.mark.parametrize("impl", RAW)
+def test_half_close_in_raw_mode(loop_name: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The client shuts its write side after going raw; the node still answers, then closes."""
+    use_raw(impl, monkeypatch)
 
     async def late_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         total = 0
@@ -387,7 +430,7 @@ def test_half_close_in_raw_mode(loop_name: str) -> None:
         async with worker_for(target) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await ping_pong(reader, writer)
-            assert only_connection(worker).raw is not None
+            assert is_raw(only_connection(worker))
             writer.write(b"x" * 100_000)
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(-1), 10) == b"got 100000"
@@ -399,7 +442,10 @@ def test_half_close_in_raw_mode(loop_name: str) -> None:
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_node_reset_in_raw_mode_closes_the_client(loop_name: str) -> None:
+@pytest.mark.parametrize("impl", RAW)
+def test_node_reset_in_raw_mode_closes_the_client(loop_name: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_raw(impl, monkeypatch)
+
     async def reset_after_ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(20):
             writer.write(await reader.readline())
@@ -419,29 +465,31 @@ def test_node_reset_in_raw_mode_closes_the_client(loop_name: str) -> None:
                 pass
             writer.close()
             await wait_for(lambda: worker.active == 0, "the connection to be dropped")
-            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+            assert worker.pool.extra_fds == idle_fds(worker.pool)
         server.close()
 
     run(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_drain_aborts_raw_connections_for_real(loop_name: str) -> None:
+@pytest.mark.parametrize("impl", RAW)
+def test_drain_aborts_raw_connections_for_real(loop_name: str, impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """abort() must close our socket duplicates first, or the client would never see the connection end."""
+    use_raw(impl, monkeypatch)
 
     async def main() -> None:
         server, target = await sink(echo)
         async with worker_for(target, drain_timeout_s=0.2) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await ping_pong(reader, writer)
-            assert only_connection(worker).raw is not None
+            assert is_raw(only_connection(worker))
             await worker.drain()
             try:
                 assert await asyncio.wait_for(reader.read(-1), 5) == b""
             except ConnectionResetError:
                 pass
             writer.close()
-            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+            assert worker.pool.extra_fds == idle_fds(worker.pool)
         server.close()
 
     run(loop_name, main)
@@ -460,7 +508,7 @@ def test_tls_front_never_goes_raw(loop_name: str, tmp_path: Path) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
             await ping_pong(reader, writer, rounds=40)
             conn = only_connection(worker)
-            assert conn.raw is None and conn.peer is not None and conn.peer.raw is None
+            assert not is_raw(conn) and conn.peer is not None and not is_raw(conn.peer)
             assert worker.pool.extra_fds == 0
             writer.close()
         server.close()
@@ -480,7 +528,7 @@ def test_rewriting_connections_never_go_raw(loop_name: str, start_redis: Callabl
                 writer.write(b"PING\r\n")
                 assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n", i
             conn = only_connection(worker)
-            assert conn.raw is None and conn.peer is not None and conn.peer.raw is None
+            assert not is_raw(conn) and conn.peer is not None and not is_raw(conn.peer)
             assert worker.pool.extra_fds == 0
             writer.close()
 

@@ -1,0 +1,318 @@
+"""The C relay thread (forwarder/_crelay.c): on its own over real loopback TCP socket pairs, then inside a worker
+(byte counts, idle timeout). tests/test_relay_raw.py runs raw mode's end-to-end tests against it and _Raw alike."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from relaykit import echo, is_raw, only_connection, run, sink, use_raw, wait_for, worker_for
+
+from forwarder import relay
+
+
+@pytest.fixture
+def crelay(monkeypatch: pytest.MonkeyPatch) -> Any:
+    use_raw("c", monkeypatch)
+    return relay.CRELAY
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+class Relayed:
+    """client <-> [relay: fd0 | fd1] <-> node, each a real TCP connection on loopback."""
+
+    def __init__(self, thread: Any) -> None:
+        self.client, mine = tcp_pair()
+        theirs, self.node = tcp_pair()
+        mine.setblocking(False)
+        theirs.setblocking(False)
+        self.fds = (mine.fileno(), theirs.fileno())
+        self.link = thread.add(*self.fds)
+        mine.detach()
+        theirs.detach()
+
+    def close(self) -> None:
+        self.link.stop()
+        self.client.close()
+        self.node.close()
+
+
+@contextmanager
+def relay_thread(crelay: Any, pipe_limit: int = 8) -> Iterator[Any]:
+    thread = crelay.Relay(pipe_limit)
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+def send_all(sock: socket.socket, payload: bytes, shut: bool = True) -> threading.Thread:
+    def go() -> None:
+        sock.sendall(payload)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=go)
+    sender.start()
+    return sender
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    chunks = []
+    while data := sock.recv(1 << 20):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def wait_done(thread: Any, timeout_s: float = 10.0) -> list[tuple[int, bool]]:
+    """Wait on the thread's eventfd, as the worker's loop does, and collect what finished."""
+    readable, _, _ = select.select([thread.fileno()], [], [], timeout_s)
+    assert readable, "the relay thread should have reported a finished connection"
+    return list(thread.done())
+
+
+def test_bytes_flow_both_ways_at_once_and_are_counted(crelay: Any) -> None:
+    up, down = os.urandom(3 * 1024 * 1024 + 7), os.urandom(5 * 1024 * 1024 + 3)
+    with relay_thread(crelay) as thread:
+        pair = Relayed(thread)
+        senders = [send_all(pair.client, up), send_all(pair.node, down)]
+        got_up, got_down = read_to_eof(pair.node), read_to_eof(pair.client)
+        for sender in senders:
+            sender.join()
+        assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+        assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+        assert wait_done(thread) == [(pair.link.id, False)]
+        assert pair.link.state() == "done"
+        assert pair.link.counts() == (len(up), len(down))
+        assert pair.link.stop() == (len(up), len(down))
+        assert pair.link.state() == "stopped"
+        stats = thread.stats()
+        assert stats["pipes_open"] == stats["pipes_pooled"] > 0, "bulk should have been spliced, pipes given back"
+        pair.close()
+
+
+def test_counts_start_from_what_python_counted_before_the_handover(crelay: Any) -> None:
+    with relay_thread(crelay) as thread:
+        client, mine = tcp_pair()
+        theirs, node = tcp_pair()
+        link = thread.add(mine.detach(), theirs.detach(), 100, 200)
+        client.sendall(b"x" * 10)
+        assert node.recv(10) == b"x" * 10
+        assert link.counts() == (110, 200)
+        link.stop()
+        client.close()
+        node.close()
+
+
+def test_half_close_passes_the_eof_and_the_reply_still_arrives(crelay: Any) -> None:
+    with relay_thread(crelay) as thread:
+        pair = Relayed(thread)
+        pair.client.sendall(b"request")
+        pair.client.shutdown(socket.SHUT_WR)
+        assert read_to_eof(pair.node) == b"request", "the client's EOF should reach the node"
+        assert pair.link.state() == "running", "the other direction is still open"
+        pair.node.sendall(b"late reply")
+        pair.node.close()
+        assert read_to_eof(pair.client) == b"late reply"
+        assert wait_done(thread) == [(pair.link.id, False)]
+        pair.close()
+
+
+def test_a_reset_is_reported_as_failed(crelay: Any) -> None:
+    with relay_thread(crelay) as thread:
+        pair = Relayed(thread)
+        pair.client.sendall(b"ping")
+        assert pair.node.recv(4) == b"ping"
+        pair.node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        pair.node.close()  # SO_LINGER 0: RST
+        assert wait_done(thread) == [(pair.link.id, True)]
+        assert pair.link.state() == "failed"
+        pair.link.stop()
+        pair.client.settimeout(10)
+        assert pair.client.recv(10) == b"", "stop closes the relay's sockets: the client sees the end"
+        pair.client.close()
+
+
+def test_stop_closes_both_descriptors_and_a_dropped_link_does_too(crelay: Any) -> None:
+    with relay_thread(crelay) as thread:
+        pair = Relayed(thread)
+        pair.link.stop()
+        pair.link.stop()  # twice is harmless
+        for fd in pair.fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+        pair.client.close()
+        pair.node.close()
+
+        before = len(os.listdir("/proc/self/fd"))
+        dropped = Relayed(thread)
+        dropped.client.close()
+        dropped.node.close()
+        del dropped  # never stopped: deallocating the link closes its descriptors
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_thread_holds_back_a_fast_node_for_a_reader_that_stopped(crelay: Any) -> None:
+    with relay_thread(crelay) as thread:
+        pair = Relayed(thread)
+        pair.node.setblocking(False)
+        sent = 0
+        for _ in range(2000):  # until the node's socket is full too: the relay stopped reading
+            try:
+                sent += pair.node.send(b"z" * 65536)
+            except BlockingIOError:
+                break
+        else:
+            pytest.fail("the relay kept reading from the node although the client reads nothing")
+        assert 0 < pair.link.pending()[1] <= relay.SPLICE_CHUNK
+        assert pair.link.pending()[0] == 0
+        pair.node.setblocking(True)
+        pair.node.shutdown(socket.SHUT_WR)
+        received = read_to_eof_count(pair.client)
+        assert received == sent
+        pair.close()
+
+
+def read_to_eof_count(sock: socket.socket) -> int:
+    sock.settimeout(30)
+    total = 0
+    while data := sock.recv(1 << 20):
+        assert data.strip(b"z") == b""
+        total += len(data)
+    return total
+
+
+def test_many_connections_at_once_under_a_tight_pipe_limit(crelay: Any) -> None:
+    with relay_thread(crelay, pipe_limit=2) as thread:
+        pairs = [Relayed(thread) for _ in range(24)]
+        payloads = [os.urandom(64 * 1024 * (1 + i % 5) + i) for i in range(len(pairs))]
+        senders = [send_all(p.client, payload) for p, payload in zip(pairs, payloads, strict=True)]
+        echoes = [send_all(p.node, payload[::-1]) for p, payload in zip(pairs, payloads, strict=True)]
+        for p, payload in zip(pairs, payloads, strict=True):
+            assert read_to_eof(p.node) == payload
+            assert read_to_eof(p.client) == payload[::-1]
+        for sender in senders + echoes:
+            sender.join()
+        finished: set[int] = set()
+        while len(finished) < len(pairs):
+            finished.update(link_id for link_id, failed in wait_done(thread) if not failed)
+        assert finished == {p.link.id for p in pairs}
+        assert thread.stats()["pipes_open"] <= 2
+        for p in pairs:
+            p.close()
+
+
+def test_no_pipes_means_copies(crelay: Any) -> None:
+    with relay_thread(crelay, pipe_limit=0) as thread:
+        pair = Relayed(thread)
+        payload = os.urandom(2 * 1024 * 1024)
+        sender = send_all(pair.client, payload)
+        assert read_to_eof(pair.node) == payload
+        sender.join()
+        assert thread.stats()["pipes_open"] == 0
+        pair.close()
+
+
+def test_the_thread_starts_and_stops_with_the_relay(crelay: Any) -> None:
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    thread = crelay.Relay(0)
+    assert threads() == before + 1
+    thread.close()
+    thread.close()
+    assert threads() == before
+    client, mine = tcp_pair()
+    with pytest.raises(RuntimeError, match="closed"):
+        thread.add(mine.fileno(), client.fileno())
+    os.fstat(mine.fileno())  # refused: the descriptors are still the caller's
+    client.close()
+    mine.close()
+
+
+def test_bad_arguments_are_refused(crelay: Any) -> None:
+    with pytest.raises(ValueError, match="pipe_limit"):
+        crelay.Relay(-1)
+    with relay_thread(crelay) as thread:
+        with pytest.raises(ValueError, match="distinct"):
+            thread.add(-1, 5)
+        a, b = tcp_pair()
+        with pytest.raises(ValueError, match="distinct"):
+            thread.add(a.fileno(), a.fileno())
+        with pytest.raises(OSError):
+            thread.add(a.fileno(), 10_000)  # not open: epoll refuses it, and the first one is left as it was
+        os.fstat(a.fileno())
+        a.close()
+        b.close()
+
+
+def test_constants_match_relay_py(crelay: Any) -> None:
+    for name in ("COPY_READ", "SPLICE_CHUNK", "SPLICE_BURST", "BULK_MIN", "COPY_AFTER_SMALL", "PIPE_POOL_LIMIT"):
+        assert getattr(crelay, name) == getattr(relay, name), name
+
+
+# --- inside a worker -------------------------------------------------------------------------------------------
+
+
+def test_a_worker_counts_the_threads_bytes(crelay: Any) -> None:
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for i in range(20):
+                writer.write(b"ping %d\n" % i)
+                await reader.readline()
+            conn = only_connection(worker)
+            assert conn.link is not None
+            payload = os.urandom(3 * 1024 * 1024)
+            writer.write(payload)
+            assert await reader.readexactly(len(payload)) == payload
+            worker.account(conn)  # what the metrics sweep does while the connection lives
+            ping_bytes = sum(len(b"ping %d\n" % i) for i in range(20))
+            assert conn.seen_to_node == conn.seen_to_client == ping_bytes + len(payload)
+            writer.write(b"bye\n")
+            writer.write_eof()
+            assert await reader.read() == b"bye\n"
+            writer.close()
+            await wait_for(lambda: worker.active == 0, "the connection to close")
+            assert conn.seen_to_node == conn.seen_to_client == ping_bytes + len(payload) + 4
+        server.close()
+
+    run("uvloop", main)
+
+
+def test_idle_timeout_sees_through_the_thread(crelay: Any) -> None:
+    """A raw connection that keeps moving bytes stays; one that goes quiet is closed after idle_timeout_s."""
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target, idle_timeout_s=0.4) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for i in range(40):  # 1.2 s of traffic, three times the timeout
+                writer.write(b"ping %d\n" % i)
+                await reader.readline()
+                if i == 20:
+                    assert is_raw(only_connection(worker)) and only_connection(worker).link is not None
+                await asyncio.sleep(0.03)
+            assert await asyncio.wait_for(reader.read(), 5) == b"", "once quiet, the connection is closed"
+            writer.close()
+            await wait_for(lambda: worker.active == 0, "the connection to close")
+        server.close()
+
+    run("uvloop", main)
