@@ -18,6 +18,7 @@
  * in add, stop and counts. A stopped pair's memory goes to a graveyard the thread frees after its current batch, so
  * an event fetched before the stop never points at freed memory.
  */
+#define _GNU_SOURCE /* pthread_setname_np */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
@@ -455,6 +456,7 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     r->thread_running = 1;
+    pthread_setname_np(r->thread, "natfwd-relay"); /* what top -H and ps -L show */
     return (PyObject *)r;
 }
 

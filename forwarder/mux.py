@@ -24,6 +24,7 @@ from collections import deque
 from typing import Protocol
 
 from forwarder import config as config_mod
+from forwarder import extensions
 from forwarder.protocols import framing
 from forwarder.protocols.framing import PIN as PINNED
 from forwarder.protocols.framing import Framer, FramingError, framer
@@ -642,17 +643,9 @@ class MuxPool:
                 pipe.close()
 
 
-_warned_pure = False
-
-
 def new_pool(
     loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
 ) -> MuxPool:
-    global _warned_pure
-    if framing.C is None and not _warned_pure and not framing.EXTENSIONS_OFF:
-        _warned_pure = True
-        log.warning(
-            "multiplexing with the pure-Python scanners, which cost about 2 us more per request: the C extension "
-            "was not built; install gcc and the Python headers (apt-get install gcc python3-dev) and reinstall natfwd"
-        )
+    if framing.C is None:
+        extensions.warn_missing(log, "multiplexing's scanners", "about 2 us more per request")
     return MuxPool(loop, target, framer(cfg.engine), cfg.multiplex_connections, cfg.connect_timeout_s, hooks)

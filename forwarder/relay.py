@@ -22,10 +22,9 @@ import os
 import resource
 import socket
 from collections.abc import Callable
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
-from forwarder.protocols.framing import EXTENSIONS_OFF
+from forwarder import extensions
 
 if TYPE_CHECKING:
     from forwarder._crelay import Link, Relay
@@ -68,19 +67,7 @@ _NO_SPLICE_ERRNOS = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 RELAY_PIPES = 32  # pipes the C relay thread may hold (64 descriptors, reserved when it starts)
 
 
-def _extension() -> ModuleType | None:
-    """Raw mode's C relay thread, unless NATFWD_NO_EXTENSIONS is set or it was not built (no compiler at install)."""
-    if EXTENSIONS_OFF:
-        return None
-    try:
-        from forwarder import _crelay
-    except ImportError:
-        return None
-    return _crelay
-
-
-CRELAY = _extension()  # tests set this to None to run raw mode in Python
-_warned_pure = False
+CRELAY = extensions.load("_crelay")  # tests set this to None to run raw mode in Python
 
 
 class BufferPool:
@@ -91,7 +78,7 @@ class BufferPool:
     """
 
     __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "reserved_fds", "can_splice", "thread",
-                 "thread_fds", "links")  # fmt: skip
+                 "thread_fds", "links", "no_thread")  # fmt: skip
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
@@ -103,23 +90,21 @@ class BufferPool:
         self.can_splice = True  # until the kernel refuses it once
         self.thread: Relay | None = None  # the C relay thread, started by the first connection to go raw
         self.thread_fds = 0  # descriptors reserved for the thread's pipes
-        self.links: dict[int, Half] = {}  # the thread's connections by link id: the half whose socket is fd0
+        self.links: dict[int, Half] = {}
+        self.no_thread = False  # the thread could not start once: raw mode stays in Python, no retry per connection  # the thread's connections by link id: the half whose socket is fd0
 
     def relay_thread(self, loop: asyncio.AbstractEventLoop) -> Relay | None:
         """The C relay thread for this loop (started on first use), or None without the extension."""
-        global _warned_pure
-        if CRELAY is None and not _warned_pure and not EXTENSIONS_OFF:
-            _warned_pure = True
-            log.warning(
-                "raw mode in Python, which costs about 3 us more per request: the C relay was not built; install "
-                "gcc and the Python headers (apt-get install gcc python3-dev) and reinstall natfwd"
-            )
-        if self.thread is None and CRELAY is not None:
+        if CRELAY is None:
+            extensions.warn_missing(log, "raw mode", "about 3 us more per request")
+            return None
+        if self.thread is None and not self.no_thread:
             pipes = RELAY_PIPES if self.reserve_fds(2 * RELAY_PIPES) else 0
             try:
                 thread: Relay = CRELAY.Relay(pipes)
             except OSError as exc:
                 self.extra_fds -= 2 * pipes
+                self.no_thread = True
                 log.warning("no relay thread, raw mode stays in Python", extra={"error": str(exc)})
                 return None
             self.thread_fds = 2 * pipes

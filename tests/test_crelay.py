@@ -9,8 +9,10 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,14 +173,19 @@ def test_the_thread_holds_back_a_fast_node_for_a_reader_that_stopped(crelay: Any
     with relay_thread(crelay) as thread:
         pair = Relayed(thread)
         pair.node.setblocking(False)
-        sent = 0
-        for _ in range(2000):  # until the node's socket is full too: the relay stopped reading
+        sent, refused = 0, 0
+        deadline = time.monotonic() + 10
+        while refused < 5 or not pair.link.pending()[1]:  # until every buffer on the way is full
+            assert time.monotonic() < deadline, "the relay should stop reading from the node at some point"
             try:
                 sent += pair.node.send(b"z" * 65536)
+                refused = 0
             except BlockingIOError:
-                break
-        else:
-            pytest.fail("the relay kept reading from the node although the client reads nothing")
+                refused += 1
+                time.sleep(0.05)
+        read_from_node = pair.link.counts()[1]
+        time.sleep(0.3)
+        assert pair.link.counts()[1] == read_from_node, "the relay should not read while the client cannot take it"
         assert 0 < pair.link.pending()[1] <= relay.SPLICE_CHUNK
         assert pair.link.pending()[0] == 0
         pair.node.setblocking(True)
@@ -230,7 +237,8 @@ def test_no_pipes_means_copies(crelay: Any) -> None:
 
 def test_the_thread_starts_and_stops_with_the_relay(crelay: Any) -> None:
     def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
+        names = [Path(f"/proc/self/task/{tid}/comm").read_text().strip() for tid in os.listdir("/proc/self/task")]
+        return names.count("natfwd-relay")
 
     before = threads()
     thread = crelay.Relay(0)
@@ -316,3 +324,66 @@ def test_idle_timeout_sees_through_the_thread(crelay: Any) -> None:
         server.close()
 
     run("uvloop", main)
+
+
+async def busy_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection through the worker that has made enough round trips to go raw."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(20):
+        writer.write(b"ping %d\n" % i)
+        await reader.readline()
+    return reader, writer
+
+
+def test_a_thread_that_cannot_start_leaves_raw_mode_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoThreads:
+        starts = 0
+
+        @classmethod
+        def Relay(cls, pipe_limit: int) -> Any:  # noqa: N802 (the extension's class name)
+            cls.starts += 1
+            raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(relay, "CRELAY", NoThreads)
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            for _ in range(2):
+                reader, writer = await busy_connection(port)
+                conn = only_connection(worker)
+                assert conn.raw is not None and conn.link is None, "raw mode should fall back to Python"
+                writer.close()
+                await wait_for(lambda: worker.active == 0, "the connection to close")
+            assert NoThreads.starts == 1, "a thread that failed to start is not retried for every connection"
+            assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
+        server.close()
+
+    run("uvloop", main)
+
+
+@pytest.mark.parametrize("off", [False, True])
+def test_without_the_extension_natfwd_warns_once_unless_turned_off(
+    off: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from forwarder import extensions
+
+    monkeypatch.setattr(relay, "CRELAY", None)
+    monkeypatch.setattr(extensions, "OFF", off)
+    monkeypatch.setattr(extensions, "_warned", set())
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            for _ in range(2):
+                _reader, writer = await busy_connection(port)
+                assert only_connection(worker).raw is not None
+                writer.close()
+                await wait_for(lambda: worker.active == 0, "the connection to close")
+        server.close()
+
+    with caplog.at_level("WARNING", logger="natfwd.relay"):
+        run("uvloop", main)
+    warnings = [r.getMessage() for r in caplog.records if "raw mode in Python" in r.getMessage()]
+    assert len(warnings) == (0 if off else 1), warnings
+    assert off or "apt-get install gcc python3-dev" in warnings[0]

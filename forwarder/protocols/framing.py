@@ -20,10 +20,10 @@ The functions here are the reference; `_cframing.c` is the same in C, 15-30x che
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from types import ModuleType
 from typing import NamedTuple
+
+from forwarder import extensions
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
 STREAM_MIN = 64 * 1024  # values this big pass on as they arrive; smaller ones wait until their reply is whole
@@ -354,22 +354,9 @@ MEMCACHED_PY = Framer(
 )
 
 
-EXTENSIONS_OFF = bool(os.environ.get("NATFWD_NO_EXTENSIONS"))  # the C scanners turned off on purpose
-
-
-def _extension() -> ModuleType | None:
-    """The C scanners, unless NATFWD_NO_EXTENSIONS is set or they were not built (no compiler at install)."""
-    if EXTENSIONS_OFF:
-        return None
-    try:
-        from forwarder.protocols import _cframing
-    except ImportError:
-        return None
-    _cframing.init(FramingError, REDIS_COMMANDS)
-    return _cframing
-
-
-C = _extension()
+C = extensions.load("protocols._cframing")
+if C is not None:
+    C.init(FramingError, REDIS_COMMANDS)
 if C is None:
     REDIS, MEMCACHED = REDIS_PY, MEMCACHED_PY
 else:
