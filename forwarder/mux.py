@@ -40,6 +40,10 @@ LARGE_REQUEST = 64 * 1024
 # frame (1.3 us a request) than sharing saves, and a connection of its own is cheaper; the C scanners take 40 ns,
 # and sharing took redis-benchmark -P 16 from 0.85-0.99 to 1.10-1.37x HAProxy (benchmarks/README.md): they never pin.
 PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
+# A client that has had its shared connection to itself for this many reads in a row pins too (reason "alone"):
+# with nobody to share with, a connection of its own goes through raw mode (the C relay thread where built), which
+# costs a request a third of the CPU the multiplexer does. Large, so clients that start together never see it.
+ALONE_PIN = 1000
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
 # replies; the price is head-of-line blocking, as in any multiplexer.
@@ -77,7 +81,7 @@ class Session:
     """One client's end of the multiplexer."""
 
     __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
-                 "writing", "owed", "eof", "closed", "leaving", "lane", "scan")  # fmt: skip
+                 "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone")  # fmt: skip
 
     def __init__(self, owner: Owner, replied: Counter, pipe: Pipe, sock: socket.socket) -> None:
         self.owner = owner
@@ -100,6 +104,7 @@ class Session:
         self.leaving: tuple[int, bytes] | None = None
         self.lane = pipe.lane
         self.scan = pipe.framer.requests
+        self.alone = 0  # reads in a row with no other client on the pipe
         pipe.sessions.add(self)
 
     def start(self, first: bytes) -> None:
@@ -143,6 +148,12 @@ class Session:
             end, count, lane = scanned
             if end == len(data) and not lane and count < PIPELINE_PIN:
                 self.pipe.send(self, data, count)
+                if len(self.pipe.sessions) > 1:
+                    self.alone = 0
+                    return
+                self.alone += 1
+                if self.alone >= ALONE_PIN:
+                    self.leave(PINNED, b"", "alone")
                 return
             self.feed(data, scanned)
             return

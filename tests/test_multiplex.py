@@ -569,3 +569,25 @@ def test_a_big_request_gets_a_connection_of_its_own(redis_mux: tuple[Node, int, 
     assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="large_request") == 1
     shared.close()
     bulk.close()
+
+
+def test_a_client_alone_for_long_gets_a_connection_of_its_own_and_company_keeps_sharing(
+    redis_mux: tuple[Node, int, Serve],
+) -> None:
+    """Nobody to share with for ALONE_PIN reads in a row: the client is pinned (reason `alone`) and carries on over a
+    connection of its own; two clients taking turns never are."""
+    node, port, serve = redis_mux
+    first, second = redis.Redis(port=port, socket_timeout=10), redis.Redis(port=port, socket_timeout=10)
+    for j in range(600):  # 1200 reads, each with another client on the shared connection
+        for client in (first, second):
+            assert client.set(f"t{j}", j) and client.get(f"t{j}") == str(j).encode()
+    assert 'reason="alone"' not in serve.metrics()
+    assert node_clients(node) == 1
+    second.close()
+    for j in range(1200):
+        assert first.get(f"t{j % 600}") == str(j % 600).encode()
+    assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="alone") == 1
+    assert node_clients(node) == 2, "its own connection, and the shared one kept for the next clients"
+    for j in range(100):  # still its own replies, now relayed
+        assert first.set(f"a{j}", j) and first.get(f"a{j}") == str(j).encode()
+    first.close()
