@@ -11,6 +11,11 @@ with one `os.read` and one `os.write`, bulk socket -> pipe -> socket with `os.sp
 Python at all. That saves uvloop's per-chunk protocol machinery on small messages and both copies on large ones. In
 raw mode the unsent rest of a chunk stays in our pipe (or our own bytes object), which nobody else can see, and the
 transports only report `connection_lost`.
+
+Where the C extension was built, raw mode runs in a relay thread instead (`_crelay.c`, one per event loop, started
+by the first connection to go raw): it makes the same calls by the same rules without the event loop or the GIL in
+between, and `_Raw` is its reference and fallback. Python keeps the control plane: byte counts (`Half.sync_counts`),
+closing when the thread reports a connection done (`BufferPool.collect`), and aborts (`Half.stop_raw`).
 """
 
 from __future__ import annotations
@@ -90,8 +95,8 @@ class BufferPool:
         self.can_splice = True  # until the kernel refuses it once
         self.thread: Relay | None = None  # the C relay thread, started by the first connection to go raw
         self.thread_fds = 0  # descriptors reserved for the thread's pipes
-        self.links: dict[int, Half] = {}
-        self.no_thread = False  # the thread could not start once: raw mode stays in Python, no retry per connection  # the thread's connections by link id: the half whose socket is fd0
+        self.links: dict[int, Half] = {}  # the thread's connections by link id: the half whose socket is fd0
+        self.no_thread = False  # the thread could not start once: raw mode stays in Python, no retry per connection
 
     def relay_thread(self, loop: asyncio.AbstractEventLoop) -> Relay | None:
         """The C relay thread for this loop (started on first use), or None without the extension."""

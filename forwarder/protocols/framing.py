@@ -355,11 +355,10 @@ MEMCACHED_PY = Framer(
 
 
 C = extensions.load("protocols._cframing")
-if C is not None:
-    C.init(FramingError, REDIS_COMMANDS)
 if C is None:
     REDIS, MEMCACHED = REDIS_PY, MEMCACHED_PY
 else:
+    C.init(FramingError, REDIS_COMMANDS)
     REDIS = REDIS_PY._replace(
         requests=C.redis_requests, replies=C.redis_replies, push=C.redis_push, stream=C.redis_stream
     )
