@@ -387,3 +387,59 @@ def test_without_the_extension_natfwd_warns_once_unless_turned_off(
     warnings = [r.getMessage() for r in caplog.records if "raw mode in Python" in r.getMessage()]
     assert len(warnings) == (0 if off else 1), warnings
     assert off or "apt-get install gcc python3-dev" in warnings[0]
+
+
+def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) -> None:
+    """Half of 24 busy connections are aborted mid-transfer (as a drain or the idle timeout does) while the thread
+    is moving their bytes; the other half still get every byte, and nothing is left behind."""
+
+    async def transfer(port: int, size: int) -> str:
+        """`intact`, `cut` (a true prefix, then the end), or `corrupt`."""
+        reader, writer = await busy_connection(port)
+        payload = os.urandom(size)
+
+        async def send() -> None:
+            try:
+                for i in range(0, size, 256 * 1024):
+                    writer.write(payload[i : i + 256 * 1024])
+                    await writer.drain()
+                writer.write_eof()
+            except (ConnectionError, RuntimeError):  # reset: uvloop then refuses writes on the closed transport
+                pass
+
+        sender = asyncio.create_task(send())
+        received = bytearray()
+        try:
+            while data := await asyncio.wait_for(reader.read(1 << 20), 30):
+                received += data
+        except ConnectionError:
+            pass
+        await sender
+        writer.close()
+        if received == payload:
+            return "intact"
+        return "cut" if payload.startswith(received) else "corrupt"
+
+    async def main() -> None:
+        server, target = await sink(echo)
+        async with worker_for(target, drain_timeout_s=1) as (worker, port):
+            transfers = [asyncio.create_task(transfer(port, 4 * 1024 * 1024)) for _ in range(24)]
+            await wait_for(
+                lambda: sum(1 for r in worker.routes.values() for c in r.connections if c.link is not None) == 24,
+                "every connection to reach the relay thread",
+            )
+            conns = sorted((c for r in worker.routes.values() for c in r.connections), key=id)
+            for conn in conns[::2]:
+                conn.abort()
+                if conn.peer is not None:
+                    conn.peer.abort()
+            results = await asyncio.gather(*transfers)
+            assert "corrupt" not in results, "an aborted connection must end, never deliver wrong bytes"
+            assert results.count("intact") >= 12, results
+            assert "cut" in results, "the aborts should have come while the thread was moving bytes"
+            await wait_for(lambda: worker.active == 0, "every connection to close")
+            assert not worker.pool.links
+            assert worker.pool.extra_fds == worker.pool.thread_fds + 2 * len(worker.pool.pipes)
+        server.close()
+
+    run("uvloop", main)
