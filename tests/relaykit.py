@@ -99,6 +99,21 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
     writer.close()
 
 
+async def ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rounds: int = 20) -> None:
+    """Enough small round trips for both halves to pass RAW_AFTER_READS reads."""
+    for i in range(rounds):
+        line = f"ping {i}\n".encode()
+        writer.write(line)
+        assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
+
+
+async def busy_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection through the worker on `port` that has made enough round trips (ping_pong) to go raw."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await ping_pong(reader, writer)
+    return reader, writer
+
+
 def only_connection(worker: Worker) -> ClientHalf:
     (route,) = worker.routes.values()
     (conn,) = route.connections

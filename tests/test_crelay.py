@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import echo, is_raw, only_connection, run, sink, use_raw, wait_for, worker_for
+from relaykit import busy_connection, echo, is_raw, only_connection, run, sink, use_raw, wait_for, worker_for
 
 from forwarder import relay
 
@@ -282,17 +282,14 @@ def test_a_worker_counts_the_threads_bytes(crelay: Any) -> None:
     async def main() -> None:
         server, target = await sink(echo)
         async with worker_for(target) as (worker, port):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            for i in range(20):
-                writer.write(b"ping %d\n" % i)
-                await reader.readline()
+            reader, writer = await busy_connection(port)
             conn = only_connection(worker)
             assert conn.link is not None
             payload = os.urandom(3 * 1024 * 1024)
             writer.write(payload)
             assert await reader.readexactly(len(payload)) == payload
             worker.account(conn)  # what the metrics sweep does while the connection lives
-            ping_bytes = sum(len(b"ping %d\n" % i) for i in range(20))
+            ping_bytes = sum(len(f"ping {i}\n") for i in range(20))  # what ping_pong sent
             assert conn.seen_to_node == conn.seen_to_client == ping_bytes + len(payload)
             writer.write(b"bye\n")
             writer.write_eof()
@@ -324,15 +321,6 @@ def test_idle_timeout_sees_through_the_thread(crelay: Any) -> None:
         server.close()
 
     run("uvloop", main)
-
-
-async def busy_connection(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A connection through the worker that has made enough round trips to go raw."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    for i in range(20):
-        writer.write(b"ping %d\n" % i)
-        await reader.readline()
-    return reader, writer
 
 
 def test_a_thread_that_cannot_start_leaves_raw_mode_in_python(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -393,10 +381,15 @@ def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) ->
     """Half of 24 busy connections are aborted mid-transfer (as a drain or the idle timeout does) while the thread
     is moving their bytes; the other half still get every byte, and nothing is left behind."""
 
+    ready: list[int] = []
+    go = asyncio.Event()
+
     async def transfer(port: int, size: int) -> str:
         """`intact`, `cut` (a true prefix, then the end), or `corrupt`."""
         reader, writer = await busy_connection(port)
         payload = os.urandom(size)
+        ready.append(1)
+        await go.wait()
 
         async def send() -> None:
             try:
@@ -424,11 +417,17 @@ def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) ->
         server, target = await sink(echo)
         async with worker_for(target, drain_timeout_s=1) as (worker, port):
             transfers = [asyncio.create_task(transfer(port, 4 * 1024 * 1024)) for _ in range(24)]
-            await wait_for(
-                lambda: sum(1 for r in worker.routes.values() for c in r.connections if c.link is not None) == 24,
-                "every connection to reach the relay thread",
-            )
+            await wait_for(lambda: len(ready) == 24, "every connection to go raw")
             conns = sorted((c for r in worker.routes.values() for c in r.connections), key=id)
+            assert len(conns) == 24 and all(c.link is not None for c in conns), "all should be in the relay thread"
+            go.set()
+
+            def moving() -> bool:  # every connection well into its transfer, through the thread
+                for c in conns:
+                    c.sync_counts()
+                return all(c.nbytes > 256 * 1024 for c in conns)
+
+            await wait_for(moving, "every transfer to be under way")
             for conn in conns[::2]:
                 conn.abort()
                 if conn.peer is not None:

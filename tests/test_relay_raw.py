@@ -27,6 +27,7 @@ from relaykit import (
     idle_fds,
     is_raw,
     only_connection,
+    ping_pong,
     run,
     sink,
     use_raw,
@@ -36,14 +37,6 @@ from relaykit import (
 from tlskit import CA
 
 from forwarder import relay
-
-
-async def ping_pong(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rounds: int = 20) -> None:
-    """Enough small round trips for both halves to pass RAW_AFTER_READS reads."""
-    for i in range(rounds):
-        line = f"ping {i}\n".encode()
-        writer.write(line)
-        assert await asyncio.wait_for(reader.readexactly(len(line)), 10) == line
 
 
 def open_fds() -> int:
