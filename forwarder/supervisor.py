@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -68,6 +69,7 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
         try:
             metrics_mod.start_exporter(cfg.metrics.host, cfg.metrics.port, metrics_mod.exporter_registry())
         except OSError as exc:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
             raise NatfwdError(f"metrics.listen {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror}") from exc
 
     pending: list[int] = []
@@ -114,6 +116,8 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
     finally:
         for pid in workers:
             _kill(pid, signal.SIGTERM)
+        if not workers:  # a worker still draining may yet write ports.json there
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
 def _reload(cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object) -> config_mod.Config:

@@ -254,8 +254,11 @@ def test_two_workers_share_ports(tmp_path: Path, memcached_nodes: list[Node]) ->
         tmp_path / "natfwd.yaml", forwards, extra=f"workers: 2\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
     )
     port = forwards[0][0]
-    with serving(cfg, [port], metrics_port) as serve:
+    tmp = tmp_path / "tmp"  # where the supervisor keeps the workers' shared metrics files
+    tmp.mkdir()
+    with serving(cfg, [port], metrics_port, env={"TMPDIR": str(tmp)}) as serve:
         serve.wait_log("forwarding", count=2)
+        assert len(list(tmp.iterdir())) == 1
 
         def roundtrip(i: int) -> bool:
             client = mc(port)
@@ -271,6 +274,7 @@ def test_two_workers_share_ports(tmp_path: Path, memcached_nodes: list[Node]) ->
         assert serve.metric("natfwd_config_reloads_total", result="success") == 1
         serve.signal(signal.SIGTERM)
         assert serve.proc.wait(15) == 0
+    assert list(tmp.iterdir()) == []
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path, memcached_nodes: list[Node]) -> None:
