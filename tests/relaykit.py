@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -80,6 +81,10 @@ async def worker_for(target_port: int, *, fd_budget: int | None = None, buffer_s
     await worker.start()
     try:
         yield worker, port
+    except BaseException:
+        # A failed test leaves its connections open: abort them at once rather than wait out the 30 s grace.
+        worker.config = dataclasses.replace(worker.config, drain_timeout_s=0.0)
+        raise
     finally:
         await worker.drain()
 
