@@ -239,6 +239,17 @@ def test_requests_agree(c: Impl, seed: int, name: str, make: Callable[[random.Ra
     assert compare.cases > 5 * SAMPLES
 
 
+def test_every_command_name_and_its_near_misses_agree(c: Impl) -> None:
+    """The C scanner looks names up in a hash set: each known name (any case) is found, and a name one letter off,
+    one letter longer or shorter, is not, exactly as framing.py decides."""
+    compare = Compare(c)
+    for name in COMMANDS:
+        near = {name.lower(), name[:-1], name + b"X", name[1:], b"Q" + name[1:], name[:-1] + b"Q"}
+        for word in (name, *near):
+            compare.requests("redis_requests", cmd(word, b"k") * 3)
+    assert compare.cases >= 5 * 6 * len(COMMANDS)
+
+
 @pytest.mark.parametrize(
     ("seed", "names", "make"),
     [
