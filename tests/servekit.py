@@ -71,6 +71,9 @@ def serving(
     """`natfwd serve` until the block ends (then SIGKILL), once every port in `ports` listens. `wrapper` goes
     before the python command line; it must exec it, so that the process started is natfwd itself."""
     log_path = config_path.with_suffix(".log")
+    # The supervisor's metrics directory goes beside the config: a SIGKILL at the end leaves it in pytest's tmp_path.
+    tmp = config_path.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
     log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(
         [*wrapper, sys.executable, "-m", "forwarder", *extra_args, "serve", "--config", str(config_path)],
@@ -78,7 +81,7 @@ def serving(
         stdout=subprocess.DEVNULL,
         stderr=log_file,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp), **(env or {})},
     )
     serve = Serve(proc, log_path, metrics_port)
     try:

@@ -254,9 +254,8 @@ def test_two_workers_share_ports(tmp_path: Path, memcached_nodes: list[Node]) ->
         tmp_path / "natfwd.yaml", forwards, extra=f"workers: 2\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n"
     )
     port = forwards[0][0]
-    tmp = tmp_path / "tmp"  # where the supervisor keeps the workers' shared metrics files
-    tmp.mkdir()
-    with serving(cfg, [port], metrics_port, env={"TMPDIR": str(tmp)}) as serve:
+    tmp = tmp_path / "tmp"  # servekit's TMPDIR, where the supervisor keeps the workers' shared metrics files
+    with serving(cfg, [port], metrics_port) as serve:
         serve.wait_log("forwarding", count=2)
         assert len(list(tmp.iterdir())) == 1
 
