@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import wait_port
@@ -66,7 +66,6 @@ def serving(
     metrics_port: int | None = None,
     extra_args: tuple[str, ...] = (),
     wrapper: tuple[str, ...] = (),
-    env: Mapping[str, str] | None = None,
 ) -> Iterator[Serve]:
     """`natfwd serve` until the block ends (then SIGKILL), once every port in `ports` listens. `wrapper` goes
     before the python command line; it must exec it, so that the process started is natfwd itself."""
@@ -81,7 +80,7 @@ def serving(
         stdout=subprocess.DEVNULL,
         stderr=log_file,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp), **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)},
     )
     serve = Serve(proc, log_path, metrics_port)
     try:
