@@ -19,6 +19,7 @@ from typing import Any, Protocol, cast
 SMALL_VALUE = b"v" * 32
 KEY = "bench:small"
 BIG_KEY = "bench:big"
+START_TIMEOUT_S = 60.0  # for the other processes of `many` to connect
 
 
 class KV(Protocol):
@@ -85,15 +86,30 @@ def latency(engine: str, host: str, port: int, duration_s: float) -> dict[str, f
     }
 
 
-def _many_part(engine: str, host: str, port: int, connections: int, threads: int, start_at: float,
+_start: Any = None  # many()'s barrier, inherited by its pool's processes
+
+
+def _share_start(barrier: Any) -> None:
+    global _start
+    _start = barrier
+
+
+def _many_part(engine: str, host: str, port: int, connections: int, threads: int,
                duration_s: float) -> tuple[list[float], float]:  # fmt: skip
-    """One process of `many`: its connections, round-robin over its threads, from `start_at` (wall clock) for
-    `duration_s`. Returns the per-GET latencies and the seconds actually measured."""
-    clients = [connect(engine, host, port) for _ in range(connections)]
+    """One process of `many`: its connections, round-robin over its threads, for `duration_s` from when every
+    process has connected. Returns the per-GET latencies and the seconds actually measured."""
+    clients: list[KV] = []
+    try:
+        clients += (connect(engine, host, port) for _ in range(connections))
+    except BaseException:
+        _start.abort()  # the others stop waiting for this process
+        for client in clients:
+            client.close()
+        raise
     try:
         results: list[list[float]] = [[] for _ in range(threads)]
         errors: list[BaseException] = []
-        time.sleep(max(0.0, start_at - time.time()))  # every process starts together
+        _start.wait(START_TIMEOUT_S)  # every process starts together
         started = time.perf_counter()
         deadline = started + duration_s
 
@@ -136,11 +152,22 @@ def many(engine: str, host: str, port: int, duration_s: float, connections: int,
         client.set(KEY, SMALL_VALUE)
     finally:
         client.close()
-    start_at = time.time() + 1.0 + connections / 500  # time for every process to connect first
     share = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
     context = multiprocessing.get_context("fork")  # the children stay in this network namespace
-    with context.Pool(processes) as pool:
-        parts = pool.starmap(_many_part, [(engine, host, port, n, threads, start_at, duration_s) for n in share])
+    # One task per process: each blocks at the barrier until all have connected, so none can take a second one.
+    start = context.Barrier(processes)
+    with context.Pool(processes, initializer=_share_start, initargs=(start,)) as pool:
+        pending = [pool.apply_async(_many_part, (engine, host, port, n, threads, duration_s)) for n in share]
+        outcomes: list[tuple[list[float], float] | BaseException] = []
+        for task in pending:
+            try:
+                outcomes.append(task.get())
+            except BaseException as exc:  # raised below: a process's own error before a broken barrier
+                outcomes.append(exc)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        raise min(errors, key=lambda e: isinstance(e, threading.BrokenBarrierError))
+    parts = [o for o in outcomes if not isinstance(o, BaseException)]
     samples = sorted(s for part, _ in parts for s in part)
     elapsed = max(seconds for _, seconds in parts)
     return {"ops": len(samples) / elapsed, "p99_us": percentile(samples, 0.99) * 1e6}

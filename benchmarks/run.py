@@ -20,7 +20,7 @@ from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
 from benchmarks.paths import KNOWN_PATHS, PATH_IDS, REPO  # noqa: E402
 from forwarder.errors import NatfwdError, UsageError  # noqa: E402
 
-QUICK = {"rounds": 3, "duration_s": 0.5}
+QUICK = {"rounds": 3, "duration_s": 0.4}
 FULL = {"rounds": 3, "duration_s": 2.0}
 
 
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the results")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
     parser.add_argument(
-        "--duration", type=float, default=None, help="seconds per measurement (default 2, or 0.5 with --quick)"
+        "--duration", type=float, default=None, help="seconds per measurement (default 2, or 0.4 with --quick)"
     )
     parser.add_argument(
         "--paths",
