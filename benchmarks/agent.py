@@ -158,16 +158,16 @@ def many(engine: str, host: str, port: int, duration_s: float, connections: int,
     start = context.Barrier(processes)
     with context.Pool(processes, initializer=_share_start, initargs=(start,)) as pool:
         pending = [pool.apply_async(_many_part, (engine, host, port, n, threads, duration_s)) for n in share]
-        outcomes: list[tuple[list[float], float] | BaseException] = []
+        parts: list[tuple[list[float], float]] = []
+        errors: list[BaseException] = []
         for task in pending:
             try:
-                outcomes.append(task.get())
-            except BaseException as exc:  # raised below: a process's own error before a broken barrier
-                outcomes.append(exc)
-    errors = [o for o in outcomes if isinstance(o, BaseException)]
-    if errors:
-        raise min(errors, key=lambda e: isinstance(e, threading.BrokenBarrierError))
-    parts = [o for o in outcomes if not isinstance(o, BaseException)]
+                parts.append(task.get())
+            except BaseException as exc:
+                errors.append(exc)
+    if errors:  # the process that could not connect says why; the others only saw the barrier break
+        own = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        raise (own or errors)[0]
     samples = sorted(s for part, _ in parts for s in part)
     elapsed = max(seconds for _, seconds in parts)
     return {"ops": len(samples) / elapsed, "p99_us": percentile(samples, 0.99) * 1e6}
