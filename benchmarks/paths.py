@@ -30,6 +30,7 @@ class PathSpec:
     slot: int  # public ports are 20000 + 10*slot (memcached) and +1 (redis); 0 means the node itself
     splice: bool = False  # HAProxy only: `option splice-auto`
     multiplex: bool = False  # natfwd only: `multiplex: true`, one process per engine (the framing follows `engine`)
+    cpu_affinity: bool = False  # natfwd only: `cpu_affinity: true` (each worker pinned, connections steered to it)
 
     def port(self, engine: Engine) -> int:
         if self.kind == "direct":
@@ -48,7 +49,15 @@ PATHS: tuple[PathSpec, ...] = (
     PathSpec("haproxy-t1", "HAProxy nbthread 1", "haproxy", 1, 4),
     PathSpec("haproxy-t2", "HAProxy nbthread 2", "haproxy", 2, 5),
     PathSpec("natfwd-mux-w1", "natfwd workers: 1, multiplex: true", "natfwd", 1, 9, multiplex=True),
-    PathSpec("natfwd-mux-w2", "natfwd workers: 2, multiplex: true", "natfwd", 2, 10, multiplex=True),
+    PathSpec(
+        "natfwd-mux-w2",
+        "natfwd workers: 2, multiplex: true, cpu_affinity: true",
+        "natfwd",
+        2,
+        10,
+        multiplex=True,
+        cpu_affinity=True,
+    ),
     PathSpec("socat", "socat (fork per connection)", "socat", 1, 6),
 )
 PATH_IDS = tuple(p.id for p in PATHS)
@@ -73,6 +82,7 @@ def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int, engine: 
         f"allowed_clients:\n  - {CLIENT_ADDRESS}/32\nforwards:\n{forwards}\n"
         f"metrics:\n  listen: {host}:{metrics_port}\nworkers: {spec.threads}\n"
         + ("multiplex: true\n" if spec.multiplex else "")
+        + ("cpu_affinity: true\n" if spec.cpu_affinity else "")
     )
 
 

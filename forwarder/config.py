@@ -122,6 +122,7 @@ class Config:
     max_connections: int
     multiplex: bool = False
     multiplex_connections: int = 1
+    cpu_affinity: bool = False
     auto_discovery: AutoDiscovery | None = None
     discovery: Discovery | None = None
     tls: TLSConfig | None = None
@@ -165,6 +166,7 @@ DEFAULTS: dict[str, Any] = {
     "max_connections": 10000,
     "multiplex": False,
     "multiplex_connections": 1,
+    "cpu_affinity": False,
 }
 
 _TOP_KEYS = (
@@ -182,6 +184,7 @@ _TOP_KEYS = (
     "max_connections",
     "multiplex",
     "multiplex_connections",
+    "cpu_affinity",
     "auto_discovery",
     "discovery",
     "tls",
@@ -297,6 +300,18 @@ def _workers(value: object, path: str) -> int:
 def _multiplex_connections(value: object, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise _fail(path, value, "an integer from 1 to 64 (shared node connections per forward and worker)")
+    return value
+
+
+def _cpu_affinity(value: object, workers: int) -> bool:
+    """`cpu_affinity: true` pins each worker to a CPU and steers connections to it; it needs workers to steer to."""
+    if not isinstance(value, bool):
+        raise _fail("cpu_affinity", value, "true or false")
+    if value and workers < 2:
+        raise ConfigError(
+            f"cpu_affinity: needs workers of 2 or more (workers is {workers}: one worker takes every connection "
+            "anyway); raise workers or remove cpu_affinity"
+        )
     return value
 
 
@@ -470,6 +485,7 @@ def parse(data: object) -> Config:
     ):
         raise ConfigError(f"metrics.listen: port {metrics.port} is also a forward port; pick another port")
 
+    workers = _workers(merged["workers"], "workers")
     return Config(
         engine=cast(Engine, engine),
         public_address=public_address,
@@ -478,13 +494,14 @@ def parse(data: object) -> Config:
         allowed_clients=allowed,
         forwards=forwards,
         metrics=metrics,
-        workers=_workers(merged["workers"], "workers"),
+        workers=workers,
         connect_timeout_s=_seconds(merged["connect_timeout_s"], "connect_timeout_s"),
         idle_timeout_s=_seconds(merged["idle_timeout_s"], "idle_timeout_s", allow_zero=True),
         drain_timeout_s=_seconds(merged["drain_timeout_s"], "drain_timeout_s", allow_zero=True),
         max_connections=_positive_int(merged["max_connections"], "max_connections"),
         multiplex=_multiplex(merged["multiplex"], engine, tls, upstream_tls),
         multiplex_connections=_multiplex_connections(merged["multiplex_connections"], "multiplex_connections"),
+        cpu_affinity=_cpu_affinity(merged["cpu_affinity"], workers),
         auto_discovery=auto_discovery,
         discovery=discovery,
         tls=tls,

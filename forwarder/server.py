@@ -322,6 +322,7 @@ class Worker:
         metrics: Metrics,
         *,
         reuse_port: bool,
+        incoming_cpu: int | None = None,
         count_reloads: bool = True,
         buffer_size: int = BUFFER_SIZE,
     ) -> None:
@@ -329,6 +330,9 @@ class Worker:
         self.config_path = config_path
         self.metrics = metrics
         self.reuse_port = reuse_port
+        # cpu_affinity: the CPU this worker is pinned to. Its listeners ask the kernel (Linux 6.2 and later) for the
+        # connections whose SYN that CPU received, so each connection is served on the CPU its packets arrive on.
+        self.incoming_cpu = incoming_cpu
         self.count_reloads = count_reloads
         self.pool = BufferPool(buffer_size)
         self.pool.reserved_fds = fds_needed(cfg.max_connections)
@@ -427,6 +431,8 @@ class Worker:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if self.incoming_cpu is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU, self.incoming_cpu)
             if family == socket.AF_INET6 and address == "::":
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind((address, port))
@@ -522,7 +528,7 @@ class Worker:
         old = self.config
         # Certificate files are re-read on every reload; a broken one refuses the whole reload.
         server_ssl, upstream_ssl = tls.server_context(new), tls.upstream_context(new)
-        for key in ("workers", "metrics"):
+        for key in ("workers", "metrics", "cpu_affinity"):
             if getattr(old, key) != getattr(new, key):
                 log.warning(f"{key} changed; that takes effect at the next restart", extra={"key": key})
         rebind_all = new.listen_address != old.listen_address
@@ -700,6 +706,7 @@ def run_worker(
     *,
     reuse_port: bool,
     export_metrics: bool,
+    incoming_cpu: int | None = None,
     count_reloads: bool = True,
 ) -> None:
     """Run one worker process to completion (returns after SIGTERM and drain). Raises NatfwdError on bind failure."""
@@ -718,7 +725,9 @@ def run_worker(
     raise_fd_limit(cfg.max_connections)
 
     async def main() -> None:
-        worker = Worker(cfg, config_path, metrics, reuse_port=reuse_port, count_reloads=count_reloads)
+        worker = Worker(
+            cfg, config_path, metrics, reuse_port=reuse_port, incoming_cpu=incoming_cpu, count_reloads=count_reloads
+        )
         await worker.run()
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

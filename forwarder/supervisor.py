@@ -19,7 +19,13 @@ log = logging.getLogger("natfwd.supervisor")
 RESPAWN_DELAY_S = 1.0
 
 
+def worker_cpu(cfg: config_mod.Config, index: int, cpus: list[int]) -> int | None:
+    """The CPU worker `index` is pinned to with cpu_affinity (round-robin over the CPUs we may use), else None."""
+    return cpus[index % len(cpus)] if cfg.cpu_affinity and cpus else None
+
+
 def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) -> int:
+    cpu = worker_cpu(cfg, index, sorted(os.sched_getaffinity(0)))
     pid = os.fork()
     if pid:
         return pid
@@ -29,9 +35,14 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) ->
         _die_with_parent()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})  # before any thread starts (the relay thread inherits it)
+            log.info("worker pinned", extra={"worker": index, "cpu": cpu})
         from forwarder import server
 
-        server.run_worker(cfg, config_path, reuse_port=True, export_metrics=False, count_reloads=False)
+        server.run_worker(
+            cfg, config_path, reuse_port=True, export_metrics=False, incoming_cpu=cpu, count_reloads=False
+        )
     except NatfwdError as exc:
         log.error("worker failed", extra={"worker": index, "error": str(exc)})
         code = 1

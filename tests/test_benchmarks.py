@@ -202,6 +202,9 @@ def test_multiplexing_paths_run_one_natfwd_per_engine_framed_as_that_engine() ->
         assert cfg.engine == engine and cfg.multiplex and cfg.workers == 1
         assert [f.port for f in cfg.forwards] == [port]
     assert not config.loads(natfwd_config(PATH["natfwd-w1"], "10.0.1.230", 9111)).multiplex
+    # Two multiplexing workers are pinned and steered (README: cpu_affinity); the transparent ones are not.
+    assert config.loads(natfwd_config(PATH["natfwd-mux-w2"], "10.0.1.230", 9111, "redis")).cpu_affinity
+    assert not config.loads(natfwd_config(PATH["natfwd-w2"], "10.0.1.230", 9111)).cpu_affinity
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from conftest import Node, free_port, write_config
 from pymemcache.client.base import Client
 from servekit import serving
 
-from forwarder import config
+from forwarder import config, supervisor
 
 VALID = """\
 engine: memcached
@@ -58,6 +58,12 @@ def test_allowlist_answers_are_kept_per_config_and_bounded() -> None:
 def test_example_config_is_valid() -> None:
     cfg = config.load(Path(__file__).parent.parent / "config.example.yaml")
     assert len(cfg.forwards) == 3
+
+
+def test_cpu_affinity_pins_workers_round_robin_over_the_cpus_we_may_use() -> None:
+    cfg = config.loads(VALID + "workers: 3\ncpu_affinity: true\n")
+    assert [supervisor.worker_cpu(cfg, i, [2, 5]) for i in range(3)] == [2, 5, 2]
+    assert supervisor.worker_cpu(config.loads(VALID + "workers: 3\n"), 0, [2, 5]) is None  # off by default
 
 
 def test_workers_auto_is_one_per_core() -> None:
@@ -164,6 +170,12 @@ CASES = [
     (
         "engine: memcached\n" + VALID,
         "engine: duplicate key on lines 1 and 2; remove one of them",
+    ),
+    (VALID + "workers: 2\ncpu_affinity: yes please\n", "cpu_affinity: 'yes please' is not valid; expected true or false"),
+    (
+        VALID + "cpu_affinity: true\n",
+        "cpu_affinity: needs workers of 2 or more (workers is 1: one worker takes every connection anyway); "
+        "raise workers or remove cpu_affinity",
     ),
     # Before any validation: the duplicate is reported even when the key is unknown too.
     (

@@ -276,6 +276,59 @@ def test_two_workers_share_ports(tmp_path: Path, memcached_nodes: list[Node]) ->
     assert list(tmp.iterdir()) == []
 
 
+def _server_side_owner(port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the accepted end of the loopback connection from `client_port` to `port`."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == client_port:
+            inodes.add(f"socket:[{inode}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def test_cpu_affinity_pins_each_worker_and_hands_it_the_connections_its_cpu_receives(
+    tmp_path: Path, memcached_nodes: list[Node]
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("cpu_affinity needs two CPUs to steer between")
+    forwards = forwards_for(memcached_nodes[:1])
+    port = forwards[0][0]
+    cfg = write_config(tmp_path / "natfwd.yaml", forwards, extra="workers: 2\ncpu_affinity: true\n")
+    with serving(cfg, [port]) as serve:
+        serve.wait_log("forwarding", count=2)
+        workers = [int(k) for k in Path(f"/proc/{serve.proc.pid}/task/{serve.proc.pid}/children").read_text().split()]
+        pinned = {pid: os.sched_getaffinity(pid) for pid in workers}
+        assert sorted(pinned.values(), key=min) == [{cpus[0]}, {cpus[1]}]
+
+        def owners_seen_from(cpu: int) -> list[int | None]:
+            # Over loopback the SYN is handled on the CPU that sends it: a client thread pinned there.
+            os.sched_setaffinity(0, {cpu})
+            seen = []
+            for _ in range(8):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"version\r\n")
+                    assert sock.recv(100).startswith(b"VERSION ")  # accepted and relayed by now
+                    seen.append(_server_side_owner(port, sock.getsockname()[1], workers))
+            return seen
+
+        for cpu in cpus[:2]:
+            with ThreadPoolExecutor(1) as pool:  # the pin stays on that thread, not on the test's
+                owners = pool.submit(owners_seen_from, cpu).result()
+            # With plain SO_REUSEPORT hashing, 8 in a row on one worker is a 1-in-256 chance.
+            assert owners == [pid for pid in workers if pinned[pid] == {cpu}] * 8
+        serve.signal(signal.SIGTERM)
+        assert serve.proc.wait(15) == 0
+
+
 def test_port_in_use_is_a_clear_error(tmp_path: Path, memcached_nodes: list[Node]) -> None:
     node = memcached_nodes[0]
     cfg = write_config(tmp_path / "natfwd.yaml", [(node.port, node.address)])
