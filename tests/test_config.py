@@ -171,7 +171,10 @@ CASES = [
         "engine: memcached\n" + VALID,
         "engine: duplicate key on lines 1 and 2; remove one of them",
     ),
-    (VALID + "workers: 2\ncpu_affinity: yes please\n", "cpu_affinity: 'yes please' is not valid; expected true or false"),
+    (
+        VALID + "workers: 2\ncpu_affinity: yes please\n",
+        "cpu_affinity: 'yes please' is not valid; expected true or false",
+    ),
     (
         VALID + "cpu_affinity: true\n",
         "cpu_affinity: needs workers of 2 or more (workers is 1: one worker takes every connection anyway); "
