@@ -8,6 +8,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterable
 from types import FrameType
 
 from forwarder import config as config_mod
@@ -19,13 +20,13 @@ log = logging.getLogger("natfwd.supervisor")
 RESPAWN_DELAY_S = 1.0
 
 
-def worker_cpu(cfg: config_mod.Config, index: int, cpus: list[int]) -> int | None:
-    """The CPU worker `index` is pinned to with cpu_affinity (round-robin over the CPUs we may use), else None."""
-    return cpus[index % len(cpus)] if cfg.cpu_affinity and cpus else None
+def worker_cpus(cfg: config_mod.Config, allowed: Iterable[int]) -> list[int | None]:
+    """Per worker, the CPU cpu_affinity pins it to (round-robin over the CPUs we may use), or None without it."""
+    cpus = sorted(allowed)
+    return [cpus[i % len(cpus)] if cfg.cpu_affinity and cpus else None for i in range(cfg.workers)]
 
 
-def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int) -> int:
-    cpu = worker_cpu(cfg, index, sorted(os.sched_getaffinity(0)))
+def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -92,9 +93,10 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
         signal.signal(sig, on_signal)
 
     workers: dict[int, int] = {}  # pid -> index
+    cpus = worker_cpus(cfg, os.sched_getaffinity(0))  # as started: a reload changes neither workers nor pinning
     started = time.monotonic()
     for index in range(cfg.workers):
-        workers[_fork_worker(cfg, config_path, index)] = index
+        workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
     log.info("workers started", extra={"workers": cfg.workers, "pids": ",".join(map(str, workers))})
 
     stopping = False
@@ -123,7 +125,7 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
                     raise NatfwdError(f"worker {index} exited with status {status} at start; see the log above")
                 log.error("worker died; starting a new one", extra={"worker": index, "pid": pid, "status": status})
                 time.sleep(RESPAWN_DELAY_S)
-                workers[_fork_worker(cfg, config_path, index)] = index
+                workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
     finally:
         for pid in workers:
             _kill(pid, signal.SIGTERM)

@@ -62,8 +62,8 @@ def test_example_config_is_valid() -> None:
 
 def test_cpu_affinity_pins_workers_round_robin_over_the_cpus_we_may_use() -> None:
     cfg = config.loads(VALID + "workers: 3\ncpu_affinity: true\n")
-    assert [supervisor.worker_cpu(cfg, i, [2, 5]) for i in range(3)] == [2, 5, 2]
-    assert supervisor.worker_cpu(config.loads(VALID + "workers: 3\n"), 0, [2, 5]) is None  # off by default
+    assert supervisor.worker_cpus(cfg, {5, 2}) == [2, 5, 2]
+    assert supervisor.worker_cpus(config.loads(VALID + "workers: 3\n"), {2, 5}) == [None, None, None]  # off by default
 
 
 def test_workers_auto_is_one_per_core() -> None:
