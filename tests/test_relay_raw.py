@@ -356,6 +356,8 @@ def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
                 await writer.drain()
         except (ConnectionError, OSError):
             pass
+        finally:
+            writer.transport.abort()  # as Firehose does (relaykit): nothing pending when the loop closes
 
     async def main() -> None:
         server, target = await sink(node)
