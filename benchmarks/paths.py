@@ -92,6 +92,9 @@ def haproxy_config(spec: PathSpec, node_address: str) -> str:
     splice = "    option splice-auto\n" if spec.splice else ""
     # HAProxy reserves two descriptors per pipe (maxpipes defaults to maxconn/4), over a 20000 hard limit here.
     pipes = "    maxpipes 512\n" if spec.splice else ""
+    # Threads pinned one per CPU, as natfwd-mux-w2's workers are (cpu_affinity): what pinning alone is worth is then
+    # HAProxy's too, and natfwd's lead is its steering (benchmarks/README.md, "What moved").
+    cpu_map = f"    cpu-map auto:1/1-{spec.threads} 0-{spec.threads - 1}\n" if spec.threads > 1 else ""
     listens = "\n".join(
         textwrap.dedent(f"""\
         listen {engine}
@@ -107,6 +110,7 @@ def haproxy_config(spec: PathSpec, node_address: str) -> str:
             nbthread {spec.threads}
             maxconn 9000
         """)
+        + cpu_map
         + pipes
         + textwrap.dedent("""
         defaults

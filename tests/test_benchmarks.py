@@ -210,11 +210,15 @@ def test_multiplexing_paths_run_one_natfwd_per_engine_framed_as_that_engine() ->
 @pytest.mark.parametrize(
     ("path_id", "present", "absent"),
     [
-        ("haproxy-t2", ["nbthread 2", f"bind {lab.PUBLIC_ADDRESS}:20050"], ["splice", "maxpipes"]),
+        (
+            "haproxy-t2",
+            ["nbthread 2", "cpu-map auto:1/1-2 0-1", f"bind {lab.PUBLIC_ADDRESS}:20050"],
+            ["splice", "maxpipes"],
+        ),
         (
             "haproxy-splice",
             ["nbthread 1", f"bind {lab.PUBLIC_ADDRESS}:20080", "option splice-auto", "maxpipes 512"],
-            [],
+            ["cpu-map"],
         ),
     ],
 )
