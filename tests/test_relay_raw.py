@@ -348,16 +348,7 @@ def test_a_stalled_connection_keeps_its_unsent_bytes_to_itself(
             await echo(reader, writer)
             return
         writer.write(b"ok\n")
-        for _ in range(20):
-            writer.write(await reader.readline())
-        try:
-            while True:
-                writer.write(b"z" * 65536)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.transport.abort()  # as Firehose does (relaykit): nothing pending when the loop closes
+        await Firehose(echo_lines=20)(reader, writer)
 
     async def main() -> None:
         server, target = await sink(node)
