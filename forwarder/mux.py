@@ -1,8 +1,9 @@
 """Multiplexing (`multiplex: true`): many clients' requests pipelined over a few shared node connections.
 
 With one node connection per client, each request costs the node (and the NAT's kernel) a read, a write and two
-TCP segments of its own. Here every request that is ready in one loop iteration, from any client, goes to the node
-in one write, and the node answers them all in one write too; natfwd splits the replies back by counting them
+TCP segments of its own. Here a request goes to the node at once when the node is idle; requests
+that arrive, from any client, while it works on earlier ones wait for its next reply and then go in one write, and
+the node answers them all in one write too; natfwd splits the replies back by counting them
 (forwarder/protocols/framing.py). twemproxy and Envoy's Redis proxy do the same.
 
 A `Pipe` is one shared node connection: requests leave in arrival order, and a FIFO of (session, replies owed)
@@ -396,10 +397,9 @@ class Pipe:
         if self.fd >= 0:
             if idle:
                 self.flush()  # the node has nothing to do: waiting a loop turn would only add latency
-            else:
-                # The node is busy: every request read in this loop turn, from any client, goes in one write.
-                self.flushing = True
-                self.loop.call_soon(self.flush)
+            # Otherwise the node is busy: requests wait for its next reply (readable), then all go in one write.
+            # Flushing at the end of each loop turn instead sent about one client's requests a write (benchmarks/
+            # README.md, "What moved").
         elif self.connect_task is None and not self.closed:
             # The first request: connect now. Clients that only say HELLO 3 here never make this lane connect.
             self.connect_task = self.loop.create_task(self.connect())
@@ -518,6 +518,9 @@ class Pipe:
         except FramingError as exc:
             self.lost(str(exc))
             return
+        if self.out and not self.flushing:  # what arrived while the node was busy, after this loop turn's reads
+            self.flushing = True
+            self.loop.call_soon(self.flush)
         if pos == n:
             self.held = None
         elif held is None:

@@ -591,3 +591,77 @@ def test_a_client_alone_for_long_gets_a_connection_of_its_own_and_company_keeps_
     for j in range(100):  # still its own replies, now relayed
         assert first.set(f"a{j}", j) and first.get(f"a{j}") == str(j).encode()
     first.close()
+
+
+class HeldNode:
+    """A redis node that answers only when told to: it counts the GETs it has read and owes a nil for each."""
+
+    GET = b"*2\r\n$3\r\nGET\r\n"
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.conn: socket.socket | None = None
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:  # closed before natfwd connected
+            return
+        self.conn = conn
+        while chunk := conn.recv(65536):
+            with self.lock:
+                self.received += chunk
+
+    def requests(self) -> int:
+        with self.lock:
+            return self.received.count(self.GET)
+
+    def wait_requests(self, count: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.requests() < count:
+            assert time.monotonic() < deadline, f"the node read {self.requests()} requests, expected {count}"
+            time.sleep(0.01)
+
+    def answer(self, count: int) -> None:
+        assert self.conn is not None
+        self.conn.sendall(b"$-1\r\n" * count)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a thread still in accept()
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_requests_that_arrive_while_the_node_is_busy_wait_for_its_reply_then_go_together(tmp_path: Path) -> None:
+    """The node is busy with one client's GET: the next clients' GETs are held until it answers, then sent
+    together; each client still gets its own reply."""
+    node = HeldNode()
+    cfg, port, metrics_port = mux_config(tmp_path, f"127.0.0.1:{node.port}", "redis")
+    clients: list[socket.socket] = []
+    try:
+        with serving(cfg, [port], metrics_port):
+            clients = [raw(port) for _ in range(3)]
+            clients[0].sendall(HeldNode.GET + b"$1\r\na\r\n")
+            node.wait_requests(1)  # an idle node gets a request at once
+            for name, client in zip((b"b", b"c"), clients[1:], strict=True):
+                client.sendall(HeldNode.GET + b"$1\r\n" + name + b"\r\n")
+            time.sleep(0.5)
+            assert node.requests() == 1, "requests reached a node that had not answered the one before"
+            node.answer(1)
+            assert clients[0].recv(64) == b"$-1\r\n"
+            node.wait_requests(3)
+            node.answer(2)
+            for client in clients[1:]:
+                assert client.recv(64) == b"$-1\r\n"
+    finally:
+        for client in clients:
+            client.close()
+        node.close()
