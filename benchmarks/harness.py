@@ -6,11 +6,14 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -204,11 +207,14 @@ class Bench:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", "--format=tar", revision, "forwarder"], capture_output=True, check=False
+            ["git", "-C", str(REPO), "archive", "--format=tar", revision, "forwarder", "pyproject.toml"],
+            capture_output=True,
+            check=False,
         )
         if archive.returncode != 0:
             raise NatfwdError(f"--against {revision}: git archive failed: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+        build_extensions(root, revision)
         return root
 
     def calibrate(self) -> None:
@@ -317,6 +323,31 @@ class Bench:
             except OSError:
                 pass
         self.lab.teardown()
+
+
+def build_extensions(root: Path, revision: str) -> None:
+    """Compile the C extensions that `root`'s pyproject.toml lists next to their sources, as an install would; raises
+    NatfwdError. Without them the other revision would run its pure-Python fallbacks (forwarder/extensions.py), and the
+    A/B would measure those instead of the change."""
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    modules = config.get("tool", {}).get("setuptools", {}).get("ext-modules", [])
+    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    include = sysconfig.get_paths()["include"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for module in modules:
+        target = root / (module["name"].replace(".", "/") + suffix)
+        argv = [*compiler, "-shared", "-fPIC", f"-I{include}", *module.get("extra-compile-args", [])]
+        built = subprocess.run(
+            [*argv, *(str(root / source) for source in module["sources"]), "-o", str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise NatfwdError(
+                f"--against {revision}: building its {module['name']} failed (it needs gcc and python3-dev, as "
+                f"installing natfwd does): {built.stderr.strip()[-500:]}"
+            )
 
 
 def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:

@@ -427,6 +427,12 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     assert done == {(load, path) for load in ("rb-get-c50", "mc-1conn") for path in paths}
     committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:forwarder/relay.py"], capture_output=True)
     assert (out / "against" / "forwarder" / "relay.py").read_bytes() == committed.stdout
+    # ...with its C extensions built, or natfwd-base would run the pure-Python fallbacks against this C.
+    imported = subprocess.run(
+        [sys.executable, "-c", "import forwarder._crelay, forwarder.protocols._cframing as c; print(c.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(out / "against")}, cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert imported.stdout.strip().startswith(str(out / "against")), imported.stderr
     assert "### natfwd w1 over natfwd at " in (out / "results.md").read_text()
     assert data["summary"]["figures"]["rb-get-c50"]["median"]["natfwd-w1"] > 1000
     spent = {(m["load"], m["path"]): m["cpu"] for m in data["measurements"]}
