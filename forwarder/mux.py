@@ -1,10 +1,10 @@
 """Multiplexing (`multiplex: true`): many clients' requests pipelined over a few shared node connections.
 
 With one node connection per client, each request costs the node (and the NAT's kernel) a read, a write and two
-TCP segments of its own. Here a request goes to the node at once when the node is idle; requests
-that arrive, from any client, while it works on earlier ones wait for its next reply and then go in one write, and
-the node answers them all in one write too; natfwd splits the replies back by counting them
-(forwarder/protocols/framing.py). twemproxy and Envoy's Redis proxy do the same.
+TCP segments of its own. Here a request goes to the node at once when the node is idle; requests that arrive, from
+any client, while it works on earlier ones wait for its next reply and then go in one write, and the node answers
+them all in one write too; natfwd splits the replies back by counting them (forwarder/protocols/framing.py).
+twemproxy and Envoy's Redis proxy do the same.
 
 A `Pipe` is one shared node connection: requests leave in arrival order, and a FIFO of (session, replies owed)
 routes the replies back. A `Session` is one client's end: it reads the client's socket (a duplicate of its
