@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from benchmarks import cpu, report
 from benchmarks.loads import Load, Runner, requests_per_run
-from benchmarks.paths import AGAINST, LOCAL_PORTS, PATHS, REPO, PathSpec, RunningPath
+from benchmarks.paths import BASE_ID, LOCAL_PORTS, PATHS, REPO, PathSpec, RunningPath, against
 from forwarder.errors import NatfwdError
 from forwarder.lab import Lab, require_root
 
@@ -47,10 +47,13 @@ class Settings:
     loads: tuple[Load, ...]
     quick: bool
     against: str | None = None  # a git revision whose natfwd runs next to this one (natfwd-base)
+    against_path: str = "natfwd-w1"  # the natfwd path whose settings natfwd-base runs, and which it is compared with
 
     @property
     def measured(self) -> tuple[PathSpec, ...]:
-        return self.paths + ((AGAINST,) if self.against else ())
+        if not self.against:
+            return self.paths
+        return (*self.paths, against(next(p for p in self.paths if p.id == self.against_path)))
 
 
 def tools_needed(settings: Settings) -> list[str]:
@@ -104,6 +107,7 @@ def metadata(settings: Settings) -> dict[str, Any]:
         "against": None
         if settings.against is None
         else _version(["git", "-C", str(REPO), "rev-parse", "--short", settings.against]),  # fmt: skip
+        "against_path": settings.against_path if settings.against else None,
         "versions": {
             "python": platform.python_version(),
             "uvloop": str(getattr(uvloop, "__version__", "?")),
@@ -180,7 +184,7 @@ class Bench:
         )
         for spec in self.settings.measured:
             self.say(f"starting {spec.label}")
-            root = self._checkout(self.settings.against) if spec is AGAINST and self.settings.against else REPO
+            root = self._checkout(self.settings.against) if spec.id == BASE_ID and self.settings.against else REPO
             running = RunningPath(spec, lab, self.settings.out / "logs", root)
             running.start()
             self.running[spec.id] = running
@@ -357,10 +361,13 @@ def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
     groups: list[list[PathSpec]] = []
     partners = {"natfwd": "haproxy", "haproxy": "natfwd"}
     for spec in paths:
-        if spec is AGAINST:  # natfwd-w1's A/B partner: [base, w1, HAProxy], so w1 is next to both either way round
-            group = next((g for g in groups if any(p.id == "natfwd-w1" for p in g)), None)
+        if spec.mirrors is not None:  # --against's base, on its partner's outer side: [base, w1, HAProxy, ...] or
+            # [..., HAProxy, natfwd multiplexing, base], so the partner is next to both either way round
+            group = next((g for g in groups if any(p.id == spec.mirrors for p in g)), None)
             if group is not None:
-                group[:] = [spec] + sorted(group, key=lambda p: p.id != "natfwd-w1")
+                copied = next(p for p in group if p.id == spec.mirrors)
+                rest = [p for p in group if p is not copied]
+                group[:] = [*rest, copied, spec] if group[-1] is copied and len(group) > 1 else [spec, copied, *rest]
                 continue
         if spec.multiplex:  # after the HAProxy of its thread count: [natfwd, HAProxy, natfwd multiplexing]
             group = next((g for g in groups if any(p.kind == "haproxy" and p.threads == spec.threads and not p.splice

@@ -31,6 +31,7 @@ class PathSpec:
     splice: bool = False  # HAProxy only: `option splice-auto`
     multiplex: bool = False  # natfwd only: `multiplex: true`, one process per engine (the framing follows `engine`)
     cpu_affinity: bool = False  # natfwd only: `cpu_affinity: true` (each worker pinned, connections steered to it)
+    mirrors: str | None = None  # `--against`'s natfwd-base: the id of the path whose settings it runs
 
     def port(self, engine: Engine) -> int:
         if self.kind == "direct":
@@ -66,8 +67,15 @@ EXTRA_PATHS: tuple[PathSpec, ...] = (
     PathSpec("haproxy-splice", "HAProxy nbthread 1, option splice-auto", "haproxy", 1, 8, splice=True),
 )
 KNOWN_PATHS = PATHS + EXTRA_PATHS
-# `--against REV`: natfwd `workers: 1` as it was at git revision REV, measured next to natfwd-w1 in every round.
-AGAINST = PathSpec("natfwd-base", "natfwd workers: 1 at the --against revision", "natfwd", 1, 7)
+BASE_ID = "natfwd-base"
+
+
+def against(of: PathSpec) -> PathSpec:
+    """`--against REV`: the natfwd path `of` as it was at git revision REV, measured next to `of` in every round."""
+    return PathSpec(BASE_ID, f"{of.label}, at the --against revision", "natfwd", of.threads, 7,
+                    multiplex=of.multiplex, cpu_affinity=of.cpu_affinity, mirrors=of.id)  # fmt: skip
+
+
 ENGINES: tuple[Engine, ...] = ("memcached", "redis")
 
 

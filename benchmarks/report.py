@@ -381,11 +381,12 @@ def verdict(ratios: Sequence[float]) -> str:
     return "better" if sum(1 for r in ratios if r > 1) > len(ratios) / 2 else "worse"
 
 
-def against_table(measurements: Sequence[Measurement], revision: str) -> list[str]:
-    """`--against`: natfwd-w1 over natfwd-base, paired within each round (above 1: the change is better)."""
+def against_table(measurements: Sequence[Measurement], revision: str, path_id: str = "natfwd-w1") -> list[str]:
+    """`--against`: `path_id` over natfwd-base (the same path at `revision`), paired within each round (above 1: the
+    change is better)."""
     table = per_round(measurements)
     lines = [
-        f"### natfwd w1 over natfwd at {revision} (`--against`)",
+        f"### {SHORT.get(path_id, path_id)} over itself at {revision} (`--against`)",
         "",
         "Both ran right beside each other in every round; above 1 means the current code is better. The verdict is a "
         f"two-sided sign test on the rounds (p < {SIGN_TEST_ALPHA}); it needs 5 rounds or more to say anything.",
@@ -394,7 +395,7 @@ def against_table(measurements: Sequence[Measurement], revision: str) -> list[st
         "|---|---|---:|---:|---:|---|",
     ]
     for fid in _figure_order(table):
-        ratios = paired_ratios(table[fid], FIGURES[fid], "natfwd-w1", "natfwd-base")
+        ratios = paired_ratios(table[fid], FIGURES[fid], path_id, "natfwd-base")
         if ratios:
             per = ", ".join(f"{r:.2f}" for r in ratios)
             above = sum(1 for r in ratios if r > 1)
@@ -447,7 +448,8 @@ def markdown(
     if cpu:
         lines += [*cpu, ""]
     if "natfwd-base" in path_ids:
-        lines += [*against_table(measurements, str(meta.get("against") or "the --against revision")), ""]
+        revision = str(meta.get("against") or "the --against revision")
+        lines += [*against_table(measurements, revision, str(meta.get("against_path") or "natfwd-w1")), ""]
     if chart_name:
         lines += [f"![natfwd benchmark chart]({chart_name})", ""]
     errors = [m for m in measurements if m.error]

@@ -59,8 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--against",
         metavar="REV",
-        help="also run natfwd (workers: 1) from git revision REV right beside natfwd-w1 in every round, and "
-        "report the paired ratios: an A/B of a change on the same machine state",
+        help="also run natfwd from git revision REV right beside the current one (--against-path) in every round, "
+        "and report the paired ratios: an A/B of a change on the same machine state",
+    )
+    parser.add_argument(
+        "--against-path",
+        metavar="ID",
+        default="natfwd-w1",
+        help="the natfwd path that --against runs from REV too, with the same settings",
     )
     return parser
 
@@ -77,9 +83,14 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
     paths = tuple(p for p in KNOWN_PATHS if p.id in args.paths)
     if "direct" not in args.paths:
         raise UsageError("--paths: must include direct, the baseline every ratio (and the calibration) uses")
+    natfwd_paths = [p.id for p in KNOWN_PATHS if p.kind == "natfwd"]
+    if args.against_path not in natfwd_paths:
+        raise UsageError(
+            f"--against-path: {args.against_path!r} is not a natfwd path; use one of {', '.join(natfwd_paths)}"
+        )
     if args.against is not None:
-        if "natfwd-w1" not in args.paths:
-            raise UsageError("--against: needs natfwd-w1 in --paths, the natfwd it is compared with")
+        if args.against_path not in args.paths:
+            raise UsageError(f"--against: needs {args.against_path} in --paths, the natfwd it is compared with")
         known = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", f"{args.against}^{{commit}}"],
             capture_output=True, check=False,
@@ -88,6 +99,7 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
             raise UsageError(f"--against: {args.against!r} is not a commit of this repository; try HEAD~1 or a hash")
     return harness.Settings(
         against=args.against,
+        against_path=args.against_path,
         out=args.out.resolve(),
         rounds=int(rounds),
         duration_s=float(duration),

@@ -31,6 +31,7 @@ from benchmarks.paths import (
     LOCAL_PORTS,
     MASQUERADE_PORTS,
     PATH_IDS,
+    against,
     haproxy_config,
     natfwd_config,
     nft_rules,
@@ -186,6 +187,17 @@ def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads
             assert abs(order.index(natfwd) - order.index(haproxy)) == 1
         firsts.add(order[0])
     assert {"direct", "kernel", "socat"} <= firsts and firsts & {"natfwd-w1", "haproxy-t1"}
+
+
+@pytest.mark.parametrize("mirrored", ["natfwd-w1", "natfwd-mux-w1", "natfwd-mux-w2"])
+def test_the_against_base_runs_right_next_to_the_path_it_copies_which_stays_next_to_its_haproxy(mirrored: str) -> None:
+    base = against(PATH[mirrored])
+    assert (base.id, base.multiplex, base.threads) == ("natfwd-base", PATH[mirrored].multiplex, PATH[mirrored].threads)
+    haproxy = "haproxy-t1" if PATH[mirrored].threads == 1 else "haproxy-t2"
+    for turn in range(6):
+        order = [p.id for p in measuring_order((*KNOWN_PATHS, base), turn)]
+        assert abs(order.index("natfwd-base") - order.index(mirrored)) == 1, order
+        assert abs(order.index(mirrored) - order.index(haproxy)) == 1, order
 
 
 # --- paths -----------------------------------------------------------------------------------------------------
@@ -376,6 +388,11 @@ def test_agent_reports_a_wrong_value_as_an_error(start_redis: Callable[..., Node
         (["--paths", "natfwd-w1,haproxy-t1"], "--paths: must include direct"),
         (["--against", "no-such-revision"], "--against: 'no-such-revision' is not a commit of this repository"),
         (["--against", "HEAD", "--paths", "direct,haproxy-t1"], "--against: needs natfwd-w1 in --paths"),
+        (
+            ["--against", "HEAD", "--against-path", "natfwd-mux-w1", "--paths", "direct,natfwd-w1"],
+            "--against: needs natfwd-mux-w1 in --paths",
+        ),
+        (["--against-path", "haproxy-t1"], "--against-path: 'haproxy-t1' is not a natfwd path; use one of natfwd-w1,"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -415,15 +432,16 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     before = _bench_namespaces()
     out = tmp_path / "out"
     result = subprocess.run(
-        [*RUN, "--rounds", "1", "--duration", "0.2", "--paths", "direct,natfwd-w1,haproxy-t1",
-         "--loads", "rb-get-c50,mc-1conn", "--against", "HEAD", "--out", str(out)],
+        [*RUN, "--rounds", "1", "--duration", "0.2", "--paths", "direct,natfwd-w1,haproxy-t1,natfwd-mux-w1",
+         "--loads", "rb-get-c50,mc-1conn", "--against", "HEAD", "--against-path", "natfwd-mux-w1", "--out", str(out)],
         capture_output=True, text=True, timeout=110, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[round 1/1   8/8" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
+    assert "[round 1/1  10/10" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
     data = json.loads((out / "results.json").read_text())
     done = {(m["load"], m["path"]) for m in data["measurements"] if m["error"] is None}
-    paths = ("direct", "natfwd-w1", "haproxy-t1", "natfwd-base")  # natfwd-base: this very commit, via --against
+    # natfwd-base: natfwd-mux-w1 at this very commit, via --against and --against-path
+    paths = ("direct", "natfwd-w1", "haproxy-t1", "natfwd-mux-w1", "natfwd-base")
     assert done == {(load, path) for load in ("rb-get-c50", "mc-1conn") for path in paths}
     committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:forwarder/relay.py"], capture_output=True)
     assert (out / "against" / "forwarder" / "relay.py").read_bytes() == committed.stdout
@@ -433,7 +451,11 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
         env={**os.environ, "PYTHONPATH": str(out / "against")}, cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert imported.stdout.strip().startswith(str(out / "against")), imported.stderr
-    assert "### natfwd w1 over natfwd at " in (out / "results.md").read_text()
+    assert "### natfwd mux w1 over itself at " in (out / "results.md").read_text()
+    assert data["meta"]["against_path"] == "natfwd-mux-w1"
+    base_configs = sorted(p.name for p in (out / "logs").glob("natfwd-base*.yaml"))
+    assert base_configs == ["natfwd-base-memcached.yaml", "natfwd-base-redis.yaml"]  # multiplexing: one per engine
+    assert "multiplex: true" in (out / "logs" / "natfwd-base-redis.yaml").read_text()
     assert data["summary"]["figures"]["rb-get-c50"]["median"]["natfwd-w1"] > 1000
     spent = {(m["load"], m["path"]): m["cpu"] for m in data["measurements"]}
     counts = {load["id"]: load["requests_per_run"] for load in data["loads"]}
