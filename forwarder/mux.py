@@ -398,8 +398,7 @@ class Pipe:
             if idle:
                 self.flush()  # the node has nothing to do: waiting a loop turn would only add latency
             # Otherwise the node is busy: requests wait for its next reply (readable), then all go in one write.
-            # Flushing at the end of each loop turn instead sent about one client's requests a write (benchmarks/
-            # README.md, "What moved").
+            # Flushing at the end of each loop turn sent about one client's requests a write (benchmarks/README.md).
         elif self.connect_task is None and not self.closed:
             # The first request: connect now. Clients that only say HELLO 3 here never make this lane connect.
             self.connect_task = self.loop.create_task(self.connect())

@@ -613,9 +613,12 @@ class HeldNode:
         except OSError:  # closed before natfwd connected
             return
         self.conn = conn
-        while chunk := conn.recv(65536):
-            with self.lock:
-                self.received += chunk
+        try:
+            while chunk := conn.recv(65536):
+                with self.lock:
+                    self.received += chunk
+        except OSError:  # closed under us by close()
+            return
 
     def requests(self) -> int:
         with self.lock:
