@@ -23,6 +23,8 @@
 #include <Python.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
@@ -36,6 +38,7 @@
 /* Kept equal to relay.py's (the module exposes them; tests/test_relay_raw.py compares). */
 #define COPY_READ (16 * 1024)
 #define SPLICE_CHUNK (64 * 1024)
+#define SEGMENT_BUDGET (65536 - 1 - 320)
 #define SPLICE_BURST 16
 #define BULK_MIN (16 * 1024)
 #define COPY_AFTER_SMALL 8
@@ -60,6 +63,7 @@ typedef struct {
     size_t tail_len, tail_off;
     int pipe_r, pipe_w; /* splice mode: only while bytes wait in it for the peer's socket */
     size_t in_pipe;
+    size_t chunk; /* splice at most this much at a time: splice_chunk() of the socket it writes */
     int copying, small_splices;
     int eof;
     uint64_t nbytes; /* bytes read */
@@ -108,6 +112,20 @@ typedef struct {
 
 static PyTypeObject RelayType;
 static PyTypeObject LinkType;
+
+/* The most one splice moves: a whole number of the packets TCP makes of it on the socket it writes. TCP's size goal
+ * for one (GSO) packet is gso_max_size - 1 - MAX_TCP_HEADER (65536 - 1 - 320 on x86_64) rounded down to the MSS, so
+ * a 64 KiB splice left a runt: 65160 + 376 bytes at a 1500-byte MTU, 9 packets per 256 KiB where the sender sent 5.
+ * SPLICE_CHUNK where the MSS is unknown (not TCP) or beyond the budget. */
+static size_t splice_chunk(int fd)
+{
+    int mss = 0;
+    socklen_t len = sizeof mss;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &mss, &len) < 0 || mss <= 0 || mss > SEGMENT_BUDGET)
+        return SPLICE_CHUNK;
+    size_t packet = (size_t)(SEGMENT_BUDGET / mss) * (size_t)mss;
+    return SPLICE_CHUNK / packet * packet;
+}
 
 /* ---- pipes (called with the lock held) ---- */
 
@@ -256,7 +274,7 @@ static int splice_chunks(Pair *p, int i)
             d->copying = 1; /* no pipe to spare: level-triggered epoll brings the bytes back as a copy */
             return STEP_OK;
         }
-        ssize_t n = splice(in, NULL, pw, NULL, SPLICE_CHUNK, SPLICE_FLAGS);
+        ssize_t n = splice(in, NULL, pw, NULL, d->chunk, SPLICE_FLAGS);
         if (n < 0) {
             int err = errno;
             give_pipe(r, pr, pw, 1);
@@ -291,7 +309,7 @@ static int splice_chunks(Pair *p, int i)
         give_pipe(r, pr, pw, 1);
         if (n >= BULK_MIN) {
             d->small_splices = 0;
-            if (n < SPLICE_CHUNK)
+            if ((size_t)n < d->chunk)
                 return STEP_OK;
             continue;
         }
@@ -516,6 +534,7 @@ static PyObject *Relay_add(Relay *r, PyObject *args)
         p->sides[i].index = i;
         p->dirs[i].pipe_r = p->dirs[i].pipe_w = -1;
         p->dirs[i].copying = 1;
+        p->dirs[i].chunk = splice_chunk(p->fds[1 - i]);
     }
     p->dirs[0].nbytes = count0;
     p->dirs[1].nbytes = count1;
@@ -732,8 +751,21 @@ static PyTypeObject LinkType = {
 
 /* ---- module ---- */
 
+static PyObject *module_splice_chunk(PyObject *self, PyObject *arg)
+{
+    int fd = PyObject_AsFileDescriptor(arg);
+    if (fd < 0)
+        return NULL;
+    return PyLong_FromSize_t(splice_chunk(fd));
+}
+
+static PyMethodDef module_methods[] = {
+    {"splice_chunk", module_splice_chunk, METH_O, "The most one splice moves for a direction that writes this socket."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "forwarder._crelay", "Raw mode's relay thread in C (see relay.py).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "forwarder._crelay", "Raw mode's relay thread in C (see relay.py).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__crelay(void)
@@ -747,6 +779,7 @@ PyMODINIT_FUNC PyInit__crelay(void)
         PyModule_AddObjectRef(m, "Link", (PyObject *)&LinkType) < 0 ||
         PyModule_AddIntConstant(m, "COPY_READ", COPY_READ) < 0 ||
         PyModule_AddIntConstant(m, "SPLICE_CHUNK", SPLICE_CHUNK) < 0 ||
+        PyModule_AddIntConstant(m, "SEGMENT_BUDGET", SEGMENT_BUDGET) < 0 ||
         PyModule_AddIntConstant(m, "SPLICE_BURST", SPLICE_BURST) < 0 ||
         PyModule_AddIntConstant(m, "BULK_MIN", BULK_MIN) < 0 ||
         PyModule_AddIntConstant(m, "COPY_AFTER_SMALL", COPY_AFTER_SMALL) < 0 ||

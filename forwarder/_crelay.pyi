@@ -1,11 +1,16 @@
 """Raw mode's relay thread in C (forwarder/_crelay.c); relay.py's _Raw is the reference."""
 
+import socket
+
 COPY_READ: int
 SPLICE_CHUNK: int
+SEGMENT_BUDGET: int
 SPLICE_BURST: int
 BULK_MIN: int
 COPY_AFTER_SMALL: int
 PIPE_POOL_LIMIT: int
+
+def splice_chunk(sock: int | socket.socket, /) -> int: ...
 
 class Link:
     @property

@@ -46,8 +46,11 @@ POOL_LIMIT = 1024
 # two extra file descriptors raw mode takes (a duplicate of each socket).
 RAW_AFTER_READS = 8
 # Raw mode moves each chunk socket -> pipe -> socket with splice: up to a pipe's default capacity per read (16 KiB
-# to 1 MiB measured; 64 KiB moved 256 KiB values fastest).
+# to 1 MiB measured; 64 KiB moved 256 KiB values fastest), cut down to what TCP sends as one packet (splice_chunk).
 SPLICE_CHUNK = 64 * 1024
+# TCP's size goal for one (GSO) packet: gso_max_size - 1 - MAX_TCP_HEADER (65536 - 1 - 320 on x86_64), rounded
+# down to the MSS.
+SEGMENT_BUDGET = 65536 - 1 - 320
 SPLICE_BURST = 16  # chunks per readiness callback (1 MiB)
 # Copy mode reads up to COPY_READ; a read that fills it switches the direction to splicing, and COPY_AFTER_SMALL
 # splices in a row of less than BULK_MIN switch it back (splicing pays from about 16 KiB; below, read/write costs
@@ -59,6 +62,20 @@ RAW_FD_SHARE = 8  # raw mode may always use 1/8 of RLIMIT_NOFILE; more when max_
 PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
 EARLY_LIMIT = 64 * 1024  # bytes held from a client while its node connection is made; reading pauses beyond
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+
+def splice_chunk(sock: socket.socket) -> int:
+    """The most one splice moves for a direction that writes `sock`: a whole number of the packets TCP makes of it.
+    A 64 KiB splice left a runt, 65160 + 376 bytes at a 1500-byte MTU, so 9 packets per 256 KiB where the sender
+    sent 5 (benchmarks/README.md). SPLICE_CHUNK where the MSS is unknown or beyond the budget."""
+    try:
+        mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    except OSError:
+        return SPLICE_CHUNK
+    if not 0 < mss <= SEGMENT_BUDGET:
+        return SPLICE_CHUNK
+    packet = SEGMENT_BUDGET // mss * mss
+    return SPLICE_CHUNK // packet * packet
 
 
 def _no_splice(*args: object, **kwargs: object) -> int:
@@ -198,7 +215,7 @@ class _Raw:
     """
 
     __slots__ = ("half", "loop", "sock", "out", "fd", "out_fd", "tail", "pipe", "in_pipe", "reading", "writing",
-                 "pipes", "copying", "small_splices")  # fmt: skip
+                 "pipes", "copying", "small_splices", "chunk")  # fmt: skip
 
     def __init__(self, half: Half, loop: asyncio.AbstractEventLoop, sock: socket.socket, out: socket.socket) -> None:
         self.half = half
@@ -215,6 +232,7 @@ class _Raw:
         self.pipes = half.pool.pipes  # looked up once: each attribute hop on the hot path costs like a bytecode
         self.copying = True
         self.small_splices = 0  # splices in a row that moved less than BULK_MIN
+        self.chunk = splice_chunk(out)
 
     def start(self) -> None:
         self.reading = True
@@ -269,7 +287,7 @@ class _Raw:
                     return
                 pipe = new
             try:
-                nbytes = _splice(self.fd, pipe[1], SPLICE_CHUNK, None, None, _SPLICE_FLAGS)
+                nbytes = _splice(self.fd, pipe[1], self.chunk, None, None, _SPLICE_FLAGS)
             except (BlockingIOError, InterruptedError):
                 pipes.append(pipe)
                 return
@@ -306,7 +324,7 @@ class _Raw:
             pipes.append(pipe)  # empty again, and taken in this very callback: the pool cannot grow from here
             if nbytes >= BULK_MIN:
                 self.small_splices = 0
-                if nbytes < SPLICE_CHUNK:
+                if nbytes < self.chunk:
                     return
                 continue
             # The tail of a bulk message, or a stream of small ones: only a run of small splices means the latter.

@@ -27,9 +27,14 @@ def crelay(monkeypatch: pytest.MonkeyPatch) -> Any:
     return relay.CRELAY
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
+def tcp_pair(mss: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """A connected loopback pair; `mss` clamps its segments as a 1500-byte MTU would (loopback's are 64 KiB)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        a = socket.create_connection(listener.getsockname())
+        a = socket.socket()
+        if mss is not None:
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+            a.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        a.connect(listener.getsockname())
         b, _ = listener.accept()
     return a, b
 
@@ -37,9 +42,9 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Relayed:
     """client <-> [relay: fd0 | fd1] <-> node, each a real TCP connection on loopback."""
 
-    def __init__(self, thread: Any) -> None:
-        self.client, mine = tcp_pair()
-        theirs, self.node = tcp_pair()
+    def __init__(self, thread: Any, mss: int | None = None) -> None:
+        self.client, mine = tcp_pair(mss)
+        theirs, self.node = tcp_pair(mss)
         mine.setblocking(False)
         theirs.setblocking(False)
         self.fds = (mine.fileno(), theirs.fileno())
@@ -88,10 +93,11 @@ def wait_done(thread: Any, timeout_s: float = 10.0) -> list[tuple[int, bool]]:
     return list(thread.done())
 
 
-def test_bytes_flow_both_ways_at_once_and_are_counted(crelay: Any) -> None:
+@pytest.mark.parametrize("mss", [None, 1448], ids=["loopback", "mss-1448"])
+def test_bytes_flow_both_ways_at_once_and_are_counted(crelay: Any, mss: int | None) -> None:
     up, down = os.urandom(3 * 1024 * 1024 + 7), os.urandom(5 * 1024 * 1024 + 3)
     with relay_thread(crelay) as thread:
-        pair = Relayed(thread)
+        pair = Relayed(thread, mss)
         senders = [send_all(pair.client, up), send_all(pair.node, down)]
         got_up, got_down = read_to_eof(pair.node), read_to_eof(pair.client)
         for sender in senders:
@@ -271,8 +277,29 @@ def test_bad_arguments_are_refused(crelay: Any) -> None:
 
 
 def test_constants_match_relay_py(crelay: Any) -> None:
-    for name in ("COPY_READ", "SPLICE_CHUNK", "SPLICE_BURST", "BULK_MIN", "COPY_AFTER_SMALL", "PIPE_POOL_LIMIT"):
+    names = ("COPY_READ", "SPLICE_CHUNK", "SEGMENT_BUDGET", "SPLICE_BURST", "BULK_MIN", "COPY_AFTER_SMALL",
+             "PIPE_POOL_LIMIT")  # fmt: skip
+    for name in names:
         assert getattr(crelay, name) == getattr(relay, name), name
+
+
+def test_splices_are_whole_packets_of_the_socket_written(crelay: Any) -> None:
+    """A splice moves a whole number of the packets TCP makes on the socket it writes (at most SEGMENT_BUDGET of
+    whole segments each), so no runt follows each chunk. Loopback's segments already divide 64 KiB; a UNIX socket
+    has none."""
+    a, b = tcp_pair(1448)
+    mss = b.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+    assert 1000 < mss <= 1448  # less the timestamp option
+    chunk = relay.splice_chunk(b)
+    assert chunk == crelay.splice_chunk(b.fileno())
+    assert chunk % mss == 0 and relay.SEGMENT_BUDGET - mss < chunk <= relay.SEGMENT_BUDGET < relay.SPLICE_CHUNK
+    c, d = tcp_pair()
+    assert relay.SPLICE_CHUNK % d.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 0
+    assert relay.splice_chunk(d) == crelay.splice_chunk(d) == relay.SPLICE_CHUNK
+    e, f = socket.socketpair()
+    assert relay.splice_chunk(f) == crelay.splice_chunk(f) == relay.SPLICE_CHUNK
+    for sock in (a, b, c, d, e, f):
+        sock.close()
 
 
 # --- inside a worker -------------------------------------------------------------------------------------------

@@ -95,11 +95,17 @@ def test_busy_connection_goes_raw_and_relays_every_byte(
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A full chunk means more is queued: one readiness callback keeps splicing, up to SPLICE_BURST chunks."""
+@pytest.mark.parametrize("chunk", [relay.SPLICE_CHUNK, 45 * 1448], ids=["loopback", "mss-1448"])
+def test_a_bulk_stream_moves_several_chunks_per_wakeup(
+    loop_name: str, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full chunk means more is queued: one readiness callback keeps splicing, up to SPLICE_BURST chunks. A chunk
+    is what splice_chunk() says for the socket written (loopback's MSS gives 64 KiB, a 1500-byte MTU 45 segments)."""
     use_raw("python", monkeypatch)  # looks inside _Raw
+    monkeypatch.setattr(relay, "splice_chunk", lambda sock: chunk)
     chunks_per_call: list[int] = []
     reading = {"fd": -1, "chunks": 0}
+    asked: set[int] = set()
     original_readable = relay._Raw.readable
     original_splice = relay._splice
 
@@ -107,6 +113,7 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypat
         moved = original_splice(src, dst, count, *args)
         if src == reading["fd"]:
             reading["chunks"] += 1
+            asked.add(count)
         return moved
 
     def readable(raw: relay._Raw) -> None:
@@ -124,6 +131,7 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(loop_name: str, monkeypat
         server.close()
 
     run(loop_name, main)
+    assert asked == {chunk}
     assert max(chunks_per_call) > 1, "a callback that found a full chunk should have gone on reading"
     assert max(chunks_per_call) <= relay.SPLICE_BURST
 
