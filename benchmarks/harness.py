@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from benchmarks import cpu, report
+from benchmarks import cpu, packets, report
 from benchmarks.loads import Load, Runner, requests_per_run
 from benchmarks.paths import BASE_ID, LOCAL_PORTS, PATHS, REPO, PathSpec, RunningPath, against
 from forwarder.errors import NatfwdError
@@ -251,10 +251,12 @@ class Bench:
             running.before()
             try:
                 proxy_before, machine_before = cpu.tree(running.pids), cpu.machine()
+                packets_before = packets.namespace(self.lab.nat)
                 values = self.runner.run(
                     load, spec.host(self.lab.nodes[0].address), spec.port(load.engine), self.settings.duration_s, count
                 )
                 proxy, busy = cpu.tree(running.pids) - proxy_before, cpu.machine() - machine_before
+                packets_after = packets.namespace(self.lab.nat)
             finally:
                 running.after()
         except NatfwdError as exc:
@@ -265,7 +267,11 @@ class Bench:
         requests = requests_per_run(load, count)
         if requests:
             spent["requests"] = float(requests)
-        return report.Measurement(round_no, load.id, spec.id, values, time.monotonic() - started, cpu=spent)
+        net: dict[str, float] = {}
+        if packets_before is not None and packets_after is not None:
+            moved = packets_after - packets_before
+            net = {"nat_received": float(moved.received), "nat_sent": float(moved.sent)}
+        return report.Measurement(round_no, load.id, spec.id, values, time.monotonic() - started, cpu=spent, net=net)
 
     def rounds(self) -> None:
         settings = self.settings

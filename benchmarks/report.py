@@ -86,7 +86,8 @@ class Measurement:
     """One load run on one path in one round; `values` maps figure id to value, empty when it failed.
 
     `cpu` holds what the run cost: `proxy_user_s`/`proxy_sys_s` (the path's processes in the NAT namespace, for
-    paths that have some), `machine_s` (every CPU's busy time) and `requests` (for the fixed-count tools).
+    paths that have some), `machine_s` (every CPU's busy time) and `requests` (for the fixed-count tools). `net` holds
+    the packets the NAT namespace received and sent meanwhile (`nat_received`, `nat_sent`; benchmarks/packets.py).
     """
 
     round: int
@@ -96,6 +97,7 @@ class Measurement:
     seconds: float
     error: str | None = None
     cpu: Mapping[str, float] = field(default_factory=dict)
+    net: Mapping[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,7 @@ class Measurement:
             "seconds": round(self.seconds, 3),
             "error": self.error,
             "cpu": {k: round(v, 4) for k, v in self.cpu.items()},
+            "net": dict(self.net),
         }
 
     @staticmethod
@@ -118,6 +121,7 @@ class Measurement:
             float(data["seconds"]),
             data.get("error"),
             {str(k): float(v) for k, v in data.get("cpu", {}).items()},
+            {str(k): float(v) for k, v in data.get("net", {}).items()},
         )
 
     def cpu_per_request_us(self, key: str) -> float | None:
@@ -134,6 +138,14 @@ class Measurement:
         else:
             return None
         return seconds / requests * 1e6
+
+    def packets_per_request(self, key: str) -> float | None:
+        """Packets the NAT namespace `received` or `sent` per request; None when not known."""
+        requests = self.cpu.get("requests")
+        value = self.net.get(f"nat_{key}")
+        if not requests or self.error or value is None:
+            return None
+        return value / requests
 
 
 def per_round(measurements: Iterable[Measurement]) -> dict[str, dict[str, dict[int, float]]]:
@@ -312,7 +324,7 @@ def _median_us(runs: Sequence[Measurement], key: str) -> float | None:
     return median([v for m in runs if (v := m.cpu_per_request_us(key)) is not None])
 
 
-def _cpu_table(
+def _per_load_table(
     by_load: Mapping[str, Mapping[str, Sequence[Measurement]]], paths: Sequence[str], column: str,
     cell: Callable[[Sequence[Measurement]], str],
 ) -> list[str]:  # fmt: skip
@@ -355,8 +367,33 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
         "",
     ]
     if proxies:
-        lines += [*_cpu_table(by_load, proxies, "µs (user)", _proxy_cell), ""]
-    return lines + _cpu_table(by_load, path_ids, "machine µs", _machine_cell)
+        lines += [*_per_load_table(by_load, proxies, "µs (user)", _proxy_cell), ""]
+    return lines + _per_load_table(by_load, path_ids, "machine µs", _machine_cell)
+
+
+def _packets_cell(runs: Sequence[Measurement]) -> str:
+    received = median([v for m in runs if (v := m.packets_per_request("received")) is not None])
+    sent = median([v for m in runs if (v := m.packets_per_request("sent")) is not None])
+    return "–" if received is None or sent is None else f"{received:.2f} / {sent:.2f}"
+
+
+def packet_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> list[str]:
+    """Packets the NAT namespace received and sent per request, for the fixed-count loads."""
+    by_load: dict[str, dict[str, list[Measurement]]] = {}
+    for m in measurements:
+        if m.cpu.get("requests") and m.net and not m.error:
+            by_load.setdefault(m.load, {}).setdefault(m.path, []).append(m)
+    if not by_load:
+        return []
+    return [
+        "### Packets per request",
+        "",
+        "Medians over rounds: packets the NAT namespace received / sent on its public side (eth0) and its private "
+        "side (br0) together, per request, ACKs included. A relay that cuts what it passes on into more or smaller "
+        "segments than the sender did shows here.",
+        "",
+        *_per_load_table(by_load, path_ids, "in / out", _packets_cell),
+    ]
 
 
 SIGN_TEST_ALPHA = 0.1
@@ -447,6 +484,9 @@ def markdown(
     cpu = cpu_tables(measurements, path_ids)
     if cpu:
         lines += [*cpu, ""]
+    net = packet_table(measurements, path_ids)
+    if net:
+        lines += [*net, ""]
     if "natfwd-base" in path_ids:
         revision = str(meta.get("against") or "the --against revision")
         lines += [*against_table(measurements, revision, str(meta.get("against_path") or "natfwd-w1")), ""]

@@ -16,7 +16,7 @@ import pytest
 from conftest import IN_CI, Node, require_binary
 from labkit import root
 
-from benchmarks import agent, cpu, report
+from benchmarks import agent, cpu, packets, report
 from benchmarks.harness import measuring_order
 from benchmarks.loads import (
     FIGURES,
@@ -331,6 +331,40 @@ def test_cpu_per_request_table_shows_the_proxy_and_the_machine() -> None:
     assert Measurement.from_json(measurements[3].to_json()) == measurements[3]
 
 
+def _link(name: str, received: int, sent: int) -> dict[str, object]:
+    """One interface as `ip -s -j link show` prints it (the fields parse_links reads, and some it must skip)."""
+    return {
+        "ifindex": 2, "ifname": name, "flags": ["UP"], "mtu": 1500, "link_type": "ether",
+        "stats64": {"rx": {"bytes": received * 100, "packets": received, "errors": 0, "dropped": 0},
+                    "tx": {"bytes": sent * 100, "packets": sent, "errors": 0, "dropped": 0}},
+    }  # fmt: skip
+
+
+def test_packets_are_counted_on_the_nats_public_side_and_bridge_only() -> None:
+    # node1 is a bridge port: its packets are br0's again, and lo carries none of the paths' traffic.
+    links = [_link("lo", 1000, 1000), _link("eth0", 30, 50), _link("br0", 50, 22), _link("node1", 50, 22)]
+    assert packets.parse_links(json.dumps(links)) == packets.Packets(80, 72)
+    assert packets.Packets(80, 72) - packets.Packets(30, 2) == packets.Packets(50, 70)
+    assert packets.namespace("no-such-namespace-natfwd") is None  # `ip` fails: the measurement goes without
+
+
+def test_packets_per_request_table() -> None:
+    def run(path: str, round_no: int, sent: float) -> Measurement:
+        spent = {"machine_s": 0.2, "requests": 1000.0}
+        net = {"nat_received": 8000.0, "nat_sent": sent * round_no}
+        return Measurement(round_no, "rb-256k", path, {"rb-256k-set": 1e4}, 1.0, cpu=spent, net=net)
+
+    measurements = [run(p, r, s) for p, s in (("kernel", 10000.0), ("natfwd-w1", 7000.0)) for r in (1, 2, 3)]
+    measurements.append(Measurement(1, "mc-1conn", "natfwd-w1", {"mc-1conn-p50": 80.0}, 1.0, net={"nat_sent": 5.0}))
+    assert measurements[0].packets_per_request("sent") == 10.0
+    assert measurements[-1].packets_per_request("sent") is None  # a timed load has no request count
+    text = "\n".join(report.packet_table(measurements, ["kernel", "natfwd-w1"]))
+    assert "| redis-benchmark SET and GET of 256 KiB values, 8 connections | 8.00 / 20.00 | 8.00 / 14.00 |" in text
+    assert "pymemcache" not in text
+    assert Measurement.from_json(measurements[3].to_json()) == measurements[3]
+    assert report.packet_table(measurements[-1:], ["natfwd-w1"]) == []
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert agent.percentile(values, 0.5) == 50.0 and agent.percentile(values, 0.99) == 99.0
@@ -465,6 +499,9 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     assert "requests" not in spent[("mc-1conn", "natfwd-w1")]  # the agent's loads run for a time, not a count
     assert all(cost["machine_s"] > 0 for cost in spent.values())
     assert "### CPU per request" in (out / "results.md").read_text()
+    net = {(m["load"], m["path"]): m["net"] for m in data["measurements"]}
+    assert all(counted["nat_received"] > 0 and counted["nat_sent"] > 0 for counted in net.values())
+    assert "### Packets per request" in (out / "results.md").read_text()
     assert "## Targets (issue 6)" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _bench_namespaces() == before
