@@ -35,7 +35,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* Kept equal to relay.py's (the module exposes them; tests/test_relay_raw.py compares). */
+/* Kept equal to relay.py's (the module exposes them; tests/test_crelay.py compares). */
 #define COPY_READ (16 * 1024)
 #define SPLICE_CHUNK (64 * 1024)
 #define SEGMENT_BUDGET (65536 - 1 - 320)
