@@ -6,10 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.paths import BASE_ID
 from benchmarks.report import SHORT, truncated
 
 COLOURS = {"direct": "#7f7f7f", "kernel": "#bcbd22", "natfwd-w1": "#1f77b4", "natfwd-w2": "#17becf",
-           "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", "natfwd-base": "#aec7e8",
+           "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", BASE_ID: "#aec7e8",
            "haproxy-splice": "#8c564b", "natfwd-mux-w1": "#2ca02c", "natfwd-mux-w2": "#98df8a"}  # fmt: skip
 
 

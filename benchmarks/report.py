@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.loads import FIGURES, LOADS, Figure
-from benchmarks.paths import KNOWN_PATHS
+from benchmarks.paths import BASE_ID, KNOWN_PATHS
 
 PATH_LABELS = {p.id: p.label for p in KNOWN_PATHS}
 SHORT = {
@@ -23,7 +23,7 @@ SHORT = {
     "haproxy-t2": "HAProxy t2",
     "haproxy-splice": "HAProxy t1 splice",
     "socat": "socat",
-    "natfwd-base": "natfwd base",
+    BASE_ID: "natfwd base",
 }
 
 
@@ -432,7 +432,7 @@ def against_table(measurements: Sequence[Measurement], revision: str, path_id: s
         "|---|---|---:|---:|---:|---|",
     ]
     for fid in _figure_order(table):
-        ratios = paired_ratios(table[fid], FIGURES[fid], path_id, "natfwd-base")
+        ratios = paired_ratios(table[fid], FIGURES[fid], path_id, BASE_ID)
         if ratios:
             per = ", ".join(f"{r:.2f}" for r in ratios)
             above = sum(1 for r in ratios if r > 1)
@@ -487,7 +487,7 @@ def markdown(
     net = packet_table(measurements, path_ids)
     if net:
         lines += [*net, ""]
-    if "natfwd-base" in path_ids:
+    if BASE_ID in path_ids:
         revision = str(meta.get("against") or "the --against revision")
         lines += [*against_table(measurements, revision, str(meta.get("against_path") or "natfwd-w1")), ""]
     if chart_name:
