@@ -1,7 +1,8 @@
-"""Shared fixtures: real memcached and redis-server processes on loopback, free ports, natfwd configs."""
+"""Shared fixtures and the one copy of the test waits: real cache servers on loopback, free ports, polling, configs."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -17,9 +18,58 @@ IN_CI = os.environ.get("CI") == "true"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on `host` that nothing listens on right now."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free TCP ports on `host` (held open together, so none repeats)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _timed_out(what: str, timeout_s: float, detail: Callable[[], str] | None) -> AssertionError:
+    more = f"\n{detail()}" if detail is not None else ""
+    return AssertionError(f"timed out after {timeout_s} s waiting for {what}{more}")
+
+
+def wait_for(
+    predicate: Callable[[], object],
+    what: str,
+    timeout_s: float = 10.0,
+    *,
+    interval_s: float = 0.05,
+    detail: Callable[[], str] | None = None,
+) -> float:
+    """Poll until `predicate()` is true and return the seconds it took.
+
+    `timeout_s` only stops a hang: it raises AssertionError naming `what` (and `detail()`, such as a log, if given).
+    """
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout_s:
+            raise _timed_out(what, timeout_s, detail)
+        time.sleep(interval_s)
+    return time.monotonic() - started
+
+
+async def wait_for_async(
+    predicate: Callable[[], object], what: str, timeout_s: float = 10.0, *, interval_s: float = 0.01
+) -> float:
+    """`wait_for` for code on an event loop: polls without blocking the loop the predicate depends on."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not predicate():
+        if loop.time() - started > timeout_s:
+            raise _timed_out(what, timeout_s, None)
+        await asyncio.sleep(interval_s)
+    return loop.time() - started
 
 
 def wait_port(host: str, port: int, timeout_s: float = 10.0, *, process: subprocess.Popen[Any] | None = None) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from conftest import wait_port
+from conftest import free_port, wait_port
 from pymemcache.client.base import Client
 
 from forwarder import netns
@@ -73,14 +72,6 @@ def write_config(directory: Path, text: str, name: str = "natfwd.yaml") -> Path:
     path = directory / name
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -170,12 +170,3 @@ async def check_the_node_is_held_back(
         assert data.strip(b"z") == b""
         got += len(data)
     assert firehose.sent > stalled_at  # reading resumed on the node side
-
-
-async def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from clusterkit import config_endpoint, run_python, serve_in_nat, wait_for
+from clusterkit import config_endpoint, run_python, serve_in_nat
+from conftest import wait_for
 from labkit import memcached_client, root, running_lab
 
 from forwarder.lab import PUBLIC_ADDRESS
@@ -83,7 +84,7 @@ def _start_redis_cluster(lab: object, directory: Path) -> None:
             for node in lab.nodes
         )
 
-    wait_for(ready, 30, "cluster_state:ok on every node")
+    wait_for(ready, "cluster_state:ok on every node", 30)
 
 
 @root

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relaykit import busy_connection, echo, is_raw, only_connection, run, sink, use_raw, wait_for, worker_for
+from conftest import wait_for_async
+from relaykit import busy_connection, echo, is_raw, only_connection, run, sink, use_raw, worker_for
 
 from forwarder import relay
 
@@ -322,7 +323,7 @@ def test_a_worker_counts_the_threads_bytes(crelay: Any) -> None:
             writer.write_eof()
             assert await reader.read() == b"bye\n"
             writer.close()
-            await wait_for(lambda: worker.active == 0, "the connection to close")
+            await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert conn.seen_to_node == conn.seen_to_client == ping_bytes + len(payload) + 4
         server.close()
 
@@ -344,7 +345,7 @@ def test_idle_timeout_sees_through_the_thread(crelay: Any) -> None:
                 await asyncio.sleep(0.03)
             assert await asyncio.wait_for(reader.read(), 5) == b"", "once quiet, the connection is closed"
             writer.close()
-            await wait_for(lambda: worker.active == 0, "the connection to close")
+            await wait_for_async(lambda: worker.active == 0, "the connection to close")
         server.close()
 
     run("uvloop", main)
@@ -369,7 +370,7 @@ def test_a_thread_that_cannot_start_leaves_raw_mode_in_python(monkeypatch: pytes
                 conn = only_connection(worker)
                 assert conn.raw is not None and conn.link is None, "raw mode should fall back to Python"
                 writer.close()
-                await wait_for(lambda: worker.active == 0, "the connection to close")
+                await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert NoThreads.starts == 1, "a thread that failed to start is not retried for every connection"
             assert worker.pool.extra_fds == 2 * len(worker.pool.pipes)
         server.close()
@@ -394,7 +395,7 @@ def test_without_the_extension_natfwd_warns_once_unless_turned_off(
                 _reader, writer = await busy_connection(port)
                 assert only_connection(worker).raw is not None
                 writer.close()
-                await wait_for(lambda: worker.active == 0, "the connection to close")
+                await wait_for_async(lambda: worker.active == 0, "the connection to close")
         server.close()
 
     with caplog.at_level("WARNING", logger="natfwd.relay"):
@@ -444,7 +445,7 @@ def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) ->
         server, target = await sink(echo)
         async with worker_for(target, drain_timeout_s=1) as (worker, port):
             transfers = [asyncio.create_task(transfer(port, 4 * 1024 * 1024)) for _ in range(24)]
-            await wait_for(lambda: len(ready) == 24, "every connection to go raw")
+            await wait_for_async(lambda: len(ready) == 24, "every connection to go raw")
             conns = sorted((c for r in worker.routes.values() for c in r.connections), key=id)
             assert len(conns) == 24 and all(c.link is not None for c in conns), "all should be in the relay thread"
             go.set()
@@ -454,7 +455,7 @@ def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) ->
                     c.sync_counts()
                 return all(c.nbytes > 256 * 1024 for c in conns)
 
-            await wait_for(moving, "every transfer to be under way")
+            await wait_for_async(moving, "every transfer to be under way")
             for conn in conns[::2]:
                 conn.abort()
                 if conn.peer is not None:
@@ -463,7 +464,7 @@ def test_aborting_connections_while_the_thread_moves_their_bytes(crelay: Any) ->
             assert "corrupt" not in results, "an aborted connection must end, never deliver wrong bytes"
             assert results.count("intact") >= 12, results
             assert "cut" in results, "the aborts should have come while the thread was moving bytes"
-            await wait_for(lambda: worker.active == 0, "every connection to close")
+            await wait_for_async(lambda: worker.active == 0, "every connection to close")
             assert not worker.pool.links
             assert worker.pool.extra_fds == worker.pool.thread_fds + 2 * len(worker.pool.pipes)
         server.close()

@@ -18,7 +18,8 @@ import pytest
 from awskit import ACCOUNT, REGION, REPO, Aws, build_world, memcached_cluster
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
-from labkit import free_port, memcached_server, root
+from conftest import free_port, wait_for
+from labkit import memcached_server, root
 from pymemcache.client.base import Client
 from servekit import serving
 
@@ -122,15 +123,6 @@ def write_loopback_config(directory: Path, rest: str) -> Path:
     return path
 
 
-def wait_until(predicate: Any, timeout_s: float, what: str, log: Any) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"{what} not seen within {timeout_s} s; log:\n{log()}")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def refused(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -187,7 +179,7 @@ discovery:
 
             # A replaced node: same node id, new endpoint. Its port follows for new connections.
             set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node4"], "0003": node_ports["node3"]})
-            replaced_s = wait_until(lambda: whoami(first + 1) == "node4", 5, "the replaced node", serve.log)
+            replaced_s = wait_for(lambda: whoami(first + 1) == "node4", "the replaced node", 30, detail=serve.log)
             serve.wait_log("forward retargeted")
 
             # An added node gets the next port.
@@ -200,12 +192,12 @@ discovery:
                     "0004": node_ports["node5"],
                 },  # fmt: skip
             )
-            added_s = wait_until(lambda: whoami(first + 3) == "node5", 5, "the added node", serve.log)
+            added_s = wait_for(lambda: whoami(first + 3) == "node5", "the added node", 30, detail=serve.log)
             serve.wait_log("forward opened")
 
             # A removed node's port closes; the others keep theirs.
             set_endpoints("mc", {"0001": node_ports["node1"], "0002": node_ports["node4"], "0004": node_ports["node5"]})
-            removed_s = wait_until(lambda: refused(first + 2), 5, "the removed node's port closing", serve.log)
+            removed_s = wait_for(lambda: refused(first + 2), "the removed node's port closing", 30, detail=serve.log)
             assert [whoami(p) for p in (first, first + 1, first + 3)] == ["node1", "node4", "node5"]
 
             assert serve.metric("natfwd_forward_changes_total", change="retargeted") == 1
@@ -250,7 +242,7 @@ discovery: {{cluster_id: mc, region: {REGION}, refresh_s: {REFRESH_S}, first_por
                 failures = serve.log().count("discovery failed")
                 return serve.metric("natfwd_discovery_errors_total", source="elasticache") == failures
 
-            wait_until(counted_as_logged, 5, "the counter matching the logged failures", serve.log)
+            wait_for(counted_as_logged, "the counter matching the logged failures", 30, detail=serve.log)
             time.sleep(3 * REFRESH_S)
             assert counted_as_logged()  # and stays so once the polls succeed again
             assert serve.metric("natfwd_discovery_errors_total", source="dns") == 0  # 127.0.0.1 is not looked up
@@ -296,10 +288,12 @@ def test_a_state_file_keeps_each_nodes_port_across_a_restart(
         with serving(path, [first, first + 1, first + 2]) as serve:
             # 0001 goes away: its port closes, the other two keep theirs.
             set_endpoints("mc", {"0002": node_ports["node2"], "0003": node_ports["node3"]})
-            wait_until(lambda: refused(first), 5, "the removed node's port closing", serve.log)
+            wait_for(lambda: refused(first), "the removed node's port closing", 30, detail=serve.log)
             assert [whoami(first + 1), whoami(first + 2)] == ["node2", "node3"]
         # serving() kills the supervisor; its workers drain on their own: wait until none still listens.
-        wait_until(lambda: all(refused(p) for p in range(first, first + 3)), 10, "the old workers stopping", serve.log)
+        wait_for(
+            lambda: all(refused(p) for p in range(first, first + 3)), "the old workers stopping", 30, detail=serve.log
+        )
         ports = [first + 1, first + 2] if kept else [first, first + 1]
         restarted = tmp_path / "restarted.yaml"  # the same config; its own log next to it
         restarted.write_text(path.read_text())

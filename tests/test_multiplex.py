@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Node, free_port, write_config
+from conftest import Node, free_port, wait_for, write_config
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
 from servekit import Serve, serving
@@ -351,13 +351,6 @@ def mc_connections(node: Node) -> int:
         ["ss", "-Htn", "state", "established", "dst", f"127.0.0.1:{node.port}"], capture_output=True, text=True
     )
     return len(listing.stdout.splitlines())
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_reload_retargets_new_clients_and_the_old_shared_connection_closes_with_its_last_client(

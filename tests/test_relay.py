@@ -10,8 +10,8 @@ import struct
 from typing import Any
 
 import pytest
-from conftest import free_port
-from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, wait_for, worker_for
+from conftest import free_port, wait_for_async
+from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, worker_for
 
 from forwarder import relay, server
 
@@ -84,7 +84,7 @@ def test_half_close_client_eof_then_node_replies(loop_name: str) -> None:
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(-1), 10) == b"got 1000"
             writer.close()
-            await wait_for(lambda: worker.active == 0, "the connection to close", timeout_s=2.0)
+            await wait_for_async(lambda: worker.active == 0, "the connection to close", timeout_s=2.0)
         server.close()
 
     run(loop_name, main)
@@ -111,16 +111,14 @@ def test_unreachable_node_closes_client_promptly_and_counts(loop_name: str) -> N
     async def main() -> None:
         dead_port = free_port()  # nothing listens here: connect is refused
         async with worker_for(dead_port) as (worker, port):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"version\r\n")
-            data = await asyncio.wait_for(reader.read(-1), 5)
+            data = await asyncio.wait_for(reader.read(-1), 60)  # only stops a hang
             assert data == b""
-            assert loop.time() - started < 2
             writer.close()
-            metric = worker.metrics.upstream_errors.labels(str(port), "refused")
-            assert metric._value.get() == 1
+            # Closed because the connect was refused, not by the connect timer running out.
+            assert worker.metrics.upstream_errors.labels(str(port), "refused")._value.get() == 1
+            assert worker.metrics.upstream_errors.labels(str(port), "timeout")._value.get() == 0
         await asyncio.sleep(0)
 
     run(loop_name, main)
@@ -160,10 +158,10 @@ def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(
                 await asyncio.sleep(0.1)
                 _reset(writer)
             else:
-                assert await asyncio.wait_for(reader.read(-1), 5) == b""
-                assert 0.4 < loop.time() - started < 2
+                assert await asyncio.wait_for(reader.read(-1), 60) == b""  # the timeout only stops a hang
+                assert loop.time() - started >= 0.4  # not before connect_timeout_s
                 writer.close()
-            await wait_for(lambda: worker.active == 0, "the connection to be gone")
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone")
             await asyncio.sleep(0.6)  # past the connect timeout: a timer left behind would fire now
             metric = worker.metrics.upstream_errors.labels(str(port), "timeout")
             assert metric._value.get() == (0 if client_leaves else 1)
@@ -226,10 +224,10 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
         async with worker_for(target) as (worker, port):
             _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"version\r\n")
-            await wait_for(lambda: worker.active == 1, "the connection to be accepted")
+            await wait_for_async(lambda: worker.active == 1, "the connection to be accepted")
             await asyncio.sleep(0.05)
             _reset(writer)
-            await wait_for(lambda: worker.active == 0, "the reset client to be dropped", timeout_s=1.0)
+            await wait_for_async(lambda: worker.active == 0, "the reset client to be dropped", timeout_s=1.0)
             await asyncio.sleep(2.2)  # past the slow connect: it was cancelled, so the node never sees it
             assert not reached
         server_.close()

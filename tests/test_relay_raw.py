@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Node
+from conftest import Node, wait_for_async
 from relaykit import (
     LOOPS,
     RAW,
@@ -31,7 +31,6 @@ from relaykit import (
     run,
     sink,
     use_raw,
-    wait_for,
     worker_for,
 )
 from tlskit import CA
@@ -85,7 +84,7 @@ def test_busy_connection_goes_raw_and_relays_every_byte(
 
             await transfer_both_ways(port, 8 * 1024 * 1024, check)
             assert seen and all(seen), "both halves should be in raw mode once the ping-pong is over"
-            await wait_for(lambda: worker.active == 0, "the connection to close")
+            await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert worker.pool.extra_fds == idle_fds(worker.pool)  # the duplicates are closed; pooled pipes remain
         await asyncio.sleep(0.05)
         assert open_fds() <= fds_before + 2 * relay.PIPE_POOL_LIMIT + 3  # + the thread's epoll and eventfds
@@ -209,7 +208,7 @@ def test_concurrent_mixed_sizes_switching_modes_stay_intact(
         server, target = await sink(echo)
         async with worker_for(target) as (worker, port):
             await asyncio.gather(*(client(port, seed) for seed in range(20)))
-            await wait_for(lambda: worker.active == 0, "every connection to close")
+            await wait_for_async(lambda: worker.active == 0, "every connection to close")
             assert worker.pool.extra_fds == idle_fds(worker.pool)
             if impl == "c":
                 assert worker.pool.thread is not None
@@ -286,7 +285,7 @@ def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.Monke
             assert asked, "full reads should have asked for a pipe"
             assert depth["max"] == 1, "a readiness callback should copy or splice, never call itself"
             assert not worker.pool.pipes
-            await wait_for(lambda: worker.active == 0, "the connection to close")
+            await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert worker.pool.extra_fds == 0
         server.close()
 
@@ -307,7 +306,7 @@ def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: p
         async with worker_for(target) as (worker, port):
             await transfer_both_ways(port, 2 * 1024 * 1024)
             assert not worker.pool.can_splice and not worker.pool.pipes
-            await wait_for(lambda: worker.active == 0, "the connection to close")
+            await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert worker.pool.extra_fds == 0
         server.close()
 
@@ -429,7 +428,7 @@ def test_half_close_in_raw_mode(loop_name: str, impl: str, monkeypatch: pytest.M
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(-1), 10) == b"got 100000"
             writer.close()
-            await wait_for(lambda: worker.active == 0, "both directions to finish")
+            await wait_for_async(lambda: worker.active == 0, "both directions to finish")
         server.close()
 
     run(loop_name, main)
@@ -458,7 +457,7 @@ def test_node_reset_in_raw_mode_closes_the_client(loop_name: str, impl: str, mon
             except ConnectionResetError:
                 pass
             writer.close()
-            await wait_for(lambda: worker.active == 0, "the connection to be dropped")
+            await wait_for_async(lambda: worker.active == 0, "the connection to be dropped")
             assert worker.pool.extra_fds == idle_fds(worker.pool)
         server.close()
 

@@ -134,10 +134,9 @@ def test_node_killed_mid_connection(tmp_path: Path, memcached_nodes: list[Node])
         survivor = mc(forwards[1][0])
         assert victim.set("a", "1", noreply=False) and survivor.set("b", "2", noreply=False)
         memcached_nodes[0].kill()
-        started = time.monotonic()
-        with pytest.raises((ConnectionError, OSError, Exception)):  # noqa: B017 - pymemcache raises its own types
+        with pytest.raises((ConnectionError, OSError, Exception)) as caught:  # noqa: B017 - pymemcache's own types
             victim.get("a")
-        assert time.monotonic() - started < 5
+        assert not isinstance(caught.value, TimeoutError), "natfwd closed the client; it did not have to time out"
         assert survivor.get("b") == b"2"
         fresh = mc(forwards[0][0])
         with pytest.raises((ConnectionError, OSError, Exception)):  # noqa: B017

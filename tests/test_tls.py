@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import pytest
 import redis
-from conftest import Node, free_port, require_binary, write_config
-from reliakit import config_text, free_ports, memcached_nodes, natfwd_serve
+from conftest import Node, free_port, free_ports, require_binary, write_config
+from reliakit import config_text, memcached_nodes, natfwd_serve
 from servekit import Serve, serving
 from tlskit import CA, Issued, client_hello
 
