@@ -48,6 +48,12 @@ def ending(client: Half, exc: BaseException | None) -> str:
     )
 
 
+def ending_at_eof(client: Half) -> str:
+    """At the client's EOF: the node closed first when its EOF is already in, else the client did."""
+    node = client.peer
+    return NODE_CLOSED if node is not None and node.transport is not None and node.eof else CLIENT_CLOSED
+
+
 def log_closed(
     *, client: str, forward: int, node: str, to_node: int, to_client: int, duration_s: float, end: str
 ) -> None:

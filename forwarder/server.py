@@ -174,6 +174,10 @@ class ClientHalf(Half):
             self.connect_expired = True
             task.cancel()
 
+    def eof_received(self) -> bool:
+        self.ended = self.ended or accesslog.ending_at_eof(self)
+        return super().eof_received()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return

@@ -63,7 +63,7 @@ def test_sdist_and_wheel_build_and_the_wheel_runs_without_a_compiler(tmp_path: P
     assert not [n for n in wheel_names if n.endswith(".so")], "built with CC=false, yet the wheel holds a C extension"
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names)
     assert "License-Expression: Apache-2.0" in metadata.splitlines()
-    assert "Requires-Dist: uvloop>=0.19; sys_platform != \"win32\"" in metadata.splitlines()
+    assert 'Requires-Dist: uvloop>=0.19; sys_platform != "win32"' in metadata.splitlines()
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
@@ -77,6 +77,8 @@ def test_sdist_and_wheel_build_and_the_wheel_runs_without_a_compiler(tmp_path: P
     assert lab_help.stdout.startswith("usage: natfwd lab")
     # The installed copy runs the pure-Python path, and says so in natfwd_build_info.
     extensions = run(
-        [str(python), "-c", "from forwarder import metrics; print(metrics.loaded_extensions())"], env=clean, cwd=tmp_path
+        [str(python), "-c", "from forwarder import metrics; print(metrics.loaded_extensions())"],
+        env=clean,
+        cwd=tmp_path,
     )
     assert extensions.stdout.strip() == "none"
