@@ -192,6 +192,12 @@ class WorkerProcessCollector:
 
     def _children(self) -> list[int]:
         me = os.getpid()
+        try:
+            # The workers are forked by the main thread, whose task lists them (Linux CONFIG_PROC_CHILDREN).
+            with open(os.path.join(self.proc, str(me), "task", str(me), "children")) as listed:
+                return sorted(int(pid) for pid in listed.read().split())
+        except OSError:
+            pass  # no such file on this kernel: find them by their parent pid
         children: list[int] = []
         for entry in os.listdir(self.proc):
             if not entry.isdigit():
