@@ -287,3 +287,38 @@ def _without(name: str) -> dict[str, str]:
 
 def _built(name: str) -> bool:
     return importlib.util.find_spec(f"forwarder.{name}") is not None
+
+
+def _fake_process(proc: Path, pid: int, ppid: int, rss_pages: int, open_fds: int) -> None:
+    (proc / str(pid) / "fd").mkdir(parents=True)
+    for fd in range(open_fds):
+        (proc / str(pid) / "fd" / str(fd)).touch()
+    # Fields after the command: state ppid ... utime(14) stime(15) ... starttime(22) vsize(23) rss(24).
+    fields = ["S", str(ppid)] + ["0"] * 9 + ["250", "50"] + ["0"] * 6 + ["100", "4096", str(rss_pages)]
+    (proc / str(pid) / "stat").write_text(f"{pid} (natfwd worker) {' '.join(fields)}\n")
+    (proc / str(pid) / "limits").write_text(
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        "Max open files            1024                 4096                 files\n"
+    )
+
+
+def test_worker_process_collector_labels_each_process(tmp_path: Path) -> None:
+    # A /proc of our own: the supervisor (this process), two workers, and an unrelated process; without the
+    # task/PID/children file, so the collector finds the workers by their parent pid.
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "stat").write_text("cpu 0 0 0 0\nbtime 1700000000\n")
+    me = os.getpid()
+    _fake_process(proc, me, 1, rss_pages=10, open_fds=5)
+    _fake_process(proc, 4001, me, rss_pages=20, open_fds=7)
+    _fake_process(proc, 4002, me, rss_pages=30, open_fds=9)
+    _fake_process(proc, 4003, 1, rss_pages=40, open_fds=11)
+    families = {family.name: family for family in metrics.WorkerProcessCollector(proc=str(proc)).collect()}
+    open_fds = {(s.labels["pid"], s.labels["process"]): s.value for s in families["process_open_fds"].samples}
+    assert open_fds == {(str(me), "supervisor"): 5, ("4001", "worker"): 7, ("4002", "worker"): 9}
+    assert {s.value for s in families["process_max_fds"].samples} == {1024.0}
+    cpu = {s.labels["pid"]: s.value for s in families["process_cpu_seconds"].samples}
+    ticks = os.sysconf("SC_CLK_TCK")
+    assert cpu == {pid: 300 / ticks for pid in (str(me), "4001", "4002")}
+    rss = {s.labels["pid"]: s.value for s in families["process_resident_memory_bytes"].samples}
+    assert rss["4002"] == 30 * os.sysconf("SC_PAGE_SIZE")
