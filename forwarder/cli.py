@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -17,6 +18,24 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace], int]
+CONFIG_ENV = "NATFWD_CONFIG"
+SHELLS = ("bash", "zsh", "fish")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default where it tells something: not None or false, and not when the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "default:" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,6 +47,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def config_path(args: argparse.Namespace) -> str:
+    """--config, else $NATFWD_CONFIG, else /etc/natfwd/natfwd.yaml."""
+    from forwarder.config import DEFAULT_PATH
+
+    given: str | None = args.config
+    return given or os.environ.get(CONFIG_ENV) or DEFAULT_PATH
+
+
 def _not_available(feature: str) -> NatfwdError:
     return NatfwdError(f"{feature} is not available in this version of natfwd yet")
 
@@ -35,15 +62,19 @@ def _not_available(feature: str) -> NatfwdError:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from forwarder import config, server
 
-    cfg = config.load(args.config)
-    server.serve(cfg, args.config)
+    path = config_path(args)
+    cfg = config.load(path)
+    log = logging.getLogger("natfwd.config")
+    for warning in config.warnings(cfg):
+        log.warning(warning)
+    server.serve(cfg, path)
     return EXIT_OK
 
 
 def _cmd_emit_iptables(args: argparse.Namespace) -> int:
     from forwarder import config, iptables
 
-    text = iptables.render(config.load(args.config), args.format, args.save)
+    text = iptables.render(config.load(config_path(args)), args.format, args.save)
     sys.stdout.write(text)
     return EXIT_OK
 
@@ -51,7 +82,7 @@ def _cmd_emit_iptables(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from forwarder import check, config
 
-    results = check.run(config.load(args.config), direct=args.direct, timeout_s=args.timeout)
+    results = check.run(config.load(config_path(args)), direct=args.direct, timeout_s=args.timeout)
     for result in results:
         print(check.format_result(result), flush=True)
     failed = check.summary(results)
@@ -99,21 +130,109 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     return commands.destroy_resources(args, sys.stdin, sys.stdout, sys.stderr)
 
 
+def _cmd_completion(args: argparse.Namespace) -> int:
+    from argcomplete.shell_integration import shellcode
+
+    sys.stdout.write(shellcode(["natfwd"], shell=args.shell))
+    return EXIT_OK
+
+
+CONFIG_HELP = f"YAML config file (default: ${CONFIG_ENV}, else /etc/natfwd/natfwd.yaml)"
+
+EXAMPLES = {
+    "natfwd": """\
+examples:
+  natfwd serve                                  # /etc/natfwd/natfwd.yaml, or $NATFWD_CONFIG
+  natfwd serve --config natfwd.yaml --debug
+  natfwd emit-iptables --format nft | nft -f -
+  natfwd check --direct                         # on the NAT box: probe each node
+  sudo natfwd lab up --engine redis
+  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --dry-run
+  source <(natfwd completion bash)              # or zsh; fish: natfwd completion fish | source
+
+Global options (--debug, --log-format) go before or after the command.""",
+    "serve": """\
+examples:
+  natfwd serve --config /etc/natfwd/natfwd.yaml
+  NATFWD_CONFIG=natfwd.yaml natfwd serve --log-format json
+  kill -HUP $(pidof -s natfwd)    # reload the config; SIGTERM drains and exits""",
+    "emit-iptables": """\
+examples:
+  natfwd emit-iptables --config natfwd.yaml | sudo sh
+  natfwd emit-iptables --format restore | sudo iptables-restore --noflush
+  natfwd emit-iptables --format nft --save debian""",
+    "check": """\
+examples:
+  natfwd check --config natfwd.yaml              # from the trusted client, through public_address
+  natfwd check --direct --timeout 1               # on the NAT box, straight to each node""",
+    "lab": """\
+examples:
+  sudo natfwd lab up                    # memcached nodes, natfwd serve in the NAT namespace
+  sudo natfwd lab up --engine redis --mode kernel
+  sudo natfwd lab status
+  sudo natfwd lab down""",
+    "provision": """\
+examples:
+  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --dry-run
+  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --region us-east-1 --yes""",
+    "destroy": """\
+examples:
+  natfwd destroy --cluster-id mycluster --region us-east-1""",
+    "completion": """\
+examples:
+  source <(natfwd completion bash)                       # this shell; add it to ~/.bashrc to keep it
+  natfwd completion zsh > "${fpath[1]}/_natfwd"
+  natfwd completion fish > ~/.config/fish/completions/natfwd.fish""",
+}
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--debug and --log-format, on the top parser (with defaults) and on each command (without, so that one given
+    before the command is not reset by the command's parser)."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="show tracebacks and debug logs",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text" if defaults else argparse.SUPPRESS,
+        help="log line format on stderr (default: text)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _HelpFormatter
     parser = _Parser(
         prog="natfwd",
         description="Reach an Amazon ElastiCache cluster from outside its VPC through a NAT instance.",
+        epilog=EXAMPLES["natfwd"],
         formatter_class=formatter,
     )
     parser.add_argument("--version", action="version", version=f"natfwd {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format on stderr")
+    _global_options(parser, defaults=True)
+    common = _Parser(add_help=False)
+    _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
-    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=formatter)
+    def command(
+        name: str,
+        handler: Handler,
+        help_text: str,
+        description: str | None = None,
+        parents: Sequence[_Parser] = (),
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=description or help_text,
+            epilog=EXAMPLES.get(name),
+            formatter_class=formatter,
+            parents=[*parents, common],
+        )
         sub.set_defaults(handler=handler)
         return sub
 
@@ -122,10 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_serve,
         "Run the userspace forwarder in the foreground. SIGTERM drains and exits 0; SIGHUP reloads the config.",
     )
-    serve.add_argument("--config", required=True, metavar="PATH", help="YAML config file (see config.example.yaml)")
+    serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP + "; see config.example.yaml")
 
     emit = command("emit-iptables", _cmd_emit_iptables, "Print the equivalent kernel DNAT rules to stdout.")
-    emit.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    emit.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     emit.add_argument(
         "--format",
         choices=("commands", "restore", "nft"),
@@ -144,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_check,
         "Probe every forward through public_address (run on the trusted client); exit 1 if any fails.",
     )
-    check.add_argument("--config", required=True, metavar="PATH", help="YAML config file")
+    check.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     check.add_argument("--direct", action="store_true", help="probe each target node instead (run on the NAT box)")
     check.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="per-probe timeout")
 
@@ -158,19 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     aws_common.add_argument(
         "--cluster-id", required=True, metavar="ID", help="ElastiCache cluster or replication group"
     )
-    aws_common.add_argument("--region", default=None, help="AWS region (default: the boto3 credential chain's)")
+    aws_common.add_argument("--region", default=None, help="AWS region (default: the AWS config's, as boto3 finds it)")
     aws_common.add_argument("--profile", default=None, help="AWS named profile")
     aws_common.add_argument("--endpoint-url", default=None, metavar="URL", help="any AWS-compatible endpoint")
     aws_common.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
-    provision = commands.add_parser(
+    provision = command(
         "provision",
+        _cmd_provision,
+        "Create the NAT instance, security groups and Elastic IP for a cluster.",
+        "Create the NAT instance, security groups and Elastic IP for a cluster, then print the endpoints.",
         parents=[aws_common],
-        help="Create the NAT instance, security groups and Elastic IP for a cluster.",
-        description="Create the NAT instance, security groups and Elastic IP for a cluster, then print the endpoints.",
-        formatter_class=formatter,
     )
-    provision.set_defaults(handler=_cmd_provision)
     provision.add_argument("--trusted-cidr", required=True, metavar="CIDR", help="the only client network let in")
     provision.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or DNAT")
     provision.add_argument("--instance-type", default="t3.micro", help="EC2 instance type of the NAT box")
@@ -185,14 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="how long to wait for the instance"
     )
 
-    destroy = commands.add_parser(
+    command(
         "destroy",
+        _cmd_destroy,
+        "Remove everything provision created, found by tags.",
+        "Remove everything provision created for a cluster, found by its tags, in dependency order.",
         parents=[aws_common],
-        help="Remove everything provision created, found by tags.",
-        description="Remove everything provision created for a cluster, found by its tags, in dependency order.",
-        formatter_class=formatter,
     )
-    destroy.set_defaults(handler=_cmd_destroy)
+
+    completion = command(
+        "completion",
+        _cmd_completion,
+        "Print the shell completion script for bash, zsh or fish.",
+    )
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete in")
     return parser
 
 
@@ -209,6 +333,10 @@ def _os_error_hint(exc: OSError) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `natfwd` console script; returns the exit code."""
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a completion request from the shell: answers on fd 8, then exits
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     args = parser.parse_args(argv)
     from forwarder import logs
 
@@ -219,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"natfwd: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a config error: one line per problem
+            print(f"natfwd: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except NatfwdError as exc:
         if args.debug:

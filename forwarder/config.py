@@ -1,7 +1,8 @@
-"""YAML config to frozen, validated dataclasses; every mistake is one ConfigError."""
+"""YAML config to frozen, validated dataclasses; every mistake is one line of a single ConfigError."""
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import ipaddress
 import os
@@ -30,7 +31,11 @@ _INTERFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
 class ConfigError(UsageError):
-    """A config value is missing or invalid; the message names the key path and the fix."""
+    """Config values are missing or invalid: one problem per line, each naming the key path and the fix."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +133,7 @@ class Config:
     tls: TLSConfig | None = None
     upstream_tls: UpstreamTLS | None = None
     auth: Auth | None = None
+    access_log: bool = False
 
     # Answers per client address: parsing it with ipaddress costs more than the rest of the accept path in Python,
     # and clients come back from the same few addresses. Not part of the config's value (no init, repr or
@@ -167,6 +173,7 @@ DEFAULTS: dict[str, Any] = {
     "multiplex": False,
     "multiplex_connections": 1,
     "cpu_affinity": False,
+    "access_log": False,
 }
 
 _TOP_KEYS = (
@@ -190,9 +197,12 @@ _TOP_KEYS = (
     "tls",
     "upstream_tls",
     "auth",
+    "access_log",
 )
 
 T = TypeVar("T")
+# While parse() runs: where _mapping reports unknown keys, so that parsing goes on and finds every mistake.
+_collecting: contextvars.ContextVar[list[ConfigError] | None] = contextvars.ContextVar("_collecting", default=None)
 
 
 def _fail(path: str, value: object, expected: str) -> ConfigError:
@@ -210,14 +220,30 @@ def _key_name(key: object) -> str:
 def _mapping(value: object, path: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise _fail(path or "config", value, "a mapping of keys")
+    unknown: list[str] = []
     for key in value:
         if key not in allowed:
             name = _key_name(key)
             where = f"{path}.{name}" if path else str(name)
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{where}: unknown key{hint}; valid keys here are: {', '.join(allowed)}")
+            unknown.append(f"{where}: unknown key{hint}; valid keys here are: {', '.join(allowed)}")
+    if unknown:
+        collected = _collecting.get()
+        if collected is None:
+            raise ConfigError(*unknown)
+        collected.append(ConfigError(*unknown))  # and check the known keys beside them
+        return {k: v for k, v in value.items() if k in allowed}
     return cast(Mapping[str, Any], value)
+
+
+def _attempt(errors: list[ConfigError], parse: Callable[[], T], fallback: T) -> T:
+    """parse(), or `fallback` with its ConfigError kept in `errors`: one mistake does not hide the next."""
+    try:
+        return parse()
+    except ConfigError as exc:
+        errors.append(exc)
+        return fallback
 
 
 def _require(data: Mapping[str, Any], key: str, path: str) -> Any:
@@ -350,22 +376,40 @@ def _optional(data: Mapping[str, Any], key: str, parse: Callable[[object, str], 
     return None if value is None else parse(value, path)
 
 
+def _forward(item: object, path: str) -> Forward:
+    entry = _mapping(item, path, ("port", "target"))
+    errors: list[ConfigError] = []
+    port = _attempt(errors, lambda: _port(_require(entry, "port", f"{path}.port"), f"{path}.port"), None)
+    target = _attempt(errors, lambda: _host_port(_require(entry, "target", f"{path}.target"), f"{path}.target"), None)
+    if port is None or target is None:
+        raise ConfigError(*[problem for error in errors for problem in error.problems])
+    return Forward(port, target)
+
+
 def _forwards(value: object) -> tuple[Forward, ...]:
     if not isinstance(value, list):
         raise _fail("forwards", value, _DESCRIPTIONS["forwards"])
     forwards: list[Forward] = []
     seen: dict[int, int] = {}
+    errors: list[ConfigError] = []
     for index, item in enumerate(value):
-        path = f"forwards[{index}]"
-        entry = _mapping(item, path, ("port", "target"))
-        port = _port(_require(entry, "port", f"{path}.port"), f"{path}.port")
-        target = _host_port(_require(entry, "target", f"{path}.target"), f"{path}.target")
-        if port in seen:
-            raise ConfigError(
-                f"{path}.port: {port} is already used by forwards[{seen[port]}]; each forward needs its own port"
+        try:
+            forward = _forward(item, f"forwards[{index}]")
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
+        if forward.port in seen:
+            errors.append(
+                ConfigError(
+                    f"forwards[{index}].port: {forward.port} is already used by forwards[{seen[forward.port]}]; "
+                    "each forward needs its own port"
+                )
             )
-        seen[port] = index
-        forwards.append(Forward(port, target))
+            continue
+        seen[forward.port] = index
+        forwards.append(forward)
+    if errors:
+        raise ConfigError(*[problem for error in errors for problem in error.problems])
     return tuple(forwards)
 
 
@@ -427,67 +471,145 @@ def _auth(value: object) -> Auth:
     return Auth(username, password)
 
 
-def parse(data: object) -> Config:
-    """Validate a decoded YAML document; raises ConfigError naming the first bad key."""
-    if data is None:
-        raise ConfigError("config: the file is empty; see config.example.yaml for a complete example")
-    top = _mapping(data, "", _TOP_KEYS)
-    merged = {**DEFAULTS, **{k: v for k, v in top.items() if v is not None}}
-
+def _engine(top: Mapping[str, Any]) -> Engine:
     engine = _require(top, "engine", "engine")
     if engine not in ENGINES:
         raise _fail("engine", engine, _DESCRIPTIONS["engine"])
-    public_address = _host(_require(top, "public_address", "public_address"), "public_address")
-    listen_address = merged["listen_address"]
-    try:
-        if not isinstance(listen_address, str):  # ip_address() would take 0 or True as 0.0.0.0 / 0.0.0.1
-            raise ValueError(listen_address)
-        listen_address = str(ipaddress.ip_address(listen_address))
-    except ValueError:
-        raise _fail("listen_address", listen_address, "an IP address to bind, such as 0.0.0.0 or ::") from None
-    interface = merged["interface"]
-    if not isinstance(interface, str) or not _INTERFACE.match(interface):
-        raise _fail(
-            "interface", interface, "a network interface name such as eth0 (letters, digits, _ . -, at most 15)"
-        )
+    return cast(Engine, engine)
 
+
+def _listen_address(value: object) -> str:
+    try:
+        if not isinstance(value, str):  # ip_address() would take 0 or True as 0.0.0.0 / 0.0.0.1
+            raise ValueError(value)
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise _fail("listen_address", value, "an IP address to bind, such as 0.0.0.0 or ::") from None
+
+
+def _interface(value: object) -> str:
+    if not isinstance(value, str) or not _INTERFACE.match(value):
+        raise _fail("interface", value, "a network interface name such as eth0 (letters, digits, _ . -, at most 15)")
+    return value
+
+
+def _allowed_clients(top: Mapping[str, Any]) -> tuple[Network, ...]:
     clients_raw = _require(top, "allowed_clients", "allowed_clients")
     if not isinstance(clients_raw, list) or not clients_raw:
         raise _fail("allowed_clients", clients_raw, _DESCRIPTIONS["allowed_clients"])
-    allowed = tuple(_network(item, f"allowed_clients[{i}]") for i, item in enumerate(clients_raw))
+    errors: list[ConfigError] = []
+    allowed: list[Network] = []
+    for index, item in enumerate(clients_raw):
+        try:
+            allowed.append(_network(item, f"allowed_clients[{index}]"))
+        except ConfigError as exc:
+            errors.append(exc)
+    if errors:
+        raise ConfigError(*[problem for error in errors for problem in error.problems])
+    return tuple(allowed)
 
-    discovery = _optional(top, "discovery", lambda v, _p: _discovery(v), "discovery")
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(path, value, "true or false")
+    return value
+
+
+def _not_empty(top: Mapping[str, Any], key: str, fix: str) -> None:
+    """A section given with nothing in it (YAML null: every entry commented out) is a mistake, not "off"."""
+    if key in top and top[key] is None:
+        raise ConfigError(f"{key}: is empty (are all its entries commented out?); {fix}")
+
+
+def parse(data: object) -> Config:
+    """Validate a decoded YAML document; raises one ConfigError naming every bad key, one per line."""
+    if data is None:
+        raise ConfigError("config: the file is empty; see config.example.yaml for a complete example")
+    errors: list[ConfigError] = []
+    token = _collecting.set(errors)
+    cfg: Config | None = None
+    try:
+        cfg = _parse(data, errors)
+    except ConfigError as exc:  # the document itself is not a mapping
+        errors.append(exc)
+    finally:
+        _collecting.reset(token)
+    if cfg is None or errors:
+        raise ConfigError(*[problem for error in errors for problem in error.problems])
+    return cfg
+
+
+def _parse(data: object, errors: list[ConfigError]) -> Config | None:
+    top = _mapping(data, "", _TOP_KEYS)
+    merged = {**DEFAULTS, **{k: v for k, v in top.items() if v is not None}}
+
+    def attempt(parse: Callable[[], T]) -> T | None:
+        return _attempt(errors, parse, None)
+
+    engine = attempt(lambda: _engine(top))
+    public_address = attempt(lambda: _host(_require(top, "public_address", "public_address"), "public_address"))
+    listen_address = attempt(lambda: _listen_address(merged["listen_address"]))
+    interface = attempt(lambda: _interface(merged["interface"]))
+    allowed = attempt(lambda: _allowed_clients(top))
+
+    discovery = attempt(lambda: _optional(top, "discovery", lambda v, _p: _discovery(v), "discovery"))
     forwards_raw = top.get("forwards")
-    if forwards_raw is None and discovery is not None:
-        forwards: tuple[Forward, ...] = ()
-    else:
-        forwards = _forwards(_require(top, "forwards", "forwards"))
-        if not forwards:
-            raise _fail("forwards", forwards_raw, _DESCRIPTIONS["forwards"] + " (or a discovery section)")
+    forwards: tuple[Forward, ...] | None = ()
+    if forwards_raw is not None or discovery is None:
+        forwards = attempt(lambda: _forwards(_require(top, "forwards", "forwards")))
+        if forwards is not None and not forwards:
+            errors.append(_fail("forwards", forwards_raw, _DESCRIPTIONS["forwards"] + " (or a discovery section)"))
+    ports = forwards or ()
 
-    auto_discovery = _optional(top, "auto_discovery", lambda v, _p: _auto_discovery(v), "auto_discovery")
+    auto_discovery = attempt(
+        lambda: _optional(top, "auto_discovery", lambda v, _p: _auto_discovery(v), "auto_discovery")
+    )
     if auto_discovery is not None:
-        if engine != "memcached":
-            raise ConfigError(f"auto_discovery: only valid with engine memcached, not {engine!r}")
-        clash = next((i for i, f in enumerate(forwards) if f.port == auto_discovery.port), None)
+        if engine is not None and engine != "memcached":
+            errors.append(ConfigError(f"auto_discovery: only valid with engine memcached, not {engine!r}"))
+        clash = next((i for i, f in enumerate(ports) if f.port == auto_discovery.port), None)
         if clash is not None:
-            raise ConfigError(
-                f"auto_discovery.port: {auto_discovery.port} is already used by forwards[{clash}]; pick a free port"
+            errors.append(
+                ConfigError(
+                    f"auto_discovery.port: {auto_discovery.port} is already used by forwards[{clash}]; pick a free port"
+                )
             )
 
-    tls = _optional(top, "tls", lambda v, _p: _tls(v), "tls")
-    upstream_tls = _optional(top, "upstream_tls", lambda v, _p: _upstream_tls(v), "upstream_tls")
-    metrics = _optional(top, "metrics", lambda v, _p: _metrics(v), "metrics")
-    if (
-        metrics is not None
-        and metrics.port in {f.port for f in forwards}
-        and metrics.host in (listen_address, "0.0.0.0")
-    ):
-        raise ConfigError(f"metrics.listen: port {metrics.port} is also a forward port; pick another port")
+    attempt(lambda: _not_empty(top, "tls", "give cert and key, or remove the tls key to serve without TLS"))
+    attempt(
+        lambda: _not_empty(
+            top,
+            "upstream_tls",
+            "write `upstream_tls: {}` to verify the nodes against the system CA store, or remove the key",
+        )
+    )
+    tls = attempt(lambda: _optional(top, "tls", lambda v, _p: _tls(v), "tls"))
+    upstream_tls = attempt(lambda: _optional(top, "upstream_tls", lambda v, _p: _upstream_tls(v), "upstream_tls"))
+    metrics = attempt(lambda: _optional(top, "metrics", lambda v, _p: _metrics(v), "metrics"))
+    if metrics is not None and metrics.port in {f.port for f in ports} and metrics.host in (listen_address, "0.0.0.0"):
+        errors.append(ConfigError(f"metrics.listen: port {metrics.port} is also a forward port; pick another port"))
 
-    workers = _workers(merged["workers"], "workers")
+    workers = attempt(lambda: _workers(merged["workers"], "workers"))
+    connect_timeout_s = attempt(lambda: _seconds(merged["connect_timeout_s"], "connect_timeout_s"))
+    idle_timeout_s = attempt(lambda: _seconds(merged["idle_timeout_s"], "idle_timeout_s", allow_zero=True))
+    drain_timeout_s = attempt(lambda: _seconds(merged["drain_timeout_s"], "drain_timeout_s", allow_zero=True))
+    max_connections = attempt(lambda: _positive_int(merged["max_connections"], "max_connections"))
+    multiplex = attempt(lambda: _multiplex(merged["multiplex"], str(engine), tls, upstream_tls))
+    multiplex_connections = attempt(
+        lambda: _multiplex_connections(merged["multiplex_connections"], "multiplex_connections")
+    )
+    cpu_affinity = attempt(lambda: _cpu_affinity(merged["cpu_affinity"], 2 if workers is None else workers))
+    auth = attempt(lambda: _optional(top, "auth", lambda v, _p: _auth(v), "auth"))
+    access_log = attempt(lambda: _bool(merged["access_log"], "access_log"))
+    if errors:
+        return None  # parse() raises them all
+    assert engine is not None and public_address is not None and listen_address is not None
+    assert interface is not None and allowed is not None and forwards is not None and workers is not None
+    assert connect_timeout_s is not None and idle_timeout_s is not None and drain_timeout_s is not None
+    assert max_connections is not None and multiplex is not None and multiplex_connections is not None
+    assert cpu_affinity is not None and access_log is not None
     return Config(
-        engine=cast(Engine, engine),
+        engine=engine,
         public_address=public_address,
         listen_address=listen_address,
         interface=interface,
@@ -495,19 +617,46 @@ def parse(data: object) -> Config:
         forwards=forwards,
         metrics=metrics,
         workers=workers,
-        connect_timeout_s=_seconds(merged["connect_timeout_s"], "connect_timeout_s"),
-        idle_timeout_s=_seconds(merged["idle_timeout_s"], "idle_timeout_s", allow_zero=True),
-        drain_timeout_s=_seconds(merged["drain_timeout_s"], "drain_timeout_s", allow_zero=True),
-        max_connections=_positive_int(merged["max_connections"], "max_connections"),
-        multiplex=_multiplex(merged["multiplex"], engine, tls, upstream_tls),
-        multiplex_connections=_multiplex_connections(merged["multiplex_connections"], "multiplex_connections"),
-        cpu_affinity=_cpu_affinity(merged["cpu_affinity"], workers),
+        connect_timeout_s=connect_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        drain_timeout_s=drain_timeout_s,
+        max_connections=max_connections,
+        multiplex=multiplex,
+        multiplex_connections=multiplex_connections,
+        cpu_affinity=cpu_affinity,
         auto_discovery=auto_discovery,
         discovery=discovery,
         tls=tls,
         upstream_tls=upstream_tls,
-        auth=_optional(top, "auth", lambda v, _p: _auth(v), "auth"),
+        auth=auth,
+        access_log=access_log,
     )
+
+
+# Warned about at start (natfwd serve), not refused: each can be what the operator meant.
+WIDE_ALLOWLIST_PREFIX = 8
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that work but are probably a mistake: an allowlist wider than /8, /metrics reachable off-host."""
+    found: list[str] = []
+    for index, net in enumerate(cfg.allowed_clients):
+        if net.prefixlen < WIDE_ALLOWLIST_PREFIX:
+            found.append(
+                f"allowed_clients[{index}]: {net} is wider than /{WIDE_ALLOWLIST_PREFIX} and lets in "
+                f"{net.num_addresses:,} addresses; list the trusted clients' networks instead"
+            )
+    if cfg.metrics is not None:
+        try:
+            loopback = ipaddress.ip_address(cfg.metrics.host).is_loopback
+        except ValueError:
+            loopback = cfg.metrics.host == "localhost"
+        if not loopback:
+            found.append(
+                f"metrics.listen: {cfg.metrics.host}:{cfg.metrics.port} is not a loopback address, so /metrics "
+                "(no authentication) is reachable from the network; bind 127.0.0.1 unless a firewall keeps it private"
+            )
+    return found
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -516,6 +665,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._paths: dict[int, str] = {}  # id(mapping node) -> its key path, such as forwards[1]
+        self.lines: dict[str, int] = {}  # key path -> the line of its key (or of its list item), from 1
 
     def construct_document(self, node: yaml.Node) -> Any:
         self._record_paths(node)
@@ -534,9 +684,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 self._paths[id(node)] = path
                 for key_node, value_node in node.value:
                     name = _key_name(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-                    stack.append((value_node, f"{path}.{name}" if path else name))
+                    child = f"{path}.{name}" if path else name
+                    self.lines[child] = key_node.start_mark.line + 1  # a duplicate: the later one
+                    stack.append((value_node, child))
             elif isinstance(node, yaml.SequenceNode):
-                stack.extend((child, f"{path}[{index}]") for index, child in enumerate(node.value))
+                for index, item in enumerate(node.value):
+                    self.lines.setdefault(f"{path}[{index}]", item.start_mark.line + 1)
+                    stack.append((item, f"{path}[{index}]"))
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         # Checked before SafeLoader flattens `<<` merges, whose keys an explicit key may rightly override.
@@ -560,27 +714,65 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config file; raises ConfigError (never OSError or YAMLError)."""
+    """Read and validate a YAML config file; raises ConfigError (never OSError or YAMLError), each problem as
+    `FILE:LINE: key.path: ...`."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"config: {os.fspath(path)!r} does not exist; pass --config with the path of a YAML file"
+            f"config: {os.fspath(path)!r} does not exist; pass --config, set NATFWD_CONFIG, or create {DEFAULT_PATH}"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: cannot read {os.fspath(path)!r}: {exc}") from None
     return loads(text, source=os.fspath(path))
 
 
-def loads(text: str, source: str = "<config>") -> Config:
-    """Validate YAML text; raises ConfigError with the line of a YAML syntax error or of a duplicate key."""
+DEFAULT_PATH = "/etc/natfwd/natfwd.yaml"
+
+
+def _located(problems: tuple[str, ...], source: str, lines: Mapping[str, int]) -> ConfigError:
+    """Each problem prefixed with `source:line:` of the key path it starts with (or of its nearest parent)."""
+    located: list[tuple[int, str]] = []
+    for problem in problems:
+        path = problem.partition(": ")[0]
+        while path and path not in lines:
+            path = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", path) if re.search(r"(\.[^.\[]*|\[\d+\])$", path) else ""
+        line = lines.get(path)
+        if line is None:
+            located.append((0, f"{source}: {problem}"))
+        else:
+            located.append((line, f"{source}:{line}: {problem}"))
+    located.sort(key=lambda item: item[0])  # in file order, as a compiler reports; stable within a line
+    return ConfigError(*(problem for _line, problem in located))
+
+
+def loads(text: str, source: str | None = None) -> Config:
+    """Validate YAML text; raises ConfigError with every problem found, each on its own line. With `source` (the
+    file's name) each problem starts `source:line:`, as a compiler's do."""
+    where = source if source is not None else "<config>"
+    loader: _UniqueKeyLoader | None = None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary tags
+        loader = _UniqueKeyLoader(text)  # a SafeLoader subclass: no arbitrary tags
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"config: {source}{where}: invalid YAML: {problem}") from None
+        if source is not None and mark is not None:
+            raise ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}") from None
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {where}{at}: invalid YAML: {problem}") from None
     except RecursionError:
-        raise ConfigError(f"config: {source}: invalid YAML: nested too deeply") from None
-    return parse(data)
+        raise ConfigError(f"config: {where}: invalid YAML: nested too deeply") from None
+    except ConfigError as exc:  # a duplicate key
+        if source is None or loader is None:
+            raise
+        raise _located(exc.problems, source, loader.lines) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    try:
+        return parse(data)
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise _located(exc.problems, source, loader.lines) from None

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from forwarder import __version__, extensions
 
 DIRECTION_TO_NODE = "client_to_node"
 DIRECTION_TO_CLIENT = "node_to_client"
@@ -18,6 +30,13 @@ DISCOVERY_DNS = "dns"
 
 # Connect latency inside one VPC is sub-millisecond; the upper buckets catch retransmits and DNS stalls.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Cache clients either open a connection per request (milliseconds) or keep a pool for hours.
+DURATION_BUCKETS = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
+# Series made at start for every forward, so that increase() and alerts see the first failure (a series that
+# appears at 1 has no increase).
+UPSTREAM_ERROR_REASONS = ("timeout", "refused", "unreachable", "tls", "dns", "error")
+# The C extensions natfwd_build_info reports, by their module name under forwarder.
+EXTENSIONS = ("_crelay", "protocols._cframing")
 
 
 def multiprocess_dir() -> str | None:
@@ -32,6 +51,7 @@ class ForwardMetrics:
     active: Any
     bytes_to_node: Any
     bytes_to_client: Any
+    duration: Any
 
 
 class Metrics:
@@ -96,6 +116,15 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+        self.duration = Histogram(
+            "natfwd_connection_duration_seconds",
+            "Lifetime of accepted client connections, from accept to close, by listen port",
+            ["forward"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
         self.forward_changes = Counter(
             "natfwd_forward_changes_total",
             "Forwards opened, closed or retargeted by reload, discovery or DNS re-resolution, by change",
@@ -112,15 +141,94 @@ class Metrics:
         # Resolved once; making the children also exports 0 from the start, so rate() and alerts have a series.
         self.elasticache_errors = self.discovery_errors.labels(DISCOVERY_ELASTICACHE)
         self.dns_errors = self.discovery_errors.labels(DISCOVERY_DNS)
+        if multiprocess_dir() is None:
+            # One process: it reports on itself. With workers: N the supervisor's exporter does (exporter_registry).
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            registry.register(BuildInfoCollector())
 
     def forward(self, port: int) -> ForwardMetrics:
         label = str(port)
+        for reason in UPSTREAM_ERROR_REASONS:
+            self.upstream_errors.labels(label, reason)
+        self.rejected.labels(label, "limit")
         return ForwardMetrics(
             accepted=self.accepted.labels(label),
             active=self.active.labels(label),
             bytes_to_node=self.bytes.labels(label, DIRECTION_TO_NODE),
             bytes_to_client=self.bytes.labels(label, DIRECTION_TO_CLIENT),
+            duration=self.duration.labels(label),
         )
+
+
+def loaded_extensions() -> str:
+    """The C extensions this process can load, comma-separated (`none` without any: the pure-Python path)."""
+    names = [name.rpartition(".")[2].lstrip("_") for name in EXTENSIONS if extensions.load(name) is not None]
+    return ",".join(names) or "none"
+
+
+class BuildInfoCollector:
+    """natfwd_build_info{version,extensions} 1, in the manner of Prometheus's own build_info."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "natfwd_build_info",
+            "Always 1; the labels say which natfwd runs and which C extensions it loaded (none: pure Python)",
+            labels=["version", "extensions"],
+        )
+        family.add_metric([__version__, loaded_extensions()], 1.0)
+        yield family
+
+
+class WorkerProcessCollector:
+    """process_* for the supervisor and each worker (its child processes), labelled `pid` and `process`.
+
+    Per process, not summed: each process has its own open-file limit, so descriptors near the limit must be
+    compared process by process; sum by instance in PromQL for the total memory or CPU.
+    """
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+
+    def _children(self) -> list[int]:
+        me = os.getpid()
+        try:
+            # The workers are forked by the main thread, whose task lists them (Linux CONFIG_PROC_CHILDREN).
+            with open(os.path.join(self.proc, str(me), "task", str(me), "children")) as listed:
+                return sorted(int(pid) for pid in listed.read().split())
+        except OSError:
+            pass  # no such file on this kernel: find them by their parent pid
+        children: list[int] = []
+        for entry in os.listdir(self.proc):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(os.path.join(self.proc, entry, "stat"), "rb") as stat:
+                    # The field after the parenthesised command name (which may hold spaces) is the state, then ppid.
+                    ppid = int(stat.read().rpartition(b")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+            if ppid == me:
+                children.append(int(entry))
+        return sorted(children)
+
+    def collect(self) -> Iterator[Metric]:
+        processes = [(os.getpid(), "supervisor")] + [(pid, "worker") for pid in self._children()]
+        merged: dict[str, Metric] = {}
+        for pid, role in processes:
+            collector = ProcessCollector(pid=_constant(pid), proc=self.proc, registry=None)
+            for family in collector.collect():
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    labels = {**sample.labels, "pid": str(pid), "process": role}
+                    into.add_sample(sample.name, labels, sample.value)
+        yield from merged.values()
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid
 
 
 def exporter_registry() -> CollectorRegistry:
@@ -131,6 +239,9 @@ def exporter_registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        registry.register(WorkerProcessCollector())
+        PlatformCollector(registry=registry)
+        registry.register(BuildInfoCollector())
     return registry
 
 

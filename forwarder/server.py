@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+from forwarder import accesslog, tls
 from forwarder import config as config_mod
-from forwarder import tls
 from forwarder.acceptor import TlsListener
 from forwarder.errors import NatfwdError
 from forwarder.mux import MuxPool, Session, new_pool
@@ -71,6 +71,9 @@ class ClientHalf(Half):
         "idle_s",
         "accounted",
         "client_ip",
+        "started",
+        "target",
+        "ended",
     )
 
     def __init__(self, worker: Worker, route: Route) -> None:
@@ -84,6 +87,9 @@ class ClientHalf(Half):
         self.idle_s = 0.0
         self.accounted = False
         self.client_ip = ""
+        self.started = 0.0  # loop time at accept: natfwd_connection_duration_seconds and the access log
+        self.target = route.target  # the node it connects to, kept through a later retarget
+        self.ended = ""  # how it ended, when natfwd ended it (accesslog.IDLE_TIMEOUT ...)
 
     def node_half(self) -> NodeHalf:
         return NodeHalf(self.worker.pool)
@@ -108,6 +114,7 @@ class ClientHalf(Half):
             return
         worker.active += 1
         self.accounted = True
+        self.started = worker.loop.time()
         route.connections.add(self)
         route.metrics.accepted.inc()
         route.metrics.active.inc()
@@ -149,6 +156,7 @@ class ClientHalf(Half):
                 expired.cancel()
         except (OSError, TimeoutError) as exc:
             self.worker.connect_failed("node connection failed", route.port, target, exc, client=client_ip)
+            self.ended = accesslog.CONNECT_FAILED
             if self.transport is not None and not self.closed:
                 self.transport.abort()
             return
@@ -166,12 +174,17 @@ class ClientHalf(Half):
             self.connect_expired = True
             task.cancel()
 
+    def eof_received(self) -> bool:
+        self.ended = self.ended or accesslog.ending_at_eof(self)
+        return super().eof_received()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
         task = self.connect_task
         if task is not None:
             task.cancel()
+        self.ended = self.ended or accesslog.ending(self, exc)
         super().connection_lost(exc)
         self._finish()
 
@@ -187,6 +200,7 @@ class ClientHalf(Half):
                 self.worker.idle.set()
             self.route.connections.discard(self)
             self.worker.account(self)
+            self.worker.closed(self)
             self.route.metrics.active.dec()
 
 
@@ -352,6 +366,7 @@ class Worker:
         self.nodes = NodeMap()  # the rewriters' node -> public address map, shared by every connection
         self.warn = RateLimitedWarning()
         self.tracker = Tracker(self)
+        self.refusals = accesslog.RefusalLog(log)
 
     def mux_pool(self, route: Route) -> MuxPool:
         """The route's shared node connections, new after a retarget (the old ones serve their clients out)."""
@@ -379,10 +394,7 @@ class Worker:
 
     def reject(self, route: Route, reason: str, client_ip: str, error: str | None = None) -> None:
         self.metrics.rejected.labels(str(route.port), reason).inc()
-        extra = {"forward": route.port, "client": client_ip, "reason": reason}
-        if error is not None:
-            extra["error"] = error
-        log.info("connection refused", extra=extra)
+        self.refusals.refused(route.port, client_ip, reason, error)
 
     def account(self, conn: ClientHalf) -> None:
         """Move a connection's byte counts since the last sweep into the counters."""
@@ -396,6 +408,21 @@ class Worker:
         if to_client:
             conn.seen_to_client += to_client
             conn.route.metrics.bytes_to_client.inc(to_client)
+
+    def closed(self, conn: ClientHalf) -> None:
+        """Observe an accounted connection's lifetime, and write its access log line with `access_log: true`."""
+        duration_s = self.loop.time() - conn.started
+        conn.route.metrics.duration.observe(duration_s)
+        if conn.route.config.access_log:
+            accesslog.log_closed(
+                client=conn.client_ip,
+                forward=conn.route.port,
+                node=str(conn.target),
+                to_node=conn.seen_to_node,
+                to_client=conn.seen_to_client,
+                duration_s=duration_s,
+                end=conn.ended or accesslog.CLIENT_CLOSED,
+            )
 
     def sweep_interval_s(self) -> float:
         idle = self.config.idle_timeout_s
@@ -419,6 +446,7 @@ class Worker:
                     if limit and conn.idle_s >= limit:
                         log.info("idle timeout", extra={"forward": route.port, "idle_s": round(conn.idle_s, 2)})
                         self.metrics.rejected.labels(str(route.port), "idle_timeout").inc()
+                        conn.ended = accesslog.IDLE_TIMEOUT
                         conn.abort()
                         if conn.peer is not None:
                             conn.peer.abort()
@@ -606,6 +634,7 @@ class Worker:
                 pass
         remaining = [c for r in list(self.routes.values()) + self._retired for c in r.connections]
         for conn in remaining:
+            conn.ended = conn.ended or accesslog.DRAIN
             conn.abort()
             if conn.peer is not None:
                 conn.peer.abort()

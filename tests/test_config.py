@@ -1,4 +1,4 @@
-"""Config validation: table-driven, with the exact one-line messages users see."""
+"""Config validation: table-driven, with the exact messages users see (one line per problem)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def test_workers_auto_is_one_per_core() -> None:
 CASES = [
     (
         "engine: memcached\n",
-        "public_address: missing is not valid; expected the IP address or DNS name clients dial (the EIP)",
+        "public_address: missing is not valid; expected the IP address or DNS name clients dial (the EIP)\n"
+        "allowed_clients: missing is not valid; expected a non-empty list of CIDRs such as 198.51.100.27/32\n"
+        "forwards: missing is not valid; expected a non-empty list of {port, target} entries",
     ),
     (
         VALID.replace("engine: memcached", "engine: mongodb"),
@@ -108,7 +110,8 @@ CASES = [
     ),
     (
         VALID.replace("  - {port: 11211, target: 10.0.1.230:11211}", "  - {port: 11211, tagret: 10.0.1.230:11211}"),
-        "forwards[0].tagret: unknown key (did you mean target?); valid keys here are: port, target",
+        "forwards[0].tagret: unknown key (did you mean target?); valid keys here are: port, target\n"
+        "forwards[0].target: missing is not valid; expected HOST:PORT such as 10.0.1.230:11211",
     ),
     (
         VALID.replace("allowed_clients: [198.51.100.27/32]", "allowed_clients: []"),
@@ -244,9 +247,11 @@ def test_cli_debug_shows_traceback(tmp_path: Path) -> None:
 
 
 def test_cli_usage_error_exit_2() -> None:
-    proc = subprocess.run([sys.executable, "-m", "forwarder", "serve"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "serve", "--bogus"], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
-    assert "natfwd: error: the following arguments are required: --config" in proc.stderr
+    assert "natfwd: error: unrecognized arguments: --bogus" in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["serve", "check", "emit-iptables"])
@@ -270,7 +275,10 @@ def test_cli_duplicate_key_exit_2_without_traceback(tmp_path: Path, command: str
         stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 2
-    assert proc.stderr == "natfwd: error: forwards[0].port: duplicate key on lines 5 and 7; remove one of them\n"
+    assert (
+        proc.stderr
+        == f"natfwd: error: {path}:7: forwards[0].port: duplicate key on lines 5 and 7; remove one of them\n"
+    )
     assert proc.stdout == ""
 
 
@@ -315,3 +323,94 @@ def test_reload_with_a_duplicate_key_is_refused_counted_and_keeps_the_old_config
         assert serve.metric("natfwd_config_reloads_total", result="success") == 1
         assert whoami(other_port) == b"node"
         assert serve.proc.poll() is None
+
+
+MANY_MISTAKES = """\
+engine: memcached
+public_address: 203.0.113.73
+allowed_clients: [198.51.100.27/32, 10.0.0.0/33]
+forwards:
+  - {port: 11211, target: 10.0.1.230:11211}
+  - port: 70000
+    target: 10.0.1.231
+  - {port: 11213, tagret: 10.0.1.232:11211}
+workrs: 2
+connect_timeout_s: -1
+"""
+
+
+def test_every_mistake_is_reported_with_its_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "natfwd.yaml"
+    path.write_text(MANY_MISTAKES)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert info.value.problems == (
+        f"{path}:3: allowed_clients[1]: '10.0.0.0/33' is not valid; expected a CIDR such as 198.51.100.27/32 "
+        "('10.0.0.0/33' does not appear to be an IPv4 or IPv6 network)",
+        f"{path}:6: forwards[1].port: 70000 is not valid; expected an integer port from 1 to 65535",
+        f"{path}:7: forwards[1].target: '10.0.1.231' is not valid; expected HOST:PORT such as 10.0.1.230:11211 "
+        "(IPv6 as [::1]:11211)",
+        f"{path}:8: forwards[2].tagret: unknown key (did you mean target?); valid keys here are: port, target",
+        f"{path}:8: forwards[2].target: missing is not valid; expected HOST:PORT such as 10.0.1.230:11211",
+        f"{path}:9: workrs: unknown key (did you mean workers?); valid keys here are: " + ", ".join(config._TOP_KEYS),
+        f"{path}:10: connect_timeout_s: -1 is not valid; expected a positive number of seconds",
+    )
+    # The CLI prints every one of them, each as its own error line, and exits 2.
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "check", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "".join(f"natfwd: error: {problem}\n" for problem in info.value.problems)
+
+
+def test_invalid_yaml_is_reported_as_file_line_column(tmp_path: Path) -> None:
+    path = tmp_path / "natfwd.yaml"
+    path.write_text("engine: memcached\n  bad: [\n")
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}:2:6: invalid YAML: mapping values are not allowed here"
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("tls:\n#  cert: /etc/natfwd/server.pem\n#  key: /etc/natfwd/server.key\n",
+         "tls: is empty (are all its entries commented out?); give cert and key, or remove the tls key to serve "
+         "without TLS"),
+        ("upstream_tls:\n#  ca: /etc/natfwd/ca.pem\n",
+         "upstream_tls: is empty (are all its entries commented out?); write `upstream_tls: {}` to verify the nodes "
+         "against the system CA store, or remove the key"),
+    ],
+)  # fmt: skip
+def test_an_empty_tls_section_is_an_error(tmp_path: Path, section: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.loads(VALID + section)
+    assert str(info.value) == message
+    assert config.loads(VALID + "upstream_tls: {}\n").upstream_tls == config.UpstreamTLS(ca=None)
+    path = tmp_path / "natfwd.yaml"
+    path.write_text(VALID + section)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "emit-iptables", "--config", str(path)], capture_output=True, text=True,
+        timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == f"natfwd: error: {path}:7: {message}\n"
+
+
+def test_access_log_is_off_unless_asked_for() -> None:
+    assert config.loads(VALID).access_log is False
+    assert config.loads(VALID + "access_log: true\n").access_log is True
+    with pytest.raises(config.ConfigError, match=r"^access_log: 'yes please' is not valid; expected true or false$"):
+        config.loads(VALID + "access_log: yes please\n")
+
+
+def test_warnings_for_a_wide_allowlist_and_metrics_off_loopback() -> None:
+    assert config.warnings(config.loads(VALID + "metrics: {listen: 127.0.0.1:9108}\n")) == []
+    wide = VALID.replace("[198.51.100.27/32]", "[198.51.100.27/32, 0.0.0.0/0, 10.0.0.0/8]")
+    cfg = config.loads(wide + "metrics: {listen: 0.0.0.0:9108}\n")
+    assert config.warnings(cfg) == [
+        "allowed_clients[1]: 0.0.0.0/0 is wider than /8 and lets in 4,294,967,296 addresses; list the trusted "
+        "clients' networks instead",
+        "metrics.listen: 0.0.0.0:9108 is not a loopback address, so /metrics (no authentication) is reachable from "
+        "the network; bind 127.0.0.1 unless a firewall keeps it private",
+    ]

@@ -1,4 +1,5 @@
-"""Config fuzzing: seeded mutations of a valid config give one ConfigError line (exit 2), never a traceback or a server."""
+"""Config fuzzing: seeded mutations of a valid config give a ConfigError of one line per problem (exit 2), never a
+traceback or a server."""
 
 from __future__ import annotations
 
@@ -223,6 +224,13 @@ def assert_one_line(message: str, what: str) -> None:
     assert "Traceback" not in message, what
 
 
+def assert_problems(error: config.ConfigError, what: str) -> None:
+    """Every problem a ConfigError reports is one line, and the message is those lines."""
+    assert error.problems and str(error) == "\n".join(error.problems), what
+    for problem in error.problems:
+        assert_one_line(problem, what)
+
+
 def _ports() -> list[int]:
     return free_ports(4)
 
@@ -243,12 +251,13 @@ def test_structural_mutations_are_refused_naming_the_key() -> None:
         mutation = next(mutations)
         with pytest.raises(config.ConfigError) as caught:
             config.loads(dump(mutation.document))
-        message = str(caught.value)
-        assert_one_line(message, mutation.what)
+        assert_problems(caught.value, mutation.what)
         if mutation.path:
-            assert message.startswith((mutation.path + ":", mutation.path + ".")), (mutation.what, message)
+            named = [p for p in caught.value.problems if p.startswith((mutation.path + ":", mutation.path + "."))]
         else:
-            assert ": unknown key" in message, (mutation.what, message)
+            named = [p for p in caught.value.problems if ": unknown key" in p]
+        assert named, (mutation.what, caught.value.problems)
+        message = named[0]
         assert "expected" in message or "valid keys" in message or "already used" in message or "pick" in message, (
             mutation.what,
             message,
@@ -267,7 +276,7 @@ def test_text_mutations_give_a_config_or_one_config_error() -> None:
             config.loads(mutated)
         except config.ConfigError as exc:
             refused += 1
-            assert_one_line(str(exc), what)
+            assert_problems(exc, what)
         # Any other exception escapes and fails the test: that would be a traceback for the user.
     assert refused > TEXTUAL // 3, f"only {refused} of {TEXTUAL} text mutations were refused: the fuzzer is too tame"
 
@@ -313,7 +322,7 @@ def test_hostile_documents_are_refused_with_work_linear_in_their_size(text: str,
     # (LAUGHS stands for 9**6 lists if expanded) or recurse without bound.
     assert calls <= CALLS_PER_CHARACTER * len(text) + CALLS_BASE, f"{calls} calls for {len(text)} characters"
     assert str(caught.value).startswith(start)
-    assert_one_line(str(caught.value), text[:40])
+    assert_problems(caught.value, text[:40])
     assert not Path("/tmp/natfwd-fuzz-pwned").exists()
 
 
@@ -390,7 +399,7 @@ def test_cli_sample_exits_2_with_one_line_and_never_binds(tmp_path: Path) -> Non
             expected = _in_process_error(path)
             assert process.returncode == 2, (what, stderr)
             assert stdout == b"", what
-            assert stderr.decode() == f"natfwd: error: {expected}\n", (what, stderr)
+            assert stderr.decode() == "".join(f"natfwd: error: {line}\n" for line in expected), (what, stderr)
     finally:
         for process, _, _ in processes:
             if process.poll() is None:
@@ -398,9 +407,9 @@ def test_cli_sample_exits_2_with_one_line_and_never_binds(tmp_path: Path) -> Non
             process.wait()
 
 
-def _in_process_error(path: Path) -> str:
+def _in_process_error(path: Path) -> tuple[str, ...]:
     try:
         config.load(path)
     except config.ConfigError as exc:
-        return str(exc)
+        return exc.problems
     raise AssertionError(f"{path} is a valid config; the CLI sample must hold only invalid ones")

@@ -259,7 +259,8 @@ def test_injection_attempts_exit_2_with_nothing_printed(tmp_path: Path, old: str
     path = write_config(tmp_path, _replace(old, new))
     result = natfwd("emit-iptables", "--config", str(path), "--format", fmt)
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.startswith(f"natfwd: error: {key}: ")
+    # FILE:LINE: first, as a compiler reports (forwarder/config.py).
+    assert re.match(rf"natfwd: error: {re.escape(str(path))}:\d+: {re.escape(key)}: ", result.stderr), result.stderr
     assert "Traceback" not in result.stderr
 
 
