@@ -33,10 +33,16 @@ def _not_available(feature: str) -> NatfwdError:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from forwarder import config, server
+    from forwarder import config, fdlimit, worker
 
     cfg = config.load(args.config)
-    server.serve(cfg, args.config)
+    fdlimit.raise_fd_limit(cfg.max_connections)  # once, here: forked workers inherit the limit
+    if cfg.workers == 1:
+        worker.run_worker(cfg, args.config, reuse_port=False, export_metrics=True)
+        return EXIT_OK
+    from forwarder import supervisor
+
+    supervisor.run(cfg, args.config, target=worker.run_worker)
     return EXIT_OK
 
 
