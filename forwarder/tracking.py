@@ -70,7 +70,7 @@ class Tracker:
         self.discovered: tuple[config_mod.Forward, ...] = ()
         self.ports: dict[str, int] = {}  # node id -> listen port, stable while the node exists
         self.first_port: int | None = None
-        self._client: Any = None  # the AwsClient, made once (boto3 client creation takes ~100 ms)
+        self._client: Any = None  # the AwsClient, made once: creating a boto3 client loads its service model
         self._client_key: tuple[str | None, str | None] = (None, None)
         self._dns_wake = asyncio.Event()
 
