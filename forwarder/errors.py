@@ -1,4 +1,4 @@
-"""The two error families the CLI maps to exit codes, runtime (1) and usage (2), and the wording of a bind failure."""
+"""The two error families the CLI maps to exit codes (runtime 1, usage 2), and the wording of a bind failure."""
 
 import errno
 
