@@ -1,14 +1,13 @@
 /* Raw mode in C: one thread per event loop that moves bytes between the two sockets of busy plain-TCP connections.
  *
- * relay.py's _Raw does the same from uvloop reader callbacks, and is the reference and the fallback. What it cannot
- * shed is the event loop's turn and a Python call between epoll_wait returning and the write, on each hop: about
- * 3.5 us of user CPU per request through the relay where HAProxy spends under 2 (benchmarks/README.md). Here the
- * hop is epoll_wait, read, write, with nothing in between, and the GIL is never taken: the thread touches no Python
+ * rawmode.py's PyRaw does the same from uvloop reader callbacks, and is the reference and the fallback. What it
+ * cannot shed is the event loop's turn and a Python call between epoll_wait returning and the write, on each hop.
+ * Here the hop is epoll_wait, read, write, with nothing in between, and the GIL is never taken: the thread touches no Python
  * object. Python hands over duplicates of both sockets (Relay.add) and keeps the control plane: byte counts
  * (Link.counts), closing (Link.stop), and the end of a connection, which the thread reports through an eventfd
  * (Relay.fileno, Relay.done).
  *
- * The rules are _Raw's: small messages are copied with one read and one write (the same system calls as HAProxy),
+ * The rules are PyRaw's: small messages are copied with one read and one write (the same system calls as HAProxy),
  * a read that fills COPY_READ switches that direction to splicing socket -> pipe -> socket, and a run of small
  * splices switches it back. Backpressure is the same: while the peer's socket is full, the unsent rest stays ours
  * (a malloc'd tail, or bytes in our pipe) and that direction stops reading. An EOF is passed on with
@@ -35,7 +34,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-/* Kept equal to relay.py's (the module exposes them; tests/test_crelay.py compares). */
+/* Kept equal to rawmode.py's and resources.py's (the module exposes them; tests/test_crelay.py compares). */
 #define COPY_READ (16 * 1024)
 #define SPLICE_CHUNK (64 * 1024)
 #define SEGMENT_BUDGET (65536 - 1 - 320)
@@ -765,7 +764,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "forwarder._crelay", "Raw mode's relay thread in C (see relay.py).", -1, module_methods,
+    PyModuleDef_HEAD_INIT, "forwarder._crelay", "Raw mode's relay thread in C (see rawmode.py).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__crelay(void)

@@ -1,4 +1,4 @@
-"""Raw mode's relay thread in C (forwarder/_crelay.c); relay.py's _Raw is the reference."""
+"""Raw mode's relay thread in C (forwarder/_crelay.c); rawmode.py's PyRaw is the reference."""
 
 import socket
 

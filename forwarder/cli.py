@@ -60,14 +60,20 @@ def _not_available(feature: str) -> NatfwdError:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from forwarder import config, server
+    from forwarder import config, fdlimit, worker
 
     path = config_path(args)
     cfg = config.load(path)
     log = logging.getLogger("natfwd.config")
     for warning in config.warnings(cfg):
         log.warning(warning)
-    server.serve(cfg, path)
+    fdlimit.raise_fd_limit(cfg.max_connections)  # once, here: forked workers inherit the limit
+    if cfg.workers == 1:
+        worker.run_worker(cfg, path, reuse_port=False, export_metrics=True)
+        return EXIT_OK
+    from forwarder import supervisor
+
+    supervisor.run(cfg, path, target=worker.run_worker)
     return EXIT_OK
 
 

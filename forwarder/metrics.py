@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from forwarder import __version__, extensions
+from forwarder.errors import bind_error
 
 DIRECTION_TO_NODE = "client_to_node"
 DIRECTION_TO_CLIENT = "node_to_client"
@@ -246,8 +247,11 @@ def exporter_registry() -> CollectorRegistry:
 
 
 def start_exporter(host: str, port: int, registry: CollectorRegistry) -> Any:
-    """Serve Prometheus text at http://host:port/metrics in a daemon thread; raises OSError if the port is taken."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    """Serve Prometheus text at http://host:port/metrics in a daemon thread; raises NatfwdError if it cannot bind."""
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise bind_error(host, port, exc, "metrics.listen") from exc
     assert isinstance(thread, threading.Thread)
     return server
 

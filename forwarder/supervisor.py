@@ -1,4 +1,7 @@
-"""`workers: N`: a parent that forks N worker processes sharing the ports with SO_REUSEPORT and relays signals."""
+"""`workers: N`: a parent that forks N worker processes sharing the ports with SO_REUSEPORT and relays signals.
+
+It never imports the worker: the CLI hands `run` the worker entry point (as uvicorn's Multiprocess takes `target`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from types import FrameType
+from typing import Protocol
 
 from forwarder import config as config_mod
 from forwarder import portstate
@@ -20,13 +24,30 @@ log = logging.getLogger("natfwd.supervisor")
 RESPAWN_DELAY_S = 1.0
 
 
+class WorkerEntry(Protocol):
+    """Runs one worker process to completion (worker.run_worker); raises NatfwdError when it cannot start."""
+
+    def __call__(
+        self,
+        cfg: config_mod.Config,
+        config_path: str | None,
+        *,
+        reuse_port: bool,
+        export_metrics: bool,
+        incoming_cpu: int | None = None,
+        count_reloads: bool = True,
+    ) -> None: ...
+
+
 def worker_cpus(cfg: config_mod.Config, allowed: Iterable[int]) -> list[int | None]:
     """Per worker, the CPU cpu_affinity pins it to (round-robin over the CPUs we may use), or None without it."""
     cpus = sorted(allowed)
     return [cpus[i % len(cpus)] if cfg.cpu_affinity and cpus else None for i in range(cfg.workers)]
 
 
-def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None) -> int:
+def _fork_worker(
+    target: WorkerEntry, cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None
+) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -39,11 +60,7 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cp
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # before any thread starts (the relay thread inherits it)
             log.info("worker pinned", extra={"worker": index, "cpu": cpu})
-        from forwarder import server
-
-        server.run_worker(
-            cfg, config_path, reuse_port=True, export_metrics=False, incoming_cpu=cpu, count_reloads=False
-        )
+        target(cfg, config_path, reuse_port=True, export_metrics=False, incoming_cpu=cpu, count_reloads=False)
     except NatfwdError as exc:
         log.error("worker failed", extra={"worker": index, "error": str(exc)})
         code = 1
@@ -62,8 +79,9 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
-def run(cfg: config_mod.Config, config_path: str | None) -> None:
-    """Fork `cfg.workers` workers and supervise them until SIGTERM. Raises NatfwdError if the first start fails."""
+def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) -> None:
+    """Fork `cfg.workers` workers, each running `target`, and supervise them until SIGTERM. Raises NatfwdError if
+    the first start fails."""
     multiproc_dir = tempfile.mkdtemp(prefix="natfwd-metrics-")
     # Must be set before prometheus_client is first imported, in this process and so in every fork.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
@@ -73,16 +91,14 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
     from prometheus_client import CollectorRegistry
 
     from forwarder import metrics as metrics_mod
-    from forwarder import server
 
-    server.raise_fd_limit(cfg.max_connections)
     own = metrics_mod.Metrics(CollectorRegistry())  # the parent counts reloads once, not once per worker
     if cfg.metrics is not None:
         try:
             metrics_mod.start_exporter(cfg.metrics.host, cfg.metrics.port, metrics_mod.exporter_registry())
-        except OSError as exc:
+        except NatfwdError:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
-            raise NatfwdError(f"metrics.listen {cfg.metrics.host}:{cfg.metrics.port}: {exc.strerror}") from exc
+            raise
 
     pending: list[int] = []
 
@@ -96,7 +112,7 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
     cpus = worker_cpus(cfg, os.sched_getaffinity(0))  # as started: a reload changes neither workers nor pinning
     started = time.monotonic()
     for index in range(cfg.workers):
-        workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
+        workers[_fork_worker(target, cfg, config_path, index, cpus[index])] = index
     log.info("workers started", extra={"workers": cfg.workers, "pids": ",".join(map(str, workers))})
 
     stopping = False
@@ -125,7 +141,7 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
                     raise NatfwdError(f"worker {index} exited with status {status} at start; see the log above")
                 log.error("worker died; starting a new one", extra={"worker": index, "pid": pid, "status": status})
                 time.sleep(RESPAWN_DELAY_S)
-                workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
+                workers[_fork_worker(target, cfg, config_path, index, cpus[index])] = index
     finally:
         for pid in workers:
             _kill(pid, signal.SIGTERM)

@@ -7,9 +7,9 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from forwarder import config as config_mod
 from forwarder import portstate
@@ -17,7 +17,8 @@ from forwarder.errors import NatfwdError
 
 if TYPE_CHECKING:
     from forwarder.aws.cluster import NodeEndpoint
-    from forwarder.server import Worker
+    from forwarder.metrics import Metrics
+    from forwarder.rewriting import NodeMap
 
 log = logging.getLogger("natfwd.tracking")
 
@@ -46,15 +47,30 @@ def _reserved(cfg: config_mod.Config) -> frozenset[int]:
     return frozenset(ports)
 
 
+class Host(Protocol):
+    """What the tracker needs from the worker it keeps in step (worker.Worker), and how it reports changes."""
+
+    @property
+    def config(self) -> config_mod.Config: ...  # what the worker serves now
+    @property
+    def nodes(self) -> NodeMap: ...  # the rewriters' node map; the tracker refreshes its resolved IPs
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def draining(self) -> bool: ...  # no more polls then
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...  # a task the worker cancels at drain
+    async def apply_discovered(self, new: config_mod.Config) -> None: ...  # serve `new`; raises if it cannot
+
+
 class Tracker:
     """Keeps one worker's forwards and node map in step with the cluster; both loops run until drain cancels them."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Host) -> None:
         self.worker = worker
         self.discovered: tuple[config_mod.Forward, ...] = ()
         self.ports: dict[str, int] = {}  # node id -> listen port, stable while the node exists
         self.first_port: int | None = None
-        self._client: Any = None  # the AwsClient, made once (boto3 client creation takes ~100 ms)
+        self._client: Any = None  # the AwsClient, made once: creating a boto3 client loads its service model
         self._client_key: tuple[str | None, str | None] = (None, None)
         self._dns_wake = asyncio.Event()
 
@@ -83,8 +99,8 @@ class Tracker:
         return cfg
 
     def start(self) -> None:
-        self.worker._spawn(self._poll_discovery())
-        self.worker._spawn(self._poll_dns())
+        self.worker.spawn(self._poll_discovery())
+        self.worker.spawn(self._poll_dns())
 
     def adopt(self, cfg: config_mod.Config) -> config_mod.Config:
         """A reloaded config with a discovery section has no forwards of its own: keep the discovered ones."""
@@ -170,7 +186,7 @@ class Tracker:
             if new.forwards == cfg.forwards:
                 return
             log.info("cluster nodes changed; applying", extra={"forwards": len(new.forwards)})
-            await self.worker._apply(new)
+            await self.worker.apply_discovered(new)
         except (config_mod.ConfigError, NatfwdError) as exc:
             self.ports, self.first_port, self.discovered = saved
             log.error("could not apply the discovered nodes; retrying next period", extra={"error": str(exc)})

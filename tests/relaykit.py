@@ -13,22 +13,24 @@ import uvloop
 from conftest import IN_CI, free_port
 from prometheus_client import CollectorRegistry
 
-from forwarder import config, relay
+from forwarder import config, rawmode
+from forwarder.connection import ClientHalf
 from forwarder.metrics import Metrics
-from forwarder.relay import BufferPool, Half
-from forwarder.server import ClientHalf, Worker
+from forwarder.relay import Half
+from forwarder.resources import Resources
+from forwarder.worker import Worker
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-RAW = ["c", "python"]  # raw mode's two implementations: the C relay thread, and _Raw's reader callbacks
+RAW = ["c", "python"]  # raw mode's two implementations: the C relay thread, and PyRaw's reader callbacks
 
 
 def use_raw(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Raw mode in Python (`python`), or the C relay thread (`c`): skipped when the extension was not built, but a
     failure in CI, which must test it."""
     if name == "python":
-        monkeypatch.setattr(relay, "CRELAY", None)
+        monkeypatch.setattr(rawmode, "CRELAY", None)
         return
-    if relay.CRELAY is None:
+    if rawmode.CRELAY is None:
         why = "forwarder._crelay is not built (no compiler at install) or NATFWD_NO_EXTENSIONS is set"
         if IN_CI:
             pytest.fail(f"{why}: CI must test the C relay")
@@ -49,7 +51,7 @@ def held_back(half: Half | None) -> bool:
     return half.reading_paused
 
 
-def idle_fds(pool: BufferPool) -> int:
+def idle_fds(pool: Resources) -> int:
     """The descriptors raw mode keeps with no raw connection left: pooled pipes, and the thread's reservation."""
     return 2 * len(pool.pipes) + pool.thread_fds
 
@@ -77,7 +79,7 @@ async def worker_for(target_port: int, *, fd_budget: int | None = None, buffer_s
     }
     worker = Worker(config.parse(data), None, Metrics(CollectorRegistry()), reuse_port=False, buffer_size=buffer_size)
     if fd_budget is not None:
-        worker.pool.fd_budget = fd_budget
+        worker.pool.cap_fds(fd_budget)
     await worker.start()
     try:
         yield worker, port

@@ -1,5 +1,5 @@
 """The C relay thread (forwarder/_crelay.c): on its own over real loopback TCP socket pairs, then inside a worker
-(byte counts, idle timeout). tests/test_relay_raw.py runs raw mode's end-to-end tests against it and _Raw alike."""
+(byte counts, idle timeout). tests/test_relay_raw.py runs raw mode's end-to-end tests against it and PyRaw alike."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import pytest
 from conftest import wait_for_async
 from relaykit import busy_connection, echo, is_raw, only_connection, run, sink, use_raw, worker_for
 
-from forwarder import relay
+from forwarder import rawmode, resources
 
 
 @pytest.fixture
 def crelay(monkeypatch: pytest.MonkeyPatch) -> Any:
     use_raw("c", monkeypatch)
-    return relay.CRELAY
+    return rawmode.CRELAY
 
 
 def tcp_pair(mss: int | None = None) -> tuple[socket.socket, socket.socket]:
@@ -193,7 +193,7 @@ def test_the_thread_holds_back_a_fast_node_for_a_reader_that_stopped(crelay: Any
         read_from_node = pair.link.counts()[1]
         time.sleep(0.3)
         assert pair.link.counts()[1] == read_from_node, "the relay should not read while the client cannot take it"
-        assert 0 < pair.link.pending()[1] <= relay.SPLICE_CHUNK
+        assert 0 < pair.link.pending()[1] <= rawmode.SPLICE_CHUNK
         assert pair.link.pending()[0] == 0
         pair.node.setblocking(True)
         pair.node.shutdown(socket.SHUT_WR)
@@ -277,11 +277,11 @@ def test_bad_arguments_are_refused(crelay: Any) -> None:
         b.close()
 
 
-def test_constants_match_relay_py(crelay: Any) -> None:
+def test_constants_match_the_python_side(crelay: Any) -> None:
     names = ("COPY_READ", "SPLICE_CHUNK", "SEGMENT_BUDGET", "SPLICE_BURST", "BULK_MIN", "COPY_AFTER_SMALL",
              "PIPE_POOL_LIMIT")  # fmt: skip
     for name in names:
-        assert getattr(crelay, name) == getattr(relay, name), name
+        assert getattr(crelay, name) == getattr(resources if name == "PIPE_POOL_LIMIT" else rawmode, name), name
 
 
 def test_splices_are_whole_packets_of_the_socket_written(crelay: Any) -> None:
@@ -291,14 +291,14 @@ def test_splices_are_whole_packets_of_the_socket_written(crelay: Any) -> None:
     a, b = tcp_pair(1448)
     mss = b.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
     assert 1000 < mss <= 1448  # less the timestamp option
-    chunk = relay.splice_chunk(b)
+    chunk = rawmode.splice_chunk(b)
     assert chunk == crelay.splice_chunk(b.fileno())
-    assert chunk % mss == 0 and relay.SEGMENT_BUDGET - mss < chunk <= relay.SEGMENT_BUDGET < relay.SPLICE_CHUNK
+    assert chunk % mss == 0 and rawmode.SEGMENT_BUDGET - mss < chunk <= rawmode.SEGMENT_BUDGET < rawmode.SPLICE_CHUNK
     c, d = tcp_pair()
-    assert relay.SPLICE_CHUNK % d.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 0
-    assert relay.splice_chunk(d) == crelay.splice_chunk(d) == relay.SPLICE_CHUNK
+    assert rawmode.SPLICE_CHUNK % d.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 0
+    assert rawmode.splice_chunk(d) == crelay.splice_chunk(d) == rawmode.SPLICE_CHUNK
     e, f = socket.socketpair()
-    assert relay.splice_chunk(f) == crelay.splice_chunk(f) == relay.SPLICE_CHUNK
+    assert rawmode.splice_chunk(f) == crelay.splice_chunk(f) == rawmode.SPLICE_CHUNK
     for sock in (a, b, c, d, e, f):
         sock.close()
 
@@ -316,7 +316,7 @@ def test_a_worker_counts_the_threads_bytes(crelay: Any) -> None:
             payload = os.urandom(3 * 1024 * 1024)
             writer.write(payload)
             assert await reader.readexactly(len(payload)) == payload
-            worker.account(conn)  # what the metrics sweep does while the connection lives
+            worker.state.account(conn)  # what the metrics sweep does while the connection lives
             ping_bytes = sum(len(f"ping {i}\n") for i in range(20))  # what ping_pong sent
             assert conn.seen_to_node == conn.seen_to_client == ping_bytes + len(payload)
             writer.write(b"bye\n")
@@ -360,7 +360,7 @@ def test_a_thread_that_cannot_start_leaves_raw_mode_in_python(monkeypatch: pytes
             cls.starts += 1
             raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr(relay, "CRELAY", NoThreads)
+    monkeypatch.setattr(rawmode, "CRELAY", NoThreads)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -384,7 +384,7 @@ def test_without_the_extension_natfwd_warns_once_unless_turned_off(
 ) -> None:
     from forwarder import extensions
 
-    monkeypatch.setattr(relay, "CRELAY", None)
+    monkeypatch.setattr(rawmode, "CRELAY", None)
     monkeypatch.setattr(extensions, "OFF", off)
     monkeypatch.setattr(extensions, "_warned", set())
 

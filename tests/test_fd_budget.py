@@ -12,9 +12,10 @@ from labkit import root
 from prometheus_client import CollectorRegistry
 
 from forwarder import config
+from forwarder.fdlimit import RAW_FD_SHARE, fds_needed
 from forwarder.metrics import Metrics
-from forwarder.relay import RAW_FD_SHARE, BufferPool
-from forwarder.server import Worker, fds_needed
+from forwarder.resources import Resources
+from forwarder.worker import Worker
 
 
 def soft_limit() -> int:
@@ -23,7 +24,7 @@ def soft_limit() -> int:
 
 
 def test_raw_mode_gets_only_the_descriptors_beyond_the_reservation() -> None:
-    pool = BufferPool()
+    pool = Resources()
     spare = soft_limit() // RAW_FD_SHARE + 6
     pool.reserved_fds = soft_limit() - spare
     assert all(pool.reserve_fds(2) for _ in range(spare // 2))
@@ -32,7 +33,7 @@ def test_raw_mode_gets_only_the_descriptors_beyond_the_reservation() -> None:
 
 
 def test_under_a_tight_limit_raw_mode_still_gets_an_eighth() -> None:
-    pool = BufferPool()
+    pool = Resources()
     pool.reserved_fds = soft_limit()  # max_connections alone would take every descriptor
     pool.reserve_fds(0)
     assert pool.fd_budget == soft_limit() // RAW_FD_SHARE
@@ -75,7 +76,7 @@ def limits_after_raise(hard: int, max_connections: int) -> tuple[int, int]:
     code = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_NOFILE, ({hard}, {hard}))\n"
-        "from forwarder.server import raise_fd_limit\n"
+        "from forwarder.fdlimit import raise_fd_limit\n"
         f"raise_fd_limit({max_connections})\n"
         "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n"
     )

@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port, wait_for_async
 from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, worker_for
 
-from forwarder import relay, server
+from forwarder import connection, relay
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -175,13 +175,13 @@ def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(
 
 def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
     """Every node connection starts `delay_s` late: a slow network path, so clients act while it is being made."""
-    original = server.ClientHalf._connect
+    original = connection.ClientHalf._connect
 
-    async def slow(self: server.ClientHalf, *args: Any) -> None:
+    async def slow(self: connection.ClientHalf, *args: Any) -> None:
         await asyncio.sleep(delay_s)
         await original(self, *args)
 
-    monkeypatch.setattr(server.ClientHalf, "_connect", slow)
+    monkeypatch.setattr(connection.ClientHalf, "_connect", slow)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)

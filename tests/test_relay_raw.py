@@ -1,6 +1,6 @@
 """Raw mode (the relay owning socket duplicates: read/write for small messages, splice through pooled pipes for bulk)
-on both loops and in both implementations (the C relay thread, and _Raw in Python), and when it must not apply.
-Tests that look inside _Raw run in Python only; tests/test_crelay.py has the thread's own."""
+on both loops and in both implementations (the C relay thread, and PyRaw in Python), and when it must not apply.
+Tests that look inside PyRaw run in Python only; tests/test_crelay.py has the thread's own."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from relaykit import (
 )
 from tlskit import CA
 
-from forwarder import relay
+from forwarder import rawmode, resources
 
 
 def open_fds() -> int:
@@ -87,26 +87,26 @@ def test_busy_connection_goes_raw_and_relays_every_byte(
             await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert worker.pool.extra_fds == idle_fds(worker.pool)  # the duplicates are closed; pooled pipes remain
         await asyncio.sleep(0.05)
-        assert open_fds() <= fds_before + 2 * relay.PIPE_POOL_LIMIT + 3  # + the thread's epoll and eventfds
+        assert open_fds() <= fds_before + 2 * resources.PIPE_POOL_LIMIT + 3  # + the thread's epoll and eventfds
         server.close()
 
     run(loop_name, main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
-@pytest.mark.parametrize("chunk", [relay.SPLICE_CHUNK, 45 * 1448], ids=["loopback", "mss-1448"])
+@pytest.mark.parametrize("chunk", [rawmode.SPLICE_CHUNK, 45 * 1448], ids=["loopback", "mss-1448"])
 def test_a_bulk_stream_moves_several_chunks_per_wakeup(
     loop_name: str, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A full chunk means more is queued: one readiness callback keeps splicing, up to SPLICE_BURST chunks. A chunk
     is what splice_chunk() says for the socket written (loopback's MSS gives 64 KiB, a 1500-byte MTU 45 segments)."""
-    use_raw("python", monkeypatch)  # looks inside _Raw
-    monkeypatch.setattr(relay, "splice_chunk", lambda sock: chunk)
+    use_raw("python", monkeypatch)  # looks inside PyRaw
+    monkeypatch.setattr(rawmode, "splice_chunk", lambda sock: chunk)
     chunks_per_call: list[int] = []
     reading = {"fd": -1, "chunks": 0}
     asked: set[int] = set()
-    original_readable = relay._Raw.readable
-    original_splice = relay._splice
+    original_readable = rawmode.PyRaw.readable
+    original_splice = rawmode._splice
 
     def counting_splice(src: int, dst: int, count: int, *args: Any) -> int:
         moved = original_splice(src, dst, count, *args)
@@ -115,13 +115,13 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(
             asked.add(count)
         return moved
 
-    def readable(raw: relay._Raw) -> None:
+    def readable(raw: rawmode.PyRaw) -> None:
         reading["fd"], reading["chunks"] = raw.fd, 0
         original_readable(raw)
         chunks_per_call.append(reading["chunks"])
 
-    monkeypatch.setattr(relay, "_splice", counting_splice)
-    monkeypatch.setattr(relay._Raw, "readable", readable)
+    monkeypatch.setattr(rawmode, "_splice", counting_splice)
+    monkeypatch.setattr(rawmode.PyRaw, "readable", readable)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -132,22 +132,22 @@ def test_a_bulk_stream_moves_several_chunks_per_wakeup(
     run(loop_name, main)
     assert asked == {chunk}
     assert max(chunks_per_call) > 1, "a callback that found a full chunk should have gone on reading"
-    assert max(chunks_per_call) <= relay.SPLICE_BURST
+    assert max(chunks_per_call) <= rawmode.SPLICE_BURST
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each direction reads small messages with os.read, switches to splice on a full read, and back after it."""
-    use_raw("python", monkeypatch)  # looks inside _Raw
+    use_raw("python", monkeypatch)  # looks inside PyRaw
     spliced: list[int] = []
-    original_splice = relay._splice
+    original_splice = rawmode._splice
 
     def counting_splice(src: int, dst: int, count: int, *args: Any) -> int:
         moved = original_splice(src, dst, count, *args)
         spliced.append(moved)
         return moved
 
-    monkeypatch.setattr(relay, "_splice", counting_splice)
+    monkeypatch.setattr(rawmode, "_splice", counting_splice)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -165,7 +165,7 @@ def test_small_messages_are_copied_and_bulk_is_spliced(loop_name: str, monkeypat
             assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
             assert sum(spliced) > len(payload), "most of the bulk should have been spliced, both ways"
 
-            await ping_pong(reader, writer, rounds=relay.COPY_AFTER_SMALL)  # a run of short splices: small again
+            await ping_pong(reader, writer, rounds=rawmode.COPY_AFTER_SMALL)  # a run of short splices: small again
             count = len(spliced)
             await ping_pong(reader, writer, rounds=5)
             assert len(spliced) == count, "after the bulk, small messages should be copied again"
@@ -185,13 +185,13 @@ def test_concurrent_mixed_sizes_switching_modes_stay_intact(
     switches between copying and splicing many times while sharing one pipe pool: every echo comes back exact."""
     use_raw(impl, monkeypatch)
     switches = {"to_splice": 0}
-    original_splice_chunks = relay._Raw.splice_chunks
+    original_splice_chunks = rawmode.PyRaw.splice_chunks
 
-    def splice_chunks(raw: relay._Raw) -> None:
+    def splice_chunks(raw: rawmode.PyRaw) -> None:
         switches["to_splice"] += 1
         original_splice_chunks(raw)
 
-    monkeypatch.setattr(relay._Raw, "splice_chunks", splice_chunks)
+    monkeypatch.setattr(rawmode.PyRaw, "splice_chunks", splice_chunks)
     sizes = (1, 30, 1000, 16 * 1024, 16 * 1024 + 1, 70_000, 300_000)
 
     async def client(port: int, seed: int) -> None:
@@ -224,8 +224,9 @@ def test_concurrent_mixed_sizes_switching_modes_stay_intact(
 def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     """Raw mode as on a system without os.splice: every chunk goes through os.read/os.write (the relay thread gets
     no pipe)."""
-    monkeypatch.setattr(relay, "_splice", relay._no_splice)
-    monkeypatch.setattr(relay, "RELAY_PIPES", 0)
+    monkeypatch.setattr(rawmode, "_splice", rawmode._no_splice)
+    monkeypatch.setattr(resources, "CAN_SPLICE", False)
+    monkeypatch.setattr(resources, "RELAY_PIPES", 0)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -237,10 +238,10 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest
     if mode == "copy":
         use_raw("python", monkeypatch)
         no_splice(monkeypatch)
-        monkeypatch.setattr(relay, "COPY_READ", 7)
+        monkeypatch.setattr(rawmode, "COPY_READ", 7)
     elif mode == "c-copy":
         use_raw("c", monkeypatch)
-        monkeypatch.setattr(relay, "RELAY_PIPES", 0)
+        monkeypatch.setattr(resources, "RELAY_PIPES", 0)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -258,16 +259,16 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest
 def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With descriptors for the socket duplicates but none for a pipe, full reads keep asking for splice and keep
     getting copies: every byte arrives, and no callback recurses."""
-    use_raw("python", monkeypatch)  # looks inside _Raw
+    use_raw("python", monkeypatch)  # looks inside PyRaw
     asked: list[int] = []
     depth = {"now": 0, "max": 0}
-    original_readable = relay._Raw.readable
+    original_readable = rawmode.PyRaw.readable
 
-    def no_pipe(pool: relay.BufferPool) -> None:
+    def no_pipe(pool: resources.Resources) -> None:
         asked.append(1)
         return None
 
-    def readable(raw: relay._Raw) -> None:
+    def readable(raw: rawmode.PyRaw) -> None:
         depth["now"] += 1
         depth["max"] = max(depth["max"], depth["now"])
         try:
@@ -275,8 +276,8 @@ def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.Monke
         finally:
             depth["now"] -= 1
 
-    monkeypatch.setattr(relay.BufferPool, "take_pipe", no_pipe)
-    monkeypatch.setattr(relay._Raw, "readable", readable)
+    monkeypatch.setattr(resources.Resources, "take_pipe", no_pipe)
+    monkeypatch.setattr(rawmode.PyRaw, "readable", readable)
 
     async def main() -> None:
         server, target = await sink(echo)
@@ -294,12 +295,12 @@ def test_no_pipe_to_spare_means_copies(loop_name: str, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_kernel_that_refuses_splice_gets_copies(loop_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    use_raw("python", monkeypatch)  # looks inside _Raw
+    use_raw("python", monkeypatch)  # looks inside PyRaw
 
     def refuse(*args: object, **kwargs: object) -> int:
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(relay, "_splice", refuse)
+    monkeypatch.setattr(rawmode, "_splice", refuse)
 
     async def main() -> None:
         server, target = await sink(echo)
