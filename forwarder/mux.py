@@ -126,8 +126,8 @@ class Session:
         self.alone = 0  # reads in a row with no other client on the pipe
         self.note = pipe.framer.state  # finds state-setting requests that share (None: the engine has none)
         self.state: dict[bytes, bytes] | None = None  # those the client sent, replayed once it is pinned
-        # Whether the pipe must reset (and greet again) before the client's first request: set when it was in use
-        # (connected or connecting) when the client came, so its login and state may be another client's.
+        # Whether the pipe must reset (and greet again) before the client's first request: set when it was up when
+        # the client came, so its login and state may be another client's.
         self.reset_first = pipe.in_use()
         pipe.sessions.add(self)
 
@@ -390,10 +390,9 @@ class Pipe:
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
         self.greeted = True  # False once the node refused the lane's greeting: it is sent again before the next batch
-        # A new connection has nothing to reset, but RESET goes first until the node has said whether it knows it.
-        self.greet(reset=pool.resets is None and bool(self.framer.reset), joined=False)
+        self.greet(reset=False)  # a new connection has nothing to reset
 
-    def greet(self, *, reset: bool, joined: bool) -> None:
+    def greet(self, *, reset: bool) -> None:
         """Queue RESET (when `reset`) and the lane's greeting; their replies are nobody's, and are checked."""
         greeting = self.framer.greeting(self.lane)
         data = (self.framer.reset if reset else b"") + greeting
@@ -401,11 +400,12 @@ class Pipe:
             return
         self.out.append(data)
         self.out_size += len(data)
-        self.fifo.append([_Greeting(self, reset, joined, bool(greeting)), int(reset) + int(bool(greeting))])
+        self.fifo.append([_Greeting(self, reset, bool(greeting)), int(reset) + int(bool(greeting))])
 
     def in_use(self) -> bool:
-        """Whether the connection is up or being made: one that clients joining now did not see made."""
-        return self.fd >= 0 or self.connect_task is not None
+        """Whether the connection is up: a client that joins now did not see it made. (One that joins while it is
+        being made counts it as new: the node makes it a login of its own at about the moment the client came.)"""
+        return self.fd >= 0
 
     async def connect(self) -> None:
         target = self.pool.target
@@ -437,10 +437,10 @@ class Pipe:
         idle = not fifo
         if session.reset_first:  # its first request on a connection in use: make it new for the client first
             session.reset_first = False
-            self.greet(reset=True, joined=True)
+            self.greet(reset=True)
         elif not self.greeted:
             self.greeted = True
-            self.greet(reset=False, joined=False)
+            self.greet(reset=False)
         session.owed += count
         if self.out_size + len(data) > PIPE_HIGH:
             session.pause()
@@ -664,12 +664,11 @@ class _Greeting:
     """The replies to what a pipe sends on its own (RESET, HELLO 3): nobody's, but checked, since a connection that
     did not reset or switch protocol would serve its clients another's login or the wrong protocol."""
 
-    __slots__ = ("pipe", "reset", "joined", "hello")
+    __slots__ = ("pipe", "reset", "hello")
 
-    def __init__(self, pipe: Pipe, reset: bool, joined: bool, hello: bool) -> None:
+    def __init__(self, pipe: Pipe, reset: bool, hello: bool) -> None:
         self.pipe = pipe
         self.reset = reset  # RESET's reply is still to come
-        self.joined = joined  # RESET was sent for a client that joined a connection in use
         self.hello = hello
 
     def deliver(self, data: bytes | bytearray, replies: int) -> None:
@@ -701,8 +700,9 @@ class _Greeting:
                 extra={"target": str(pool.target), "error": reply[:200].decode("latin-1").strip()},
             )
         pool.resets = False
-        if self.joined:  # the requests behind it went over a connection whose login may be another's
-            self.pipe.lost("the node does not know RESET")
+        # The requests behind it went over a connection whose login may be another's: their replies must not reach
+        # the client. Known now, later clients that would join a connection in use are pinned instead (Session.start).
+        self.pipe.lost("the node does not know RESET")
 
 
 async def _node_socket(loop: asyncio.AbstractEventLoop, target: config_mod.Target) -> socket.socket:
