@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import Node
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from servekit import Serve
 from test_multiplex import SCANNERS, serving_mux
 
@@ -111,9 +113,16 @@ def test_client_tracking_invalidations_arrive_once_pinned(redis_mux: tuple[Node,
     other.close()
 
 
+def once(port: int, protocol: int, password: str | None = None) -> redis.Redis:
+    """A redis-py client that reports a refusal at once (its default is to retry, with backoff)."""
+    return redis.Redis(
+        port=port, protocol=protocol, password=password, socket_timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+    )
+
+
 def refusal(port: int, protocol: int, password: str | None = None) -> str:
     """What a new redis-py client is told when it reads secret-key: the error, or the value's repr."""
-    client = redis.Redis(port=port, protocol=protocol, password=password, socket_timeout=TIMEOUT_S)
+    client = once(port, protocol, password)
     try:
         return repr(client.get("secret-key"))
     except redis.AuthenticationError as exc:
@@ -124,7 +133,7 @@ def refusal(port: int, protocol: int, password: str | None = None) -> str:
 
 def test_a_password_turned_on_is_enforced_for_new_clients_as_directly(redis_mux: tuple[Node, int, Serve]) -> None:
     node, port, serve = redis_mux
-    early = [redis.Redis(port=port, protocol=protocol, socket_timeout=TIMEOUT_S) for protocol in (2, 3)]
+    early = [once(port, protocol) for protocol in (2, 3)]
     for client in early:
         assert client.set("secret-key", "hunter2")  # the shared connections are up and logged in (no password)
     with redis.Redis(port=node.port) as direct:
@@ -169,7 +178,7 @@ def test_a_password_turned_off_lets_new_clients_in_as_directly(redis_mux: tuple[
     node, port, serve = redis_mux
     with redis.Redis(port=node.port) as direct:
         assert direct.config_set("requirepass", "rotated")
-    locked = redis.Redis(port=port, protocol=2, socket_timeout=TIMEOUT_S)
+    locked = once(port, 2)
     with pytest.raises(redis.AuthenticationError):
         locked.get("k")  # the shared connection is up, and not logged in
     with redis.Redis(port=node.port, password="rotated") as direct:
