@@ -181,11 +181,15 @@ def test_a_password_turned_off_lets_new_clients_in_as_directly(redis_mux: tuple[
     locked = once(port, 2)
     with pytest.raises(redis.AuthenticationError):
         locked.get("k")  # the shared connection is up, and not logged in
+    # A RESP3 client is refused its HELLO 3 as directly; the RESP3 shared connection made for it could not switch.
+    assert refusal(port, 3) == refusal(node.port, 3) != repr(None)
     with redis.Redis(port=node.port, password="rotated") as direct:
         assert direct.config_set("requirepass", "")
     for protocol in (2, 3):
         newcomer = redis.Redis(port=port, protocol=protocol, socket_timeout=TIMEOUT_S)
         assert newcomer.set("k", "open") and newcomer.get("k") == b"open"
+        assert newcomer.hset("h", "f", "v") in (0, 1)
+        assert newcomer.hgetall("h") == {b"f": b"v"}  # RESP3 speaks RESP3 now that HELLO 3 is allowed
         newcomer.close()
     assert locked.get("k") == b"open"  # as directly: the node asks only while the default user has a password
     locked.close()
