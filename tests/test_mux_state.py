@@ -16,6 +16,8 @@ from redis.retry import Retry
 from servekit import Serve
 from test_multiplex import SCANNERS, serving_mux
 
+from forwarder.protocols import framing
+
 TIMEOUT_S = 20  # only stops a hang
 
 
@@ -235,3 +237,47 @@ def test_many_clients_joining_shared_connections_keep_their_replies(redis_mux: t
     assert not errors
     log = serve.log()
     assert "shared node connection lost" not in log and "Traceback" not in log
+
+
+def test_a_node_without_reset_pins_clients_that_would_join_a_connection_in_use(
+    tmp_path: Path, start_redis: Callable[..., Node]
+) -> None:
+    """Redis before 6.2 has no RESET (here: renamed away): the first client to join a shared connection in use is
+    reset rather than served on another's login, and the next ones get connections of their own."""
+    node = start_redis(None, "127.0.0.1", "--rename-command", "RESET", "")
+    with serving_mux(tmp_path, node, "redis") as (_node, port, serve):
+        first = once(port, 2)
+        assert first.set("secret-key", "hunter2")  # the shared connection is up, logged in (no password)
+        with pytest.raises(redis.ConnectionError):
+            once(port, 2).get("secret-key")  # behind a refused RESET: its reply is never delivered
+        serve.wait_log("does not know RESET")
+        with redis.Redis(port=node.port) as direct:
+            assert direct.config_set("requirepass", "sesame")
+        for protocol in (2, 3):
+            assert refusal(port, protocol) == refusal(node.port, protocol) != repr(b"hunter2")
+        assert refusal(port, 2, "sesame") == repr(b"hunter2")
+        assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="no_reset") >= 2
+        first.close()
+
+
+@pytest.mark.parametrize("framer", [framing.REDIS_PY, framing.REDIS], ids=["python", "c"])
+def test_state_requests_are_found_in_any_case_and_only_they(framer: framing.Framer) -> None:
+    assert framer.state is not None
+    setinfo = command("client", "SetInfo", "lib-name", "redis-py")
+    version = command("CLIENT", "SETINFO", "LIB-VER", "8.2")
+    notifications = command("Client", "MAINT_NOTIFICATIONS", "on", "moving-endpoint-type", "internal-ip")
+    other = command("SET", "client", command("CLIENT", "SETINFO", "LIB-NAME", "inside-a-value"))
+    buf = other + setinfo + command("GET", "$6\r\nclient\r\n") + version + notifications + command("PING")
+    end, count, leave = framer.requests(buf, framing.RESP2)
+    assert (end, count, leave) == (len(buf), 6, framing.STAY)
+    assert framer.state(buf, end) == [
+        (b"SETINFO LIB-NAME", setinfo),
+        (b"SETINFO LIB-VER", version),
+        (b"MAINT_NOTIFICATIONS", notifications),
+    ]
+    plain = other + command("GET", "k")
+    assert framer.requests(plain, framing.RESP2) == (len(plain), 2, framing.STAY)
+    assert framer.state(plain, len(plain)) == []
+    # An attribute Redis does not know is refused there: nothing to keep (and no way to grow what natfwd keeps).
+    unknown = command("CLIENT", "SETINFO", "anything", "x")
+    assert framer.state(unknown, len(unknown)) == []
