@@ -124,7 +124,7 @@ class Session:
         self.lane = pipe.lane
         self.scan = pipe.framer.requests
         self.alone = 0  # reads in a row with no other client on the pipe
-        self.note = pipe.framer.state  # finds state-setting requests that share (None: the engine has none)
+        self.note = pipe.framer.state_hint  # spots reads that may set state while shared (None: the engine has none)
         self.state: dict[bytes, bytes] | None = None  # those the client sent, replayed once it is pinned
         # Whether the pipe must reset (and greet again) before the client's first request: set when it was up when
         # the client came, so its login and state may be another client's.
@@ -174,7 +174,7 @@ class Session:
             scanned = self.scan(data, self.lane)
             end, count, lane = scanned
             if end == len(data) and not lane and count < PIPELINE_PIN:
-                if self.note is not None:
+                if self.note is not None and self.note(data) is not None:
                     self.record(data, end)
                 self.pipe.send(self, data, count)
                 if len(self.pipe.sessions) > 1:
@@ -203,7 +203,7 @@ class Session:
             lane = PINNED
             reason = "pipelined"
         if count:
-            if self.note is not None:
+            if self.note is not None and self.note(buf) is not None:
                 self.record(buf, end)
             self.pipe.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
         if lane:
@@ -221,8 +221,9 @@ class Session:
 
     def record(self, buf: bytes | bytearray, end: int) -> None:
         """Keep the state-setting requests among the whole requests in buf[:end], for a connection of its own."""
-        assert self.note is not None
-        found = self.note(buf, end)
+        state_of = self.pipe.framer.state
+        assert state_of is not None
+        found = state_of(buf, end)
         if found:
             state = self.state
             if state is None:

@@ -92,6 +92,8 @@ class Framer(NamedTuple):
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
     reset: bytes = b""  # makes a used connection look new to a client that joins it (no state to reset: b"")
     state: Callable[[bytes | bytearray, int], list[tuple[bytes, bytes]]] | None = None  # see redis_state
+    # A cheap test of a read (one C call): state() need only run on the reads for which it is not None.
+    state_hint: Callable[[bytes | bytearray], object] | None = None
 
 
 def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
@@ -385,7 +387,9 @@ def redis_state(buf: bytes | bytearray, end: int) -> list[tuple[bytes, bytes]]:
     return found
 
 
-REDIS_PY = Framer(redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting, RESET, redis_state)
+REDIS_PY = Framer(
+    redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting, RESET, redis_state, _CLIENT.search
+)
 MEMCACHED_PY = Framer(
     memcached_requests, memcached_replies, lambda _buf, _pos: 0, memcached_stream, RESP2, lambda _lane: b""
 )
