@@ -414,8 +414,7 @@ class Pipe:
         started = loop.time()
         try:
             async with asyncio.timeout(self.pool.connect_timeout_s):
-                sock = await _node_socket(loop, target)
-            _keepalive(sock)
+                sock = await _node_socket(loop, target, keepalive=True)
         except (OSError, TimeoutError) as exc:
             self.connect_task = None
             self.pool.hooks.connect_failed(target, exc)
@@ -706,7 +705,9 @@ class _Greeting:
         self.pipe.lost("the node does not know RESET")
 
 
-async def _node_socket(loop: asyncio.AbstractEventLoop, target: config_mod.Target) -> socket.socket:
+async def _node_socket(
+    loop: asyncio.AbstractEventLoop, target: config_mod.Target, *, keepalive: bool = False
+) -> socket.socket:
     """A connected, non-blocking TCP socket to `target`; OSError when it cannot be made."""
     infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     family, kind, proto, _name, address = infos[0]
@@ -714,6 +715,8 @@ async def _node_socket(loop: asyncio.AbstractEventLoop, target: config_mod.Targe
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            _keepalive(sock)
         await loop.sock_connect(sock, address)
     except BaseException:
         sock.close()
