@@ -65,6 +65,9 @@ _write = os.write
 
 # The bytes a node may send in reply to a pinned client's replayed state before natfwd gives up on it.
 REPLAY_REPLIES_MAX = 1024 * 1024
+# A state-setting request longer than this is not kept for replay (a library's name and version are a few dozen
+# bytes): what natfwd keeps per client stays a few KiB whatever the client sends.
+STATE_REQUEST_MAX = 4096
 Prepare = Callable[[], Awaitable[socket.socket]]  # opens a pinned client's own node connection, its state replayed
 
 
@@ -230,7 +233,8 @@ class Session:
                 state = self.state = {}
             for key, request in found:
                 state.pop(key, None)  # the latest last, as the client sent them
-                state[key] = request
+                if len(request) <= STATE_REQUEST_MAX:
+                    state[key] = request
 
     def replay(self) -> Prepare | None:
         """How to open the client's own node connection in the state it set while shared; None: a new one is."""
