@@ -239,13 +239,14 @@ def test_many_clients_joining_shared_connections_keep_their_replies(redis_mux: t
     assert "shared node connection lost" not in log and "Traceback" not in log
 
 
+@pytest.mark.parametrize("wrapper", SCANNERS)
 def test_a_node_without_reset_pins_clients_that_would_join_a_connection_in_use(
-    tmp_path: Path, start_redis: Callable[..., Node]
+    tmp_path: Path, start_redis: Callable[..., Node], wrapper: tuple[str, ...]
 ) -> None:
     """Redis before 6.2 has no RESET (here: renamed away): the first client to join a shared connection in use is
     reset rather than served on another's login, and the next ones get connections of their own."""
     node = start_redis(None, "127.0.0.1", "--rename-command", "RESET", "")
-    with serving_mux(tmp_path, node, "redis") as (_node, port, serve):
+    with serving_mux(tmp_path, node, "redis", wrapper) as (_node, port, serve):
         first = once(port, 2)
         assert first.set("secret-key", "hunter2")  # the shared connection is up, logged in (no password)
         with pytest.raises(redis.ConnectionError):
