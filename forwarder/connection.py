@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 from forwarder import accesslog, sockets
 from forwarder import config as config_mod
-from forwarder.mux import MuxPool, Session, new_pool
+from forwarder.mux import MuxPool, Prepare, Session, new_pool
 from forwarder.relay import Half
 from forwarder.resources import Resources
 from forwarder.rewriting import ObservingClient, RewriterFactory, RewritingNodeHalf
@@ -236,7 +236,9 @@ class ClientHalf(Half):
         """Connect this client's own node connection (MuxClient shares one instead)."""
         self.connect_task = self.state.loop.create_task(self._connect(node, self.route.target, self.client_ip))
 
-    async def _connect(self, node: NodeHalf, target: config_mod.Target, client_ip: str) -> None:
+    async def _connect(
+        self, node: NodeHalf, target: config_mod.Target, client_ip: str, sock: socket.socket | None = None
+    ) -> None:
         state = self.state
         loop = state.loop
         route = self.route
@@ -247,15 +249,20 @@ class ClientHalf(Half):
         try:
             try:
                 upstream_ssl = state.upstream_ssl
-                await loop.create_connection(
-                    lambda: node,
-                    target.host,
-                    target.port,
-                    ssl=upstream_ssl,
-                    # The name checked and sent as SNI is the target's host name (or its IP, checked against IP SANs).
-                    server_hostname=target.host if upstream_ssl is not None else None,
-                    ssl_handshake_timeout=route.config.connect_timeout_s if upstream_ssl is not None else None,
-                )
+                if sock is not None:  # connected already (MuxClient); config refuses multiplex with upstream_tls
+                    assert upstream_ssl is None
+                    await loop.create_connection(lambda: node, sock=sock)
+                else:
+                    await loop.create_connection(
+                        lambda: node,
+                        target.host,
+                        target.port,
+                        ssl=upstream_ssl,
+                        # The name checked and sent as SNI is the target's host name (or its IP, checked against IP
+                        # SANs).
+                        server_hostname=target.host if upstream_ssl is not None else None,
+                        ssl_handshake_timeout=route.config.connect_timeout_s if upstream_ssl is not None else None,
+                    )
             except asyncio.CancelledError:
                 node.abort()  # the client left, or the timer fired; the node connection may have completed meanwhile
                 if not self.connect_expired:
@@ -362,12 +369,28 @@ class MuxClient(ClientHalf):
         self.session = self.state.mux_pool(self.route).join(self, self.peer, sock)
         self.session.start(first)
 
-    def mux_pin(self, rest: bytes) -> None:
+    def mux_pin(self, rest: bytes, prepare: Prepare | None = None) -> None:
         self.session = None
         if self.closed or self.peer is None:
             return
         self.early = bytearray(rest)  # release_early sends them once connected, then resumes the transport
-        super().open_node(cast(NodeHalf, self.peer))
+        if prepare is None:
+            super().open_node(cast(NodeHalf, self.peer))
+        else:  # the state the client set while shared is replayed on its own connection first
+            self.connect_task = self.state.loop.create_task(self._connect_prepared(cast(NodeHalf, self.peer), prepare))
+
+    async def _connect_prepared(self, node: NodeHalf, prepare: Prepare) -> None:
+        try:
+            sock = await prepare()
+        except (OSError, TimeoutError) as exc:
+            self.connect_task = None
+            route = self.route
+            self.state.connect_failed("node connection failed", route.port, route.target, exc, client=self.client_ip)
+            self.ended = accesslog.CONNECT_FAILED
+            if self.transport is not None and not self.closed:
+                self.transport.abort()
+            return
+        await self._connect(node, self.route.target, self.client_ip, sock)
 
     def mux_close(self, *, abort: bool) -> None:
         self.session = None

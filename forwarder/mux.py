@@ -12,6 +12,11 @@ transport's, as raw mode does), frames requests, and writes replies. A client wh
 connection (SELECT, AUTH, MULTI, blocking or unknown commands, memcached noreply) or who pipelines many requests
 itself is *pinned*: once every reply it is owed has arrived, its owner gives it a node connection of its own and
 the ordinary relay takes over, with the bytes not yet sent going first.
+
+Connection state stays the client's own. A pinned client's own connection first replays the state it set while
+shared (HELLO 3, CLIENT SETINFO...; `own_connection`), so a RESP3 client stays RESP3. A login is never lent: a shared
+connection never logs in, AUTH pins, and a client that joins a connection already in use has it RESET first (and
+greeted again), so it starts with the access a new connection has (Redis 6.2+; older nodes pin such clients).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import os
 import socket
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Protocol
 
 from forwarder import config as config_mod
@@ -56,6 +63,18 @@ _read = os.read
 _write = os.write
 
 
+# The bytes a node may send in reply to a pinned client's replayed state before natfwd gives up on it.
+REPLAY_REPLIES_MAX = 1024 * 1024
+# A state-setting request longer than this is not kept for replay (a library's name and version are a few dozen
+# bytes): what natfwd keeps per client stays a few KiB whatever the client sends.
+STATE_REQUEST_MAX = 4096
+Prepare = Callable[[], Awaitable[socket.socket]]  # opens a pinned client's own node connection, its state replayed
+
+
+class ReplayError(ConnectionError):
+    """A pinned client's own node connection could not be put in the state the client set while shared."""
+
+
 class Counter(Protocol):
     nbytes: int
 
@@ -65,7 +84,8 @@ class Owner(Protocol):
 
     nbytes: int  # bytes read from the client
 
-    def mux_pin(self, rest: bytes) -> None: ...  # give the client its own node connection, `rest` first
+    # Give the client its own node connection, `rest` first; `prepare`, when given, opens it (state replayed).
+    def mux_pin(self, rest: bytes, prepare: Prepare | None = None) -> None: ...
     def mux_close(self, *, abort: bool) -> None: ...  # the session is over: close (or reset) the client
 
 
@@ -82,7 +102,8 @@ class Session:
     """One client's end of the multiplexer."""
 
     __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
-                 "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone")  # fmt: skip
+                 "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone", "note", "state",
+                 "reset_first")  # fmt: skip
 
     def __init__(self, owner: Owner, replied: Counter, pipe: Pipe, sock: socket.socket) -> None:
         self.owner = owner
@@ -106,10 +127,18 @@ class Session:
         self.lane = pipe.lane
         self.scan = pipe.framer.requests
         self.alone = 0  # reads in a row with no other client on the pipe
+        self.note = pipe.framer.state_hint  # spots reads that may set state while shared (None: the engine has none)
+        self.state: dict[bytes, bytes] | None = None  # those the client sent, replayed once it is pinned
+        # Whether the pipe must reset (and greet again) before the client's first request: set when it was up when
+        # the client came, so its login and state may be another client's.
+        self.reset_first = pipe.in_use()
         pipe.sessions.add(self)
 
     def start(self, first: bytes) -> None:
         """Begin with the bytes the transport read (and counted) before we took over, if any."""
+        if self.reset_first and self.pipe.pool.resets is False:
+            self.leave(PINNED, first, "no_reset")  # a connection in use cannot be made new for it: one of its own
+            return
         if first:
             self.feed(first)
             if self.closed or self.leaving is not None or self in self.pipe.waiting:
@@ -148,6 +177,8 @@ class Session:
             scanned = self.scan(data, self.lane)
             end, count, lane = scanned
             if end == len(data) and not lane and count < PIPELINE_PIN:
+                if self.note is not None and self.note(data) is not None:
+                    self.record(data, end)
                 self.pipe.send(self, data, count)
                 if len(self.pipe.sessions) > 1:
                     self.alone = 0
@@ -175,6 +206,8 @@ class Session:
             lane = PINNED
             reason = "pipelined"
         if count:
+            if self.note is not None and self.note(buf) is not None:
+                self.record(buf, end)
             self.pipe.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
         if lane:
             self.leave(lane, bytes(buf[end:]), reason)
@@ -188,6 +221,29 @@ class Session:
             self.held = bytearray(buf[end:])
         else:
             del held[:end]
+
+    def record(self, buf: bytes | bytearray, end: int) -> None:
+        """Keep the state-setting requests among the whole requests in buf[:end], for a connection of its own."""
+        state_of = self.pipe.framer.state
+        assert state_of is not None
+        found = state_of(buf, end)
+        if found:
+            state = self.state
+            if state is None:
+                state = self.state = {}
+            for key, request in found:
+                state.pop(key, None)  # the latest last, as the client sent them
+                if len(request) <= STATE_REQUEST_MAX:
+                    state[key] = request
+
+    def replay(self) -> Prepare | None:
+        """How to open the client's own node connection in the state it set while shared; None: a new one is."""
+        requests = [greeting] if (greeting := self.pipe.framer.greeting(self.lane)) else []
+        if self.state:
+            requests.extend(self.state.values())
+        if not requests:
+            return None
+        return partial(own_connection, self.pipe.pool, requests, bool(greeting))
 
     def leave(self, lane: int, rest: bytes, reason: str) -> None:
         """Stop reading; once every reply the client is owed is out, move it to `lane` with `rest` first."""
@@ -267,8 +323,9 @@ class Session:
         lane, rest = leaving
         self.leaving = None
         if lane == PINNED:
+            prepare = self.replay()
             self.detach()
-            self.owner.mux_pin(rest)
+            self.owner.mux_pin(rest, prepare)
             return
         old = self.move(lane)
         old.pool.left(old)
@@ -281,6 +338,7 @@ class Session:
         self.pipe = old.pool.pipe(lane)
         self.pipe.sessions.add(self)
         self.lane = lane
+        self.reset_first = self.pipe.in_use()
         return old
 
     def detach(self) -> None:
@@ -314,7 +372,7 @@ class Pipe:
 
     __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
                  "held", "streaming", "stream_ends_reply", "sessions", "waiting", "blockers", "closed",
-                 "connect_task")  # fmt: skip
+                 "connect_task", "greeted")  # fmt: skip
 
     def __init__(self, pool: MuxPool, lane: int) -> None:
         self.pool = pool
@@ -336,37 +394,36 @@ class Pipe:
         self.blockers = 0  # sessions too far behind on their replies: while any, the node is not read
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
-        greeting = self.framer.greeting(lane)
-        if greeting:  # switches the connection to the lane's protocol; its reply is nobody's
-            self.out.append(greeting)
-            self.out_size = len(greeting)
-            self.fifo.append([None, 1])
+        self.greeted = True  # False once the node refused the lane's greeting: it is sent again before the next batch
+        self.greet(reset=False)  # a new connection has nothing to reset
+
+    def greet(self, *, reset: bool) -> None:
+        """Queue RESET (when `reset`) and the lane's greeting; their replies are nobody's, and are checked."""
+        greeting = self.framer.greeting(self.lane)
+        data = (self.framer.reset if reset else b"") + greeting
+        if not data:
+            return
+        self.out.append(data)
+        self.out_size += len(data)
+        self.fifo.append([_Greeting(self, reset, bool(greeting)), int(reset) + int(bool(greeting))])
+
+    def in_use(self) -> bool:
+        """Whether the connection is up: a client that joins now did not see it made. (One that joins while it is
+        being made counts it as new: the node makes it a login of its own at about the moment the client came.)"""
+        return self.fd >= 0
 
     async def connect(self) -> None:
         target = self.pool.target
         loop = self.loop
         started = loop.time()
-        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(self.pool.connect_timeout_s):
-                infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-                family, kind, proto, _name, address = infos[0]
-                sock = socket.socket(family, kind, proto)
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _keepalive(sock)
-                await loop.sock_connect(sock, address)
+                sock = await _node_socket(loop, target, keepalive=True)
         except (OSError, TimeoutError) as exc:
-            if sock is not None:
-                sock.close()
             self.connect_task = None
             self.pool.hooks.connect_failed(target, exc)
             self.fail()
             return
-        except asyncio.CancelledError:
-            if sock is not None:
-                sock.close()
-            raise
         self.connect_task = None
         if self.closed:
             sock.close()
@@ -380,14 +437,20 @@ class Pipe:
 
     def send(self, session: Session, data: bytes | bytearray, count: int) -> None:
         """Queue `count` whole requests of `session`; it stops reading while too much waits for the node."""
+        fifo = self.fifo
+        idle = not fifo
+        if session.reset_first:  # its first request on a connection in use: make it new for the client first
+            session.reset_first = False
+            self.greet(reset=True)
+        elif not self.greeted:
+            self.greeted = True
+            self.greet(reset=False)
         session.owed += count
         if self.out_size + len(data) > PIPE_HIGH:
             session.pause()
             self.waiting.append(session)
         self.out.append(data)
         self.out_size += len(data)
-        fifo = self.fifo
-        idle = not fifo
         if not idle and fifo[-1][0] is session:
             fifo[-1][1] += count  # type: ignore[operator]
         else:
@@ -601,6 +664,117 @@ class Pipe:
         self.waiting.clear()
 
 
+class _Greeting:
+    """The replies to what a pipe sends on its own (RESET, HELLO 3): nobody's, but checked, since a connection that
+    did not reset or switch protocol would serve its clients another's login or the wrong protocol."""
+
+    __slots__ = ("pipe", "reset", "hello")
+
+    def __init__(self, pipe: Pipe, reset: bool, hello: bool) -> None:
+        self.pipe = pipe
+        self.reset = reset  # RESET's reply is still to come
+        self.hello = hello
+
+    def deliver(self, data: bytes | bytearray, replies: int) -> None:
+        pos = 0
+        replies_at = self.pipe.framer.replies
+        while replies and not self.pipe.closed:
+            end, _got = replies_at(data, pos, 1)
+            reply = bytes(data[pos:end])
+            pos = end
+            replies -= 1
+            if self.reset:
+                self.reset = False
+                self.reset_replied(reply)
+            elif self.hello:
+                self.hello = False
+                # Refused (NOAUTH while a password is needed): the connection stays RESP2, its clients are told
+                # NOAUTH as they would be directly, and the greeting goes again before the next batch.
+                self.pipe.greeted = not reply.startswith(b"-")
+
+    def reset_replied(self, reply: bytes) -> None:
+        pool = self.pipe.pool
+        if reply == b"+RESET\r\n":
+            pool.resets = True
+            return
+        if pool.resets is not False:
+            log.warning(
+                "the node does not know RESET (Redis before 6.2): clients that would join a shared connection in "
+                "use get connections of their own, so that none of them uses another's login",
+                extra={"target": str(pool.target), "error": reply[:200].decode("latin-1").strip()},
+            )
+        pool.resets = False
+        # The requests behind it went over a connection whose login may be another's: their replies must not reach
+        # the client. Known now, later clients that would join a connection in use are pinned instead (Session.start).
+        self.pipe.lost("the node does not know RESET")
+
+
+async def _node_socket(
+    loop: asyncio.AbstractEventLoop, target: config_mod.Target, *, keepalive: bool = False
+) -> socket.socket:
+    """A connected, non-blocking TCP socket to `target`; OSError when it cannot be made."""
+    infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive:
+            _keepalive(sock)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def own_connection(pool: MuxPool, requests: list[bytes], hello: bool) -> socket.socket:
+    """A pinned client's own node connection, with `requests` (the state it set while shared; `hello`: the first
+    is its lane's HELLO) sent and their replies read and dropped, before any byte of the client's goes.
+
+    Raises OSError or TimeoutError when the node cannot be reached in connect_timeout_s, and ReplayError when it
+    refuses the HELLO (the client would go on in a protocol it did not ask for) or answers more than it was asked.
+    """
+    loop = pool.loop
+    framer = pool.framer
+    async with asyncio.timeout(pool.connect_timeout_s):
+        sock = await _node_socket(loop, pool.target)
+        try:
+            await loop.sock_sendall(sock, b"".join(requests))
+            buf = bytearray()
+            pos = got = 0
+            while got < len(requests):
+                data = await loop.sock_recv(sock, NODE_READ)
+                if not data:
+                    raise ReplayError("the node closed the connection while its state was replayed")
+                buf += data
+                if len(buf) > REPLAY_REPLIES_MAX:
+                    raise ReplayError("the node's replies to the replayed state are too long")
+                while got < len(requests):
+                    push = framer.push(buf, pos)
+                    if push:
+                        if push < 0:
+                            break
+                        pos = push
+                        continue
+                    end, one = framer.replies(buf, pos, 1)
+                    if not one:
+                        break
+                    if hello and not got and buf[pos] == 45:  # '-'
+                        raise ReplayError(f"the node refused the client's HELLO: {bytes(buf[pos:end])[:200]!r}")
+                    pos = end
+                    got += 1
+            if pos != len(buf):
+                raise ReplayError("the node sent more than the replies to the replayed state")
+        except FramingError as exc:
+            sock.close()
+            raise ReplayError(str(exc)) from None
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
 def _keepalive(sock: socket.socket) -> None:
     """Probe a shared connection after KEEPALIVE_IDLE_S of silence: one the node (or a firewall on the way) dropped
     without a word is then found and replaced while idle, not by the next clients' requests."""
@@ -631,6 +805,7 @@ class MuxPool:
         self.pipes: list[Pipe] = []
         self.turn = 0
         self.retired = False  # the forward was retargeted or removed: close once the last client leaves
+        self.resets: bool | None = None  # whether the node knows RESET; None until it has answered one
 
     def join(self, owner: Owner, replied: Counter, sock: socket.socket) -> Session:
         return Session(owner, replied, self.pipe(self.framer.first_lane), sock)

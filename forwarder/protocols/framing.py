@@ -20,6 +20,7 @@ The functions here are the reference; `_cframing.c` is the same in C, 15-30x che
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -73,6 +74,7 @@ STAY = 0
 PIN = -1  # the request at `end` must go over a connection of its own
 RESP2, RESP3 = 2, 3  # lanes: the protocol version a shared Redis connection speaks
 HELLO3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
+RESET = b"*1\r\n$5\r\nRESET\r\n"  # Redis 6.2+: the connection as if new (login included), see mux.py
 
 
 class Requests(NamedTuple):
@@ -88,6 +90,10 @@ class Framer(NamedTuple):
     stream: Callable[[bytes | bytearray, int], tuple[int, bool]]  # a big value at pos: see redis_stream
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
+    reset: bytes = b""  # makes a used connection look new to a client that joins it (no state to reset: b"")
+    state: Callable[[bytes | bytearray, int], list[tuple[bytes, bytes]]] | None = None  # see redis_state
+    # A cheap test of a read (one C call): state() need only run on the reads for which it is not None.
+    state_hint: Callable[[bytes | bytearray], object] | None = None
 
 
 def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
@@ -348,7 +354,42 @@ def _redis_greeting(lane: int) -> bytes:
     return HELLO3 if lane == RESP3 else b""
 
 
-REDIS_PY = Framer(redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting)
+# A CLIENT command name in any case: only reads that have one are walked by redis_state.
+_CLIENT = re.compile(rb"\$6\r\nclient\r\n", re.IGNORECASE)
+_CLIENT_STATE = {b"SETINFO LIB-NAME", b"SETINFO LIB-VER", b"MAINT_NOTIFICATIONS"}
+
+
+def redis_state(buf: bytes | bytearray, end: int) -> list[tuple[bytes, bytes]]:
+    """The requests in buf[:end] (whole requests redis_requests let share) that set connection state while shared:
+    CLIENT SETINFO LIB-NAME/LIB-VER and CLIENT MAINT_NOTIFICATIONS, as (what it sets, the request). A client's own
+    connection replays them when it is pinned; a later request that sets the same thing replaces an earlier one,
+    so what a client can make natfwd keep is bounded. HELLO is not here: its state is the client's lane."""
+    if _CLIENT.search(buf, 0, end) is None:
+        return []
+    found: list[tuple[bytes, bytes]] = []
+    pos = 0
+    while pos < end:
+        start = pos
+        e = buf.find(b"\r\n", pos)
+        argc = int(buf[pos + 1 : e])
+        pos = e + 2
+        args: list[bytes] = []
+        for _ in range(argc):
+            e = buf.find(b"\r\n", pos)
+            size = int(buf[pos + 1 : e])
+            if len(args) < 3:
+                args.append(bytes(buf[e + 2 : e + 2 + size]).upper())
+            pos = e + 2 + size + 2
+        if args[0] == b"CLIENT" and len(args) > 1:
+            key = b" ".join(args[1:3]) if args[1] == b"SETINFO" else args[1]
+            if key in _CLIENT_STATE:
+                found.append((key, bytes(buf[start:pos])))
+    return found
+
+
+REDIS_PY = Framer(
+    redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting, RESET, redis_state, _CLIENT.search
+)
 MEMCACHED_PY = Framer(
     memcached_requests, memcached_replies, lambda _buf, _pos: 0, memcached_stream, RESP2, lambda _lane: b""
 )
@@ -361,7 +402,7 @@ else:
     C.init(FramingError, REDIS_COMMANDS)
     REDIS = REDIS_PY._replace(
         requests=C.redis_requests, replies=C.redis_replies, push=C.redis_push, stream=C.redis_stream
-    )
+    )  # redis_state stays Python: it walks only reads that hold a CLIENT command
     MEMCACHED = MEMCACHED_PY._replace(
         requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream
     )
