@@ -122,6 +122,7 @@ class Config:
     max_connections: int
     multiplex: bool = False
     multiplex_connections: int = 1
+    mux_stall_timeout_s: float = 5.0
     cpu_affinity: bool = False
     auto_discovery: AutoDiscovery | None = None
     discovery: Discovery | None = None
@@ -166,6 +167,7 @@ DEFAULTS: dict[str, Any] = {
     "max_connections": 10000,
     "multiplex": False,
     "multiplex_connections": 1,
+    "mux_stall_timeout_s": 5.0,
     "cpu_affinity": False,
 }
 
@@ -184,6 +186,7 @@ _TOP_KEYS = (
     "max_connections",
     "multiplex",
     "multiplex_connections",
+    "mux_stall_timeout_s",
     "cpu_affinity",
     "auto_discovery",
     "discovery",
@@ -501,6 +504,7 @@ def parse(data: object) -> Config:
         max_connections=_positive_int(merged["max_connections"], "max_connections"),
         multiplex=_multiplex(merged["multiplex"], engine, tls, upstream_tls),
         multiplex_connections=_multiplex_connections(merged["multiplex_connections"], "multiplex_connections"),
+        mux_stall_timeout_s=_seconds(merged["mux_stall_timeout_s"], "mux_stall_timeout_s"),
         cpu_affinity=_cpu_affinity(merged["cpu_affinity"], workers),
         auto_discovery=auto_discovery,
         discovery=discovery,

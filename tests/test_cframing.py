@@ -332,7 +332,8 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
 
 # --- the module -------------------------------------------------------------------------------------------------------
 def test_constants_match_framing(c: Impl) -> None:
-    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX"):
+    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX",
+                 "REPLY_LINE_MAX"):  # fmt: skip
         assert getattr(framing.C, name) == getattr(framing, name), name
 
 
@@ -354,6 +355,8 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
             replies=framing.C.redis_replies,
             push=framing.C.redis_push,
             stream=framing.C.redis_stream,
+            scan=framing.C.redis_scan,
+            skip_push=framing.C.redis_skip_push,
         )
         == framing.REDIS
     )
@@ -362,6 +365,7 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
             requests=framing.C.memcached_requests,
             replies=framing.C.memcached_replies,
             stream=framing.C.memcached_stream,
+            scan=framing.C.memcached_scan,
         )
         == framing.MEMCACHED
     )
