@@ -59,7 +59,7 @@ _read = os.read
 _write = os.write
 
 
-BATCH_END = object()  # a fifo entry's owner for the sentinel that ends a batch (framing.Framer.sentinel)
+BATCH_END = object()  # a fifo entry's owner for the sentinel after a client's requests (framing.Framer.sentinel)
 
 
 class Counter(Protocol):
@@ -351,7 +351,7 @@ class Pipe:
     """One shared node connection: requests go out in arrival order, replies come back to whoever is owed them."""
 
     __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
-                 "held", "state", "sessions", "waiting", "blockers", "closed", "connect_task")  # fmt: skip
+                 "held", "state", "sentinel", "sessions", "waiting", "blockers", "closed", "connect_task")  # fmt: skip
 
     def __init__(self, pool: MuxPool, lane: int) -> None:
         self.pool = pool
@@ -367,6 +367,7 @@ class Pipe:
         self.fifo: deque[list[object]] = deque()  # [session, replies owed], in request order
         self.held: bytearray | None = None  # a reply line not all in
         self.state = framing.scan_state()  # where the walk of the reply at the head of the fifo stopped
+        self.sentinel = self.framer.sentinel
         self.sessions: set[Session] = set()
         self.waiting: list[Session] = []  # sessions paused while the node's socket is full
         self.blockers = 0  # sessions too far behind on their replies: while any, the node is not read
@@ -428,6 +429,11 @@ class Pipe:
             fifo[-1][1] += count  # type: ignore[operator]
         else:
             fifo.append([session, count])
+        sentinel = self.sentinel
+        if sentinel:  # after each client's requests: framing.MEMCACHED_PY says why
+            self.out.append(sentinel)
+            self.out_size += len(sentinel)
+            fifo.append([BATCH_END, 1])
         if self.flushing:
             return
         if self.fd >= 0:
@@ -444,10 +450,6 @@ class Pipe:
         if self.tail is not None or self.fd < 0 or not self.out:
             return
         out = self.out
-        sentinel = self.framer.sentinel
-        if sentinel:  # framing.MEMCACHED_PY says why
-            out.append(sentinel)
-            self.fifo.append([BATCH_END, 1])
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         self.out_size = 0
