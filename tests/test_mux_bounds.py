@@ -142,6 +142,8 @@ def test_resumed_scans_find_the_same_replies_as_whole_ones(impl: Any) -> None:
         ("memcached_scan", [b"VALUE k 0 2\r\nab", b"\n\n"]),
         ("memcached_scan", [b"VALUE k 0 1\r\nxEND\r\n"]),
         ("memcached_scan", [b"x" * (REPLY_LINE_MAX + 1)]),
+        ("memcached_scan", [b"MN\r\n"]),  # the sentinel's reply where a client's is due: a request unanswered
+        ("memcached_scan", [b"VALUE k 0 1\r\nx\r\nM", b"N\r\n"]),
     ],
 )
 def test_a_reply_out_of_step_raises_as_soon_as_it_shows(impl: Any, scan: str, pieces: list[bytes]) -> None:

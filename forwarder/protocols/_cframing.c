@@ -578,6 +578,10 @@ static Py_ssize_t memcached_walk(const unsigned char *b, Py_ssize_t p, Py_ssize_
         if (e < 0)
             return n - p > REPLY_LINE_MAX ? line_too_long() : p;
         if (!starts_with(b, n, p, "VALUE ", 6)) {
+            if (starts_with(b, n, p, "MN\r\n", 4)) { /* the sentinel's reply where a client's is due */
+                PyErr_SetString(FramingError, "the node answered fewer requests than were sent");
+                return -2;
+            }
             st->remaining = 0;
             return e + 1;
         }

@@ -9,8 +9,11 @@ A `Framer` per engine, its functions pure and fast rather than complete:
   client then gets a connection of its own, so the node sees its bytes unchanged (forwarder/mux.py). For Redis,
   `leave` can also name a lane: `HELLO 3` moves a client to connections that speak RESP3.
 - `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: (end, got). A reply it cannot parse
-  raises FramingError: the shared connection is out of step and must close.
-- `push` skips out-of-band messages (RESP3 pushes), and `stream` finds big values that may pass on as they arrive.
+  (a bad type byte or length, a value not followed by CRLF, a line longer than REPLY_LINE_MAX) raises FramingError:
+  the shared connection is out of step and must close.
+- `scan(buf, pos, want, state)` is `replies` resumed: a pipe passes every byte of a reply on as it arrives and keeps
+  the walk's state between reads, so any reply costs one walk over its bytes and at most a line of memory.
+- `push` and `skip_push` skip out-of-band messages (RESP3 pushes); `stream` finds big top-level values.
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
 
@@ -437,6 +440,8 @@ def _memcached_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) ->
                 raise FramingError(f"a line of more than {REPLY_LINE_MAX} bytes in a reply")
             break
         if not buf.startswith(b"VALUE ", p):
+            if buf.startswith(b"MN\r\n", p):  # the sentinel's reply (MEMCACHED_PY) where a client's is due
+                raise FramingError("the node answered fewer requests than were sent")
             p = e + 1
             state[0] = 0
             break
