@@ -47,12 +47,16 @@ PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
 ALONE_PIN = 1000
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Replies pass on as they arrive, a read at a time, so
-# a client never has more than SESSION_HIGH and one read queued, however big the reply it asked for, and a pipe holds
-# no more than a reply line not all in (framing.REPLY_LINE_MAX). A slow client keeps its replies; the price is
+# a client never has more than SESSION_HIGH and one read queued, however big the reply it asked for, all its clients
+# together no more than PIPE_QUEUED_HIGH and one read, and a pipe itself holds no more than a reply line not all in
+# (framing.REPLY_LINE_MAX). A slow client keeps its replies; the price is
 # head-of-line blocking, as in any multiplexer, and a client that takes nothing for the pool's stall timeout
 # (`mux_stall_timeout_s`) is reset so the others go on.
 SESSION_HIGH = 8 * 1024 * 1024
 SESSION_LOW = 1024 * 1024
+# The same for the replies queued for all the clients of one pipe together, so many slow clients cost no more.
+PIPE_QUEUED_HIGH = 32 * 1024 * 1024
+PIPE_QUEUED_LOW = 16 * 1024 * 1024
 PIPE_HIGH = 1024 * 1024  # requests waiting to be written to the node; beyond, the sessions that add more stop reading
 KEEPALIVE_IDLE_S = 30
 _read = os.read
@@ -218,6 +222,7 @@ class Session:
         if out is not None:
             out.append(data)  # never a buffer anyone changes later: pipes hand over copies or whole reads
             self.out_size += len(data)
+            self.pipe.queue(len(data))
             if self.out_size > SESSION_HIGH and not self.blocking:
                 self.blocking = True
                 self.pipe.block()
@@ -232,6 +237,7 @@ class Session:
         if sent < len(data):
             self.out = deque((memoryview(data)[sent:],))
             self.out_size = len(data) - sent
+            self.pipe.queue(self.out_size)
             self.writing = True
             self.loop.add_writer(self.fd, self.writable)
             self.taken_at = self.loop.time()
@@ -264,6 +270,7 @@ class Session:
             out.popleft()
         if self.out_size < size:
             self.taken_at = self.loop.time()
+            self.pipe.queue(self.out_size - size)
         if self.blocking and self.out_size <= SESSION_LOW:
             self.blocking = False
             self.pipe.unblock()
@@ -334,6 +341,8 @@ class Session:
         if self.stall_timer is not None:
             self.stall_timer.cancel()
             self.stall_timer = None
+        if self.out_size:
+            self.pipe.queue(-self.out_size)
         self.out = None
         self.out_size = 0
         self.held = None
@@ -352,7 +361,8 @@ class Pipe:
     """One shared node connection: requests go out in arrival order, replies come back to whoever is owed them."""
 
     __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
-                 "held", "state", "sentinel", "sessions", "waiting", "blockers", "closed", "connect_task")  # fmt: skip
+                 "held", "state", "sentinel", "sessions", "waiting", "blockers", "queued", "over", "closed",
+                 "connect_task")  # fmt: skip
 
     def __init__(self, pool: MuxPool, lane: int) -> None:
         self.pool = pool
@@ -372,6 +382,8 @@ class Pipe:
         self.sessions: set[Session] = set()
         self.waiting: list[Session] = []  # sessions paused while the node's socket is full
         self.blockers = 0  # sessions too far behind on their replies: while any, the node is not read
+        self.queued = 0  # bytes of replies its sessions' sockets have not taken
+        self.over = False  # queued passed PIPE_QUEUED_HIGH: one blocker more
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
         greeting = self.framer.greeting(lane)
@@ -573,6 +585,18 @@ class Pipe:
         elif pos:
             del held[:pos]
 
+    def queue(self, change: int) -> None:
+        """Replies queued for the sessions changed by `change` bytes: stop reading the node past PIPE_QUEUED_HIGH,
+        until they are down to PIPE_QUEUED_LOW."""
+        self.queued += change
+        if self.queued > PIPE_QUEUED_HIGH:
+            if not self.over:
+                self.over = True
+                self.block()
+        elif self.over and self.queued <= PIPE_QUEUED_LOW:
+            self.over = False
+            self.unblock()
+
     def block(self) -> None:
         self.blockers += 1
         if self.blockers == 1 and self.fd >= 0:
@@ -606,6 +630,7 @@ class Pipe:
                 continue
             session.blocking = False  # this pipe reads no more; what the client has queued still goes out
             session.move(session.lane)
+            session.pipe.queue(session.out_size)
             session.resume()  # it may have been waiting for this pipe's socket to drain
 
     def close(self) -> None:

@@ -297,6 +297,28 @@ def test_memcached_get_of_many_keys_from_a_client_that_never_reads_costs_bounded
         other.close()
 
 
+def test_many_clients_that_never_read_cost_bounded_memory_together(
+    tmp_path: Path, start_redis: Callable[..., Node], scanner_wrapper: tuple[str, ...]
+) -> None:
+    """Each asks for 8 MB, under what one client may have queued (8 MiB): together they would have 192 MB queued
+    (less what the kernel holds in their sockets), but a shared connection stops reading once its clients have 32 MiB."""
+    with serving_mux(tmp_path, start_redis(), "redis", scanner_wrapper) as (node, port, serve):
+        with redis.Redis(port=node.port) as direct:
+            direct.set("eight", b"e" * (8 * 1000 * 1000))
+        other = redis.Redis(port=port, protocol=2, socket_timeout=120)
+        assert other.get("small") is None
+        attackers = [never_reads(port) for _ in range(24)]
+        with rss_growth(serve.proc.pid) as growth:
+            for attacker in attackers:
+                attacker.sendall(b"*2\r\n$3\r\nGET\r\n$5\r\neight\r\n")
+            time.sleep(0.5)
+            assert other.get("small") is None
+        assert growth[0] < RSS_BOUND_KIB, f"natfwd grew {growth[0] // 1024} MiB"
+        for attacker in attackers:
+            attacker.close()
+        other.close()
+
+
 def test_a_client_that_stops_reading_is_cut_off_and_the_others_on_its_connection_go_on(
     tmp_path: Path, start_redis: Callable[..., Node], scanner_wrapper: tuple[str, ...]
 ) -> None:
