@@ -23,7 +23,7 @@ from pymemcache.client.base import Client
 from relaykit import run, wait_for, worker_for
 from test_multiplex import SCANNERS, serving_mux
 
-from forwarder import mux
+from forwarder import config, mux
 from forwarder.protocols import framing
 from forwarder.protocols.framing import REPLY_LINE_MAX, Framer, FramingError
 
@@ -379,3 +379,35 @@ def test_memcached_a_request_the_node_reads_as_two_never_gives_another_client_it
         assert "Traceback" not in serve.log()
         with contextlib.closing(Client(("127.0.0.1", port), timeout=10)) as after:  # and the forward goes on
             assert after.get("victim-secret") == b"hunter2-SECRET"
+
+
+# --- the setting ------------------------------------------------------------------------------------------------------
+def base_config(**extra: object) -> dict[str, object]:
+    return {
+        "engine": "redis",
+        "public_address": "127.0.0.1",
+        "allowed_clients": ["127.0.0.0/8"],
+        "forwards": [{"port": 7000, "target": "127.0.0.1:6379"}],
+        "multiplex": True,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(0, "a positive number of seconds"), (-1, "a positive number of seconds"),
+                            ("5s", "a number of seconds"), (True, "a number of seconds")]
+)  # fmt: skip
+def test_mux_stall_timeout_s_is_checked_like_the_other_timeouts(value: object, expected: str) -> None:
+    with pytest.raises(config.ConfigError, match=f"mux_stall_timeout_s: .* is not valid; expected {expected}"):
+        config.parse(base_config(mux_stall_timeout_s=value))
+
+
+def test_mux_stall_timeout_s_reaches_the_pools() -> None:
+    assert config.parse(base_config()).mux_stall_timeout_s == STALL_S
+    cfg = config.parse(base_config(mux_stall_timeout_s=1.5))
+    loop = asyncio.new_event_loop()
+    try:
+        pool = mux.new_pool(loop, cfg, cfg.forwards[0].target, None)  # type: ignore[arg-type]
+        assert pool.stall_timeout_s == 1.5
+    finally:
+        loop.close()
