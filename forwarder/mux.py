@@ -47,11 +47,11 @@ PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
 ALONE_PIN = 1000
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
 # on it waits) until the client has taken all but SESSION_LOW. Replies pass on as they arrive, a read at a time, so
-# a client never has more than SESSION_HIGH and one read queued, however big the reply it asked for, all its clients
-# together no more than PIPE_QUEUED_HIGH and one read, and a pipe itself holds no more than a reply line not all in
-# (framing.REPLY_LINE_MAX). A slow client keeps its replies; the price is
-# head-of-line blocking, as in any multiplexer, and a client that takes nothing for the pool's stall timeout
-# (`mux_stall_timeout_s`) is reset so the others go on.
+# a client never has more than SESSION_HIGH and one read queued, however big the reply it asked for, all the clients
+# of a pipe together no more than PIPE_QUEUED_HIGH and one read, and a pipe itself holds no more than a reply line not
+# all in (framing.REPLY_LINE_MAX). A slow client keeps its replies; the price is head-of-line blocking, as in any
+# multiplexer, and a client that takes nothing for the pool's stall timeout (`mux_stall_timeout_s`) is reset so that
+# the others go on.
 SESSION_HIGH = 8 * 1024 * 1024
 SESSION_LOW = 1024 * 1024
 # The same for the replies queued for all the clients of one pipe together, so many slow clients cost no more.
@@ -537,7 +537,7 @@ class Pipe:
                 if not state[2]:
                     if fifo:
                         entry = fifo[0]
-                        session = entry[0]
+                        session: Session | None = entry[0]  # type: ignore[assignment]
                         if session is BATCH_END:
                             expected = framer.sentinel_reply
                             end = pos + len(expected)
@@ -552,7 +552,7 @@ class Pipe:
                         end, got = scan(buf, pos, owed, state)
                         if end > pos:
                             if session is not None:
-                                session.deliver(buf if end - pos == n else buf[pos:end], got)  # type: ignore[attr-defined]
+                                session.deliver(buf if end - pos == n else buf[pos:end], got)
                                 if self.closed:  # the last client of a retired pool just left
                                     return
                             pos = end

@@ -29,7 +29,7 @@ from typing import NamedTuple
 from forwarder import extensions
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
-STREAM_MIN = 64 * 1024  # values this big pass on as they arrive; smaller ones wait until their reply is whole
+STREAM_MIN = 64 * 1024  # what `stream` calls a big value (pipes no longer ask: every reply passes on as it arrives)
 # A reply line (a RESP type byte and what follows it up to CRLF, or a memcached line) longer than this means the stream
 # is out of step: no node sends one (lengths are digits, keys 250 bytes), and a line is the one thing a pipe holds
 # until it is whole. Above 4300 digits, so that int() decides which lengths are malformed as it always did.
