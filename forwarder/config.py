@@ -127,6 +127,7 @@ class Config:
     max_connections: int
     multiplex: bool = False
     multiplex_connections: int = 1
+    mux_stall_timeout_s: float = 5.0
     cpu_affinity: bool = False
     auto_discovery: AutoDiscovery | None = None
     discovery: Discovery | None = None
@@ -172,6 +173,7 @@ DEFAULTS: dict[str, Any] = {
     "max_connections": 10000,
     "multiplex": False,
     "multiplex_connections": 1,
+    "mux_stall_timeout_s": 5.0,
     "cpu_affinity": False,
     "access_log": False,
 }
@@ -191,6 +193,7 @@ _TOP_KEYS = (
     "max_connections",
     "multiplex",
     "multiplex_connections",
+    "mux_stall_timeout_s",
     "cpu_affinity",
     "auto_discovery",
     "discovery",
@@ -598,6 +601,7 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
     multiplex_connections = attempt(
         lambda: _multiplex_connections(merged["multiplex_connections"], "multiplex_connections")
     )
+    mux_stall_timeout_s = attempt(lambda: _seconds(merged["mux_stall_timeout_s"], "mux_stall_timeout_s"))
     cpu_affinity = attempt(lambda: _cpu_affinity(merged["cpu_affinity"], 2 if workers is None else workers))
     auth = attempt(lambda: _optional(top, "auth", lambda v, _p: _auth(v), "auth"))
     access_log = attempt(lambda: _bool(merged["access_log"], "access_log"))
@@ -606,6 +610,7 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
     assert engine is not None and public_address is not None and listen_address is not None
     assert interface is not None and allowed is not None and forwards is not None and workers is not None
     assert connect_timeout_s is not None and idle_timeout_s is not None and drain_timeout_s is not None
+    assert mux_stall_timeout_s is not None
     assert max_connections is not None and multiplex is not None and multiplex_connections is not None
     assert cpu_affinity is not None and access_log is not None
     return Config(
@@ -623,6 +628,7 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
         max_connections=max_connections,
         multiplex=multiplex,
         multiplex_connections=multiplex_connections,
+        mux_stall_timeout_s=mux_stall_timeout_s,
         cpu_affinity=cpu_affinity,
         auto_discovery=auto_discovery,
         discovery=discovery,

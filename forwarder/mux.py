@@ -53,10 +53,17 @@ PIPELINE_PIN = 8 if framing.C is None else sys.maxsize
 # costs a request a third of the CPU the multiplexer does. Large, so clients that start together never see it.
 ALONE_PIN = 1000
 # Replies queued for a client whose socket is full: beyond SESSION_HIGH the pipe stops reading the node (every client
-# on it waits) until the client has taken all but SESSION_LOW. Memory stays bounded, and a slow client keeps its
-# replies; the price is head-of-line blocking, as in any multiplexer.
+# on it waits) until the client has taken all but SESSION_LOW. Replies pass on as they arrive, a read at a time, so
+# a client never has more than SESSION_HIGH and one read queued, however big the reply it asked for, all the clients
+# of a pipe together no more than PIPE_QUEUED_HIGH and one read, and a pipe itself holds no more than a reply line not
+# all in (framing.REPLY_LINE_MAX). A slow client keeps its replies; the price is head-of-line blocking, as in any
+# multiplexer, and a client that takes nothing for the pool's stall timeout (`mux_stall_timeout_s`) is reset so that
+# the others go on.
 SESSION_HIGH = 8 * 1024 * 1024
 SESSION_LOW = 1024 * 1024
+# The same for the replies queued for all the clients of one pipe together, so many slow clients cost no more.
+PIPE_QUEUED_HIGH = 32 * 1024 * 1024
+PIPE_QUEUED_LOW = 16 * 1024 * 1024
 PIPE_HIGH = 1024 * 1024  # requests waiting to be written to the node; beyond, the sessions that add more stop reading
 KEEPALIVE_IDLE_S = 30
 _read = os.read
@@ -73,6 +80,10 @@ Prepare = Callable[[], Awaitable[socket.socket]]  # opens a pinned client's own 
 
 class ReplayError(ConnectionError):
     """A pinned client's own node connection could not be put in the state the client set while shared."""
+
+
+BATCH_END = object()  # a fifo entry's owner for the sentinel after a client's requests (framing.Framer.sentinel)
+_BATCH_END_ENTRY: list[object] = [BATCH_END, 1]  # never changed: one list serves every place in every fifo
 
 
 class Counter(Protocol):
@@ -103,7 +114,7 @@ class Session:
 
     __slots__ = ("owner", "replied", "pipe", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
                  "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone", "note", "state",
-                 "reset_first")  # fmt: skip
+                 "reset_first", "taken_at", "stall_timer")  # fmt: skip
 
     def __init__(self, owner: Owner, replied: Counter, pipe: Pipe, sock: socket.socket) -> None:
         self.owner = owner
@@ -132,6 +143,8 @@ class Session:
         # Whether the pipe must reset (and greet again) before the client's first request: set when it was up when
         # the client came, so its login and state may be another client's.
         self.reset_first = pipe.in_use()
+        self.taken_at = 0.0  # when the client's socket last took bytes, while replies wait for it
+        self.stall_timer: asyncio.TimerHandle | None = None
         pipe.sessions.add(self)
 
     def start(self, first: bytes) -> None:
@@ -264,6 +277,7 @@ class Session:
         if out is not None:
             out.append(data)  # never a buffer anyone changes later: pipes hand over copies or whole reads
             self.out_size += len(data)
+            self.pipe.queue(len(data))
             if self.out_size > SESSION_HIGH and not self.blocking:
                 self.blocking = True
                 self.pipe.block()
@@ -278,8 +292,15 @@ class Session:
         if sent < len(data):
             self.out = deque((memoryview(data)[sent:],))
             self.out_size = len(data) - sent
+            self.pipe.queue(self.out_size)
             self.writing = True
             self.loop.add_writer(self.fd, self.writable)
+            self.taken_at = self.loop.time()
+            if self.stall_timer is None:
+                self.stall_timer = self.loop.call_later(self.pipe.pool.stall_timeout_s, self.check_stall)
+            if self.out_size > SESSION_HIGH and not self.blocking:
+                self.blocking = True
+                self.pipe.block()
             return
         if not self.owed and (self.eof or self.leaving is not None):
             self.maybe_leave()
@@ -287,6 +308,7 @@ class Session:
     def writable(self) -> None:
         out = self.out
         assert out is not None
+        size = self.out_size
         while out:
             chunk = out[0]
             try:
@@ -301,6 +323,9 @@ class Session:
                 out[0] = memoryview(chunk)[sent:]
                 break
             out.popleft()
+        if self.out_size < size:
+            self.taken_at = self.loop.time()
+            self.pipe.queue(self.out_size - size)
         if self.blocking and self.out_size <= SESSION_LOW:
             self.blocking = False
             self.pipe.unblock()
@@ -310,6 +335,23 @@ class Session:
         self.writing = False
         self.loop.remove_writer(self.fd)
         self.maybe_leave()
+
+    def check_stall(self) -> None:
+        """While replies wait for the client: reset it once its socket has taken nothing for the stall timeout, so
+        that the others on its shared connection go on (its replies are then read from the node and dropped)."""
+        self.stall_timer = None
+        if self.out is None or self.closed:
+            return
+        timeout = self.pipe.pool.stall_timeout_s
+        idle = self.loop.time() - self.taken_at
+        if idle < timeout:
+            self.stall_timer = self.loop.call_later(timeout - idle, self.check_stall)
+            return
+        log.info(
+            "multiplexed client reset: it took none of its replies for mux_stall_timeout_s",
+            extra={"target": str(self.pipe.pool.target), "queued_bytes": self.out_size, "timeout_s": timeout},
+        )
+        self.close(abort=True)
 
     def maybe_leave(self) -> None:
         """After the last owed reply is out: close after the client's EOF, or move a leaving client on."""
@@ -353,6 +395,11 @@ class Session:
         if self.blocking:
             self.blocking = False
             self.pipe.unblock()
+        if self.stall_timer is not None:
+            self.stall_timer.cancel()
+            self.stall_timer = None
+        if self.out_size:
+            self.pipe.queue(-self.out_size)
         self.out = None
         self.out_size = 0
         self.held = None
@@ -371,7 +418,7 @@ class Pipe:
     """One shared node connection: requests go out in arrival order, replies come back to whoever is owed them."""
 
     __slots__ = ("pool", "lane", "loop", "framer", "sock", "fd", "out", "out_size", "tail", "flushing", "fifo",
-                 "held", "streaming", "stream_ends_reply", "sessions", "waiting", "blockers", "closed",
+                 "held", "state", "sentinel", "sessions", "waiting", "blockers", "queued", "over", "closed",
                  "connect_task", "greeted")  # fmt: skip
 
     def __init__(self, pool: MuxPool, lane: int) -> None:
@@ -386,12 +433,14 @@ class Pipe:
         self.tail: memoryview | None = None  # the part of a write the node's socket did not take
         self.flushing = False
         self.fifo: deque[list[object]] = deque()  # [session, replies owed], in request order
-        self.held: bytearray | None = None  # the start of an unfinished reply
-        self.streaming = 0  # bytes still to come of a big value being passed on as it arrives
-        self.stream_ends_reply = False  # whether the head reply is complete once they have (Redis) or not (VALUE)
+        self.held: bytearray | None = None  # a reply line not all in
+        self.state = framing.scan_state()  # where the walk of the reply at the head of the fifo stopped
+        self.sentinel = self.framer.sentinel
         self.sessions: set[Session] = set()
         self.waiting: list[Session] = []  # sessions paused while the node's socket is full
         self.blockers = 0  # sessions too far behind on their replies: while any, the node is not read
+        self.queued = 0  # bytes of replies its sessions' sockets have not taken
+        self.over = False  # queued passed PIPE_QUEUED_HIGH: one blocker more
         self.closed = False
         self.connect_task: asyncio.Task[None] | None = None  # connected at the first request, not before
         self.greeted = True  # False once the node refused the lane's greeting: it is sent again before the next batch
@@ -455,6 +504,11 @@ class Pipe:
             fifo[-1][1] += count  # type: ignore[operator]
         else:
             fifo.append([session, count])
+        sentinel = self.sentinel
+        if sentinel:  # after each client's requests: framing.MEMCACHED_PY says why
+            self.out.append(sentinel)
+            self.out_size += len(sentinel)
+            fifo.append(_BATCH_END_ENTRY)
         if self.flushing:
             return
         if self.fd >= 0:
@@ -532,51 +586,54 @@ class Pipe:
         else:
             held += data
             buf = held
-        replies = self.framer.replies
+        framer = self.framer
+        scan = framer.scan
         fifo = self.fifo
+        state = self.state
         pos = 0
         n = len(buf)
-        if self.streaming:
-            pos = self.pass_on(buf, 0, min(self.streaming, n))
-            if self.closed:
-                return
         try:
+            # Every byte of a reply passes on as soon as it is here, whole replies or not: the pipe keeps only a
+            # line not all in. Any byte that fits no reply owed is a FramingError: the connection is out of step.
             while pos < n:
-                if not fifo:
-                    push = self.framer.push(buf, pos)
-                    if push > 0:
-                        pos = push
-                        continue
-                    if push < 0:
-                        break
-                    raise FramingError("the node sent bytes nobody asked for")
-                entry = fifo[0]
-                owed: int = entry[1]  # type: ignore[assignment]
-                end, got = replies(buf, pos, owed)
-                if not got:
-                    push = self.framer.push(buf, pos)
-                    if push > 0:
-                        pos = push
-                        continue
-                    body_end, self.stream_ends_reply = self.framer.stream(buf, pos)
-                    if not body_end:
-                        break
-                    # A big value: pass on what is here now, and the rest of it as it comes.
-                    self.streaming = body_end - pos
-                    pos = self.pass_on(buf, pos, min(body_end, n))
-                    if self.closed:
-                        return
-                    continue
-                session: Session | None = entry[0]  # type: ignore[assignment]
-                if session is not None:
-                    session.deliver(buf[pos:end], got)
-                if self.closed:  # the last client of a retired pool just left
-                    return
+                if not state[2]:
+                    if fifo:
+                        entry = fifo[0]
+                        session: Session | None = entry[0]  # type: ignore[assignment]
+                        if session is BATCH_END:
+                            expected = framer.sentinel_reply
+                            end = pos + len(expected)
+                            if buf[pos:end] != expected:
+                                if end <= n or not expected.startswith(buf[pos:n]):
+                                    raise FramingError("the node's replies are out of step with the requests sent")
+                                break  # the rest of it is still to come
+                            pos = end
+                            fifo.popleft()
+                            continue
+                        owed: int = entry[1]  # type: ignore[assignment]
+                        end, got = scan(buf, pos, owed, state)
+                        if end > pos:
+                            if session is not None:
+                                session.deliver(buf if end - pos == n else buf[pos:end], got)
+                                if self.closed:  # the last client of a retired pool just left
+                                    return
+                            pos = end
+                        if got == owed:
+                            fifo.popleft()
+                            continue
+                        entry[1] = owed - got
+                        if pos == n:
+                            break
+                    end = framer.skip_push(buf, pos, state)
+                    if end < 0:
+                        if fifo:
+                            break  # a line not all in
+                        raise FramingError("the node sent bytes nobody asked for")
+                else:
+                    end = framer.skip_push(buf, pos, state)
                 pos = end
-                if got < owed:
-                    entry[1] = owed - got
-                    break
-                fifo.popleft()
+                if state[2]:
+                    break  # the rest of the push is still to come
         except FramingError as exc:
             self.lost(str(exc))
             return
@@ -590,6 +647,18 @@ class Pipe:
         elif pos:
             del held[:pos]
 
+    def queue(self, change: int) -> None:
+        """Replies queued for the sessions changed by `change` bytes: stop reading the node past PIPE_QUEUED_HIGH,
+        until they are down to PIPE_QUEUED_LOW."""
+        self.queued += change
+        if self.queued > PIPE_QUEUED_HIGH:
+            if not self.over:
+                self.over = True
+                self.block()
+        elif self.over and self.queued <= PIPE_QUEUED_LOW:
+            self.over = False
+            self.unblock()
+
     def block(self) -> None:
         self.blockers += 1
         if self.blockers == 1 and self.fd >= 0:
@@ -599,24 +668,6 @@ class Pipe:
         self.blockers -= 1
         if not self.blockers and self.fd >= 0:
             self.loop.add_reader(self.fd, self.readable)
-
-    def pass_on(self, buf: bytes | bytearray, start: int, end: int) -> int:
-        """Hand buf[start:end], the next part of a streamed value, to the client owed the head reply."""
-        self.streaming -= end - start
-        entry = self.fifo[0]
-        done = 1 if not self.streaming and self.stream_ends_reply else 0
-        session: Session | None = entry[0]  # type: ignore[assignment]
-        if session is not None:
-            session.deliver(buf if start == 0 and end == len(buf) else buf[start:end], done)
-            if self.closed:  # the last client of a retired pool just left
-                return end
-        if done:
-            owed: int = entry[1]  # type: ignore[assignment]
-            if owed == 1:
-                self.fifo.popleft()
-            else:
-                entry[1] = owed - 1
-        return end
 
     def lost(self, reason: str) -> None:
         log.warning(
@@ -641,6 +692,7 @@ class Pipe:
                 continue
             session.blocking = False  # this pipe reads no more; what the client has queued still goes out
             session.move(session.lane)
+            session.pipe.queue(session.out_size)
             session.resume()  # it may have been waiting for this pipe's socket to drain
 
     def close(self) -> None:
@@ -668,19 +720,22 @@ class _Greeting:
     """The replies to what a pipe sends on its own (RESET, HELLO 3): nobody's, but checked, since a connection that
     did not reset or switch protocol would serve its clients another's login or the wrong protocol."""
 
-    __slots__ = ("pipe", "reset", "hello")
+    __slots__ = ("pipe", "reset", "hello", "pending")
 
     def __init__(self, pipe: Pipe, reset: bool, hello: bool) -> None:
         self.pipe = pipe
         self.reset = reset  # RESET's reply is still to come
         self.hello = hello
+        self.pending = bytearray()  # replies pass on a read at a time: the start of one cut across reads
 
     def deliver(self, data: bytes | bytearray, replies: int) -> None:
+        pending = self.pending
+        pending += data
         pos = 0
         replies_at = self.pipe.framer.replies
         while replies and not self.pipe.closed:
-            end, _got = replies_at(data, pos, 1)
-            reply = bytes(data[pos:end])
+            end, _got = replies_at(pending, pos, 1)
+            reply = bytes(pending[pos:end])
             pos = end
             replies -= 1
             if self.reset:
@@ -691,6 +746,7 @@ class _Greeting:
                 # Refused (NOAUTH while a password is needed): the connection stays RESP2, its clients are told
                 # NOAUTH as they would be directly, and the greeting goes again before the next batch.
                 self.pipe.greeted = not reply.startswith(b"-")
+        del pending[:pos]
 
     def reset_replied(self, reply: bytes) -> None:
         pool = self.pipe.pool
@@ -795,12 +851,14 @@ class MuxPool:
         connections: int,
         connect_timeout_s: float,
         hooks: Hooks,
+        stall_timeout_s: float = 5.0,
     ) -> None:
         self.loop = loop
         self.target = target
         self.framer = framer
         self.connections = connections
         self.connect_timeout_s = connect_timeout_s
+        self.stall_timeout_s = stall_timeout_s  # a client that takes none of its replies this long is reset
         self.hooks = hooks
         self.pipes: list[Pipe] = []
         self.turn = 0
@@ -836,4 +894,12 @@ def new_pool(
 ) -> MuxPool:
     if framing.C is None:
         extensions.warn_missing(log, "multiplexing's scanners", "about 2 us more per request")
-    return MuxPool(loop, target, framer(cfg.engine), cfg.multiplex_connections, cfg.connect_timeout_s, hooks)
+    return MuxPool(
+        loop,
+        target,
+        framer(cfg.engine),
+        cfg.multiplex_connections,
+        cfg.connect_timeout_s,
+        hooks,
+        cfg.mux_stall_timeout_s,
+    )

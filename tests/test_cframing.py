@@ -332,7 +332,8 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
 
 # --- the module -------------------------------------------------------------------------------------------------------
 def test_constants_match_framing(c: Impl) -> None:
-    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX"):
+    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX",
+                 "REPLY_LINE_MAX"):  # fmt: skip
         assert getattr(framing.C, name) == getattr(framing, name), name
 
 
@@ -354,6 +355,8 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
             replies=framing.C.redis_replies,
             push=framing.C.redis_push,
             stream=framing.C.redis_stream,
+            scan=framing.C.redis_scan,
+            skip_push=framing.C.redis_skip_push,
         )
         == framing.REDIS
     )
@@ -362,6 +365,7 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
             requests=framing.C.memcached_requests,
             replies=framing.C.memcached_replies,
             stream=framing.C.memcached_stream,
+            scan=framing.C.memcached_scan,
         )
         == framing.MEMCACHED
     )
@@ -377,3 +381,83 @@ def test_natfwd_no_extensions_turns_it_off() -> None:
     env = {**os.environ, "NATFWD_NO_EXTENSIONS": "1"}
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", check], env=env, cwd=root, check=True, timeout=60)
+
+
+# --- resumed scans (a pipe's walk of replies that arrive in pieces) agree ----------------------------------------------
+def walk_in_pieces(impl: Any, name: str, buf: bytes, cuts: list[int], want: int) -> list[Any]:
+    """What a pipe does with `buf` arriving cut at `cuts`: every scan's (and push skip's) result and the state after
+    it, up to the first FramingError."""
+    scan = getattr(impl, name)
+    skip_push = getattr(impl, "redis_skip_push", None) if name == "redis_scan" else None
+    state = framing.scan_state()
+    seen: list[Any] = []
+    held = b""
+    for start, stop in zip([0, *cuts], [*cuts, len(buf)], strict=True):
+        data = held + buf[start:stop]
+        data = data if len(seen) % 2 else bytearray(data)
+        pos = 0
+        try:
+            while pos < len(data):
+                if not state[2]:
+                    end, got = scan(data, pos, want, state)
+                    seen.append((end, got, list(state)))
+                    pos = end
+                    if got == want or skip_push is None:
+                        break
+                if skip_push is None:
+                    break
+                end = skip_push(data, pos, state)
+                seen.append((end, list(state)))
+                if end < 0 or state[2]:
+                    break
+                pos = end
+        except FramingError:
+            seen.append(FramingError)
+            return seen
+        held = bytes(data[pos:])
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("seed", "name", "make"), [(5, "redis_scan", redis_reply), (6, "memcached_scan", mc_reply)], ids=["redis", "mc"]
+)
+def test_resumed_scans_agree(c: Impl, seed: int, name: str, make: Callable[[random.Random], bytes]) -> None:
+    rng, bufs = samples(seed, make)
+    cases = 0
+    for buf in bufs:
+        for _ in range(3):
+            cuts = sorted(rng.sample(range(len(buf) + 1), min(rng.randrange(6), len(buf) + 1)))
+            want = rng.randrange(1, 6)
+            expected = walk_in_pieces(framing, name, buf, cuts, want)
+            assert walk_in_pieces(framing.C, name, buf, cuts, want) == expected, (name, buf, cuts, want)
+            cases += len(expected)
+    assert cases > 5 * SAMPLES
+
+
+@pytest.mark.parametrize("name", ["redis_scan", "memcached_scan", "redis_skip_push"])
+@pytest.mark.parametrize(
+    "state", [[0, 0], [0, 0, 0, 0], (0, 0, 0), [-1, 0, 0], [0, 2**62 + 1, 0], [0, "1", 0]], ids=str
+)
+def test_a_bad_scan_state_is_refused_alike(c: Impl, name: str, state: Any) -> None:
+    """The C scanners check the state they are handed: a caller's mistake, never a silent wrong walk."""
+    args = (b"+OK\r\n", 0, 1) if name != "redis_skip_push" else (b">0\r\n", 0)
+    with pytest.raises((TypeError, ValueError)) as raised:
+        getattr(framing.C, name)(*args, state)
+    assert raised.type is not FramingError
+
+
+@pytest.mark.parametrize("size", [framing.REPLY_LINE_MAX - 2, framing.REPLY_LINE_MAX - 1, framing.REPLY_LINE_MAX])
+def test_the_line_limit_agrees_at_its_edge(c: Impl, size: int) -> None:
+    compare = Compare(c)
+    for line in (b"+" + b"x" * size, b"$" + b"1" * size, b"VALUE k 0 " + b"1" * size, b"E" * size):
+        for tail in (b"", b"\r", b"\r\n", b"\n", b"x\r\n", b"xx\r\n"):
+            for name in ("redis_replies", "memcached_replies"):
+                compare(name, line + tail, 0, 1)
+            compare("redis_push", b">1\r\n" + line + tail, 0)
+
+
+@pytest.mark.parametrize("buf", [b"MN\r\n", b"MN\n", b"MN \r\n", b"MNX\r\n", b"END\r\nMN\r\n", b"MN\r", b"M"])
+def test_the_sentinels_reply_in_a_clients_place_agrees(c: Impl, buf: bytes) -> None:
+    compare = Compare(c)
+    for want in (1, 2):
+        compare("memcached_replies", buf, 0, want)

@@ -24,6 +24,7 @@
 #define REDIS_MAX_ARGS 1024
 #define MEMCACHED_LINE_MAX 8192
 #define MEMCACHED_SHORT_LINE_MAX 2048
+#define REPLY_LINE_MAX 8192
 #define COMMAND_MAX 32 /* no Redis command name is longer (framing.py's redis_requests says the same) */
 
 static PyObject *FramingError;  /* framing.FramingError, handed over by init() */
@@ -443,20 +444,94 @@ static PyObject *redis_requests(PyObject *module, PyObject *const *args, Py_ssiz
 /* a + b for lengths and counts, neither negative, saturating at SATURATED. */
 static inline int64_t add_saturating(int64_t a, int64_t b) { return a >= SATURATED - b ? SATURATED : a + b; }
 
-/* The end of the complete RESP value at p; -1 when incomplete, -2 with FramingError set when malformed. Aggregates
- * are walked flat: `remaining` counts the values still owed to the one at p. */
-static Py_ssize_t resp_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
+/* A reply walk's state between buffers: framing.scan_state()'s list of three ints, read and written back. */
+typedef struct {
+    int64_t remaining; /* values still owed to the reply being walked; 0 between replies */
+    int64_t skip;      /* bytes of a value and its CRLF still to pass */
+    int64_t push;      /* 1 while the reply is a push */
+} walk_state;
+
+static int state_get(PyObject *o, walk_state *st)
 {
-    int64_t remaining = 1;
-    while (remaining) {
-        if (p >= n)
-            return -1;
+    if (!PyList_CheckExact(o) || PyList_GET_SIZE(o) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a scan state must be a list of 3 ints (framing.scan_state())");
+        return 0;
+    }
+    int64_t *fields[3] = {&st->remaining, &st->skip, &st->push};
+    for (int i = 0; i < 3; i++) {
+        long long v = PyLong_AsLongLong(PyList_GET_ITEM(o, i));
+        if (v == -1 && PyErr_Occurred())
+            return 0;
+        if (v < 0 || v > SATURATED) {
+            PyErr_SetString(PyExc_ValueError, "a scan state's fields are counts from 0 to 2**62");
+            return 0;
+        }
+        *fields[i] = v;
+    }
+    return 1;
+}
+
+static int state_put(PyObject *o, const walk_state *st)
+{
+    const int64_t fields[3] = {st->remaining, st->skip, st->push};
+    for (int i = 0; i < 3; i++) {
+        PyObject *v = PyLong_FromLongLong(fields[i]);
+        if (v == NULL || PyList_SetItem(o, i, v) < 0)
+            return 0;
+    }
+    return 1;
+}
+
+static Py_ssize_t not_crlf(void)
+{
+    PyErr_SetString(FramingError, "a value in a reply is not followed by CRLF");
+    return -2;
+}
+
+static Py_ssize_t line_too_long(void)
+{
+    PyErr_Format(FramingError, "a line of more than %d bytes in a reply", REPLY_LINE_MAX);
+    return -2;
+}
+
+/* framing._pass_body: pass *skip bytes of a value and its CRLF from p, as far as b[:n] goes, checking the CRLF as
+ * it arrives. The new p, or -2 with FramingError set. */
+static Py_ssize_t pass_body(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, int64_t *skip)
+{
+    int64_t s = *skip;
+    if (s <= n - p) {
+        Py_ssize_t end = p + (Py_ssize_t)s;
+        if (b[end - 1] != '\n' || (s >= 2 && b[end - 2] != '\r'))
+            return not_crlf();
+        *skip = 0;
+        return end;
+    }
+    if (s >= 2 && s - 2 < n - p && b[p + (Py_ssize_t)(s - 2)] != '\r')
+        return not_crlf();
+    *skip = s - (n - p);
+    return n;
+}
+
+/* framing._resp_walk: walk on from p in the reply `st` describes until it ends or the bytes run out; where it
+ * stopped, or -2 with FramingError set. Aggregates are walked flat: `remaining` counts the values still owed. */
+static Py_ssize_t resp_walk(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, walk_state *st)
+{
+    for (;;) {
+        if (st->skip) {
+            p = pass_body(b, p, n, &st->skip);
+            if (p < 0)
+                return p;
+            if (st->skip)
+                return p;
+        }
+        if (!st->remaining || p >= n)
+            return p;
         unsigned char kind = b[p];
-        Py_ssize_t e = find_crlf(b, p, n);
+        Py_ssize_t e = find_crlf(b, p, n - p > REPLY_LINE_MAX + 2 ? p + REPLY_LINE_MAX + 2 : n);
         if (e < 0)
-            return -1;
+            return n - p >= REPLY_LINE_MAX + 2 ? line_too_long() : p;
         if (kind == '+' || kind == '-' || kind == ':' || kind == '_' || kind == ',' || kind == '#' || kind == '(') {
-            p = e + 2;
+            /* a line and nothing more */
         } else if (kind == '$' || kind == '!' || kind == '=' || kind == '*' || kind == '~' || kind == '>' ||
                    kind == '%' || kind == '|') {
             int64_t v;
@@ -470,47 +545,135 @@ static Py_ssize_t resp_end(const unsigned char *b, Py_ssize_t p, Py_ssize_t n)
             }
             int64_t size = v < 0 ? 0 : v; /* a null bulk or array is -1: nothing follows it */
             if (kind == '$' || kind == '!' || kind == '=') {
-                if (v >= 0 && size > n - e - 4)
-                    return -1;
-                p = v < 0 ? e + 2 : e + 4 + (Py_ssize_t)size;
+                if (v >= 0)
+                    st->skip = add_saturating(size, 2);
             } else {
                 if (kind == '%') /* a map: key and value per entry */
-                    remaining = add_saturating(remaining, size);
+                    st->remaining = add_saturating(st->remaining, size);
                 else if (kind == '|') /* attributes, then the value they describe */
-                    remaining = add_saturating(add_saturating(remaining, size), 1);
-                remaining = add_saturating(remaining, size);
-                p = e + 2;
+                    st->remaining = add_saturating(add_saturating(st->remaining, size), 1);
+                st->remaining = add_saturating(st->remaining, size);
             }
         } else {
             PyErr_Format(FramingError, "unexpected RESP type byte %d in a reply", (int)kind);
             return -2;
         }
-        remaining--;
+        p = e + 2;
+        st->remaining--;
     }
-    return p;
 }
 
-static PyObject *redis_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* framing._memcached_walk: resp_walk for memcached; `remaining` is 1 until the line that ends the reply. */
+static Py_ssize_t memcached_walk(const unsigned char *b, Py_ssize_t p, Py_ssize_t n, walk_state *st)
+{
+    for (;;) {
+        if (st->skip) {
+            p = pass_body(b, p, n, &st->skip);
+            if (p < 0 || st->skip)
+                return p;
+        }
+        if (p >= n)
+            return p;
+        Py_ssize_t e = find_lf(b, p, n - p > REPLY_LINE_MAX + 1 ? p + REPLY_LINE_MAX + 1 : n);
+        if (e < 0)
+            return n - p > REPLY_LINE_MAX ? line_too_long() : p;
+        if (!starts_with(b, n, p, "VALUE ", 6)) {
+            if (starts_with(b, n, p, "MN\r\n", 4)) { /* the sentinel's reply where a client's is due */
+                PyErr_SetString(FramingError, "the node answered fewer requests than were sent");
+                return -2;
+            }
+            st->remaining = 0;
+            return e + 1;
+        }
+        Py_ssize_t starts[5], ends[5];
+        Py_ssize_t size = split_ws(b, p, e, starts, ends, 5);
+        if ((size != 4 && size != 5) || !all_digits(b, starts[3], ends[3])) {
+            Py_ssize_t shown = e - p < 80 ? e - p : 80;
+            PyObject *line = PyBytes_FromStringAndSize((const char *)b + p, shown);
+            if (line != NULL) {
+                PyErr_Format(FramingError, "malformed memcached VALUE line in a reply: %R", line);
+                Py_DECREF(line);
+            }
+            return -2;
+        }
+        st->skip = add_saturating(digits_value(b, starts[3], ends[3]), 2);
+        p = e + 1;
+    }
+}
+
+typedef Py_ssize_t (*walker)(const unsigned char *, Py_ssize_t, Py_ssize_t, walk_state *);
+
+/* framing.redis_replies and memcached_replies: whole replies only, from a fresh walk each. */
+static PyObject *whole_replies(const char *name, walker walk, int pushes, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t pos, want;
     Py_buffer view;
-    if (!scanner_args("redis_replies", args, nargs, 3, &view, &pos, &want))
+    if (!scanner_args(name, args, nargs, 3, &view, &pos, &want))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, got = 0;
-    while (got < want && pos < n && b[pos] != '>') {
-        Py_ssize_t end = resp_end(b, pos, n);
+    while (got < want && pos < n && !(pushes && b[pos] == '>')) {
+        walk_state st = {1, 0, 0};
+        Py_ssize_t end = walk(b, pos, n, &st);
         if (end == -2) {
             PyBuffer_Release(&view);
             return NULL;
         }
-        if (end < 0)
+        if (st.remaining || st.skip)
             break;
         pos = end;
         got++;
     }
     PyBuffer_Release(&view);
     return pair(pos, got);
+}
+
+/* framing.redis_scan and memcached_scan. */
+static PyObject *resumed_replies(const char *name, walker walk, int pushes, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos, want;
+    Py_buffer view;
+    walk_state st;
+    if (!check_nargs(name, nargs, 4, 4) || !state_get(args[3], &st) ||
+        !scanner_args(name, args, 3, 3, &view, &pos, &want))
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t n = view.len, got = 0;
+    int failed = 0;
+    const walk_state before = st;
+    if (st.remaining || st.skip) {
+        pos = walk(b, pos, n, &st);
+        failed = pos == -2;
+        if (!failed && !st.remaining && !st.skip)
+            got = 1;
+    }
+    if (!failed && !st.remaining && !st.skip) {
+        while (got < want && pos < n && !(pushes && b[pos] == '>')) {
+            st.remaining = 1;
+            pos = walk(b, pos, n, &st);
+            if (pos == -2) {
+                failed = 1;
+                break;
+            }
+            if (st.remaining || st.skip)
+                break;
+            got++;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (failed || (memcmp(&st, &before, sizeof st) != 0 && !state_put(args[3], &st)))
+        return NULL;
+    return pair(pos, got);
+}
+
+static PyObject *redis_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return whole_replies("redis_replies", resp_walk, 1, args, nargs);
+}
+
+static PyObject *redis_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return resumed_replies("redis_scan", resp_walk, 1, args, nargs);
 }
 
 static PyObject *redis_push(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -520,9 +683,42 @@ static PyObject *redis_push(PyObject *module, PyObject *const *args, Py_ssize_t 
     if (!scanner_args("redis_push", args, nargs, 2, &view, &pos, NULL))
         return NULL;
     const unsigned char *b = view.buf;
-    Py_ssize_t end = pos >= view.len || b[pos] != '>' ? 0 : resp_end(b, pos, view.len);
+    Py_ssize_t end = 0;
+    if (pos < view.len && b[pos] == '>') {
+        walk_state st = {1, 0, 0};
+        end = resp_walk(b, pos, view.len, &st);
+        if (end >= 0 && (st.remaining || st.skip))
+            end = -1;
+    }
     PyBuffer_Release(&view);
     return end == -2 ? NULL : PyLong_FromSsize_t(end);
+}
+
+static PyObject *redis_skip_push(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t pos;
+    Py_buffer view;
+    walk_state st;
+    if (!check_nargs("redis_skip_push", nargs, 3, 3) || !state_get(args[2], &st) ||
+        !scanner_args("redis_skip_push", args, 2, 2, &view, &pos, NULL))
+        return NULL;
+    const unsigned char *b = view.buf;
+    Py_ssize_t end;
+    if (!st.push && (st.remaining || st.skip || pos >= view.len || b[pos] != '>')) {
+        PyBuffer_Release(&view);
+        return PyLong_FromLong(-1);
+    }
+    if (!st.push)
+        st.remaining = st.push = 1;
+    end = resp_walk(b, pos, view.len, &st);
+    PyBuffer_Release(&view);
+    if (end == -2)
+        return NULL;
+    if (!st.remaining && !st.skip)
+        st.push = 0;
+    if (!state_put(args[2], &st))
+        return NULL;
+    return PyLong_FromSsize_t(end);
 }
 
 static PyObject *redis_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -660,41 +856,12 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
 
 static PyObject *memcached_replies(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t pos, want;
-    Py_buffer view;
-    if (!scanner_args("memcached_replies", args, nargs, 3, &view, &pos, &want))
-        return NULL;
-    const unsigned char *b = view.buf;
-    Py_ssize_t n = view.len, got = 0;
-    while (got < want) {
-        Py_ssize_t p = pos, e;
-        while ((e = find_lf(b, p, n)) >= 0 && starts_with(b, n, p, "VALUE ", 6)) {
-            Py_ssize_t starts[5], ends[5];
-            Py_ssize_t size = split_ws(b, p, e, starts, ends, 5);
-            if ((size != 4 && size != 5) || !all_digits(b, starts[3], ends[3])) {
-                Py_ssize_t shown = e - p < 80 ? e - p : 80;
-                PyObject *line = PyBytes_FromStringAndSize((const char *)b + p, shown);
-                if (line != NULL) {
-                    PyErr_Format(FramingError, "malformed memcached VALUE line in a reply: %R", line);
-                    Py_DECREF(line);
-                }
-                PyBuffer_Release(&view);
-                return NULL;
-            }
-            int64_t value = digits_value(b, starts[3], ends[3]);
-            if (value > n - e - 3) { /* the block is not all in */
-                e = -1;
-                break;
-            }
-            p = e + 1 + (Py_ssize_t)value + 2;
-        }
-        if (e < 0)
-            break;
-        pos = e + 1;
-        got++;
-    }
-    PyBuffer_Release(&view);
-    return pair(pos, got);
+    return whole_replies("memcached_replies", memcached_walk, 0, args, nargs);
+}
+
+static PyObject *memcached_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return resumed_replies("memcached_scan", memcached_walk, 0, args, nargs);
 }
 
 static PyObject *memcached_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -793,10 +960,13 @@ static PyMethodDef methods[] = {
     {"redis_replies", (PyCFunction)(void (*)(void))redis_replies, METH_FASTCALL, "framing.redis_replies"},
     {"redis_push", (PyCFunction)(void (*)(void))redis_push, METH_FASTCALL, "framing.redis_push"},
     {"redis_stream", (PyCFunction)(void (*)(void))redis_stream, METH_FASTCALL, "framing.redis_stream"},
+    {"redis_scan", (PyCFunction)(void (*)(void))redis_scan, METH_FASTCALL, "framing.redis_scan"},
+    {"redis_skip_push", (PyCFunction)(void (*)(void))redis_skip_push, METH_FASTCALL, "framing.redis_skip_push"},
     {"memcached_requests", (PyCFunction)(void (*)(void))memcached_requests, METH_FASTCALL,
      "framing.memcached_requests"},
     {"memcached_replies", (PyCFunction)(void (*)(void))memcached_replies, METH_FASTCALL, "framing.memcached_replies"},
     {"memcached_stream", (PyCFunction)(void (*)(void))memcached_stream, METH_FASTCALL, "framing.memcached_stream"},
+    {"memcached_scan", (PyCFunction)(void (*)(void))memcached_scan, METH_FASTCALL, "framing.memcached_scan"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -815,6 +985,7 @@ PyMODINIT_FUNC PyInit__cframing(void)
         return NULL;
     if (PyModule_AddIntConstant(module, "KEY_MAX", KEY_MAX) < 0 ||
         PyModule_AddIntConstant(module, "STREAM_MIN", STREAM_MIN) < 0 ||
+        PyModule_AddIntConstant(module, "REPLY_LINE_MAX", REPLY_LINE_MAX) < 0 ||
         PyModule_AddIntConstant(module, "REDIS_MAX_ARGS", REDIS_MAX_ARGS) < 0 ||
         PyModule_AddIntConstant(module, "MEMCACHED_LINE_MAX", MEMCACHED_LINE_MAX) < 0 ||
         PyModule_AddIntConstant(module, "MEMCACHED_SHORT_LINE_MAX", MEMCACHED_SHORT_LINE_MAX) < 0) {

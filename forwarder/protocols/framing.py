@@ -9,8 +9,11 @@ A `Framer` per engine, its functions pure and fast rather than complete:
   client then gets a connection of its own, so the node sees its bytes unchanged (forwarder/mux.py). For Redis,
   `leave` can also name a lane: `HELLO 3` moves a client to connections that speak RESP3.
 - `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: (end, got). A reply it cannot parse
-  raises FramingError: the shared connection is out of step and must close.
-- `push` skips out-of-band messages (RESP3 pushes), and `stream` finds big values that may pass on as they arrive.
+  (a bad type byte or length, a value not followed by CRLF, a line longer than REPLY_LINE_MAX) raises FramingError:
+  the shared connection is out of step and must close.
+- `scan(buf, pos, want, state)` is `replies` resumed: a pipe passes every byte of a reply on as it arrives and keeps
+  the walk's state between reads, so any reply costs one walk over its bytes and at most a line of memory.
+- `push` and `skip_push` skip out-of-band messages (RESP3 pushes); `stream` finds big top-level values.
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
 
@@ -27,7 +30,12 @@ from typing import NamedTuple
 from forwarder import extensions
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
-STREAM_MIN = 64 * 1024  # values this big pass on as they arrive; smaller ones wait until their reply is whole
+STREAM_MIN = 64 * 1024  # what `stream` calls a big value (pipes no longer ask: every reply passes on as it arrives)
+# A reply line (a RESP type byte and what follows it up to CRLF, or a memcached line) longer than this means the stream
+# is out of step: no node sends one (lengths are digits, keys 250 bytes), and a line is the one thing a pipe holds
+# until it is whole. Above 4300 digits, so that int() decides which lengths are malformed as it always did.
+REPLY_LINE_MAX = 8192
+SATURATED = 1 << 62  # counts and lengths stop here: more than any buffer holds (_cframing.c's int64_t)
 REDIS_MAX_ARGS = 1024  # more arguments (a huge MSET) go to a connection of their own
 
 # Redis commands with exactly one reply, no effect on the connection's state, and no blocking. Everything else
@@ -90,10 +98,22 @@ class Framer(NamedTuple):
     stream: Callable[[bytes | bytearray, int], tuple[int, bool]]  # a big value at pos: see redis_stream
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
+    scan: Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]  # replies, resumed: see redis_scan
+    skip_push: Callable[[bytes | bytearray, int, list[int]], int]  # a push, resumed: see redis_skip_push
+    # A request a pipe adds after each client's requests, and the reply it must get for it there: any other bytes in
+    # its place mean the node answered them with more or fewer replies than natfwd counted.
+    sentinel: bytes
+    sentinel_reply: bytes
     reset: bytes = b""  # makes a used connection look new to a client that joins it (no state to reset: b"")
     state: Callable[[bytes | bytearray, int], list[tuple[bytes, bytes]]] | None = None  # see redis_state
     # A cheap test of a read (one C call): state() need only run on the reads for which it is not None.
     state_hint: Callable[[bytes | bytearray], object] | None = None
+
+
+def scan_state() -> list[int]:
+    """A reply walk's state between buffers, for `Framer.scan`: [values still owed to the reply being walked (0
+    between replies), bytes of a value and its CRLF still to pass, 1 while the reply is a push]."""
+    return [0, 0, 0]
 
 
 def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
@@ -171,9 +191,11 @@ def redis_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int
     """
     n = len(buf)
     got = 0
+    state = [0, 0, 0]
     while got < want and pos < n and buf[pos] != 62:  # '>'
-        end = _resp_end(buf, pos, n)
-        if end < 0:
+        state[0] = 1
+        end = _resp_walk(buf, pos, n, state)
+        if state[0] or state[1]:
             break
         pos = end
         got += 1
@@ -186,7 +208,9 @@ def redis_push(buf: bytes | bytearray, pos: int) -> int:
     maintenance notifications redis-py 8 asks for with CLIENT MAINT_NOTIFICATIONS."""
     if pos >= len(buf) or buf[pos] != 62:
         return 0
-    return _resp_end(buf, pos, len(buf))
+    state = [1, 0, 0]
+    end = _resp_walk(buf, pos, len(buf), state)
+    return -1 if state[0] or state[1] else end
 
 
 def redis_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
@@ -205,41 +229,92 @@ def redis_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
     return (e + 4 + size, True) if size >= STREAM_MIN else (0, False)
 
 
-def _resp_end(buf: bytes | bytearray, p: int, n: int) -> int:
-    """The end of the complete RESP value at `p`, or -1 when it is incomplete; FramingError when malformed."""
-    # Aggregates are walked flat: `remaining` counts the values still owed to the one at `p`.
-    remaining = 1
+def redis_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
+    """redis_replies that resumes: up to `want` replies from `pos`, the first of them possibly begun in an earlier
+    buffer, as `state` says (see ScanState). Returns (end, got), `end` past every byte known to belong to the
+    replies, the start of an incomplete one included: a pipe passes those on at once and keeps only a line that is
+    not all in, so a reply of any size costs one walk over its bytes and never more than a read of memory. Stops
+    before a push, and before a line not all in; `state` says whether a reply is left unfinished at `end`."""
+    n = len(buf)
+    got = 0
+    if state[0] or state[1]:
+        pos = _resp_walk(buf, pos, n, state)
+        if state[0] or state[1]:
+            return pos, 0
+        got = 1
+    while got < want and pos < n and buf[pos] != 62:  # '>': a push, see redis_skip_push
+        state[0] = 1
+        pos = _resp_walk(buf, pos, n, state)
+        if state[0] or state[1]:
+            break
+        got += 1
+    return pos, got
+
+
+def redis_skip_push(buf: bytes | bytearray, pos: int, state: list[int]) -> int:
+    """Walk a push at `pos`, or on in one begun earlier (state[2] set until it ends): the end of its bytes here,
+    which the pipe drops. -1 when there is no push at `pos` (`state` is mid-reply, or another type byte)."""
+    if not state[2]:
+        if state[0] or state[1] or pos >= len(buf) or buf[pos] != 62:
+            return -1
+        state[0] = state[2] = 1
+    end = _resp_walk(buf, pos, len(buf), state)
+    if not state[0] and not state[1]:
+        state[2] = 0
+    return end
+
+
+def _pass_body(buf: bytes | bytearray, p: int, n: int, skip: int) -> tuple[int, int]:
+    """Pass `skip` bytes of a bulk string or data block and its CRLF, as far as `buf` goes: (p, skip still owed).
+    The CRLF is checked as it arrives: a value not followed by one means the stream is out of step."""
+    end = p + skip
+    if end <= n:
+        if buf[end - 1] != 10 or (skip >= 2 and buf[end - 2] != 13):
+            raise FramingError("a value in a reply is not followed by CRLF")
+        return end, 0
+    if skip >= 2 and end - 2 < n and buf[end - 2] != 13:
+        raise FramingError("a value in a reply is not followed by CRLF")
+    return n, end - n
+
+
+def _resp_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) -> int:
+    """Walk on from `p` in the reply `state` describes until it ends (state[0] and state[1] both 0) or the bytes run
+    out: where it stopped, the start of a line not all in included. FramingError when malformed."""
+    # Aggregates are walked flat: `remaining` counts the values still owed to the reply.
+    remaining, skip = state[0], state[1]
     try:
-        while remaining:
-            if p >= n:
-                return -1
+        while True:
+            if skip:
+                p, skip = _pass_body(buf, p, n, skip)
+                if skip:
+                    break
+            if not remaining or p >= n:
+                break
             kind = buf[p]
-            e = buf.find(b"\r\n", p)
+            e = buf.find(b"\r\n", p, p + REPLY_LINE_MAX + 2)
             if e < 0:
-                return -1
+                if n - p >= REPLY_LINE_MAX + 2:
+                    raise FramingError(f"a line of more than {REPLY_LINE_MAX} bytes in a reply")
+                break
             if kind in _BULK:
                 size = int(buf[p + 1 : e])
-                p = e + 2 if size < 0 else e + 4 + size
-                if p > n:
-                    return -1
-            elif kind in _SIMPLE:
-                p = e + 2
+                if size >= 0:
+                    skip = min(size + 2, SATURATED)
             elif kind in _AGGREGATE:
-                remaining += max(int(buf[p + 1 : e]), 0)
-                p = e + 2
+                remaining = min(remaining + max(int(buf[p + 1 : e]), 0), SATURATED)
             elif kind == 37:  # '%': a map, key and value per entry
-                remaining += 2 * max(int(buf[p + 1 : e]), 0)
-                p = e + 2
+                remaining = min(remaining + 2 * max(int(buf[p + 1 : e]), 0), SATURATED)
             elif kind == 124:  # '|': attributes, then the value they describe
-                remaining += 2 * max(int(buf[p + 1 : e]), 0) + 1
-                p = e + 2
-            else:
+                remaining = min(remaining + 2 * max(int(buf[p + 1 : e]), 0) + 1, SATURATED)
+            elif kind not in _SIMPLE:
                 raise FramingError(f"unexpected RESP type byte {kind!r} in a reply")
+            p = e + 2
             remaining -= 1
     except ValueError as exc:
         if isinstance(exc, FramingError):
             raise
         raise FramingError(f"malformed RESP length in a reply: {exc}") from None
+    state[0], state[1] = remaining, skip
     return p
 
 
@@ -322,26 +397,68 @@ def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int,
     """Up to `want` complete memcached text replies from `pos`: VALUE blocks up to the next other line."""
     n = len(buf)
     got = 0
-    while got < want:
-        p = pos
-        while True:
-            e = buf.find(b"\n", p)
-            if e < 0:
-                return pos, got
-            if buf.startswith(b"VALUE ", p):
-                tokens = buf[p:e].split()
-                if len(tokens) not in (4, 5) or not tokens[3].isdigit():
-                    raise FramingError(f"malformed memcached VALUE line in a reply: {bytes(buf[p:e])[:80]!r}")
-                size = tokens[3]
-                p = e + 1 + (int(size) if len(size) <= _LENGTH_DIGITS else _long_length(size, n)) + 2
-                if p > n:
-                    return pos, got
-                continue
-            p = e + 1
+    state = [0, 0, 0]
+    while got < want and pos < n:
+        state[0] = 1
+        end = _memcached_walk(buf, pos, n, state)
+        if state[0] or state[1]:
             break
-        pos = p
+        pos = end
         got += 1
     return pos, got
+
+
+def memcached_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
+    """memcached_replies that resumes, as redis_scan does."""
+    n = len(buf)
+    got = 0
+    if state[0] or state[1]:
+        pos = _memcached_walk(buf, pos, n, state)
+        if state[0] or state[1]:
+            return pos, 0
+        got = 1
+    while got < want and pos < n:
+        state[0] = 1
+        pos = _memcached_walk(buf, pos, n, state)
+        if state[0] or state[1]:
+            break
+        got += 1
+    return pos, got
+
+
+def _no_push(_buf: bytes | bytearray, _pos: int, _state: list[int]) -> int:
+    return -1  # memcached has no out-of-band messages
+
+
+def _memcached_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) -> int:
+    """_resp_walk for memcached: state[0] is 1 until the line that ends the reply (any line but VALUE)."""
+    skip = state[1]
+    while True:
+        if skip:
+            p, skip = _pass_body(buf, p, n, skip)
+            if skip:
+                break
+        if p >= n:
+            break
+        e = buf.find(b"\n", p, p + REPLY_LINE_MAX + 1)
+        if e < 0:
+            if n - p > REPLY_LINE_MAX:
+                raise FramingError(f"a line of more than {REPLY_LINE_MAX} bytes in a reply")
+            break
+        if not buf.startswith(b"VALUE ", p):
+            if buf.startswith(b"MN\r\n", p):  # the sentinel's reply (MEMCACHED_PY) where a client's is due
+                raise FramingError("the node answered fewer requests than were sent")
+            p = e + 1
+            state[0] = 0
+            break
+        tokens = buf[p:e].split()
+        if len(tokens) not in (4, 5) or not tokens[3].isdigit():
+            raise FramingError(f"malformed memcached VALUE line in a reply: {bytes(buf[p:e])[:80]!r}")
+        significant = tokens[3].lstrip(b"0")
+        skip = min(int(significant or b"0") + 2, SATURATED) if len(significant) <= _LENGTH_DIGITS + 1 else SATURATED
+        p = e + 1
+    state[1] = skip
+    return p
 
 
 def _long_length(digits: bytes | bytearray, beyond: int) -> int:
@@ -388,10 +505,35 @@ def redis_state(buf: bytes | bytearray, end: int) -> list[tuple[bytes, bytes]]:
 
 
 REDIS_PY = Framer(
-    redis_requests, redis_replies, redis_push, redis_stream, RESP2, _redis_greeting, RESET, redis_state, _CLIENT.search
+    redis_requests,
+    redis_replies,
+    redis_push,
+    redis_stream,
+    RESP2,
+    _redis_greeting,
+    redis_scan,
+    redis_skip_push,
+    b"",
+    b"",
+    reset=RESET,
+    state=redis_state,
+    state_hint=_CLIENT.search,
 )
+# memcached's meta no-op: its text protocol has no way to tell a reply from the next one's but counting, so a request
+# memcached read differently from natfwd (as two, say) would shift every later reply to the wrong client, unseen.
+# `mn` follows each client's requests, so a reply too many is found where `MN` is due, before any byte of it reaches
+# the next client. It costs the node a no-op and natfwd 4 bytes each way per client read.
 MEMCACHED_PY = Framer(
-    memcached_requests, memcached_replies, lambda _buf, _pos: 0, memcached_stream, RESP2, lambda _lane: b""
+    memcached_requests,
+    memcached_replies,
+    lambda _buf, _pos: 0,
+    memcached_stream,
+    RESP2,
+    lambda _lane: b"",
+    memcached_scan,
+    _no_push,
+    b"mn\r\n",
+    b"MN\r\n",
 )
 
 
@@ -401,10 +543,15 @@ if C is None:
 else:
     C.init(FramingError, REDIS_COMMANDS)
     REDIS = REDIS_PY._replace(
-        requests=C.redis_requests, replies=C.redis_replies, push=C.redis_push, stream=C.redis_stream
+        requests=C.redis_requests,
+        replies=C.redis_replies,
+        push=C.redis_push,
+        stream=C.redis_stream,
+        scan=C.redis_scan,
+        skip_push=C.redis_skip_push,
     )  # redis_state stays Python: it walks only reads that hold a CLIENT command
     MEMCACHED = MEMCACHED_PY._replace(
-        requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream
+        requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream, scan=C.memcached_scan
     )
 
 
