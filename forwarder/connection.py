@@ -332,7 +332,7 @@ class RewritingClientHalf(ObservingClient, ClientHalf):
 
 
 class MuxClient(ClientHalf):
-    """A client on a multiplexed forward: its requests share the route's node connections (forwarder/mux.py).
+    """A client on a multiplexed forward: its requests share the route's node connections (forwarder/mux/).
 
     The transport stays for accounting, drain and close; once admitted, the session reads and writes a duplicate
     of its socket. A pinned client gets its own node connection, and from then on it is an ordinary ClientHalf

@@ -184,7 +184,7 @@ def test_a_huge_incomplete_reply_costs_the_scanners_linear_work(
     scanners would be handed some 50 times the reply; walked once, about the reply."""
     base = framing.REDIS_PY if name == "python" else scanners("c") and framing.REDIS
     visited = [0]
-    monkeypatch.setattr(mux, "framer", lambda _engine: counted(base, visited))
+    monkeypatch.setattr(mux.pool, "framer", lambda _engine: counted(base, visited))
     node = start_redis()
     items = 200_000
     with redis.Redis(port=node.port) as direct:
