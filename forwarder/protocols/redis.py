@@ -45,6 +45,7 @@ _BULK_HEADER = re.compile(rb"\$(\d{1,10})\r\n")
 _Chunk = bytes | bytearray | memoryview
 _TYPES = frozenset(b"+-:_,#($!=*~>%|.;")
 _skip = framing.REDIS.replies  # (buf, pos, want) -> (end, got): complete values, in C when built
+_SIMPLE_RUN = re.compile(rb"(?:[+:_,#(][^\r\n]*\r\n)+")  # one-line values but errors: one CRLF each
 
 # Where a value stands in a reply (from its parent's role and its index there) ...
 (_P_NONE, _P_SLOTS_ROOT, _P_SHARDS_ROOT, _P_NODES, _P_EXEC, _P_RANGE, _P_SLOT_NODE, _P_SHARD, _P_SHARD_KEY,
@@ -80,6 +81,7 @@ _ROLE_LIMIT = {
     _R_NODE_LIST: 1024,
 }
 _CAPTURED_AGGREGATES = {_P_SLOT_NODE: _C_SLOT_NODE, _P_SHARD_NODE: _C_SHARD_NODE}
+_SCALARS_PLAIN = frozenset((_R_SLOTS, _R_RANGE, _R_SHARDS, _R_NODE_LIST))  # roles whose one-line children need nothing
 
 
 def _text(raw: bytes) -> str:
@@ -503,6 +505,28 @@ class ClusterRewriter:
                     self._element_done()  # the last one skipped: may close this aggregate and its parents
                     continue
                 slow_until = max(end, i + 1)
+            elif (
+                stack
+                and stack[-1][_ROLE] in _SCALARS_PLAIN
+                and stack[-1][0] > 0
+                and self._capture is None
+                and not self._line
+                and (match := _SIMPLE_RUN.match(data, i)) is not None
+            ):
+                # Inside a cluster reply, one-line children need no rewriting either: a run of them in one call.
+                frame = stack[-1]
+                end = match.end()
+                got = data.count(b"\r\n", i, end)
+                if got > frame[0]:
+                    got = frame[0]
+                    end = i
+                    for _ in range(got):
+                        end = data.index(b"\r\n", end) + 2
+                i = end
+                frame[_INDEX] += got - 1
+                frame[0] -= got - 1
+                self._element_done()
+                continue
             j = data.find(b"\n", i)
             if j < 0:
                 if len(self._line) + n - i > _MAX_LINE:
@@ -530,6 +554,21 @@ class ClusterRewriter:
             role = _R_NONE
             if not self._stream_string and kind != 0x2E and self._capture is None:
                 role, capture = self._place(kind, line)
+                if capture and not held:
+                    # The common case, the part lies whole in this chunk: find its end in one call, rewrite it.
+                    try:
+                        end, got = _skip(data, start, 1)
+                    except ValueError:  # not plain RESP (a streamed aggregate...): held and framed line by line
+                        got = 0
+                    if got and end - start <= (_MAX_NODES_TEXT if capture == _C_NODES_TEXT else _MAX_PART):
+                        new = self._rewrite_part(data[start:end], capture, stack[-1] if stack else None)
+                        if new is None:
+                            return self._give_up(out, view, run, start)
+                        out.append(view[run:start])
+                        out.append(new)
+                        run = i = end
+                        self._element_done()
+                        continue
                 if capture:
                     out.append(view[run:start])
                     run = start
@@ -597,8 +636,8 @@ class ClusterRewriter:
                 if place == _P_EXEC:
                     top = self._top
                     return (_R_EXEC if isinstance(top, tuple) and count == len(top) else _R_NONE), 0
-                if place in _CAPTURED_AGGREGATES:
-                    return _R_NONE, _CAPTURED_AGGREGATES[place]
+                if place in _CAPTURED_AGGREGATES:  # a node has at least a host and a port
+                    return _R_NONE, (_CAPTURED_AGGREGATES[place] if count < 0 or count >= 2 else 0)
                 role = _AGGREGATE_ROLE.get(place, _R_NONE)
                 if role != _R_NONE and (text == b"?" or 0 <= count <= _ROLE_LIMIT[role]):
                     return role, 0
@@ -713,20 +752,27 @@ class ClusterRewriter:
         role, parent = self._capture_role, self._capture_parent
         self._capture = self._capture_parent = None
         self._capture_done = False
+        new = self._rewrite_part(captured, role, parent)
+        return captured if new is None else new  # framing accepted it, parsing did not (nested too deep...)
+
+    def _rewrite_part(self, part: bytes, role: int, parent: list[Any] | None) -> bytes | None:
+        """One held part (a value whole, nothing more), rewritten for its role; None if it does not parse."""
         try:
-            value = resp.parse(captured)
+            value = resp.parse(part)
+            if value.end != len(part):
+                return None
             edits: list[resp.Edit] = []
-            _errors(captured, value, self._mapper, edits)
+            _errors(part, value, self._mapper, edits)
             if role == _C_KEY:
                 if parent is not None:
-                    key = resp.string(captured, value)
+                    key = resp.string(part, value)
                     parent[_EXTRA] = key.lower() if key is not None else None
             elif role == _C_SLOT_NODE:
-                _slot_node(captured, value, self._mapper, edits)
+                _slot_node(part, value, self._mapper, edits)
             elif role == _C_SHARD_NODE:
-                _shard_node(captured, value, self._mapper, edits)
-            elif captured.count(b"\n") <= _MAX_NODES_LINES:  # _C_NODES_TEXT
-                _nodes(captured, value, self._mapper, edits)
-            return resp.apply(captured, edits) if edits else captured
+                _shard_node(part, value, self._mapper, edits)
+            elif part.count(b"\n") <= _MAX_NODES_LINES:  # _C_NODES_TEXT
+                _nodes(part, value, self._mapper, edits)
+            return resp.apply(part, edits) if edits else part
         except (resp.RespError, ValueError):
-            return captured  # framing accepted it, parsing did not (e.g. nested too deep): pass unchanged
+            return None
