@@ -254,10 +254,12 @@ class ClusterRewriter:
     """Per-connection rewriter for a Redis Cluster node, RESP2 and RESP3.
 
     Client commands (RESP arrays or inline) are parsed to queue the kind of each expected reply. Replies are
-    framed as a stream: plain replies flow through as slices of the input (only `-MOVED`/`-ASK` lines are
-    replaced); a reply to CLUSTER SLOTS/SHARDS/NODES/REPLICAS (or an EXEC containing one) is held whole and
-    rewritten. RESP3 pushes do not consume a command. After pub/sub, MONITOR, CLIENT REPLY or anything
-    unparseable, the rest of the connection passes through unchanged.
+    framed as a stream and flow through as slices of the input (only `-MOVED`/`-ASK` lines are replaced); values
+    that need no rewriting are skipped a run at a time. Of a reply to CLUSTER SLOTS/SHARDS/NODES/REPLICAS (or an
+    EXEC holding one) only the small parts that name a node are held and rewritten: a node entry, a shard's keys,
+    CLUSTER NODES text, each within a cap, so no reply is ever held whole and each call's work is linear in its
+    bytes. RESP3 pushes do not consume a command. After pub/sub, MONITOR, CLIENT REPLY or anything unparseable,
+    the rest of the connection passes through unchanged.
     """
 
     __slots__ = (
