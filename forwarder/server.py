@@ -94,7 +94,11 @@ class ClientHalf(Half):
         route = self.route
         worker = self.worker
         peer = transport.get_extra_info("peername")
-        client_ip = peer[0] if peer else ""
+        if not peer:  # the client reset while queued for accept: gone, not refused
+            worker.reject(route, "reset", "")
+            self.transport.abort()
+            return
+        client_ip = peer[0]
         if not worker.allows(route, client_ip):
             self.transport.abort()
             return
@@ -475,9 +479,12 @@ class Worker:
         def failed(client_ip: str, error: str) -> None:
             self.reject(route, "tls_handshake", client_ip, error=error)
 
+        def gone(client_ip: str) -> None:
+            self.reject(route, "reset", client_ip)
+
         try:
             return TlsListener(
-                sock, LISTEN_BACKLOG, _factory(self, route), context, timeout_s, admit, failed, self._spawn
+                sock, LISTEN_BACKLOG, _factory(self, route), context, timeout_s, admit, failed, self._spawn, gone
             )
         except OSError as exc:
             sock.close()
