@@ -854,3 +854,12 @@ def test_huge_replies_stream_with_bounded_holding_and_bounded_line_work(
     assert rewriter.pending() == 0
     values = reply.count(b"\r\n")
     assert lines <= values // 20 + 4, f"{lines} of {values} values framed line by line"
+
+
+@pytest.mark.parametrize("kind", ["GET", "SLOTS"])
+def test_an_absurd_element_count_is_framed_without_error(kind: str) -> None:
+    """A count beyond any integer the skipping takes (in C, a long) is framed like any other, never raised on."""
+    client = command("CLUSTER", "SLOTS") if kind == "SLOTS" else command("GET", "k")
+    reply = b"*%d\r\n" % 10**30 + b":1\r\n" * 1000
+    for cuts in ([], [7], list(range(3, len(reply), 5))):
+        assert feed(client, reply, cuts)[0] == reply

@@ -497,7 +497,7 @@ class ClusterRewriter:
                 # built), unless they hold something a redirect could be made of; then they take the way below.
                 frame = stack[-1]
                 try:
-                    end, got = _skip(data, i, frame[0])
+                    end, got = _skip(data, i, min(frame[0], n))  # no more fit in the chunk; and a C int
                 except ValueError:  # not plain RESP (a streamed string...): framed line by line below
                     end, got = n, 0
                 if got and data.find(b"MOVED ", i, end) < 0 and data.find(b"ASK ", i, end) < 0:
