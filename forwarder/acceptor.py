@@ -25,7 +25,7 @@ class TlsListener:
 
     `loop.create_server(ssl=...)` reads the ClientHello before our protocol exists, so every client, allowed or not,
     would cost a handshake. Here a refused client is closed unread; `failed(client_ip, error)` hears of every
-    handshake that fails or times out.
+    handshake that fails or times out, and `gone(client_ip)` of every client that reset before it was accepted.
     """
 
     def __init__(
@@ -38,6 +38,7 @@ class TlsListener:
         admit: Callable[[str], bool],
         failed: Callable[[str, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        gone: Callable[[str], None] | None = None,
     ) -> None:
         self.sock = sock
         self.protocol_factory = protocol_factory
@@ -46,6 +47,7 @@ class TlsListener:
         self.admit = admit
         self.failed = failed
         self.spawn = spawn
+        self.gone = gone
         self.loop = asyncio.get_running_loop()
         self.resume: asyncio.TimerHandle | None = None
         sock.listen(backlog)
@@ -66,6 +68,13 @@ class TlsListener:
                 self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
                 return
             client_ip = str(address[0])
+            try:
+                conn.getpeername()
+            except OSError:  # it reset while queued: gone, neither refused nor a failed handshake
+                conn.close()
+                if self.gone is not None:
+                    self.gone(client_ip)
+                continue
             if not self.admit(client_ip):
                 conn.close()
                 continue

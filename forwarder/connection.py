@@ -212,7 +212,11 @@ class ClientHalf(Half):
         route = self.route
         state = self.state
         peer = transport.get_extra_info("peername")
-        client_ip = peer[0] if peer else ""
+        if not peer:  # the client reset while queued for accept: gone, not refused
+            state.reject(route, "reset", "")
+            self.transport.abort()
+            return
+        client_ip = peer[0]
         if not state.allows(route, client_ip):
             self.transport.abort()
             return

@@ -24,7 +24,6 @@ from forwarder.resources import Resources
 if TYPE_CHECKING:
     from forwarder._crelay import Link
 
-BufferPool = Resources  # the name rewriting.py imports
 # uvloop's default low-water mark is 16 bytes, which turns every drain into a pause/resume flap; these keep a few
 # buffers in flight per direction and bound memory per connection to about HIGH_WATER per direction.
 HIGH_WATER = 256 * 1024

@@ -10,12 +10,17 @@ from forwarder import config as config_mod
 from forwarder.protocols import Rewriter
 from forwarder.protocols.memcached import AutoDiscoveryRewriter
 from forwarder.protocols.redis import ClusterRewriter
-from forwarder.relay import BufferPool, Half
+from forwarder.relay import Half
+from forwarder.resources import Resources
 
 log = logging.getLogger("natfwd.rewriting")
 
 RewriterFactory = Callable[[], Rewriter]
 WARN_INTERVAL_S = 60.0
+WARN_BURST = 10  # warning lines per interval, all messages together
+# A rewriter's work is linear in the bytes of one call, up to a few microseconds a byte for a hostile reply of
+# tiny values: reads this small keep one call, and so the other connections' wait, short.
+REWRITE_READ = 16 * 1024
 
 
 def _key(host: str) -> str:
@@ -55,22 +60,42 @@ class NodeMap:
 
 
 class RateLimitedWarning:
-    """A Warn callback that logs each distinct message at most once per `interval_s` (one per node, not per reply)."""
+    """The Warn callback all rewriters of one worker share: at most `burst` lines per `interval_s` window in all,
+    each distinct message at most once a window. What it drops is counted, and the count is logged when the next
+    window opens, so a flood (a config listing thousands of made-up nodes, fetched over and over) costs a few
+    lines a minute and its memory is bounded by `burst` messages."""
 
-    __slots__ = ("logger", "interval_s", "last")
+    __slots__ = ("logger", "interval_s", "burst", "clock", "window_start", "seen", "suppressed")
 
-    def __init__(self, logger: logging.Logger = log, interval_s: float = WARN_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger = log,
+        interval_s: float = WARN_INTERVAL_S,
+        burst: int = WARN_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.logger = logger
+        self.clock = clock
         self.interval_s = interval_s
-        self.last: dict[str, float] = {}
+        self.burst = burst
+        self.window_start = -float("inf")
+        self.seen: set[str] = set()  # messages logged in this window
+        self.suppressed = 0  # messages dropped in this window
 
     def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last.get(message, -self.interval_s) < self.interval_s:
+        now = self.clock()
+        if now - self.window_start >= self.interval_s:
+            if self.suppressed:
+                self.logger.warning(
+                    "%d more rewriting warnings suppressed in the last %.0f s", self.suppressed, now - self.window_start
+                )
+            self.window_start = now
+            self.seen.clear()
+            self.suppressed = 0
+        if message in self.seen or len(self.seen) >= self.burst:
+            self.suppressed += 1
             return
-        if len(self.last) > 1000:  # a misbehaving endpoint must not grow this without bound
-            self.last.clear()
-        self.last[message] = now
+        self.seen.add(message)
         self.logger.warning(message)
 
 
@@ -101,9 +126,12 @@ class RewritingNodeHalf(Half):
 
     __slots__ = ("rewriter",)
 
-    def __init__(self, pool: BufferPool, rewriter: Rewriter) -> None:
+    def __init__(self, pool: Resources, rewriter: Rewriter) -> None:
         super().__init__(pool)
         self.rewriter = rewriter
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return super().get_buffer(sizehint)[:REWRITE_READ]
 
     def buffer_updated(self, nbytes: int) -> None:
         view = self.view
@@ -127,7 +155,7 @@ class RewritingNodeHalf(Half):
 class ObservingClient(Half):
     """Mixin for the client side of a rewriting connection: shows every request chunk to the node half's rewriter.
 
-    It adds no slots so it can be combined with the server's ClientHalf; the rewriter lives on the node half.
+    It adds no slots so it can be combined with connection.ClientHalf; the rewriter lives on the node half.
     """
 
     __slots__ = ()

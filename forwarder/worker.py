@@ -166,9 +166,20 @@ class Worker:
         def failed(client_ip: str, error: str) -> None:
             state.reject(route, "tls_handshake", client_ip, error=error)
 
+        def gone(client_ip: str) -> None:
+            state.reject(route, "reset", client_ip)
+
         try:
             return TlsListener(
-                sock, LISTEN_BACKLOG, connection_factory(state, route), context, timeout_s, admit, failed, self.spawn
+                sock,
+                LISTEN_BACKLOG,
+                connection_factory(state, route),
+                context,
+                timeout_s,
+                admit,
+                failed,
+                self.spawn,
+                gone,
             )
         except OSError as exc:
             sock.close()

@@ -14,6 +14,8 @@ from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols.memcached import (
     CLUSTER_KEY,
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_NODES,
     AutoDiscoveryRewriter,
     ClusterConfigError,
     ClusterNode,
@@ -444,3 +446,57 @@ def test_real_memcached_replies(memcached_port: int) -> None:
     for cut in range(len(reply) + 1):
         assert feed(request, reply, [cut])[0] == out
     assert feed(request, reply, list(range(1, len(reply))))[0] == out
+
+
+def made_up_nodes(count: int) -> list[tuple[str, str, int]]:
+    return [(f"made-up-{n}.example", f"10.200.{n >> 8 & 255}.{n & 255}", 11211) for n in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "rewritten", "warned"),
+    [
+        # at the node cap, every node is looked at (and each unknown one warned about, rate-limited by the caller)
+        (render_cluster_config(1, [NODE1, *made_up_nodes(MAX_CONFIG_NODES - 1)]), True, MAX_CONFIG_NODES - 1),
+        # one node more, or more bytes than the cap: not a config natfwd rewrites; unchanged, one warning
+        (render_cluster_config(1, [NODE1, *made_up_nodes(MAX_CONFIG_NODES)]), False, 1),
+        (render_cluster_config(1, made_up_nodes(38_000)), False, 1),
+        (b"1\n" + b"x" * MAX_CONFIG_BYTES + b"|1.2.3.4|11211\n", False, 1),
+    ],
+    ids=["at-the-node-cap", "one-node-over", "38000-nodes", "over-the-byte-cap"],
+)
+def test_configs_beyond_the_caps_pass_unchanged_with_one_warning(payload: bytes, rewritten: bool, warned: int) -> None:
+    for client, reply in ((b"config get cluster\r\n", config(payload)), (b"get %s\r\n" % CLUSTER_KEY, None)):
+        reply = reply or legacy_reply(payload)
+        out, _, warnings = feed(client, reply, [len(reply) // 3])
+        assert (out != reply) is rewritten
+        if rewritten:
+            assert b"203.0.113.73|203.0.113.73|11211" in out and b"made-up" not in out
+        assert len(warnings) == warned, warnings[:3]
+
+
+def test_rate_limited_warning_logs_a_bounded_number_of_lines_and_counts_the_rest() -> None:
+    """Any number of distinct messages: at most `burst` lines a window, then one line with the count dropped."""
+    import logging
+
+    from forwarder.rewriting import RateLimitedWarning
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("natfwd.test.ratelimit")
+    logger.propagate = False
+    logger.addHandler(Keep())
+    now = [100.0]
+    warn = RateLimitedWarning(logger, interval_s=60.0, burst=10, clock=lambda: now[0])
+    for n in range(38_000 * 5):
+        warn(f"node {n % 38_000} has no forward")
+    assert len(records) == 10
+    assert len(warn.seen) == 10  # memory bounded by the burst, whatever the number of messages
+    now[0] += 60.0
+    warn("node 0 has no forward")
+    assert records[10:] == ["189990 more rewriting warnings suppressed in the last 60 s", "node 0 has no forward"]
+    warn("node 0 has no forward")  # the same message again in this window: dropped
+    assert len(records) == 12

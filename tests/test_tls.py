@@ -165,6 +165,9 @@ def test_client_outside_the_allowlist_costs_no_handshake(
 ) -> None:
     """With tls the allowlist is checked on the bare socket: a refused client never gets a ServerHello."""
     with tls_front(tmp_path, start_redis, pki, allowed="127.0.0.2/32") as (serve, port, _):
+        # The readiness probe came from 127.0.0.1, outside the allowlist too: its refusal is counted first, whenever
+        # the worker gets to it, so the count is read only once its log line is out.
+        serve.wait_log("reason=not_allowed")
         refused = rejected(serve, port, "not_allowed")
         with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.1", 0)) as sock:
             sock.sendall(client_hello())

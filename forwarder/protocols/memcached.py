@@ -13,7 +13,10 @@ CLUSTER_KEY = b"AmazonElastiCache:cluster"
 
 _MAX_REPLY_LINE = 8192  # VALUE/CONFIG/STAT lines are short; longer means this is not text protocol
 _MAX_REQUEST_LINE = 1 << 20  # a multi-get of thousands of 250-byte keys still fits
-_MAX_CONFIG = 1 << 20  # a config of hundreds of nodes is tens of KiB; bigger blocks pass unchanged
+# A config natfwd rewrites has at most this many nodes and bytes (an ElastiCache cluster has at most a few
+# hundred nodes, ~100 bytes each); beyond them the block passes unchanged, with one warning.
+MAX_CONFIG_NODES = 1024
+MAX_CONFIG_BYTES = 128 << 10
 _STORAGE = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
 _Chunk = bytes | bytearray | memoryview
 _BINARY_MAGIC = (0x80, 0x81)  # request / response magic of the binary protocol
@@ -67,8 +70,13 @@ def render_config_reply(version: int, nodes: Iterable[tuple[str, str, int]], *, 
 def rewrite_cluster_config(payload: bytes, mapper: Mapper, warn: Warn) -> bytes:
     """Return `payload` with every node as `public|public|port`; nodes without a forward are left out.
 
-    The mapper is tried with the node's host name, then its IP. Raises ClusterConfigError on a malformed payload.
+    The mapper is tried with the node's host name, then its IP. Raises ClusterConfigError on a malformed payload
+    or one of more than MAX_CONFIG_NODES nodes (counted before any is parsed).
     """
+    if len(payload) > MAX_CONFIG_BYTES:
+        raise ClusterConfigError(f"{len(payload)} bytes, more than the {MAX_CONFIG_BYTES} natfwd rewrites")
+    if payload.count(b"|") > 2 * MAX_CONFIG_NODES:
+        raise ClusterConfigError(f"more than the {MAX_CONFIG_NODES} nodes natfwd rewrites")
     version, nodes = parse_cluster_config(payload)
     public: list[tuple[str, str, int]] = []
     for node in nodes:
@@ -273,15 +281,17 @@ class AutoDiscoveryRewriter:
         if words[0] == b"VALUE":
             if len(words) not in (4, 5) or (size := _length(words[3])) is None:
                 return False
-            if words[1] == CLUSTER_KEY and self._want_value and size <= _MAX_CONFIG:
+            if words[1] == CLUSTER_KEY and self._want_value:
                 self._want_value -= 1
-                return self._start_capture(line, size)
+                if self._fits(size):
+                    return self._start_capture(line, size)
         elif words[0] == b"CONFIG":
             if len(words) != 4 or (size := _length(words[3])) is None:
                 return False
-            if words[1] == b"cluster" and self._want_config and size <= _MAX_CONFIG:
+            if words[1] == b"cluster" and self._want_config:
                 self._want_config -= 1
-                return self._start_capture(line, size)
+                if self._fits(size):
+                    return self._start_capture(line, size)
         elif words[0] == b"VA":
             if len(words) < 2 or (size := _length(words[1])) is None:
                 return False
@@ -289,6 +299,14 @@ class AutoDiscoveryRewriter:
             return None
         self._skip, self._trailer = size, 2
         return None
+
+    def _fits(self, size: int) -> bool:
+        """Whether a config block of `size` bytes is rewritten; a bigger one passes unchanged, with a warning."""
+        if size <= MAX_CONFIG_BYTES:
+            return True
+        self._warn(f"auto discovery: cluster config passed unchanged: {size} bytes, more than the "
+                   f"{MAX_CONFIG_BYTES} natfwd rewrites")  # fmt: skip
+        return False
 
     def _start_capture(self, line: bytes, size: int) -> bool:
         self._header = line
