@@ -332,7 +332,14 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
 
 # --- the module -------------------------------------------------------------------------------------------------------
 def test_constants_match_framing(c: Impl) -> None:
-    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX"):
+    for name in (
+        "KEY_MAX",
+        "STREAM_MIN",
+        "REDIS_MAX_ARGS",
+        "REDIS_BULK_MAX",
+        "MEMCACHED_LINE_MAX",
+        "MEMCACHED_SHORT_LINE_MAX",
+    ):
         assert getattr(framing.C, name) == getattr(framing, name), name
 
 
