@@ -540,29 +540,59 @@ def read_reply(sock: socket.socket, end: bytes) -> bytes:
     return got
 
 
+ATTACKS = [
+    # Issue 19's steps: memcached stops the line at the NUL (`set k`: ERROR) and runs the data block as a command of
+    # its own, a get of the victim's key: two replies where the old scanners counted one.
+    pytest.param(
+        None,
+        b"set k\x00 0 0 17\r\nget victim-secret\r\n",
+        b"ERROR\r\nVALUE victim-secret 0 14\r\nhunter2-SECRET\r\nEND\r\n",
+        id="nul-smuggling",
+    ),
+    # memcached keeps a vertical tab in a key and echoes it in the VALUE line, where whitespace-splitting reads a
+    # length of 0: the reply looks over before its data, and the rest of it goes to the next client in line.
+    pytest.param(
+        b"k\x0bq",
+        b"get k\x0bq\r\n",
+        b"VALUE k\x0bq 0 14\r\nhunter2-SECRET\r\nEND\r\n",
+        id="vertical-tab-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("stored", "attack", "attacker_gets"), ATTACKS)
 @pytest.mark.parametrize("wrapper", SCANNERS)
-def test_a_nul_in_a_key_does_not_smuggle_a_request_onto_the_shared_connection(
-    tmp_path: Path, start_memcached: Callable[..., Node], wrapper: tuple[str, ...]
+def test_a_key_memcached_reads_otherwise_never_steers_a_reply_to_another_client(
+    tmp_path: Path,
+    start_memcached: Callable[..., Node],
+    wrapper: tuple[str, ...],
+    stored: bytes | None,
+    attack: bytes,
+    attacker_gets: bytes,
 ) -> None:
-    """Issue 19's steps: V stores a secret; C keeps the node busy with a 900 KB get; A sends a set whose key holds a
-    NUL, its data block a get of V's key. memcached stops the line at the NUL (ERROR) and runs the block as a
-    command: two replies. B, who asked for its own key, must get exactly that, never V's secret."""
+    """The issue's reproduction: V has stored a secret; C keeps the node busy with a 900 KB get; the attacker A sends
+    its request while B asks for its own key, so that both wait for C's reply and go to the node together. B must
+    get exactly its own reply, never V's secret, and A what it gets directly. On the old scanners B got V's
+    secret every time."""
     node = start_memcached()
-    mc_store(node.port, b"victim-secret", b"hunter2-SECRET")
+    mc_store(node.port, stored or b"victim-secret", b"hunter2-SECRET")
     mc_store(node.port, b"big", BIG_VALUE)
     mc_store(node.port, b"b-own", b"bbbbb")
+    with connect(node.port) as direct:
+        assert exchange(direct, Step(attack, b"END\r\n")) == attacker_gets
     big_reply = ENGINES["memcached"].busy_reply
+    own = b"VALUE b-own 0 5\r\nbbbbb\r\nEND\r\n"
     with natfwd_in_front(tmp_path, node, "memcached", wrapper) as port:
         for _attempt in range(3):
             with connect(port) as c, connect(port) as a, connect(port) as b:
                 for sock in (c, a, b):  # each on the shared connection
                     assert exchange(sock, Step(b"version\r\n", b"\r\n")).startswith(b"VERSION ")
                 c.sendall(b"get big\r\n")
-                a.sendall(b"set k\x00 0 0 17\r\nget victim-secret\r\n")
+                a.sendall(attack)
                 b.sendall(b"get b-own\r\n")
-                assert read_reply(b, b"END\r\n") == b"VALUE b-own 0 5\r\nbbbbb\r\nEND\r\n"
-                assert read_reply(a, b"END\r\n") == b"ERROR\r\nVALUE victim-secret 0 14\r\nhunter2-SECRET\r\nEND\r\n"
+                assert read_reply(b, b"END\r\n") == own
+                assert read_reply(a, b"END\r\n") == attacker_gets
                 assert read_reply(c, b"END\r\n") == big_reply
-                # and the connection carries on in step for everyone
-                assert exchange(b, Step(b"get b-own\r\n", b"END\r\n")) == b"VALUE b-own 0 5\r\nbbbbb\r\nEND\r\n"
-                assert exchange(c, Step(b"get b-own\r\n", b"END\r\n")) == b"VALUE b-own 0 5\r\nbbbbb\r\nEND\r\n"
+                # and the shared connection carries on in step for everyone
+                assert exchange(b, Step(b"get b-own\r\n", b"END\r\n")) == own
+                assert exchange(c, Step(b"get b-own\r\n", b"END\r\n")) == own
