@@ -7,7 +7,7 @@ Each client keeps to keys of its own (`cNN:`) and tags its values (`<TNN>`), so 
 depend on the others. Through natfwd it shares a node connection with them, while one more client keeps the node busy
 with a big value so that requests queue and go to the node together. Every step a client takes ends with a GET of its
 own sentinel key, whose reply marks the end of the step's replies. The corpus is fixed-seed; NATFWD_FUZZ_CASES=N
-generates N requests per engine instead.
+generates N requests per engine instead, and NATFWD_FUZZ_SEED=S another corpus.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ from typing import NamedTuple
 
 import pytest
 from conftest import Node, free_port, write_config
-from servekit import serving
+from servekit import Serve, serving
 
-CI_CASES = 1500  # requests per engine in the fixed-seed corpus
+from forwarder.protocols import framing
+
+CI_CASES = 12_000  # requests per engine and scanner in the fixed-seed corpus
 CASES = int(os.environ.get("NATFWD_FUZZ_CASES") or CI_CASES)
+SEED = int(os.environ.get("NATFWD_FUZZ_SEED") or 0)  # another corpus for a longer run
 CLIENTS = 6
 BIG = 900 * 1000  # the busy client's value: the node takes a while over each GET of it
 STEP_TIMEOUT_S = 30.0  # only stops a hang: a step's replies come in milliseconds
@@ -158,36 +161,36 @@ class McRequest(NamedTuple):
 
 def mc_ordinary(rng: random.Random, client: int) -> McRequest:
     key = mc_key(rng, client)
-    kind = rng.randrange(12)
-    if kind <= 2:
+    kind = rng.randrange(20)  # the meta commands (17 on) pin: rarer, so that clients share for longer
+    if kind <= 5:
         verb = rng.choice([b"set", b"set", b"add", b"replace", b"append", b"prepend", b"cas"])
         data = mc_value(rng, client) if rng.randrange(4) else rng.choice([b"0", b"41"])
-        tokens = [verb, key, rng.choice([b"0", b"7", b"4294967295"]), rng.choice([b"0", b"0", b"86400", b"-1"])]
+        tokens = [verb, key, rng.choice([b"0", b"7", b"4294967295"]), rng.choice([b"0", b"0", b"86400", b"2147483647"])]
         tokens.append(b"%d" % len(data))
         if verb == b"cas":
             tokens.append(CAS_NEVER)
         return McRequest(tokens, [1], list(range(2, len(tokens))), data, 4)
-    if kind <= 5:
+    if kind <= 11:
         verb = rng.choice([b"get", b"get", b"gets", b"gat", b"gats"])
         keys = [mc_key(rng, client) for _ in range(rng.choice([1, 1, 2, 4]))]
         if verb.startswith(b"gat"):
             return McRequest([verb, rng.choice([b"0", b"3600"]), *keys], list(range(2, 2 + len(keys))), [1], None, 0)
         return McRequest([verb, *keys], list(range(1, 1 + len(keys))), [], None, 0)
-    if kind == 6:
+    if kind <= 13:
         return McRequest([b"delete", key], [1], [], None, 0)
-    if kind == 7:
+    if kind <= 15:
         # memcached pads a number that gets shorter with spaces, or not, by whether another reply still holds it: by
         # timing. So numbers only grow, and never wrap (no decr but by 0, no delta near 2**64).
         verb = rng.choice([b"incr", b"decr", b"touch"])
         number = {b"touch": [b"0", b"3600"], b"decr": [b"0"]}.get(verb, [b"1", b"5", b"0", b"3600"])
         number = rng.choice(number)
         return McRequest([verb, key, number], [1], [2], None, 0)
-    if kind == 8:
+    if kind == 16:
         return McRequest([b"version"], [], [], None, 0)
-    if kind == 9:  # meta commands: flags whose answers do not depend on time or on other clients (no t, h, l, c)
+    if kind == 17:  # meta commands: flags whose answers do not depend on time or on other clients (no t, h, l, c)
         return McRequest([rng.choice([b"mg", b"md", b"ma"]), key, *rng.choice([[], [b"v"], [b"v", b"f", b"k"]])], [1],
                          [], None, 0)  # fmt: skip
-    if kind == 10:
+    if kind == 18:
         data = mc_value(rng, client)
         return McRequest([b"ms", key, b"%d" % len(data), b"T0"], [1], [], data, 2)
     return McRequest([b"mn"], [], [], None, 0)
@@ -273,7 +276,7 @@ def mc_binary_get(key: bytes) -> bytes:
 
 
 def mc_script(rng: random.Random, client: int, cases: int) -> tuple[Script, int]:
-    """Connections of a few steps each; a step is a pipeline of requests, a third of them hostile."""
+    """Connections of a few steps each; a step is a pipeline of requests, a fifth of them hostile."""
     text_sentinel = b"get %send\r\n" % prefix(client)
     end = sentinel_value(client)
     text_until = b"VALUE %send 0 %d\r\n%s\r\nEND\r\n" % (prefix(client), len(end), end)
@@ -289,7 +292,7 @@ def mc_script(rng: random.Random, client: int, cases: int) -> tuple[Script, int]
             continue
         for _ in range(rng.randrange(2, 10)):
             requests = [
-                mc_hostile(rng, client) if rng.randrange(3) == 0 else mc_render(mc_ordinary(rng, client))
+                mc_hostile(rng, client) if rng.randrange(5) == 0 else mc_render(mc_ordinary(rng, client))
                 for _ in range(rng.choice([1, 1, 1, 2, 3, 6]))
             ]
             lone = [request[len(LONE) :] for request in requests if request.startswith(LONE)]
@@ -303,7 +306,7 @@ def mc_script(rng: random.Random, client: int, cases: int) -> tuple[Script, int]
     return script, made
 
 
-CAS_IN_VALUE_LINE = re.compile(rb"(VALUE [^ \r\n]+ \d+ \d+) \d+\r\n")
+CAS_IN_VALUE_LINE = re.compile(rb"(VALUE [^ \n]+ \d+ \d+) \d+\r\n")  # a key may hold a CR
 
 
 def mc_normalize(got: bytes) -> bytes:
@@ -451,7 +454,7 @@ class Engine(NamedTuple):
     busy_reply: bytes
 
 
-BIG_VALUE = bytes(random.Random(0).randrange(256) for _ in range(BIG))
+BIG_VALUE = random.Random(0).randbytes(BIG)
 ENGINES = {
     "memcached": Engine(
         "memcached",
@@ -468,7 +471,7 @@ ENGINES = {
 
 
 @contextlib.contextmanager
-def natfwd_in_front(tmp_path: Path, node: Node, engine: str, wrapper: tuple[str, ...]) -> Iterator[int]:
+def natfwd_in_front(tmp_path: Path, node: Node, engine: str, wrapper: tuple[str, ...]) -> Iterator[tuple[int, Serve]]:
     port, metrics_port = free_port(), free_port()
     cfg = write_config(
         tmp_path / "natfwd.yaml",
@@ -477,9 +480,15 @@ def natfwd_in_front(tmp_path: Path, node: Node, engine: str, wrapper: tuple[str,
         extra=f"multiplex: true\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n",
     )
     with serving(cfg, [port], metrics_port, wrapper=wrapper) as serve:
-        yield port
+        yield port, serve
         log = serve.log()
         assert "Traceback" not in log, log
+
+
+def shared_requests(engine: str, scripts: list[Script]) -> int:
+    """How many requests, sentinels included, the scanners let share before each connection was pinned."""
+    scan = framing.framer(engine).requests
+    return sum(scan(b"".join(step.data for step in steps), framing.RESP2)[1] for script in scripts for steps in script)
 
 
 def prepare(engine: Engine, port: int) -> None:
@@ -500,7 +509,7 @@ def test_every_client_gets_through_natfwd_exactly_what_it_gets_directly(
     engine = ENGINES[engine_name]
     start = start_memcached if engine_name == "memcached" else start_redis
     direct_node, behind_node = start(), start()
-    seed = 19 if wrapper else 20  # each scanner its own corpus: twice the coverage for the same time
+    seed = SEED * 1000 + (19 if wrapper else 20)  # each scanner its own corpus: twice the coverage for the time
     scripts, made = [], 0
     for client in range(CLIENTS):
         script, count = engine.script(random.Random(seed * 100 + client), client, CASES // CLIENTS)
@@ -511,9 +520,11 @@ def test_every_client_gets_through_natfwd_exactly_what_it_gets_directly(
         prepare(engine, node.port)
     busy = (engine.busy_request, engine.busy_reply)
     direct, _ = run(direct_node.port, scripts, busy)
-    with natfwd_in_front(tmp_path, behind_node, engine_name, wrapper) as port:
+    with natfwd_in_front(tmp_path, behind_node, engine_name, wrapper) as (port, _serve):
         through, busy_gets = run(port, scripts, busy)
-    assert busy_gets > 0
+    assert busy_gets > 0  # the node was kept busy, so requests queued and went together
+    # and many went over a shared node connection; each connection's first hostile request among them
+    assert shared_requests(engine_name, scripts) > CASES // 8
     for client, (script, want, got) in enumerate(zip(scripts, direct, through, strict=True)):
         others = [mark for other in range(CLIENTS) if other != client for mark in (tag(other), prefix(other))]
         for connection, (steps, want_steps, got_steps) in enumerate(zip(script, want, got, strict=True)):
@@ -582,7 +593,7 @@ def test_a_key_memcached_reads_otherwise_never_steers_a_reply_to_another_client(
         assert exchange(direct, Step(attack, b"END\r\n")) == attacker_gets
     big_reply = ENGINES["memcached"].busy_reply
     own = b"VALUE b-own 0 5\r\nbbbbb\r\nEND\r\n"
-    with natfwd_in_front(tmp_path, node, "memcached", wrapper) as port:
+    with natfwd_in_front(tmp_path, node, "memcached", wrapper) as (port, _serve):
         for _attempt in range(3):
             with connect(port) as c, connect(port) as a, connect(port) as b:
                 for sock in (c, a, b):  # each on the shared connection
@@ -596,3 +607,29 @@ def test_a_key_memcached_reads_otherwise_never_steers_a_reply_to_another_client(
                 # and the shared connection carries on in step for everyone
                 assert exchange(b, Step(b"get b-own\r\n", b"END\r\n")) == own
                 assert exchange(c, Step(b"get b-own\r\n", b"END\r\n")) == own
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="mux.py gives a pinned memcached client a fresh node connection, where memcached picks the protocol anew "
+    "from the first byte: a client that spoke text and then sends binary gets binary answers through natfwd, ERROR "
+    "directly. No other client is involved; for whoever changes mux.py's pinning to fix (not this branch's files).",
+)
+def test_binary_bytes_after_text_get_what_they_get_directly(
+    tmp_path: Path, start_memcached: Callable[..., Node]
+) -> None:
+    node = start_memcached()
+    noop = struct.pack(">BBHBBHIIQ", 0x80, 0x0A, 0, 0, 0, 0, 0, 0, 0)  # 0x0a is also a LF: a line of its own
+    step = Step(noop + b"version\r\n", b"\r\n")
+    with connect(node.port) as direct:
+        assert exchange(direct, Step(b"version\r\n", b"\r\n")).startswith(b"VERSION ")
+        expected = exchange(direct, step)
+    assert expected.startswith(b"ERROR\r\n")  # memcached stays in text: the binary header is a line it cannot read
+    with natfwd_in_front(tmp_path, node, "memcached", ()) as (port, _serve), connect(port) as through:
+        assert exchange(through, Step(b"version\r\n", b"\r\n")).startswith(b"VERSION ")
+        through.settimeout(1)
+        try:
+            got = exchange(through, step)
+        except AssertionError:  # the binary answer never ends in a CRLF: what came is in the message
+            got = b"<no text reply>"
+    assert got == expected
