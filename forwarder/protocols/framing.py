@@ -104,6 +104,11 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
 
     `HELLO 2` or `HELLO 3` (and nothing more) asks for that protocol version: on the client's own lane it is an
     ordinary request, otherwise the client moves to a connection of that lane first. Other HELLOs pin.
+
+    A request shares only when Redis is sure to read it as here, one request with one reply: an array of bulk
+    strings (an inline command pins), its count and lengths in plain decimal each ended by CRLF, each argument
+    followed by CRLF, at most REDIS_MAX_ARGS arguments of at most REDIS_BULK_MAX bytes, and a name in
+    REDIS_COMMANDS, byte for byte but for case (Redis compares names with strcasecmp(), which stops at a NUL).
     """
     n = len(buf)
     find = buf.find
