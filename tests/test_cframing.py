@@ -18,7 +18,15 @@ import pytest
 from test_framing import PY, TRICKY, Impl, bulk, cmd, implementation, store, value
 
 from forwarder.protocols import framing
-from forwarder.protocols.framing import KEY_MAX, REDIS_COMMANDS, REDIS_MAX_ARGS, RESP2, STREAM_MIN, FramingError
+from forwarder.protocols.framing import (
+    KEY_MAX,
+    REDIS_BULK_MAX,
+    REDIS_COMMANDS,
+    REDIS_MAX_ARGS,
+    RESP2,
+    STREAM_MIN,
+    FramingError,
+)
 
 SAMPLES = 2500  # per test; each sample is checked at several positions, both buffer types and (requests) both lanes
 
@@ -118,12 +126,21 @@ def redis_reply(rng: random.Random, depth: int = 0) -> bytes:
     return b"|%d\r\n%s%s" % (size, pairs, redis_reply(rng, depth + 1))
 
 
+MC_ODD_KEY_BYTES = [bytes([byte]) for byte in [*range(0x20), 0x7F, 0x80, 0xFF]]
+
+
 def mc_key(rng: random.Random) -> bytes:
-    return bytes(rng.randrange(33, 127) for _ in range(rng.choice([1, 3, KEY_MAX - 1, KEY_MAX, KEY_MAX + 1])))
+    key = bytes(rng.randrange(33, 127) for _ in range(rng.choice([1, 3, KEY_MAX - 1, KEY_MAX, KEY_MAX + 1])))
+    if rng.randrange(6) == 0:  # a control byte (NUL included) or a byte past ASCII inside it
+        at = rng.randrange(len(key) + 1)
+        key = key[:at] + rng.choice(MC_ODD_KEY_BYTES) + key[at:]
+    return key
 
 
 def mc_number(rng: random.Random) -> bytes:
-    return rng.choice([b"0", b"7", b"%d" % rng.randrange(2**33), b"%d" % (2**32 - 1), b"%d" % 2**32, huge(rng)])
+    plain = [b"0", b"7", b"%d" % rng.randrange(2**33), b"%d" % (2**32 - 1), b"%d" % 2**32, huge(rng)]
+    odd = [b"07", b"00", b"+7", b"-7", b"-0", b"%d" % (2**31 - 1), b"%d" % 2**31, b"%d" % (2**64 - 1), b"%d" % 2**64]
+    return rng.choice(plain if rng.randrange(3) else odd)
 
 
 def mc_request(rng: random.Random) -> bytes:
@@ -173,9 +190,11 @@ def sequence(rng: random.Random, make: Callable[[random.Random], bytes]) -> byte
 
 # --- mutations --------------------------------------------------------------------------------------------------------
 STRAYS = [b"\r", b"\n", b"\r\n", b" ", b"  ", b"\t", b"\x00", b"\x0b", b"\x0c", b"\xff", b"_", b"-", b"+", b"0"]
+STRAYS += [b"\x01", b"\x1f", b"\x7f", b"\x80"]
 NUMBERS = [b"+5", b"-5", b" 5", b"5 ", b"\t5", b"5\x0c", b"1_0", b"1__0", b"_1", b"1_", b"05", b"00", b"0", b"-0"]
 NUMBERS += [b"-1", b"-2", b"", b"+", b"-", b"_", b" ", b"1.5", b"1e3", b"\xd9\xa3", b"\x00", b"+-1", b" -1_0 "]
 NUMBERS += [b"%d" % (STREAM_MIN - 1), b"%d" % STREAM_MIN, b"%d" % (2**31 - 3), b"%d" % (2**31 - 2), b"%d" % 2**64]
+NUMBERS += [b"%d" % (REDIS_BULK_MAX - 1), b"%d" % REDIS_BULK_MAX, b"%d" % (REDIS_BULK_MAX + 1), b"%d" % (2**64 - 1)]
 NUMBER = re.compile(rb"-?[0-9]+")
 RESP_TYPES = [bytes([kind]) for kind in b"*$%|~>!=:+-_#,(?"]
 
@@ -301,6 +320,46 @@ def test_long_numbers_and_limits_agree(c: Impl, buf: bytes) -> None:
         compare.requests("memcached_requests", buf[:cut])
 
 
+# What a hostile client sends to get a request shared that the node reads otherwise (issue 19): both scanners pin
+# each at the same place, at every cut, and alone, after a shared request, and before one.
+HOSTILE = [
+    b"set k\x00 0 0 17\r\nget victim-secret\r\n",  # the issue's NUL smuggling
+    *(b"set k%s 0 0 5\r\nget x\r\n" % bytes([byte]) for byte in [0x01, 0x09, 0x0B, 0x0C, 0x0D, 0x1F, 0x7F]),
+    b"get a\x0bb\r\n",
+    b"get a b\x00c\r\n",
+    b"delete k\x00\r\n",
+    b"set k 01 0 1\r\nx\r\n",
+    b"set k 0 +1 1\r\nx\r\n",
+    b"set k 0 0 +5\r\nget x\r\n",
+    b"set k 0 0 05\r\nhello\r\n",
+    b"cas k 0 0 1 01\r\nx\r\n",
+    b"gat 01 k\r\n",
+    b"touch k +1\r\n",
+    b"incr k 18446744073709551616\r\n",
+    b"incr k 18446744073709551615\r\n",
+    b"\x80\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00k",  # binary GET
+    b"\x80\x0a\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",  # binary NOOP: 0x0a is LF
+    b"get " + b"k" * (KEY_MAX + 1) + b"\r\n",
+    b"*1\r\n$%d\r\n" % (REDIS_BULK_MAX + 1),
+    b"*2\r\n$3\r\nGET\r\n$%d\r\n" % REDIS_BULK_MAX,
+    b"*1\r\n$4\r\nPI\x00G\r\n",
+    b"*1\r\n$4\r\nPING\n\n",
+    b"*1\n$4\r\nPING\r\n",
+    b"PING\r\n",
+]
+
+
+@pytest.mark.parametrize("buf", HOSTILE)
+def test_hostile_requests_agree(c: Impl, buf: bytes) -> None:
+    compare = Compare(c)
+    for before, after in [(b"", b""), (b"get a\r\n", b""), (b"", b"get a\r\n"), (cmd(b"GET", b"a"), b"")]:
+        data = before + buf + after
+        for cut in range(len(data) + 1):
+            compare.requests("redis_requests", data[:cut])
+            compare.requests("memcached_requests", data[:cut])
+    assert compare.cases > 4 * len(buf)
+
+
 @pytest.mark.parametrize("digits", [4300, 4301])
 @pytest.mark.parametrize("kind", [b"*", b"$", b"%", b"|", b">"])
 def test_int_digit_limit_agrees(c: Impl, kind: bytes, digits: int) -> None:
@@ -332,8 +391,15 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
 
 # --- the module -------------------------------------------------------------------------------------------------------
 def test_constants_match_framing(c: Impl) -> None:
-    for name in ("KEY_MAX", "STREAM_MIN", "REDIS_MAX_ARGS", "MEMCACHED_LINE_MAX", "MEMCACHED_SHORT_LINE_MAX",
-                 "REPLY_LINE_MAX"):  # fmt: skip
+    for name in (
+        "KEY_MAX",
+        "STREAM_MIN",
+        "REDIS_MAX_ARGS",
+        "REDIS_BULK_MAX",
+        "MEMCACHED_LINE_MAX",
+        "MEMCACHED_SHORT_LINE_MAX",
+        "REPLY_LINE_MAX",
+    ):
         assert getattr(framing.C, name) == getattr(framing, name), name
 
 

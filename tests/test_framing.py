@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import struct
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -21,6 +22,7 @@ from forwarder.protocols.framing import (
     MEMCACHED_PY,
     PIN,
     REDIS,
+    REDIS_BULK_MAX,
     REDIS_MAX_ARGS,
     REDIS_PY,
     RESP2,
@@ -394,6 +396,116 @@ def test_memcached_overflowing_storage_numbers_pin(impl: Impl, line: bytes) -> N
 
 def test_memcached_long_gat_line_pins(impl: Impl) -> None:
     assert impl.memcached_requests(b"gat 0" + b" k" * 1100 + b"\r\n")[2] == PIN
+
+
+# The sharing rule (issue 19): a request shares only when the node is sure to read it exactly as natfwd does. Each of
+# these was checked against memcached 1.6.18 (proto_text.c) or redis-server 7.0.15 (networking.c).
+CONTROL_BYTES = [bytes([byte]) for byte in [*range(0x20), 0x7F]]
+
+
+@pytest.mark.parametrize("byte", CONTROL_BYTES, ids=[f"0x{ord(b):02x}" for b in CONTROL_BYTES])
+@pytest.mark.parametrize(
+    "template",
+    [b"set k%s 0 0 17\r\nget victim-secret\r\n", b"get a k%s\r\n", b"gets k%sk\r\n", b"delete k%s\r\n"]
+    + [b"incr k%s 1\r\n", b"touch %sk 1\r\n", b"gat 1%s k\r\n", b"set k 0 0 1%s\r\nx\r\n", b"version%s\r\n"],
+)
+def test_memcached_a_control_byte_anywhere_in_a_line_pins(impl: Impl, template: bytes, byte: bytes) -> None:
+    """memcached reads a line up to a NUL, so `set k\\0 0 0 17` is `set k` (ERROR) and its data block a command of its
+    own: two replies where natfwd counted one, and every later reply on the shared connection goes to the wrong
+    client. Other control bytes stay in memcached's tokens, where a key echoed in a VALUE line would split in two
+    when read back. Any of them pins, LF aside (it ends the line, and what is left is a line of its own)."""
+    buf = template % byte
+    if byte == b"\n":
+        assert impl.memcached_requests(buf)[2] == PIN  # whatever the line ends up as, it is not a whole request
+        return
+    assert impl.memcached_requests(buf) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(b"get a\r\n" + buf) == Requests(7, 1, PIN)
+
+
+@pytest.mark.parametrize("byte", [b"\x00", b"\x0b", b"\t", b"\x7f"])
+def test_memcached_a_control_byte_pins_before_the_line_is_whole(impl: Impl, byte: bytes) -> None:
+    """And at once: memcached's binary protocol has NULs in every request header and maybe no LF at all, so waiting
+    for the line to end would hold a binary client's request forever."""
+    assert impl.memcached_requests(b"get k" + byte) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(b"get a\r\nset k" + byte + b"x 0") == Requests(7, 1, PIN)
+    get = struct.pack(">BBHBBHIIQ", 0x80, 0x00, 1, 0, 0, 0, 1, 0, 0) + b"k"  # a binary GET: no LF in it
+    assert impl.memcached_requests(get) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(get[:3]) == Requests(0, 0, PIN)
+    assert impl.memcached_requests(b"get a\r") == Requests(0, 0, STAY)  # a CR may yet be the end of the line
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        *(b"set k %s 0 1" % number for number in [b"01", b"+1", b"-1", b"00", b" 1", b"1.5", b"0x1", b"4294967296"]),
+        *(b"set k 0 %s 1" % number for number in [b"01", b"+1", b"-1", b"-0", b"2147483648", b"9" * 30]),
+        *(b"set k 0 0 %s" % number for number in [b"01", b"+1", b"001", b"2147483646"]),
+        *(b"cas k 0 0 1 %s" % number for number in [b"01", b"+1", b"-1", b"18446744073709551616"]),
+    ],
+)
+def test_memcached_numbers_not_in_plain_decimal_or_out_of_range_pin(impl: Impl, line: bytes) -> None:
+    """memcached's safe_strtoul/strtol take a sign, leading zeros and values that wrap: natfwd reads only plain
+    decimal within the range memcached keeps, and pins the rest rather than second-guess the node."""
+    assert impl.memcached_requests(line + b"\r\nx\r\n") == Requests(0, 0, PIN)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"gat 01 k", b"gat +1 k", b"gats -1 k", b"gat 2147483648 k", b"touch k 01", b"touch k +5", b"touch k 2147483648"]
+    + [b"incr k 01", b"incr k +1", b"decr k -1", b"incr k 18446744073709551616", b"decr k 00"],
+)
+def test_memcached_odd_numbers_pin_in_every_command(impl: Impl, line: bytes) -> None:
+    assert impl.memcached_requests(line + b"\r\n") == Requests(0, 0, PIN)
+
+
+def test_memcached_the_limits_themselves_share(impl: Impl) -> None:
+    shared = [
+        store(b"set", b"k" * KEY_MAX, b"x"),
+        b"set k 4294967295 2147483647 1\r\nx\r\n",
+        b"cas k 0 0 1 18446744073709551615\r\nx\r\n",
+        b"gat 2147483647 k\r\n",
+        b"gats 0 k\r\n",
+        b"touch k 2147483647\r\n",
+        b"incr k 18446744073709551615\r\n",
+        b"decr k 0\r\n",
+        b"get \xc3\xa9 \x80\xff k\r\n",  # bytes past ASCII are no control characters: memcached keeps them
+        store(b"set", b"\xff", b"\x00\r\n\x7f"),  # and data blocks may hold anything
+    ]
+    buf = b"".join(shared)
+    assert impl.memcached_requests(buf) == Requests(len(buf), len(shared), STAY)
+
+
+@pytest.mark.parametrize(
+    ("buf", "expected"),
+    [
+        (b"*1\r\n$%d\r\n" % (REDIS_BULK_MAX + 1), PIN),  # Redis refuses it and closes: pins before the data
+        (b"*2\r\n$3\r\nGET\r\n$%d\r\n" % (REDIS_BULK_MAX + 1), PIN),
+        (b"*2\r\n$3\r\nGET\r\n$" + b"9" * 8 + b"\r\n", PIN),
+        (b"*2\r\n$3\r\nGET\r\n$%d\r\n" % REDIS_BULK_MAX, STAY),  # within the limit: waits for the data
+        (b"*2\r\n$3\r\nGET\r\n$" + b"9" * 30 + b"\r\n", PIN),
+    ],
+)
+def test_redis_an_argument_longer_than_redis_takes_pins(impl: Impl, buf: bytes, expected: int) -> None:
+    assert impl.redis_requests(buf) == Requests(0, 0, expected)
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [
+        b"GET k\r\n",  # inline
+        b"*1\r\n$4\r\nPI\x00G\r\n",  # Redis compares names with strcasecmp(), which stops at a NUL
+        b"*2\r\n$4\r\nGET\x00\r\n$1\r\nk\r\n",
+        b"*2\r\n$3\r\nG\xc9T\r\n$1\r\nk\r\n",
+        b"*+1\r\n$4\r\nPING\r\n",
+        b"*1\r\n$+4\r\nPING\r\n",
+        b"*1\n$4\r\nPING\r\n",  # Redis looks for CR and takes the byte after it as LF
+        b"*1\r\n$4\nPING\r\n",
+        b"*1\r\n$4\r\nPING\n\n",  # ...and skips the two bytes after an argument unread
+    ],
+)
+def test_redis_what_redis_reads_otherwise_pins(impl: Impl, buf: bytes) -> None:
+    assert impl.redis_requests(buf)[2] == PIN
+    assert impl.redis_requests(cmd(b"GET", b"a") + buf)[:2] == (len(cmd(b"GET", b"a")), 1)
 
 
 # --- big values pass on as they arrive ---------------------------------------------------------------------------

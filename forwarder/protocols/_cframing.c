@@ -22,6 +22,7 @@
 #define KEY_MAX 250
 #define STREAM_MIN (64 * 1024)
 #define REDIS_MAX_ARGS 1024
+#define REDIS_BULK_MAX (1024 * 1024)
 #define MEMCACHED_LINE_MAX 8192
 #define MEMCACHED_SHORT_LINE_MAX 2048
 #define REPLY_LINE_MAX 8192
@@ -382,12 +383,17 @@ static PyObject *redis_requests(PyObject *module, PyObject *const *args, Py_ssiz
                 stop = STAY;
                 break;
             }
+            /* Redis's string2ll takes no sign, no leading zero and no space */
             if (!all_digits(b, p + 1, e) || (b[p + 1] == '0' && e - (p + 1) > 1)) {
                 stop = PIN;
                 break;
             }
             Py_ssize_t start = e + 2;
             int64_t size = digits_value(b, p + 1, e);
+            if (size > REDIS_BULK_MAX) { /* Redis refuses it and closes the connection */
+                stop = PIN;
+                break;
+            }
             if (size > n - start - 2) {
                 stop = !index && n - start >= 32 ? PIN : STAY; /* no command name is this long */
                 break;
@@ -749,16 +755,26 @@ static Py_ssize_t memcached_line_limit(const unsigned char *b, Py_ssize_t n, Py_
                                                                                   : MEMCACHED_SHORT_LINE_MAX;
 }
 
-/* Whether the digits b[s:e] are a number no bigger than `limit`. */
-static int at_most(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, uint64_t limit)
+/* Whether b[s:e] is a number in plain decimal (no sign, no leading zero) no bigger than `limit`: one memcached's
+ * strtoul/strtol read as natfwd does. */
+static int mc_number(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, uint64_t limit)
 {
-    if (!all_digits(b, s, e))
+    if (!all_digits(b, s, e) || (b[s] == '0' && e - s > 1))
         return 0;
     uint64_t v = 0;
     for (; s < e; s++)
         if (__builtin_mul_overflow(v, 10, &v) || __builtin_add_overflow(v, (uint64_t)(b[s] - '0'), &v))
             return 0;
     return v <= limit;
+}
+
+/* Whether b[s:e] holds a control character: below 0x20 (NUL included) or 0x7f. */
+static int has_control(const unsigned char *b, Py_ssize_t s, Py_ssize_t e)
+{
+    int control = 0;
+    for (; s < e; s++)
+        control |= b[s] < 0x20 || b[s] == 0x7f;
+    return control;
 }
 
 #define MC_TOKENS 8
@@ -778,7 +794,8 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
     while (pos < n) {
         Py_ssize_t e = find_lf(b, pos, n);
         if (e < 0) {
-            if (n - pos > memcached_line_limit(b, n, pos))
+            /* binary protocol requests have NULs in their headers, and maybe no LF at all: pin them at once */
+            if (n - pos > memcached_line_limit(b, n, pos) || has_control(b, pos, b[n - 1] == '\r' ? n - 1 : n))
                 leave = PIN;
             break;
         }
@@ -787,8 +804,9 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
             break;
         }
         Py_ssize_t line_end = e > pos && b[e - 1] == '\r' ? e - 1 : e, line_len = line_end - pos;
-        /* memcached splits on single spaces only: keep to what both agree on */
-        if (memchr(b + pos, '\r', (size_t)line_len) || memchr(b + pos, '\t', (size_t)line_len)) {
+        /* memcached reads a line up to a NUL (strlen) and keeps other control characters in its tokens, where they
+         * would end the line early or split a key in the VALUE line that echoes it: any of them pins */
+        if (has_control(b, pos, line_end)) {
             leave = PIN;
             break;
         }
@@ -819,7 +837,7 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
         if (equals(command, command_len, "get") || equals(command, command_len, "gets")) {
             ok = size >= 2 && !(line_len > KEY_MAX && longest > KEY_MAX); /* no key is longer than its line */
         } else if (equals(command, command_len, "gat") || equals(command, command_len, "gats")) {
-            ok = size >= 3 && all_digits(b, starts[1], ends[1]) && !(line_len > KEY_MAX && longest > KEY_MAX);
+            ok = size >= 3 && mc_number(b, starts[1], ends[1], INT32_MAX) && !(line_len > KEY_MAX && longest > KEY_MAX);
         } else if (equals(command, command_len, "set") || equals(command, command_len, "add") ||
                    equals(command, command_len, "replace") || equals(command, command_len, "append") ||
                    equals(command, command_len, "prepend") || equals(command, command_len, "cas")) {
@@ -827,19 +845,20 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
              * replies. */
             ok = size == (equals(command, command_len, "cas") ? 6 : 5) && key_len <= KEY_MAX;
             for (Py_ssize_t index = 2; ok && index < size; index++)
-                ok = at_most(b, starts[index], ends[index], storage_limits[index - 2]);
+                ok = mc_number(b, starts[index], ends[index], storage_limits[index - 2]);
             if (ok) {
                 next = e + 1 + (Py_ssize_t)digits_value(b, starts[4], ends[4]) + 2;
                 if (next > n)
                     break;
-                /* memcached would answer "bad data chunk" and swallow a line */
+                /* memcached would answer "bad data chunk" and read the rest as commands */
                 ok = b[next - 2] == '\r' && b[next - 1] == '\n';
             }
         } else if (equals(command, command_len, "delete")) {
             ok = size == 2 && key_len <= KEY_MAX;
-        } else if (equals(command, command_len, "incr") || equals(command, command_len, "decr") ||
-                   equals(command, command_len, "touch")) {
-            ok = size == 3 && key_len <= KEY_MAX && all_digits(b, starts[2], ends[2]);
+        } else if (equals(command, command_len, "incr") || equals(command, command_len, "decr")) {
+            ok = size == 3 && key_len <= KEY_MAX && mc_number(b, starts[2], ends[2], UINT64_MAX);
+        } else if (equals(command, command_len, "touch")) {
+            ok = size == 3 && key_len <= KEY_MAX && mc_number(b, starts[2], ends[2], INT32_MAX);
         } else {
             ok = equals(command, command_len, "version") && size == 1;
         }
@@ -987,6 +1006,7 @@ PyMODINIT_FUNC PyInit__cframing(void)
         PyModule_AddIntConstant(module, "STREAM_MIN", STREAM_MIN) < 0 ||
         PyModule_AddIntConstant(module, "REPLY_LINE_MAX", REPLY_LINE_MAX) < 0 ||
         PyModule_AddIntConstant(module, "REDIS_MAX_ARGS", REDIS_MAX_ARGS) < 0 ||
+        PyModule_AddIntConstant(module, "REDIS_BULK_MAX", REDIS_BULK_MAX) < 0 ||
         PyModule_AddIntConstant(module, "MEMCACHED_LINE_MAX", MEMCACHED_LINE_MAX) < 0 ||
         PyModule_AddIntConstant(module, "MEMCACHED_SHORT_LINE_MAX", MEMCACHED_SHORT_LINE_MAX) < 0) {
         Py_DECREF(module);

@@ -37,6 +37,9 @@ STREAM_MIN = 64 * 1024  # what `stream` calls a big value (pipes no longer ask: 
 REPLY_LINE_MAX = 8192
 SATURATED = 1 << 62  # counts and lengths stop here: more than any buffer holds (_cframing.c's int64_t)
 REDIS_MAX_ARGS = 1024  # more arguments (a huge MSET) go to a connection of their own
+# Redis refuses a longer argument (proto-max-bulk-len: 512 MiB by default, 1 MiB at the least) with an error that
+# closes the connection: a longer one pins, whatever the node's setting.
+REDIS_BULK_MAX = 1024 * 1024
 
 # Redis commands with exactly one reply, no effect on the connection's state, and no blocking. Everything else
 # (SELECT, AUTH, HELLO, MULTI/EXEC, WATCH, SUBSCRIBE, MONITOR, BLPOP, WAIT, EVAL...) pins the client. Of CLIENT,
@@ -62,6 +65,10 @@ _MC_RETRIEVAL = {b"get": 2, b"gets": 2, b"gat": 3, b"gats": 3}  # at least this 
 _MC_STORAGE = {b"set": 5, b"add": 5, b"replace": 5, b"append": 5, b"prepend": 5, b"cas": 6}  # then a data block
 _MC_OTHER = {b"delete": 2, b"incr": 3, b"decr": 3, b"touch": 3, b"version": 1}
 _MC_STORAGE_LIMITS = (2**32 - 1, 2**31 - 1, 2**31 - 3, 2**64 - 1)  # flags, exptime, bytes, cas
+_MC_EXPTIME_MAX, _MC_DELTA_MAX = 2**31 - 1, 2**64 - 1  # gat, gats and touch; incr and decr
+# memcached reads a line up to a NUL (strlen), and keeps control characters other than LF in its tokens: they would
+# end the line early, or split a key in natfwd's reading of the VALUE line that echoes it. Any of them pins.
+_MC_CONTROL = re.compile(rb"[\x00-\x1f\x7f]").search
 MEMCACHED_LINE_MAX = 8192  # a get/gets line longer than this pins (memcached's own limit for key lists is larger)
 MEMCACHED_SHORT_LINE_MAX = 2048  # any other line longer than this pins
 
@@ -122,6 +129,11 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
 
     `HELLO 2` or `HELLO 3` (and nothing more) asks for that protocol version: on the client's own lane it is an
     ordinary request, otherwise the client moves to a connection of that lane first. Other HELLOs pin.
+
+    A request shares only when Redis is sure to read it as here, one request with one reply: an array of bulk
+    strings (an inline command pins), its count and lengths in plain decimal each ended by CRLF, each argument
+    followed by CRLF, at most REDIS_MAX_ARGS arguments of at most REDIS_BULK_MAX bytes, and a name in
+    REDIS_COMMANDS, byte for byte but for case (Redis compares names with strcasecmp(), which stops at a NUL).
     """
     n = len(buf)
     find = buf.find
@@ -153,10 +165,14 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
             if e < 0:
                 return pos, count, STAY
             digits = buf[p + 1 : e]
-            if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1):
+            # Redis's string2ll takes no sign, no leading zero and no space; the length check comes before int().
+            if not digits.isdigit() or (digits[0] == 48 and len(digits) > 1) or len(digits) > 7:
+                return pos, count, PIN
+            size = int(digits)
+            if size > REDIS_BULK_MAX:
                 return pos, count, PIN
             start = e + 2
-            p = start + (int(digits) if len(digits) <= _LENGTH_DIGITS else _long_length(digits, n)) + 2
+            p = start + size + 2
             if p > n:
                 if not index and n - start >= 32:  # no command name is this long
                     return pos, count, PIN
@@ -320,14 +336,21 @@ def _resp_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) -> int:
 
 def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int, int]:
     """Complete memcached text requests (get, set, delete, incr...; no noreply) at the start of `buf`: the fields
-    of a Requests, as a plain tuple."""
+    of a Requests, as a plain tuple.
+
+    A request shares only when memcached is sure to read it as here, one request with one reply: single spaces
+    between tokens, no control character (NUL included) anywhere in its line, keys of at most KEY_MAX bytes, and
+    numbers in plain decimal (no sign, no leading zero) within the range memcached keeps. Anything else pins.
+    """
     n = len(buf)
     pos = 0
     count = 0
     while pos < n:
         e = buf.find(b"\n", pos)
         if e < 0:
-            if n - pos > _memcached_line_limit(buf, pos):
+            # Binary protocol requests have NULs in their headers, and maybe no LF at all: pin them at once.
+            last = n - 1 if buf[n - 1] == 13 else n
+            if n - pos > _memcached_line_limit(buf, pos) or _MC_CONTROL(buf, pos, last):
                 return pos, count, PIN
             break
         if e - pos > MEMCACHED_SHORT_LINE_MAX and e - pos > _memcached_line_limit(buf, pos):
@@ -335,15 +358,17 @@ def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, 
         line = buf[pos : e - 1] if e > pos and buf[e - 1] == 13 else buf[pos:e]
         tokens = line.split(b" ")
         command = bytes(tokens[0])
-        if b"" in tokens or b"\r" in line or b"\t" in line:
+        if b"" in tokens or _MC_CONTROL(line):
             return pos, count, PIN  # memcached splits on single spaces only: keep to what both agree on
         size = len(tokens)
         if command in _MC_RETRIEVAL:
             if size < _MC_RETRIEVAL[command]:
                 return pos, count, PIN
-            if command in (b"gat", b"gats") and not tokens[1].isdigit():
+            if command in (b"gat", b"gats") and not _mc_number(tokens[1], _MC_EXPTIME_MAX):
                 return pos, count, PIN
-            if len(line) > KEY_MAX and max(map(len, tokens[1:])) > KEY_MAX:  # no key can be longer than its line
+            # A key too long and memcached drops the replies it has not yet sent to earlier requests in the same
+            # read, other clients' among them. No key can be longer than its line.
+            if len(line) > KEY_MAX and max(map(len, tokens[1:])) > KEY_MAX:
                 return pos, count, PIN
             pos = e + 1
         elif command in _MC_STORAGE:
@@ -351,24 +376,30 @@ def memcached_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, 
                 return pos, count, PIN
             # Out of range, memcached answers CLIENT_ERROR and then runs the data block as a command: two replies.
             for index in range(2, size):
-                if not tokens[index].isdigit() or int(tokens[index]) > _MC_STORAGE_LIMITS[index - 2]:
+                if not _mc_number(tokens[index], _MC_STORAGE_LIMITS[index - 2]):
                     return pos, count, PIN
             end = e + 1 + int(tokens[4]) + 2
             if end > n:
                 break
             if buf[end - 2] != 13 or buf[end - 1] != 10:
-                return pos, count, PIN  # memcached would answer "bad data chunk" and swallow a line
+                return pos, count, PIN  # memcached would answer "bad data chunk" and read the rest as commands
             pos = end
         elif command in _MC_OTHER:
             if size != _MC_OTHER[command] or (size > 1 and len(tokens[1]) > KEY_MAX):
                 return pos, count, PIN
-            if command != b"delete" and size > 2 and not tokens[2].isdigit():
+            if size > 2 and not _mc_number(tokens[2], _MC_EXPTIME_MAX if command == b"touch" else _MC_DELTA_MAX):
                 return pos, count, PIN
             pos = e + 1
         else:
             return pos, count, PIN
         count += 1
     return pos, count, STAY
+
+
+def _mc_number(token: bytes | bytearray, limit: int) -> bool:
+    """Whether memcached's strtoul/strtol read `token` as the same number natfwd does, and no more than `limit`. Its
+    line is at most MEMCACHED_SHORT_LINE_MAX bytes, so int() takes it."""
+    return token.isdigit() and (token[0] != 48 or len(token) == 1) and int(token) <= limit
 
 
 def memcached_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
