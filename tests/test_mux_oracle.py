@@ -611,12 +611,6 @@ def test_a_key_memcached_reads_otherwise_never_steers_a_reply_to_another_client(
                 assert exchange(c, Step(b"get b-own\r\n", b"END\r\n")) == own
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mux.py gives a pinned memcached client a fresh node connection, where memcached picks the protocol anew "
-    "from the first byte: a client that spoke text and then sends binary gets binary answers through natfwd, ERROR "
-    "directly. No other client is involved; for whoever changes mux.py's pinning to fix (not this branch's files).",
-)
 def test_binary_bytes_after_text_get_what_they_get_directly(
     tmp_path: Path, start_memcached: Callable[..., Node]
 ) -> None:

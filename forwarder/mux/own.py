@@ -51,7 +51,8 @@ async def own_connection(
     hello: bool,
 ) -> socket.socket:
     """A pinned client's own node connection, with `requests` (the state it set while shared; `hello`: the first
-    is its lane's HELLO) sent and their replies read and dropped, before any byte of the client's goes.
+    is its lane's HELLO; or memcached's no-op, which keeps the connection in the text protocol the client spoke)
+    sent and their replies read and dropped, before any byte of the client's goes.
 
     Raises OSError or TimeoutError when the node cannot be reached in `timeout_s`, and ReplayError when it
     refuses the HELLO (the client would go on in a protocol it did not ask for) or answers more than it was asked.
@@ -70,6 +71,15 @@ async def own_connection(
                 if len(buf) > REPLAY_REPLIES_MAX:
                     raise ReplayError("the node's replies to the replayed state are too long")
                 while got < len(requests):
+                    if requests[got] == framer.sentinel:  # memcached's no-op, whose reply is known to the byte
+                        end = pos + len(framer.sentinel_reply)
+                        if len(buf) < end:
+                            break
+                        if buf[pos:end] != framer.sentinel_reply:
+                            raise ReplayError(f"the node answered its no-op with {bytes(buf[pos:end])!r}")
+                        pos = end
+                        got += 1
+                        continue
                     push = framer.push(buf, pos)
                     if push:
                         if push < 0:

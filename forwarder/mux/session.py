@@ -65,7 +65,7 @@ class Session:
 
     __slots__ = ("owner", "replied", "shared", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
                  "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone", "note", "state",
-                 "reset_first", "taken_at", "stall_timer")  # fmt: skip
+                 "reset_first", "taken_at", "stall_timer", "spoke")  # fmt: skip
 
     def __init__(self, owner: Owner, replied: Counter, shared: SharedConnection, sock: socket.socket) -> None:
         self.owner = owner
@@ -96,6 +96,7 @@ class Session:
         self.reset_first = shared.in_use()
         self.taken_at = 0.0  # when the client's socket last took bytes, while replies wait for it
         self.stall_timer: asyncio.TimerHandle | None = None
+        self.spoke = False  # some of its requests went over a shared connection
         shared.sessions.add(self)
 
     def start(self, first: bytes) -> None:
@@ -139,6 +140,7 @@ class Session:
             if end == len(data) and not lane and count < PIPELINE_PIN:
                 if self.note is not None and self.note(data) is not None:
                     self.record(data, end)
+                self.spoke = True
                 self.shared.send(self, data, count)
                 if len(self.shared.sessions) > 1:
                     self.alone = 0
@@ -168,6 +170,7 @@ class Session:
         if count:
             if self.note is not None and self.note(buf) is not None:
                 self.record(buf, end)
+            self.spoke = True
             self.shared.send(self, buf if end == len(buf) and held is None else bytes(buf[:end]), count)
         if lane:
             self.leave(lane, bytes(buf[end:]), reason)
@@ -198,9 +201,14 @@ class Session:
 
     def replay(self) -> Prepare | None:
         """How to open the client's own node connection in the state it set while shared; None: a new one is."""
-        requests = [greeting] if (greeting := self.shared.framer.greeting(self.lane)) else []
+        framer = self.shared.framer
+        requests = [greeting] if (greeting := framer.greeting(self.lane)) else []
         if self.state:
             requests.extend(self.state.values())
+        if not requests and self.spoke and framer.sentinel:
+            # memcached picks a connection's protocol from its first byte: a client that has spoken text keeps text,
+            # as its own connection would (a binary request then gets ERROR), so a text no-op goes first.
+            requests.append(framer.sentinel)
         if not requests:
             return None
         pool = self.shared.pool
