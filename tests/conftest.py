@@ -72,8 +72,8 @@ async def wait_for_async(
     return loop.time() - started
 
 
-def wait_port(host: str, port: int, timeout_s: float = 10.0, *, process: subprocess.Popen[Any] | None = None) -> None:
-    """Wait until `host:port` accepts a connection.
+def wait_port(host: str, port: int, timeout_s: float = 30.0, *, process: subprocess.Popen[Any] | None = None) -> None:
+    """Wait until `host:port` accepts a connection (the default timeout only stops a hang: a loaded machine is slow).
 
     Raises TimeoutError after `timeout_s`, or RuntimeError as soon as `process` (the server, if given) has exited.
     """
