@@ -706,6 +706,12 @@ def warnings(cfg: Config) -> list[str]:
                 f"allowed_clients[{index}]: {net} is wider than /{WIDE_ALLOWLIST_PREFIX} and lets in "
                 f"{net.num_addresses:,} addresses; list the trusted clients' networks instead"
             )
+    if cfg.workers > 1 and cfg.kernel_forwards and cfg.auto_discovery is None:
+        # Only worker 0 programs nft; the others would have nothing to relay.
+        found.append(
+            f"workers: {cfg.workers} gain nothing with data_path {cfg.data_path}: the kernel forwards every "
+            "connection and one worker programs it; set workers: 1"
+        )
     if cfg.metrics is not None:
         try:
             loopback = ipaddress.ip_address(cfg.metrics.host).is_loopback

@@ -190,13 +190,13 @@ class KernelPath:
             if previous is None:
                 if old is not None:
                     self.metrics.forward_changes.labels("opened").inc()
-                log.info("forwarding in the kernel", extra={"forward": port, "target": forward.target,
-                                                            "ipv4": forward.ipv4, "ipv6": forward.ipv6})  # fmt: skip
+                addresses = {k: v for k, v in (("ipv4", forward.ipv4), ("ipv6", forward.ipv6)) if v is not None}
+                log.info("forwarding in the kernel", extra={"forward": port, "target": forward.target, **addresses})
             elif (previous.ipv4, previous.ipv6, previous.node_port) != (forward.ipv4, forward.ipv6, forward.node_port):
                 self.metrics.forward_changes.labels("retargeted").inc()
                 log.info(
                     "forward retargeted in the kernel; live connections keep their node",
-                    extra={"forward": port, "from": previous.target, "to": forward.target, "ipv4": forward.ipv4},
+                    extra={"forward": port, "from": previous.target, "to": forward.target},
                 )
         for port in before.keys() - after.keys():
             self.metrics.active.labels(str(port)).set(0)

@@ -346,7 +346,8 @@ class Worker:
             await self.kernel.stop_accepting()
         grace = self.config.drain_timeout_s
         deadline = self.loop.time() + grace
-        log.info("draining", extra={"active": self.active, "grace_s": grace})
+        kernel_live = {"kernel_active": sum(self.kernel.live.values())} if self.kernel and self.kernel.table else {}
+        log.info("draining", extra={"active": self.active, "grace_s": grace, **kernel_live})
         if self.active:
             self.state.idle.clear()
             try:
