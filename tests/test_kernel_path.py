@@ -4,6 +4,7 @@ it reads, and the whole thing in the lab with real nft in the NAT namespace."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -450,6 +451,35 @@ def test_with_two_workers_one_programs_nft_and_metrics_count_once(tmp_path: Path
         assert serve.process.wait(timeout=30) == 0, serve.log()
         assert serve.log().count("kernel path on") == 1 and serve.log().count("kernel path off") == 1
         assert serve.table() is None
+
+
+@root
+def test_a_node_name_is_followed_into_the_kernel(tmp_path: Path) -> None:
+    with kernel_lab() as the_lab:
+        pids = node_pids(the_lab)
+        # `ip netns exec` shows /etc/netns/NAME/hosts as /etc/hosts: the node's name, for natfwd in the NAT namespace.
+        hosts_dir = Path("/etc/netns") / the_lab.nat
+        hosts_dir.mkdir(parents=True)
+        try:
+            hosts = hosts_dir / "hosts"
+            hosts.write_text("10.0.1.230 node.lab.internal\n")
+            text = kernel_config(the_lab).replace("10.0.1.230:11211", "node.lab.internal:11211")
+            serve = start_serve(the_lab, tmp_path, text)
+            live = connect(the_lab)
+            assert node_pid(live) == pids[0]
+            with open(hosts, "r+") as rewrite:  # in place: the bind mount shows this inode
+                rewrite.truncate(0)
+                rewrite.write("10.0.1.231 node.lab.internal\n")
+            serve.process.send_signal(signal.SIGHUP)  # resolves names now, not at the next 30 s round
+            wait_for(lambda: "forward retargeted in the kernel" in serve.log(), "the new address", 15, detail=serve.log)
+            with connect(the_lab) as sock:
+                assert node_pid(sock) == pids[1]
+            assert node_pid(live) == pids[0]
+            live.close()
+            serve.process.send_signal(signal.SIGTERM)
+            assert serve.process.wait(timeout=30) == 0, serve.log()
+        finally:
+            shutil.rmtree(hosts_dir, ignore_errors=True)
 
 
 @root
