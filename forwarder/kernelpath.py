@@ -269,14 +269,16 @@ class KernelPath:
         if delta:
             child.inc(delta)  # type: ignore[attr-defined]
 
-    async def _poll_conntrack(self) -> None:
+    async def _poll_conntrack(self) -> bool:
+        """Set the active gauges from conntrack; False when conntrack cannot be read."""
         ports = self.ports
         text = await self._conntrack_text()
         if text is None:
-            return
+            return False
         self.live = count_live(text, ports)
         for port, count in self.live.items():
             self.metrics.active.labels(str(port)).set(count)
+        return True
 
     async def _conntrack_text(self) -> str | None:
         try:
@@ -320,11 +322,13 @@ class KernelPath:
             self.table = draining
 
     async def wait_idle(self, deadline: float) -> None:
-        """Poll until no translated flow is live or the loop's clock passes `deadline`."""
+        """Poll until no translated flow is live or the loop's clock passes `deadline` (without a readable conntrack
+        there is no telling, so the whole grace period)."""
         loop = asyncio.get_running_loop()
         while self.table is not None:
-            await self.poll()
-            if not any(self.live.values()) or loop.time() >= deadline:
+            async with self._lock:
+                known = await self._poll_conntrack()  # the counters are read once, by stop()
+            if (known and not any(self.live.values())) or loop.time() >= deadline:
                 return
             await asyncio.sleep(min(0.1, max(0.0, deadline - loop.time())))
 

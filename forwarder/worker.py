@@ -27,7 +27,8 @@ log = logging.getLogger("natfwd.server")
 Listener = asyncio.Server | TlsListener  # both stop accepting on close() and leave live connections alone
 
 LISTEN_BACKLOG = 4096
-RESTART_ONLY = ("workers", "metrics", "cpu_affinity")  # keys a reload cannot change in a running worker
+RESTART_ONLY = ("workers", "metrics", "cpu_affinity")
+KERNEL_POLL_MIN_S = 0.5  # keys a reload cannot change in a running worker
 
 
 class Worker:
@@ -100,13 +101,16 @@ class Worker:
         counters and conntrack into the metrics."""
         assert self.kernel is not None
         while True:
-            await asyncio.sleep(self.sweep_interval_s())
+            # Each round runs nft once: not more often than KERNEL_POLL_MIN_S, whatever idle_timeout_s makes the tick.
+            await asyncio.sleep(max(self.sweep_interval_s(), KERNEL_POLL_MIN_S))
             if self.draining:
                 return
             try:
                 await self.kernel.apply(self.config, self.nodes.resolved)
             except NatfwdError as exc:
                 log.error("cannot update the kernel path; retrying next tick", extra={"error": str(exc)})
+            except Exception:  # the loop must outlive a surprise, or the kernel forwards stop following the nodes
+                log.exception("kernel path update failed; retrying next tick")
             await self.kernel.poll()
 
     # --- the idle sweep ---------------------------------------------------------------------------------------
@@ -259,7 +263,10 @@ class Worker:
             closed, opened = await self._rebind(old, new, wanted)
         except NatfwdError:
             if self.kernel is not None:
-                await self.kernel.apply(old, self.nodes.resolved)
+                try:
+                    await self.kernel.apply(old, self.nodes.resolved)
+                except NatfwdError as exc:
+                    log.error("cannot put the kernel path back as it was", extra={"error": str(exc)})
             raise
         self._retire(closed, opened, wanted)
         self.nodes.update(new)
