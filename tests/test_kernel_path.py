@@ -3,6 +3,8 @@ it reads, and the whole thing in the lab with real nft in the NAT namespace."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from labkit import REPO, root, running_lab, sysctl
+from prometheus_client import CollectorRegistry
 from reliakit import parse_metrics
 
 from forwarder import config, iptables, kernelpath, metrics, netns
@@ -516,4 +519,41 @@ def test_without_cap_net_admin_serve_says_which_capability_it_needs(tmp_path: Pa
         assert result.returncode == 1, result.stderr
         assert "natfwd: error: data_path kernel: creating its table: nft was refused" in result.stderr
         assert "CAP_NET_ADMIN" in result.stderr and "Traceback" not in result.stderr
+        assert the_lab.run(the_lab.nat, ["nft", "list", "tables"]).stdout == ""
+
+
+@root
+def test_without_conntrack_the_gauge_is_left_alone_and_the_drain_takes_its_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernelpath, "NFT_SEARCH_PATH", str(tmp_path))  # no conntrack tool either
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("natfwd.kernel").addHandler(handler)
+    with running_lab(nodes=1) as the_lab:
+        cfg = config.loads(kernel_config(the_lab))
+        registry = CollectorRegistry()
+        path = kernelpath.KernelPath(metrics.Metrics(registry), conntrack_path=str(tmp_path / "nf_conntrack"))
+
+        async def main() -> tuple[float, float]:
+            await path.apply(cfg, {})
+            await path.poll()
+            await path.poll()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 0.2
+            await path.wait_idle(deadline)
+            returned = loop.time()
+            await path.stop()
+            return deadline, returned
+
+        try:
+            with netns.entered(the_lab.nat):  # nft and the executor's threads start from this thread: they are there
+                deadline, returned = asyncio.run(main())
+        finally:
+            logging.getLogger("natfwd.kernel").removeHandler(handler)
+        assert returned >= deadline  # no flow count to wait for: the drain takes the whole grace period
+        warned = [r for r in records if r.getMessage().startswith("natfwd_connections_active is not reported")]
+        assert len(warned) == 1
+        assert registry.get_sample_value("natfwd_connections_active", {"forward": "11211"}) == 0
         assert the_lab.run(the_lab.nat, ["nft", "list", "tables"]).stdout == ""
