@@ -27,8 +27,8 @@ log = logging.getLogger("natfwd.server")
 Listener = asyncio.Server | TlsListener  # both stop accepting on close() and leave live connections alone
 
 LISTEN_BACKLOG = 4096
-RESTART_ONLY = ("workers", "metrics", "cpu_affinity")
-KERNEL_POLL_MIN_S = 0.5  # keys a reload cannot change in a running worker
+RESTART_ONLY = ("workers", "metrics", "cpu_affinity")  # keys a reload cannot change in a running worker
+KERNEL_POLL_MIN_S = 0.5
 
 
 class Worker:
