@@ -384,12 +384,14 @@ def _serve_body(t: ServeTable) -> list[str]:
     lines += ["\t}", "\tchain input {", "\t\ttype filter hook input priority filter; policy accept;"]
     for forward in accepting:
         # A connection from outside the allowlist is not translated, so it arrives here: refused with a reset
-        # (one per attempt, where a silent drop would count each SYN retransmission), and counted.
+        # (one per attempt, where a silent drop would count each SYN retransmission), and counted. Not on lo:
+        # this host's own connections are never translated, and may be meant for a local server on that port.
         for protocol, local in families:
             allowed = "@allowed4" if protocol == "ip" else "@allowed6"
             where = "" if local.startswith("fib") else f"{local} "
             lines.append(
-                f"\t\tmeta nfproto {'ipv4' if protocol == 'ip' else 'ipv6'} {where}{protocol} saddr != {allowed} "
+                f'\t\tmeta nfproto {"ipv4" if protocol == "ip" else "ipv6"} iifname != "lo" {where}'
+                f"{protocol} saddr != {allowed} "
                 f"tcp dport {forward.port} tcp flags syn / syn,ack "
                 f'counter name "{counter_name(forward.port, "refused")}" reject with tcp reset'
             )

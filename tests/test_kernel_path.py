@@ -127,10 +127,10 @@ table inet natfwd_serve {
 \t}
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
-\t\tmeta nfproto ipv4 ip saddr != @allowed4 tcp dport 11211 tcp flags syn / syn,ack counter name "f11211_refused" reject with tcp reset
-\t\tmeta nfproto ipv6 ip6 saddr != @allowed6 tcp dport 11211 tcp flags syn / syn,ack counter name "f11211_refused" reject with tcp reset
-\t\tmeta nfproto ipv4 ip saddr != @allowed4 tcp dport 11212 tcp flags syn / syn,ack counter name "f11212_refused" reject with tcp reset
-\t\tmeta nfproto ipv6 ip6 saddr != @allowed6 tcp dport 11212 tcp flags syn / syn,ack counter name "f11212_refused" reject with tcp reset
+\t\tmeta nfproto ipv4 iifname != "lo" ip saddr != @allowed4 tcp dport 11211 tcp flags syn / syn,ack counter name "f11211_refused" reject with tcp reset
+\t\tmeta nfproto ipv6 iifname != "lo" ip6 saddr != @allowed6 tcp dport 11211 tcp flags syn / syn,ack counter name "f11211_refused" reject with tcp reset
+\t\tmeta nfproto ipv4 iifname != "lo" ip saddr != @allowed4 tcp dport 11212 tcp flags syn / syn,ack counter name "f11212_refused" reject with tcp reset
+\t\tmeta nfproto ipv6 iifname != "lo" ip6 saddr != @allowed6 tcp dport 11212 tcp flags syn / syn,ack counter name "f11212_refused" reject with tcp reset
 \t}
 }
 """  # noqa: E501 - nft rules are one line each
@@ -176,7 +176,9 @@ def test_a_specific_listen_address_and_an_unresolved_name() -> None:
         "10.0.1.230:11211"
     ]  # the name without an address has no rule yet; its refusal rule stays
     refusals = [line.strip() for line in rendered.splitlines() if "reject" in line]
-    assert len(refusals) == 2 and all(line.startswith("meta nfproto ipv4 ip daddr 203.0.113.73 ") for line in refusals)
+    assert len(refusals) == 2 and all(
+        line.startswith('meta nfproto ipv4 iifname != "lo" ip daddr 203.0.113.73 ') for line in refusals
+    )
 
 
 def test_draining_keeps_the_nat_chains_empty_and_the_byte_counters() -> None:
