@@ -459,6 +459,25 @@ def test_with_two_workers_one_programs_nft_and_metrics_count_once(tmp_path: Path
 
 
 @root
+def test_a_flow_still_open_at_the_end_of_the_grace_is_cut(tmp_path: Path) -> None:
+    with kernel_lab() as the_lab:
+        serve = start_serve(
+            the_lab, tmp_path, kernel_config(the_lab).replace("drain_timeout_s: 30", "drain_timeout_s: 1")
+        )
+        with connect(the_lab) as live:
+            assert ask(live, b"get k\r\n") == b"END\r\n"
+            wait_for(lambda: serve.metric("natfwd_connections_active", forward="11211") == 1, "active", 15)
+            serve.process.send_signal(signal.SIGTERM)
+            assert serve.process.wait(timeout=30) == 0, serve.log()
+            assert "kernel path off: table removed table=natfwd_serve cut=1" in serve.log()
+            assert serve.table() is None
+            # Without a NAT chain the kernel no longer translates the flow: this host answers it with a reset.
+            live.sendall(b"get k\r\n")
+            with pytest.raises(ConnectionResetError):
+                live.recv(100)
+
+
+@root
 def test_a_node_name_is_followed_into_the_kernel(tmp_path: Path) -> None:
     with kernel_lab() as the_lab:
         pids = node_pids(the_lab)
