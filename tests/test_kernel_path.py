@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from awskit import ACCOUNT, REGION, Aws
+from awskit import aws_account as aws_account  # fixture "aws"
+from awskit import moto_server as moto_server  # fixture "moto_url"
 from conftest import wait_for
 from labkit import REPO, root, running_lab, sysctl
 from prometheus_client import CollectorRegistry
@@ -281,7 +285,9 @@ def kernel_config(the_lab: Lab, node: int = 0, extra: str = "") -> str:
     )
 
 
-def start_serve(the_lab: Lab, tmp_path: Path, text: str, name: str = "serve") -> KernelServe:
+def start_serve(
+    the_lab: Lab, tmp_path: Path, text: str, name: str = "serve", env: dict[str, str] | None = None
+) -> KernelServe:
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(text)
     log_path = tmp_path / f"{name}.log"
@@ -291,7 +297,7 @@ def start_serve(the_lab: Lab, tmp_path: Path, text: str, name: str = "serve") ->
             [sys.executable, "-m", "forwarder", "serve", "--config", str(config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env={**(env or os.environ), "PYTHONPATH": str(REPO)},
             cwd=REPO,
         )
     serve = KernelServe(the_lab, process, config_path, log_path)
@@ -307,8 +313,8 @@ def start_serve(the_lab: Lab, tmp_path: Path, text: str, name: str = "serve") ->
 
 
 @contextmanager
-def kernel_lab() -> Iterator[Lab]:
-    with running_lab(nodes=2) as the_lab:
+def kernel_lab(nodes: int = 2) -> Iterator[Lab]:
+    with running_lab(nodes=nodes) as the_lab:
         # The untrusted source: a second address in the client's namespace, routed from the NAT box like the first.
         the_lab.run(the_lab.client, ["ip", "addr", "add", f"{UNTRUSTED_ADDRESS}/32", "dev", "eth0"])
         the_lab.run(the_lab.nat, ["ip", "route", "add", f"{UNTRUSTED_ADDRESS}/32", "dev", "eth0"])
@@ -578,3 +584,92 @@ def test_without_conntrack_the_gauge_is_left_alone_and_the_drain_takes_its_grace
         assert len(warned) == 1
         assert registry.get_sample_value("natfwd_connections_active", {"forward": "11211"}) == 0
         assert the_lab.run(the_lab.nat, ["nft", "list", "tables"]).stdout == ""
+
+
+def set_nodes(cluster_id: str, addresses: dict[str, str]) -> None:
+    """Make moto's cluster list exactly these nodes (id -> lab node address, port 11211), as ElastiCache would."""
+    from moto.elasticache.models import elasticache_backends
+
+    cluster = elasticache_backends[ACCOUNT][REGION].cache_clusters[cluster_id]
+    cluster.cache_nodes = [
+        {"CacheNodeId": node_id, "CacheNodeStatus": "available", "Endpoint": {"Address": address, "Port": 11211}}
+        for node_id, address in addresses.items()
+    ]
+
+
+@contextmanager
+def bridge(namespace: str, port: int) -> Iterator[int]:
+    """A port on 127.0.0.1 inside `namespace`, relayed to 127.0.0.1:`port` here (this session's moto server), so
+    natfwd in the lab reaches the API without a link between the lab and this namespace. Yields the port."""
+    with netns.entered(namespace):
+        listener = socket.socket()  # a socket stays in the namespace it was made in
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def handle(client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", port), timeout=30) as upstream:
+            other = threading.Thread(target=pipe, args=(upstream, client))
+            other.start()
+            pipe(client, upstream)
+            other.join()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(30)
+            thread = threading.Thread(target=handle, args=(client,))
+            threads.append(thread)
+            thread.start()
+
+    acceptor = threading.Thread(target=accept)
+    acceptor.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        acceptor.join()
+        listener.close()
+        for thread in threads:
+            thread.join(35)
+
+
+@root
+def test_discovery_follows_a_replaced_node_into_the_kernel(aws: Aws, tmp_path: Path) -> None:
+    aws.elasticache.create_cache_cluster(
+        CacheClusterId="mc", Engine="memcached", NumCacheNodes=2, CacheNodeType="cache.t3.micro", Port=11211
+    )
+    with kernel_lab(nodes=3) as the_lab, bridge(the_lab.nat, int(aws.url.rpartition(":")[2])) as api_port:
+        pids = node_pids(the_lab)
+        set_nodes("mc", {"0001": "10.0.1.230", "0002": "10.0.1.231"})
+        text = kernel_config(the_lab).partition("forwards:")[0] + (
+            f"discovery: {{cluster_id: mc, region: {REGION}, refresh_s: 0.3, first_port: 11211, "
+            f"endpoint_url: 'http://127.0.0.1:{api_port}'}}\nmetrics: {{listen: '127.0.0.1:9108'}}\n"
+        )
+        serve = start_serve(the_lab, tmp_path, text, env=aws.cli_env())
+        live = connect(the_lab)
+        assert node_pid(live) == pids[0]
+        # ElastiCache replaces node 0001: it comes back on another address. New connections follow; the live one
+        # keeps its node.
+        set_nodes("mc", {"0001": "10.0.1.232", "0002": "10.0.1.231"})
+        wait_for(lambda: "forward retargeted in the kernel" in serve.log(), "the replaced node", 30, detail=serve.log)
+        with connect(the_lab) as sock:
+            assert node_pid(sock) == pids[2]
+        assert node_pid(live) == pids[0]
+        live.close()
+        assert serve.metric("natfwd_forward_changes_total", change="retargeted") == 1
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=30) == 0, serve.log()
