@@ -373,6 +373,9 @@ def _serve_body(t: ServeTable) -> list[str]:
         ports = ", ".join(str(forward.port) for forward in accepting)
         lines.append(f"\t\tct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} masquerade")
     lines += ["\t}", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
+    # nft keeps conntrack hooked into the namespace only while some rule needs it, and without conntrack the
+    # flows already translated lose their translation: this rule needs it whatever else the table holds.
+    lines.append('\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"')
     if t.forwards:
         # Bytes per direction of every flow we DNATed, found by the port the client dialled (O(1): a map lookup).
         for direction, kind in (("original", "to_node"), ("reply", "to_client")):

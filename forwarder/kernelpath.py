@@ -305,8 +305,8 @@ class KernelPath:
 
     # --- drain and stop ---------------------------------------------------------------------------------------
     async def stop_accepting(self) -> None:
-        """Drain: no new connection is translated from now on; live ones keep theirs (the NAT chains stay, empty,
-        because the kernel only translates a flow's packets while a NAT chain is hooked in)."""
+        """Drain: no new connection is translated from now on; live ones keep theirs (the table stays, its NAT
+        chains empty: the kernel translates a flow's packets only while conntrack and a NAT chain are hooked in)."""
         async with self._lock:
             self.accepting = False
             if self.table is None:

@@ -126,6 +126,7 @@ table inet natfwd_serve {
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
+\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"
 \t\tct status dnat meta l4proto tcp ct direction original counter name ct original proto-dst map { 11211 : "f11211_to_node", 11212 : "f11212_to_node" }
 \t\tct status dnat meta l4proto tcp ct direction reply counter name ct original proto-dst map { 11211 : "f11211_to_client", 11212 : "f11212_to_client" }
 \t}
@@ -192,6 +193,9 @@ def test_draining_keeps_the_nat_chains_empty_and_the_byte_counters() -> None:
     assert "reject" not in rendered
     assert "type nat hook prerouting" in rendered and "type nat hook postrouting" in rendered
     assert rendered.count("counter name ct original proto-dst map") == 2
+    # With no forward left (a reload to userspace), a rule still needs conntrack, so translated flows keep going.
+    empty = iptables.render_serve(iptables.serve_table(config.loads(BASE)), replace=False)
+    assert '\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"\n' in empty
 
 
 # --- reading the kernel back (pure) --------------------------------------------------------------------------
@@ -673,3 +677,33 @@ def test_discovery_follows_a_replaced_node_into_the_kernel(aws: Aws, tmp_path: P
         assert serve.metric("natfwd_forward_changes_total", change="retargeted") == 1
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=30) == 0, serve.log()
+
+
+@root
+def test_a_reload_moves_a_forward_from_the_kernel_to_the_relay_and_back(tmp_path: Path) -> None:
+    with kernel_lab() as the_lab:
+        pids = node_pids(the_lab)
+        serve = start_serve(the_lab, tmp_path, kernel_config(the_lab))
+        in_kernel = connect(the_lab)
+        assert node_pid(in_kernel) == pids[0] and listening(the_lab) == ""
+
+        serve.config_path.write_text(kernel_config(the_lab).replace("data_path: kernel", "data_path: userspace"))
+        serve.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: listening(the_lab) != "", "the relay's listener", 15, detail=serve.log)
+        relayed = connect(the_lab)
+        assert node_pid(relayed) == pids[0]
+        assert node_pid(in_kernel) == pids[0]  # the kernel still translates the flow it had
+        table = serve.table()
+        assert table is not None and "dnat ip to" not in table  # and translates no new one
+
+        serve.config_path.write_text(kernel_config(the_lab, node=1))
+        serve.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: listening(the_lab) == "", "the relay's listener closing", 15, detail=serve.log)
+        with connect(the_lab) as sock:
+            assert node_pid(sock) == pids[1]
+        assert node_pid(relayed) == pids[0] and node_pid(in_kernel) == pids[0]  # both keep their paths
+        relayed.close()
+        in_kernel.close()
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=30) == 0, serve.log()
+        assert serve.table() is None
