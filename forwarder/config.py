@@ -18,6 +18,8 @@ from forwarder.errors import UsageError
 
 Engine = Literal["memcached", "redis", "redis-cluster"]
 ENGINES: tuple[str, ...] = get_args(Engine)
+DataPath = Literal["userspace", "kernel", "auto"]
+DATA_PATHS: tuple[str, ...] = get_args(DataPath)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ALLOWED_CACHE_SIZE = 4096  # client addresses whose allowlist answer each config keeps
 
@@ -135,6 +137,7 @@ class Config:
     upstream_tls: UpstreamTLS | None = None
     auth: Auth | None = None
     access_log: bool = False
+    data_path: DataPath = "userspace"
 
     # Answers per client address: parsing it with ipaddress costs more than the rest of the accept path in Python,
     # and clients come back from the same few addresses. Not part of the config's value (no init, repr or
@@ -160,6 +163,18 @@ class Config:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self.allowed_clients)
 
+    def relay_needs(self) -> str | None:
+        """The key that keeps the forwards on the relay (TLS, rewriting, multiplexing), or None if none does."""
+        return _relay_needs(self.engine, self.tls, self.upstream_tls, self.multiplex)
+
+    @property
+    def kernel_forwards(self) -> tuple[Forward, ...]:
+        """The forwards the kernel serves (nftables DNAT): all of them with data_path kernel, or auto when nothing
+        needs the relay; never the auto_discovery port, whose answers the relay rewrites."""
+        if self.data_path == "userspace" or (self.data_path == "auto" and self.relay_needs() is not None):
+            return ()
+        return self.forwards
+
 
 # Defaults are HAProxy-like: connect 5 s, idle (HAProxy `timeout client/server`) 1 h,
 # drain (HAProxy `hard-stop-after`) 30 s.
@@ -176,6 +191,7 @@ DEFAULTS: dict[str, Any] = {
     "mux_stall_timeout_s": 5.0,
     "cpu_affinity": False,
     "access_log": False,
+    "data_path": "userspace",
 }
 
 _TOP_KEYS = (
@@ -201,6 +217,7 @@ _TOP_KEYS = (
     "upstream_tls",
     "auth",
     "access_log",
+    "data_path",
 )
 
 T = TypeVar("T")
@@ -518,6 +535,46 @@ def _bool(value: object, path: str) -> bool:
     return value
 
 
+_RELAY_ONLY = {
+    "tls": "tls: the kernel cannot terminate TLS",
+    "upstream_tls": "upstream_tls: the kernel cannot open TLS to the nodes",
+    "engine": "engine redis-cluster: MOVED/ASK and CLUSTER replies need rewriting",
+    "multiplex": "multiplex: only the relay shares node connections",
+}
+
+
+def _relay_needs(engine: str | None, tls: object, upstream_tls: object, multiplex: bool | None) -> str | None:
+    if tls is not None:
+        return "tls"
+    if upstream_tls is not None:
+        return "upstream_tls"
+    if engine == "redis-cluster":
+        return "engine"
+    if multiplex:
+        return "multiplex"
+    return None
+
+
+def _data_path(value: object, relay_need: str | None, auto_discovery: AutoDiscovery | None) -> DataPath:
+    """`data_path`: with kernel, every forward must be one the kernel can serve (auto picks per forward)."""
+    if not isinstance(value, str) or value not in DATA_PATHS:
+        raise _fail("data_path", value, "one of userspace, kernel, auto")
+    data_path = cast(DataPath, value)
+    if data_path == "kernel":
+        need = relay_need
+        if need is not None:
+            raise ConfigError(
+                f"data_path: kernel cannot serve these forwards ({_RELAY_ONLY[need]}); use data_path: auto, which "
+                "keeps them on the relay, or userspace"
+            )
+        if auto_discovery is not None:
+            raise ConfigError(
+                "data_path: kernel cannot serve auto_discovery (its answers need node addresses rewritten); use "
+                "data_path: auto, which keeps that port on the relay and the forwards on the kernel"
+            )
+    return data_path
+
+
 def _not_empty(top: Mapping[str, Any], key: str, fix: str) -> None:
     """A section given with nothing in it (YAML null: every entry commented out) is a mistake, not "off"."""
     if key in top and top[key] is None:
@@ -605,6 +662,8 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
     cpu_affinity = attempt(lambda: _cpu_affinity(merged["cpu_affinity"], 2 if workers is None else workers))
     auth = attempt(lambda: _optional(top, "auth", lambda v, _p: _auth(v), "auth"))
     access_log = attempt(lambda: _bool(merged["access_log"], "access_log"))
+    relay_need = _relay_needs(engine, tls, upstream_tls, multiplex)
+    data_path = attempt(lambda: _data_path(merged["data_path"], relay_need, auto_discovery))
     if errors:
         return None  # parse() raises them all
     assert engine is not None and public_address is not None and listen_address is not None
@@ -612,7 +671,7 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
     assert connect_timeout_s is not None and idle_timeout_s is not None and drain_timeout_s is not None
     assert mux_stall_timeout_s is not None
     assert max_connections is not None and multiplex is not None and multiplex_connections is not None
-    assert cpu_affinity is not None and access_log is not None
+    assert cpu_affinity is not None and access_log is not None and data_path is not None
     return Config(
         engine=engine,
         public_address=public_address,
@@ -636,6 +695,7 @@ def _parse(data: object, errors: list[ConfigError]) -> Config | None:
         upstream_tls=upstream_tls,
         auth=auth,
         access_log=access_log,
+        data_path=data_path,
     )
 
 
@@ -652,6 +712,12 @@ def warnings(cfg: Config) -> list[str]:
                 f"allowed_clients[{index}]: {net} is wider than /{WIDE_ALLOWLIST_PREFIX} and lets in "
                 f"{net.num_addresses:,} addresses; list the trusted clients' networks instead"
             )
+    if cfg.workers > 1 and cfg.kernel_forwards and cfg.auto_discovery is None:
+        # Only worker 0 programs nft; the others would have nothing to relay.
+        found.append(
+            f"workers: {cfg.workers} gain nothing with data_path {cfg.data_path}: the kernel forwards every "
+            "connection and one worker programs it; set workers: 1"
+        )
     if cfg.metrics is not None:
         try:
             loopback = ipaddress.ip_address(cfg.metrics.host).is_loopback

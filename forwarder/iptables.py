@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -272,3 +272,157 @@ def _save_section(fmt: Format, family: SaveFamily) -> list[str]:
         else "after `iptables-restore --noflush` of this file, run:"
     )
     return ["", f"# Persist across reboots ({name}): {first}", *(f"#   {command}" for command in commands)]
+
+
+# --- `natfwd serve` with data_path kernel: the nftables table serve owns and keeps in step with its config ---
+
+SERVE_TABLE = "natfwd_serve"  # inet family; a name of its own, so serve never touches emit-iptables's `ip natfwd`
+SERVE_CHAINS = ("prerouting", "postrouting", "forward", "input")
+SERVE_SETS = ("allowed4", "allowed6")
+COUNTER_KINDS = ("accepted", "to_node", "to_client", "refused")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelForward:
+    """One forward on the kernel path: its port, the target as configured, and the address DNAT sends each
+    client family to (None: no address of that family, so clients of that family are not forwarded)."""
+
+    port: int
+    target: str
+    ipv4: str | None
+    ipv6: str | None
+    node_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServeTable:
+    """What serve's table holds: built only from validated config values and resolved IP literals."""
+
+    listen_address: str
+    allowed4: tuple[str, ...]
+    allowed6: tuple[str, ...]
+    forwards: tuple[KernelForward, ...]
+    accepting: bool = True  # False while draining: no new connections, live ones keep their translation
+
+
+def counter_name(port: int, kind: str) -> str:
+    """The named nft counter of `kind` (accepted, to_node, to_client, refused) for listen `port`."""
+    return f"f{port}_{kind}"
+
+
+def serve_table(
+    config: Config, resolved: Mapping[str, Sequence[str]] | None = None, *, accepting: bool = True
+) -> ServeTable:
+    """The table for `config.kernel_forwards`; DNS-name targets take the first IP of each family in `resolved`
+    (host name -> IPs), and a name with none there is left without a DNAT rule until it resolves."""
+    networks4 = [n for n in config.allowed_clients if isinstance(n, ipaddress.IPv4Network)]
+    networks6 = [n for n in config.allowed_clients if isinstance(n, ipaddress.IPv6Network)]
+    forwards: list[KernelForward] = []
+    for forward in config.kernel_forwards:
+        host = forward.target.host
+        ips = [host] if forward.target.is_ip else list((resolved or {}).get(host.lower().rstrip("."), ()))
+        addresses = [ipaddress.ip_address(ip) for ip in ips]
+        ipv4 = next((str(a) for a in addresses if a.version == 4), None)
+        ipv6 = next((str(a) for a in addresses if a.version == 6), None)
+        forwards.append(KernelForward(forward.port, str(forward.target), ipv4, ipv6, forward.target.port))
+    return ServeTable(
+        config.listen_address,
+        tuple(str(n) for n in ipaddress.collapse_addresses(networks4)),  # nft refuses overlapping intervals
+        tuple(str(n) for n in ipaddress.collapse_addresses(networks6)),
+        tuple(forwards),
+        accepting,
+    )
+
+
+def _families(listen_address: str) -> list[tuple[str, str]]:
+    """(nft protocol, destination match) per client family the listen address takes, as a socket bound there
+    would: 0.0.0.0 takes IPv4, :: both, an address only its own family."""
+    if listen_address == "0.0.0.0":
+        return [("ip", "fib daddr type local")]
+    if listen_address == "::":
+        return [("ip", "fib daddr type local"), ("ip6", "fib daddr type local")]
+    protocol = "ip6" if ":" in listen_address else "ip"
+    return [(protocol, f"{protocol} daddr {listen_address}")]
+
+
+def _serve_body(t: ServeTable) -> list[str]:
+    lines = [f"table inet {SERVE_TABLE} {{"]
+    for forward in t.forwards:
+        lines += [f"\tcounter {counter_name(forward.port, kind)} {{}}" for kind in COUNTER_KINDS]
+    for name, kind, elements in (("allowed4", "ipv4_addr", t.allowed4), ("allowed6", "ipv6_addr", t.allowed6)):
+        listed = f" elements = {{ {', '.join(elements)} }};" if elements else ""
+        lines.append(f"\tset {name} {{ type {kind}; flags interval;{listed} }}")
+    families = _families(t.listen_address)
+    accepting = t.forwards if t.accepting else ()
+    lines += ["\tchain prerouting {", "\t\ttype nat hook prerouting priority dstnat; policy accept;"]
+    for forward in accepting:
+        lines.append(f"\t\t# {forward.port} -> {forward.target}")
+        for protocol, local in families:
+            address = forward.ipv4 if protocol == "ip" else forward.ipv6
+            if address is None:
+                continue
+            to = f"{address}:{forward.node_port}" if protocol == "ip" else f"[{address}]:{forward.node_port}"
+            allowed = "@allowed4" if protocol == "ip" else "@allowed6"
+            lines.append(
+                f"\t\t{local} {protocol} saddr {allowed} tcp dport {forward.port} "
+                f'counter name "{counter_name(forward.port, "accepted")}" dnat {protocol} to {to}'
+            )
+    lines += ["\t}", "\tchain postrouting {", "\t\ttype nat hook postrouting priority srcnat; policy accept;"]
+    if accepting:
+        # The nodes have no route back to the client (nor does a VPC): replies must come back through this box.
+        ports = ", ".join(str(forward.port) for forward in accepting)
+        lines.append(f"\t\tct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} masquerade")
+    lines += ["\t}", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
+    # nft keeps conntrack hooked into the namespace only while some rule needs it, and without conntrack the
+    # flows already translated lose their translation: this rule needs it whatever else the table holds.
+    lines.append('\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"')
+    if t.forwards:
+        # Bytes per direction of every flow we DNATed, found by the port the client dialled (O(1): a map lookup).
+        for direction, kind in (("original", "to_node"), ("reply", "to_client")):
+            entries = ", ".join(f'{f.port} : "{counter_name(f.port, kind)}"' for f in t.forwards)
+            lines.append(
+                f"\t\tct status dnat meta l4proto tcp ct direction {direction} "
+                f"counter name ct original proto-dst map {{ {entries} }}"
+            )
+    lines += ["\t}", "\tchain input {", "\t\ttype filter hook input priority filter; policy accept;"]
+    for forward in accepting:
+        # A connection from outside the allowlist is not translated, so it arrives here: refused with a reset
+        # (one per attempt, where a silent drop would count each SYN retransmission), and counted. Not on lo:
+        # this host's own connections are never translated, and may be meant for a local server on that port.
+        for protocol, local in families:
+            allowed = "@allowed4" if protocol == "ip" else "@allowed6"
+            where = "" if local.startswith("fib") else f"{local} "
+            lines.append(
+                f'\t\tmeta nfproto {"ipv4" if protocol == "ip" else "ipv6"} iifname != "lo" {where}'
+                f"{protocol} saddr != {allowed} "
+                f"tcp dport {forward.port} tcp flags syn / syn,ack "
+                f'counter name "{counter_name(forward.port, "refused")}" reject with tcp reset'
+            )
+    lines += ["\t}", "}"]
+    return lines
+
+
+def render_serve(t: ServeTable, *, replace: bool, dropped: Iterable[int] = ()) -> str:
+    """nft -f input, applied as one transaction. `replace`: delete the table if it exists and create it (at start:
+    nothing a crashed run left survives). Otherwise update it in place: flush its chains and sets, delete the
+    counters of the `dropped` ports and redefine the rest, so the counters of the forwards that stay keep counting
+    and live connections keep their conntrack translation."""
+    lines = [
+        f"# natfwd serve, data_path kernel: {len(t.forwards)} forward(s); table inet {SERVE_TABLE} is natfwd's own"
+    ]
+    if replace:
+        lines += [f"table inet {SERVE_TABLE}", f"delete table inet {SERVE_TABLE}"]
+    else:
+        lines += [f"flush chain inet {SERVE_TABLE} {chain}" for chain in SERVE_CHAINS]
+        lines += [f"flush set inet {SERVE_TABLE} {name}" for name in SERVE_SETS]
+        lines += [
+            f"delete counter inet {SERVE_TABLE} {counter_name(port, kind)}"
+            for port in sorted(set(dropped))
+            for kind in COUNTER_KINDS
+        ]
+    return "\n".join(lines + _serve_body(t)) + "\n"
+
+
+def render_serve_delete() -> str:
+    """nft -f input that removes serve's table."""
+    return f"delete table inet {SERVE_TABLE}\n"

@@ -36,6 +36,7 @@ class WorkerEntry(Protocol):
         export_metrics: bool,
         incoming_cpu: int | None = None,
         count_reloads: bool = True,
+        program_kernel: bool = True,
     ) -> None: ...
 
 
@@ -60,7 +61,16 @@ def _fork_worker(
         if cpu is not None:
             os.sched_setaffinity(0, {cpu})  # before any thread starts (the relay thread inherits it)
             log.info("worker pinned", extra={"worker": index, "cpu": cpu})
-        target(cfg, config_path, reuse_port=True, export_metrics=False, incoming_cpu=cpu, count_reloads=False)
+        # One process programs nft (data_path kernel/auto): worker 0, respawned as worker 0 if it dies.
+        target(
+            cfg,
+            config_path,
+            reuse_port=True,
+            export_metrics=False,
+            incoming_cpu=cpu,
+            count_reloads=False,
+            program_kernel=index == 0,
+        )
     except NatfwdError as exc:
         log.error("worker failed", extra={"worker": index, "error": str(exc)})
         code = 1

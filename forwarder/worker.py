@@ -15,6 +15,7 @@ from forwarder import config as config_mod
 from forwarder.acceptor import TlsListener
 from forwarder.connection import ConnectionState, Route, connection_factory
 from forwarder.errors import NatfwdError, bind_error
+from forwarder.kernelpath import KernelPath
 from forwarder.resources import BUFFER_SIZE, Resources
 from forwarder.rewriting import NodeMap, RateLimitedWarning, all_forwards, rewriter_factory
 from forwarder.tracking import Tracker
@@ -27,6 +28,7 @@ Listener = asyncio.Server | TlsListener  # both stop accepting on close() and le
 
 LISTEN_BACKLOG = 4096
 RESTART_ONLY = ("workers", "metrics", "cpu_affinity")  # keys a reload cannot change in a running worker
+KERNEL_POLL_MIN_S = 0.5
 
 
 class Worker:
@@ -42,6 +44,7 @@ class Worker:
         incoming_cpu: int | None = None,
         count_reloads: bool = True,
         buffer_size: int = BUFFER_SIZE,
+        program_kernel: bool = True,
     ) -> None:
         self.config = cfg
         self.config_path = config_path
@@ -64,6 +67,9 @@ class Worker:
         self.nodes = NodeMap()  # the rewriters' node -> public address map, shared by every connection
         self.warn = RateLimitedWarning()
         self.tracker = Tracker(self)
+        # data_path kernel/auto: the forwards the kernel serves. With workers: N only one worker programs nft; the
+        # others leave those ports alone.
+        self.kernel = KernelPath(metrics) if program_kernel else None
 
     @property
     def active(self) -> int:
@@ -83,6 +89,29 @@ class Worker:
 
     def _all_routes(self) -> list[Route]:
         return list(self.routes.values()) + self._retired
+
+    @staticmethod
+    def _relayed(cfg: config_mod.Config) -> tuple[config_mod.Forward, ...]:
+        """The forwards this worker listens for: all but those the kernel serves."""
+        kernel = {f.port for f in cfg.kernel_forwards}
+        return tuple(f for f in all_forwards(cfg) if f.port not in kernel)
+
+    async def _kernel_sync(self) -> None:
+        """Once a tick: follow DNS answers into the kernel table (reloads and discovery apply at once), and read its
+        counters and conntrack into the metrics."""
+        assert self.kernel is not None
+        while True:
+            # Each round runs nft once: not more often than KERNEL_POLL_MIN_S, whatever idle_timeout_s makes the tick.
+            await asyncio.sleep(max(self.sweep_interval_s(), KERNEL_POLL_MIN_S))
+            if self.draining:
+                return
+            try:
+                await self.kernel.apply(self.config, self.nodes.resolved)
+            except NatfwdError as exc:
+                log.error("cannot update the kernel path; retrying next tick", extra={"error": str(exc)})
+            except Exception:  # the loop must outlive a surprise, or the kernel forwards stop following the nodes
+                log.exception("kernel path update failed; retrying next tick")
+            await self.kernel.poll()
 
     # --- the idle sweep ---------------------------------------------------------------------------------------
     def sweep_interval_s(self) -> float:
@@ -188,8 +217,17 @@ class Worker:
     async def start(self) -> None:
         self.loop = self.state.loop = asyncio.get_running_loop()
         self.config = await self.tracker.prepare(self.config)
-        self.listeners = await self._open(all_forwards(self.config), self.config)
+        if self.kernel is not None:
+            await self.kernel.apply(self.config, self.nodes.resolved)
+        try:
+            self.listeners = await self._open(self._relayed(self.config), self.config)
+        except BaseException:
+            if self.kernel is not None:
+                await self.kernel.stop()
+            raise
         self.spawn(self._sweep())
+        if self.kernel is not None:
+            self.spawn(self._kernel_sync())
         self.tracker.start()
         for port, route in sorted(self.routes.items()):
             log.info(
@@ -229,8 +267,18 @@ class Worker:
         old = self.config
         upstream_ssl = _read_certificates(new)
         _warn_restart_only(old, new)
-        wanted = {f.port: f for f in all_forwards(new)}
-        closed, opened = await self._rebind(old, new, wanted)
+        wanted = {f.port: f for f in self._relayed(new)}
+        if self.kernel is not None:
+            await self.kernel.apply(new, self.nodes.resolved)  # first: when it fails, nothing has changed
+        try:
+            closed, opened = await self._rebind(old, new, wanted)
+        except NatfwdError:
+            if self.kernel is not None:
+                try:
+                    await self.kernel.apply(old, self.nodes.resolved)
+                except NatfwdError as exc:
+                    log.error("cannot put the kernel path back as it was", extra={"error": str(exc)})
+            raise
         self._retire(closed, opened, wanted)
         self.nodes.update(new)
         self.tracker.config_changed()
@@ -248,7 +296,7 @@ class Worker:
         returns both. If one cannot be opened, the closed ones are opened again and NatfwdError is raised."""
         rebind_all = new.listen_address != old.listen_address
         to_close = [p for p in self.listeners if rebind_all or p not in wanted]
-        to_open = tuple(f for f in all_forwards(new) if rebind_all or f.port not in self.listeners)
+        to_open = tuple(f for f in self._relayed(new) if rebind_all or f.port not in self.listeners)
         # Close first so a changed listen_address can take the same ports.
         closed = {p: self.listeners.pop(p) for p in to_close}
         for server in closed.values():
@@ -312,14 +360,20 @@ class Worker:
         for server in self.listeners.values():
             server.close()
         self.listeners.clear()
+        if self.kernel is not None:
+            await self.kernel.stop_accepting()
         grace = self.config.drain_timeout_s
-        log.info("draining", extra={"active": self.active, "grace_s": grace})
+        deadline = self.loop.time() + grace
+        kernel_live = {"kernel_active": sum(self.kernel.live.values())} if self.kernel and self.kernel.table else {}
+        log.info("draining", extra={"active": self.active, "grace_s": grace, **kernel_live})
         if self.active:
             self.state.idle.clear()
             try:
                 await asyncio.wait_for(self.state.idle.wait(), grace)
             except TimeoutError:
                 pass
+        if self.kernel is not None:
+            await self.kernel.wait_idle(deadline)  # the kernel's flows, within the same grace period
         remaining = [c for r in self._all_routes() for c in r.connections]
         for conn in remaining:
             conn.ended = conn.ended or accesslog.DRAIN
@@ -334,6 +388,8 @@ class Worker:
         for route in self._all_routes():
             for conn in list(route.connections):
                 self.state.account(conn)
+        if self.kernel is not None:
+            await self.kernel.stop()
         self.pool.close(self.loop)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
@@ -381,9 +437,11 @@ def run_worker(
     export_metrics: bool,
     incoming_cpu: int | None = None,
     count_reloads: bool = True,
+    program_kernel: bool = True,
 ) -> None:
     """Run one worker process to completion (returns after SIGTERM and drain); the entry point the CLI gives the
-    supervisor. Raises NatfwdError when a port cannot be bound."""
+    supervisor. Raises NatfwdError when a port cannot be bound or, with kernel forwards and `program_kernel`, when
+    nft cannot program them."""
     from prometheus_client import CollectorRegistry
 
     from forwarder import metrics as metrics_mod
@@ -396,7 +454,13 @@ def run_worker(
 
     async def main() -> None:
         worker = Worker(
-            cfg, config_path, metrics, reuse_port=reuse_port, incoming_cpu=incoming_cpu, count_reloads=count_reloads
+            cfg,
+            config_path,
+            metrics,
+            reuse_port=reuse_port,
+            incoming_cpu=incoming_cpu,
+            count_reloads=count_reloads,
+            program_kernel=program_kernel,
         )
         await worker.run()
 
