@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from forwarder import config as config_mod
-from forwarder import tls
+from forwarder import notify, tls
 from forwarder.acceptor import TlsListener
 from forwarder.errors import NatfwdError
 from forwarder.mux import MuxPool, Session, new_pool
@@ -507,6 +507,7 @@ class Worker:
         Live connections keep their node. Returns False (and keeps the old config) when the new config is invalid
         or a new port cannot be bound.
         """
+        notify.reloading()
         try:
             if new is None:
                 if self.config_path is None:
@@ -518,10 +519,12 @@ class Worker:
             log.error("reload refused, still serving the previous config", extra={"error": str(exc)})
             if self.count_reloads:
                 self.metrics.reloads.labels("failure").inc()
+            notify.ready()
             return False
         if self.count_reloads:
             self.metrics.reloads.labels("success").inc()
         log.info("config reloaded", extra={"forwards": len(new.forwards)})
+        notify.ready()
         return True
 
     async def _apply(self, new: config_mod.Config) -> None:
@@ -630,6 +633,7 @@ class Worker:
             on_ready()
         await self.stopping.wait()
         log.info("stopping")
+        notify.stopping()
         await self.drain()
 
 
@@ -708,6 +712,7 @@ def run_worker(
     export_metrics: bool,
     incoming_cpu: int | None = None,
     count_reloads: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run one worker process to completion (returns after SIGTERM and drain). Raises NatfwdError on bind failure."""
     from prometheus_client import CollectorRegistry
@@ -728,7 +733,7 @@ def run_worker(
         worker = Worker(
             cfg, config_path, metrics, reuse_port=reuse_port, incoming_cpu=incoming_cpu, count_reloads=count_reloads
         )
-        await worker.run()
+        await worker.run(on_ready)
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())
@@ -737,7 +742,7 @@ def run_worker(
 def serve(cfg: config_mod.Config, config_path: str | None) -> None:
     """Run `natfwd serve` in the foreground until SIGTERM; raises NatfwdError when it cannot start."""
     if cfg.workers == 1:
-        run_worker(cfg, config_path, reuse_port=False, export_metrics=True)
+        run_worker(cfg, config_path, reuse_port=False, export_metrics=True, on_ready=notify.ready)
         return
     from forwarder import supervisor
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from types import FrameType
 
 from forwarder import config as config_mod
-from forwarder import portstate
+from forwarder import notify, portstate
 from forwarder.errors import NatfwdError
 
 log = logging.getLogger("natfwd.supervisor")
@@ -26,7 +26,9 @@ def worker_cpus(cfg: config_mod.Config, allowed: Iterable[int]) -> list[int | No
     return [cpus[i % len(cpus)] if cfg.cpu_affinity and cpus else None for i in range(cfg.workers)]
 
 
-def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None) -> int:
+def _fork_worker(
+    cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None, barrier: notify.Barrier
+) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -34,6 +36,7 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cp
     code = 0
     try:
         _die_with_parent()
+        notify.detach()  # the supervisor alone tells systemd; a worker tells the supervisor through the barrier
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         if cpu is not None:
@@ -42,7 +45,13 @@ def _fork_worker(cfg: config_mod.Config, config_path: str | None, index: int, cp
         from forwarder import server
 
         server.run_worker(
-            cfg, config_path, reuse_port=True, export_metrics=False, incoming_cpu=cpu, count_reloads=False
+            cfg,
+            config_path,
+            reuse_port=True,
+            export_metrics=False,
+            incoming_cpu=cpu,
+            count_reloads=False,
+            on_ready=barrier.worker_ready,
         )
     except NatfwdError as exc:
         log.error("worker failed", extra={"worker": index, "error": str(exc)})
@@ -95,24 +104,29 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
     workers: dict[int, int] = {}  # pid -> index
     cpus = worker_cpus(cfg, os.sched_getaffinity(0))  # as started: a reload changes neither workers nor pinning
     started = time.monotonic()
+    barrier = notify.Barrier(cfg.workers)  # READY=1 only once every worker has bound every port
     for index in range(cfg.workers):
-        workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
+        workers[_fork_worker(cfg, config_path, index, cpus[index], barrier)] = index
     log.info("workers started", extra={"workers": cfg.workers, "pids": ",".join(map(str, workers))})
 
     stopping = False
     try:
         while workers:
+            barrier.poll()
             if not pending:
                 time.sleep(0.1)  # signal.pause() would race with a signal landing just before it
             while pending:
                 signum = pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
+                    notify.stopping()
                     log.info("stopping workers")
                     for pid in workers:
                         _kill(pid, signal.SIGTERM)
                 elif signum == signal.SIGHUP and not stopping:
+                    notify.reloading()
                     cfg = _reload(cfg, config_path, workers, own)
+                    notify.ready()
             for pid, index, status in _reap(workers):
                 metrics_mod.mark_worker_dead(pid)
                 if stopping:
@@ -125,8 +139,9 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
                     raise NatfwdError(f"worker {index} exited with status {status} at start; see the log above")
                 log.error("worker died; starting a new one", extra={"worker": index, "pid": pid, "status": status})
                 time.sleep(RESPAWN_DELAY_S)
-                workers[_fork_worker(cfg, config_path, index, cpus[index])] = index
+                workers[_fork_worker(cfg, config_path, index, cpus[index], barrier)] = index
     finally:
+        barrier.close()
         for pid in workers:
             _kill(pid, signal.SIGTERM)
         if not workers:  # a worker still draining may yet write ports.json there
