@@ -11,9 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 import pytest
@@ -27,11 +27,14 @@ from forwarder import cli, netns
 from forwarder.lab import CLIENT_ADDRESS, PUBLIC_ADDRESS, PUBLIC_INTERFACE, Lab
 
 HERE = Path(__file__).resolve().parent
-# The box's own interpreter and AWS CLI (Amazon Linux 2023 has both): this machine's Python 3.11 and its aws.
-BOX_PYTHON_BIN = Path(os.path.realpath(shutil.which("python3.11") or sys.executable)).parent
+# The box's own interpreter and AWS CLI (Amazon Linux 2023 has both): the Python this venv was made from, and the
+# real AWS CLI found on PATH.
+BOX_PYTHON_BIN = Path(sys.base_prefix) / "bin"
+AWS_CLI = shutil.which("aws")
 # Package index the box's pip uses: this machine's local mirror (the lab has no way out, as it should).
 LOCAL_INDEX = Path("/opt/pypi/simple")
 BOOT_TIMEOUT_S = 900  # the box builds natfwd's C extensions; only stops a hang
+F = TypeVar("F", bound=Callable[..., object])
 
 
 def user_data(aws: Aws, instance_id: str) -> str:
@@ -88,7 +91,7 @@ def boot(lab: Lab, root: Path, text: str, endpoint: str, hosts: dict[str, str]) 
     )
     stubs = _stubs(root)
     env = {
-        "PATH": f"{stubs}:{BOX_PYTHON_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PATH": f"{stubs}:{BOX_PYTHON_BIN}:{Path(str(AWS_CLI)).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
         "LANG": "C.UTF-8",
         "BOOTKIT_ROOT": str(root),
@@ -120,9 +123,21 @@ def _kill_service(root: Path) -> None:
             pass
 
 
-pytestmark = [*ROOT_MARKS, pytest.mark.skipif(not LOCAL_INDEX.is_dir(), reason="needs a local package index")]
+BOOT_MARKS = [
+    pytest.mark.skipif(not LOCAL_INDEX.is_dir(), reason=f"needs a local package index at {LOCAL_INDEX}"),
+    pytest.mark.skipif(AWS_CLI is None, reason="needs the AWS CLI (aws) for the box"),
+    pytest.mark.skipif(not (BOX_PYTHON_BIN / "python3.11").exists(), reason="needs python3.11 for the box"),
+]
 
 
+def booted(test: F) -> F:
+    """Mark a test that boots the user data in the lab: root, namespaces, and the box's tools."""
+    for mark in (*ROOT_MARKS, *BOOT_MARKS):
+        test = mark(test)
+    return test
+
+
+@booted
 @pytest.mark.parametrize("mode", ["userspace", "kernel"])
 def test_the_provisioned_instance_boots_and_serves_in_the_lab(
     aws: Aws, lab: Lab, moto_in_nat: str, tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
@@ -169,6 +184,7 @@ def test_the_provisioned_instance_boots_and_serves_in_the_lab(
     assert node_name("mycluster", 1) in text
 
 
+@booted
 def test_a_tampered_artefact_is_not_installed(
     aws: Aws, lab: Lab, moto_in_nat: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
