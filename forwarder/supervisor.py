@@ -126,7 +126,8 @@ def run(cfg: config_mod.Config, config_path: str | None) -> None:
                 elif signum == signal.SIGHUP and not stopping:
                     notify.reloading()
                     cfg = _reload(cfg, config_path, workers, own)
-                    notify.ready()
+                    if barrier.done:  # else READY=1 still waits for the workers still binding
+                        notify.ready()
             for pid, index, status in _reap(workers):
                 metrics_mod.mark_worker_dead(pid)
                 if stopping:
