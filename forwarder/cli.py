@@ -60,7 +60,7 @@ def _not_available(feature: str) -> NatfwdError:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from forwarder import config, fdlimit, worker
+    from forwarder import config, fdlimit, notify, worker
 
     path = config_path(args)
     cfg = config.load(path)
@@ -69,7 +69,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.warning(warning)
     fdlimit.raise_fd_limit(cfg.max_connections)  # once, here: forked workers inherit the limit
     if cfg.workers == 1:
-        worker.run_worker(cfg, path, reuse_port=False, export_metrics=True)
+        worker.run_worker(cfg, path, reuse_port=False, export_metrics=True, on_ready=notify.ready)
         return EXIT_OK
     from forwarder import supervisor
 
@@ -295,15 +295,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Create the NAT instance, security groups and Elastic IP for a cluster, then print the endpoints.",
         parents=[aws_common],
     )
-    provision.add_argument("--trusted-cidr", required=True, metavar="CIDR", help="the only client network let in")
+    provision.add_argument(
+        "--trusted-cidr",
+        required=True,
+        action="append",
+        metavar="CIDR",
+        help="a client network let in (IPv4 or IPv6); repeat for several; run provision again to change them",
+    )
     provision.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or DNAT")
-    provision.add_argument("--instance-type", default="t3.micro", help="EC2 instance type of the NAT box")
-    provision.add_argument("--no-ssh", action="store_true", help="do not open SSH (22) to the trusted CIDR")
-    provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH")
+    provision.add_argument("--instance-type", default="t4g.micro", help="EC2 instance type of the NAT box")
+    provision.add_argument(
+        "--architecture",
+        choices=("arm64", "x86_64"),
+        default=None,
+        help="AMI architecture (default: the instance type's); a mismatch with --instance-type is an error",
+    )
+    provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH; port 22 is opened only with it")
     provision.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
     provision.add_argument("--subnet-id", default=None, help="public subnet to use (default: the first public one)")
     provision.add_argument(
-        "--package", default=f"natfwd=={__version__}", metavar="SPEC", help="pip requirement the instance installs"
+        "--package",
+        default=None,
+        metavar="SPEC",
+        help="what the instance pip-installs instead of this natfwd (stored in a private S3 bucket by default): "
+        "a release, a wheel URL or a git+https URL",
     )
     provision.add_argument(
         "--wait-timeout", type=float, default=600.0, metavar="SECONDS", help="how long to wait for the instance"

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 import yaml
 
+from forwarder import credentials
 from forwarder.errors import UsageError
 
 Engine = Literal["memcached", "redis", "redis-cluster"]
@@ -388,7 +389,10 @@ def _network(value: object, path: str) -> Network:
 def _path(value: object, path: str) -> Path:
     if not isinstance(value, str) or not value:
         raise _fail(path, value, "a file path")
-    return Path(value)
+    try:
+        return Path(credentials.resolve(value))
+    except credentials.CredentialError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _optional(data: Mapping[str, Any], key: str, parse: Callable[[object, str], T], path: str) -> T | None:
@@ -788,6 +792,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file; raises ConfigError (never OSError or YAMLError), each problem as
     `FILE:LINE: key.path: ...`."""
+    try:
+        path = credentials.resolve(os.fspath(path))
+    except credentials.CredentialError as exc:
+        raise ConfigError(f"config: {exc}") from None
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -100,7 +100,15 @@ def render(config: Config, fmt: Format = "commands", save: SaveFamily | None = N
     p = plan(config)
     body = {"commands": _commands, "restore": _restore, "nft": _nft}[fmt](p)
     if save is not None:
-        body += _save_section(fmt, save)
+        section = _save_section(fmt, save)
+        if fmt == "commands":
+            # The package that saves the rules goes in before the first rule: installing it after them could load
+            # its own default ruleset (Amazon Linux's REJECTs forwarded traffic) over natfwd's.
+            install = [line for line in section if line.startswith(("rpm -q ", "dpkg -s "))]
+            section = [line for line in section if line not in install]
+            first_rule = next(i for i, line in enumerate(body) if line and not line.startswith(("#", "set ")))
+            body[first_rule:first_rule] = [f"# The package that persists the rules ({save}), first.", *install, ""]
+        body += section
     return "\n".join(body) + "\n"
 
 

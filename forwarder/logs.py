@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any, Literal
 
+from forwarder import journal
+
 LogFormat = Literal["text", "json"]
 
 # Attributes every LogRecord has; anything else came from `extra=` and is a structured field.
@@ -52,7 +54,7 @@ class JSONFormatter(logging.Formatter):
 def setup(log_format: LogFormat = "text", level: int = logging.INFO) -> None:
     """Send the `natfwd` logger to stderr in the chosen format (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(journal.wrap(JSONFormatter() if log_format == "json" else TextFormatter()))
     logger = logging.getLogger("natfwd")
     logger.handlers[:] = [handler]
     logger.setLevel(level)

@@ -11,12 +11,12 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Protocol
 
 from forwarder import config as config_mod
-from forwarder import portstate
+from forwarder import notify, portstate
 from forwarder.errors import NatfwdError
 
 log = logging.getLogger("natfwd.supervisor")
@@ -37,6 +37,7 @@ class WorkerEntry(Protocol):
         incoming_cpu: int | None = None,
         count_reloads: bool = True,
         program_kernel: bool = True,
+        on_ready: Callable[[], None] | None = None,
     ) -> None: ...
 
 
@@ -47,7 +48,12 @@ def worker_cpus(cfg: config_mod.Config, allowed: Iterable[int]) -> list[int | No
 
 
 def _fork_worker(
-    target: WorkerEntry, cfg: config_mod.Config, config_path: str | None, index: int, cpu: int | None
+    target: WorkerEntry,
+    cfg: config_mod.Config,
+    config_path: str | None,
+    index: int,
+    cpu: int | None,
+    barrier: notify.Barrier,
 ) -> int:
     pid = os.fork()
     if pid:
@@ -56,6 +62,7 @@ def _fork_worker(
     code = 0
     try:
         _die_with_parent()
+        notify.detach()  # the supervisor alone tells systemd; a worker tells the supervisor through the barrier
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         if cpu is not None:
@@ -70,6 +77,7 @@ def _fork_worker(
             incoming_cpu=cpu,
             count_reloads=False,
             program_kernel=index == 0,
+            on_ready=barrier.worker_ready,
         )
     except NatfwdError as exc:
         log.error("worker failed", extra={"worker": index, "error": str(exc)})
@@ -121,24 +129,30 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
     workers: dict[int, int] = {}  # pid -> index
     cpus = worker_cpus(cfg, os.sched_getaffinity(0))  # as started: a reload changes neither workers nor pinning
     started = time.monotonic()
+    barrier = notify.Barrier(cfg.workers)  # READY=1 only once every worker has bound every port
     for index in range(cfg.workers):
-        workers[_fork_worker(target, cfg, config_path, index, cpus[index])] = index
+        workers[_fork_worker(target, cfg, config_path, index, cpus[index], barrier)] = index
     log.info("workers started", extra={"workers": cfg.workers, "pids": ",".join(map(str, workers))})
 
     stopping = False
     try:
         while workers:
+            barrier.poll()
             if not pending:
                 time.sleep(0.1)  # signal.pause() would race with a signal landing just before it
             while pending:
                 signum = pending.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT) and not stopping:
                     stopping = True
+                    notify.stopping()
                     log.info("stopping workers")
                     for pid in workers:
                         _kill(pid, signal.SIGTERM)
                 elif signum == signal.SIGHUP and not stopping:
+                    notify.reloading()
                     cfg = _reload(cfg, config_path, workers, own)
+                    if barrier.done:  # else READY=1 still waits for the workers still binding
+                        notify.ready()
             for pid, index, status in _reap(workers):
                 metrics_mod.mark_worker_dead(pid)
                 if stopping:
@@ -151,8 +165,9 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
                     raise NatfwdError(f"worker {index} exited with status {status} at start; see the log above")
                 log.error("worker died; starting a new one", extra={"worker": index, "pid": pid, "status": status})
                 time.sleep(RESPAWN_DELAY_S)
-                workers[_fork_worker(target, cfg, config_path, index, cpus[index])] = index
+                workers[_fork_worker(target, cfg, config_path, index, cpus[index], barrier)] = index
     finally:
+        barrier.close()
         for pid in workers:
             _kill(pid, signal.SIGTERM)
         if not workers:  # a worker still draining may yet write ports.json there

@@ -10,7 +10,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from forwarder import accesslog, tls
+from forwarder import accesslog, notify, tls
 from forwarder import config as config_mod
 from forwarder.acceptor import TlsListener
 from forwarder.connection import ConnectionState, Route, connection_factory
@@ -241,6 +241,7 @@ class Worker:
         Live connections keep their node. Returns False (and keeps the old config) when the new config is invalid
         or a new port cannot be bound.
         """
+        notify.reloading()
         try:
             if new is None:
                 if self.config_path is None:
@@ -252,10 +253,12 @@ class Worker:
             log.error("reload refused, still serving the previous config", extra={"error": str(exc)})
             if self.count_reloads:
                 self.metrics.reloads.labels("failure").inc()
+            notify.ready()
             return False
         if self.count_reloads:
             self.metrics.reloads.labels("success").inc()
         log.info("config reloaded", extra={"forwards": len(new.forwards)})
+        notify.ready()
         return True
 
     async def apply_discovered(self, new: config_mod.Config) -> None:
@@ -403,6 +406,7 @@ class Worker:
             on_ready()
         await self.stopping.wait()
         log.info("stopping")
+        notify.stopping()
         await self.drain()
 
 
@@ -438,6 +442,7 @@ def run_worker(
     incoming_cpu: int | None = None,
     count_reloads: bool = True,
     program_kernel: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run one worker process to completion (returns after SIGTERM and drain); the entry point the CLI gives the
     supervisor. Raises NatfwdError when a port cannot be bound or, with kernel forwards and `program_kernel`, when
@@ -462,7 +467,7 @@ def run_worker(
             count_reloads=count_reloads,
             program_kernel=program_kernel,
         )
-        await worker.run()
+        await worker.run(on_ready)
 
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main())

@@ -6,6 +6,7 @@ Test modules get the fixtures `aws` and `moto_url` by importing their functions 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -21,6 +22,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from forwarder.aws.artefact import Artefact
 from forwarder.aws.client import AwsClient
 from forwarder.aws.cluster import Cluster, NodeEndpoint
 from forwarder.aws.plan import Plan, ProvisionRequest
@@ -89,9 +91,22 @@ def aws_account(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     request = urllib.request.Request(f"{moto_url}/moto-api/reset", method="POST")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 200
+    _seed_managed_policy("AmazonSSMManagedInstanceCore")
     ec2 = boto3.client("ec2", endpoint_url=moto_url, region_name=REGION)
     elasticache = boto3.client("elasticache", endpoint_url=moto_url, region_name=REGION)
     return Aws(moto_url, ec2, elasticache, AwsClient.create(REGION, None, moto_url))
+
+
+def _seed_managed_policy(name: str) -> None:
+    """AWS's managed policies exist in every account; moto loads all of them only on request, slowly, so add one."""
+    import json
+
+    from moto.iam.aws_managed_policies import aws_managed_policies_data
+    from moto.iam.models import AWSManagedPolicy, iam_backends
+
+    data = json.loads(aws_managed_policies_data)[name]
+    policy = AWSManagedPolicy.from_data(name, ACCOUNT, "aws", data)
+    iam_backends[ACCOUNT]["aws"].managed_policies[policy.arn] = policy
 
 
 def natfwd_cli(aws: Aws, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -241,12 +256,14 @@ def _strip(value: Any) -> Any:
 
 
 def snapshot(aws: Aws) -> dict[str, Any]:
-    """Every EC2 resource provision could touch, as comparable data.
+    """Every EC2, S3 and IAM resource provision could touch, as comparable data.
 
     Terminated instances are left out, and so is what moto keeps of them but AWS deletes with them: their primary
     network interface (DeleteOnTermination) and the subnet addresses it holds (AvailableIpAddressCount).
     """
     ec2 = aws.ec2
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    iam = boto3.client("iam", endpoint_url=aws.url, region_name=REGION)
     all_instances = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
     gone = {i["InstanceId"] for i in all_instances if i["State"]["Name"] in ("terminated", "shutting-down")}
     interfaces = [
@@ -270,6 +287,11 @@ def snapshot(aws: Aws) -> dict[str, Any]:
             "subnets": sorted(subnets, key=lambda s: s["SubnetId"]),
             "route_tables": sorted(ec2.describe_route_tables()["RouteTables"], key=lambda t: t["RouteTableId"]),
             "vpcs": sorted(ec2.describe_vpcs()["Vpcs"], key=lambda v: v["VpcId"]),
+            "buckets": sorted(b["Name"] for b in s3.list_buckets()["Buckets"]),
+            "roles": sorted(r["RoleName"] for r in iam.list_roles()["Roles"]),
+            "instance_profiles": sorted(
+                p["InstanceProfileName"] for p in iam.list_instance_profiles()["InstanceProfiles"]
+            ),
         }
     )
 
@@ -279,18 +301,37 @@ def snapshot(aws: Aws) -> dict[str, Any]:
 EXAMPLE_PUBLIC_IP = "203.0.113.73"
 
 
-def example_plan(mode: str = "userspace", *, ssh: bool = True, package: str | None = None) -> Plan:
-    """The page's example: a 3-node Memcached cluster, the client 198.51.100.27, fixed AWS ids."""
+EXAMPLE_SHA256 = hashlib.sha256(b"natfwd example sdist").hexdigest()
+EXAMPLE_ARTEFACT = Artefact(
+    "natfwd-123456789012-us-east-1-mycluster",
+    f"artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
+    EXAMPLE_SHA256,
+    "natfwd-0.1.0.tar.gz",
+)
+
+
+def example_plan(
+    mode: str = "userspace",
+    *,
+    ssh: bool = True,
+    package: str | None = None,
+    cidrs: tuple[str, ...] = (TRUSTED,),
+    instance_type: str = "t4g.micro",
+) -> Plan:
+    """The page's example: a 3-node Memcached cluster, the client 198.51.100.27, fixed AWS ids, natfwd shipped
+    through the cluster's bucket unless `package` is given, a key pair (so SSH) when `ssh`."""
     nodes = tuple(
         NodeEndpoint(f"{n:04d}", f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com", 11211) for n in (1, 2, 3)
     )
     cluster = Cluster("mycluster", "cache-cluster", "memcached", "available", nodes, ("sg-0cache",), "cache-subnets")
     request = ProvisionRequest(
         cluster_id="mycluster",
-        trusted_cidr=ipaddress.IPv4Network(TRUSTED),
+        trusted_cidrs=tuple(ipaddress.ip_network(c) for c in cidrs),
         mode=mode,  # type: ignore[arg-type]
-        ssh=ssh,
-        **({"package": package} if package else {}),
+        instance_type=instance_type,
+        key_name="mykey" if ssh else None,
+        package=package,
     )
     subnet = Subnet("subnet-0public", "us-east-1a", "10.0.0.0/24", "igw-0gateway")
-    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION)
+    artefact = None if package else EXAMPLE_ARTEFACT
+    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION, "arm64", artefact)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 from typing import Any
 
 import pytest
-from awskit import EXAMPLE_PUBLIC_IP, TRUSTED, example_plan
+from awskit import EXAMPLE_PUBLIC_IP, EXAMPLE_SHA256, TRUSTED, example_plan
 
-from forwarder.aws import apply, destroy, plan, report, subnets
+from forwarder.aws import apply, destroy, plan, report, subnets, userdata
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.cluster import Cluster, NodeEndpoint, from_cache_cluster, from_replication_group
-from forwarder.aws.inventory import Address, Group, Instance, Inventory, Reference
+from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
 from forwarder.aws.waiter import Timing, wait_for_instances
 from forwarder.errors import NatfwdError, UsageError
@@ -30,17 +31,30 @@ def test_trusted_cidr_accepted(text: str, network: str) -> None:
     assert plan.parse_trusted_cidr(text) == ipaddress.IPv4Network(network)
 
 
+def test_trusted_cidrs_are_repeatable_mixed_and_deduplicated() -> None:
+    texts = ["2001:db8::/64", "203.0.113.0/24", "198.51.100.27", "198.51.100.27/32", "2001:db8:1::7"]
+    assert [str(n) for n in plan.parse_trusted_cidrs(texts)] == [
+        "198.51.100.27/32",
+        "203.0.113.0/24",
+        "2001:db8::/64",
+        "2001:db8:1::7/128",
+    ]
+    with pytest.raises(UsageError, match="at least one client network"):
+        plan.parse_trusted_cidrs([])
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("banana", "--trusted-cidr: 'banana' is not a CIDR; pass the client network, such as 198.51.100.27/32"),
         ("198.51.100.27/33", "--trusted-cidr: '198.51.100.27/33' is not a CIDR"),
         ("198.51.100.27/24", "--trusted-cidr: '198.51.100.27/24' has host bits set; did you mean 198.51.100.0/24?"),
-        ("::1/128", "--trusted-cidr: '::1/128' is IPv6, but the Elastic IP is IPv4; pass an IPv4 CIDR"),
+        ("2001:db8::1/64", "--trusted-cidr: '2001:db8::1/64' has host bits set; did you mean 2001:db8::/64?"),
         (
             "0.0.0.0/0",
             "--trusted-cidr: 0.0.0.0/0 would let the whole internet reach the cache; pass the client network",
         ),
+        ("::/0", "--trusted-cidr: ::/0 would let the whole internet reach the cache; pass the client network"),
     ],
 )
 def test_trusted_cidr_rejected(text: str, message: str) -> None:
@@ -161,8 +175,11 @@ EXPECTED_PLAN = """\
 natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-east-1
   VPC             vpc-0cache
   subnet          subnet-0public (10.0.0.0/24, us-east-1a), public via igw-0gateway
-  instance        t3.micro, ami-0al2023 (Amazon Linux 2023), no key pair
-  natfwd          mode userspace, installs natfwd==0.1.0
+  instance        t4g.micro (arm64), ami-0al2023 (Amazon Linux 2023), key pair mykey
+  access          instance profile natfwd-mycluster: SSM Session Manager, ElastiCache Describe, the natfwd object
+  natfwd          mode userspace, installs natfwd 0.1.0 as built here (sdist, sha256 f9c42a9bd5000bd1...)
+  clients         198.51.100.27/32
+  storage         S3 bucket natfwd-123456789012-us-east-1-mycluster (private, encrypted), natfwd's sdist in it
   Elastic IP      one for natfwd, associated with the instance
   forwards        (Elastic IP port -> node)
     11211 -> mycluster.abc123.0001.use1.cache.amazonaws.com:11211  node 0001
@@ -174,7 +191,7 @@ natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-ea
     inbound   tcp 11213 from 198.51.100.27/32     mycluster: forward to node 0003
     inbound   tcp 22    from 198.51.100.27/32     mycluster: SSH
     outbound  tcp 11211 to   sg-0cache            mycluster: cache nodes
-    outbound  tcp 443   to   0.0.0.0/0            mycluster: package downloads at boot (dnf, pip)
+    outbound  tcp 443   to   0.0.0.0/0            mycluster: HTTPS to dnf, pip, S3 (natfwd itself) and SSM
     (the default allow-all outbound rule is removed)
   cache security group sg-0cache
     inbound   tcp 11211 from natfwd-mycluster     natfwd-mycluster: NAT instance to cache nodes
@@ -194,9 +211,87 @@ def test_plan_rules_and_tags() -> None:
         ("natfwd:cluster-id", "mycluster"),
         ("Name", "natfwd-mycluster"),
         ("natfwd:role", "security-group"),
-        ("natfwd:trusted-cidr", TRUSTED),
     )
     assert the_plan.tags("instance")[-1] == ("natfwd:mode", "userspace")
+
+
+def test_plan_with_several_clients_and_ipv6() -> None:
+    the_plan = example_plan(cidrs=(TRUSTED, "2001:db8::/64"))
+    v6 = "2001:db8::/64"
+    assert set(the_plan.nat_ingress) == {Rule.tcp(p, c) for c in (TRUSTED, v6) for p in (11211, 11212, 11213, 22)}
+    assert len(the_plan.nat_ingress) == 8
+    assert to_permission(Rule.tcp(11211, v6))["Ipv6Ranges"] == [{"CidrIpv6": v6}]
+    assert "  - 2001:db8::/64" in userdata.render_config(the_plan, EXAMPLE_PUBLIC_IP).splitlines()
+
+
+def test_port_22_only_with_a_key_pair() -> None:
+    assert Rule.tcp(22, TRUSTED) in example_plan(ssh=True).nat_ingress
+    assert all(rule.from_port != 22 for rule in example_plan(ssh=False).nat_ingress)
+
+
+def test_instance_policy_is_the_discovery_reads_and_the_one_object() -> None:
+    the_plan = example_plan()
+    assert the_plan.artefact is not None
+    assert the_plan.instance_policy()["Statement"] == [
+        {
+            "Sid": "NatfwdDiscovery",
+            "Effect": "Allow",
+            "Action": ["elasticache:DescribeCacheClusters", "elasticache:DescribeReplicationGroups"],
+            "Resource": "*",
+        },
+        {
+            "Sid": "NatfwdArtefact",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::natfwd-123456789012-us-east-1-mycluster/{the_plan.artefact.key}",
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "supported", "forced", "package", "chosen"),
+    [
+        ("t4g.micro", ["arm64"], None, None, "arm64"),
+        ("t3.micro", ["i386", "x86_64"], None, None, "x86_64"),
+        ("t3.micro", ["x86_64"], "x86_64", None, "x86_64"),
+        ("t4g.micro", ["arm64"], None, "https://x/natfwd-0.1.0-cp311-cp311-linux_aarch64.whl", "arm64"),
+        ("t4g.micro", ["arm64"], None, "https://x/natfwd-0.1.0-py3-none-any.whl", "arm64"),
+    ],
+)
+def test_architecture_follows_the_instance_type(
+    instance_type: str, supported: list[str], forced: Any, package: str | None, chosen: str
+) -> None:
+    assert plan.choose_architecture(instance_type, supported, forced, package) == chosen
+    assert plan.ami_parameter(chosen).endswith(f"al2023-ami-kernel-default-{chosen}")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "supported", "forced", "package", "message"),
+    [
+        (
+            "t3.micro",
+            ["x86_64"],
+            "arm64",
+            None,
+            "--architecture arm64: t3.micro runs x86_64 only; pick an instance "
+            "type of that architecture (t4g.micro) or drop --architecture",
+        ),
+        (
+            "t4g.micro",
+            ["arm64"],
+            None,
+            "https://x/natfwd-0.1.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+            "--package: that wheel is built for x86_64, but t4g.micro runs arm64",
+        ),
+        ("mac1.metal", ["x86_64_mac"], None, None, "--instance-type: mac1.metal supports x86_64_mac architecture(s)"),
+    ],
+)
+def test_architecture_mismatch_is_a_usage_error(
+    instance_type: str, supported: list[str], forced: Any, package: str | None, message: str
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        plan.choose_architecture(instance_type, supported, forced, package)
+    assert str(caught.value).startswith(message)
 
 
 def test_plan_ports_follow_the_engine() -> None:
@@ -278,14 +373,32 @@ def test_from_permissions_flattens_and_ignores_descriptions_in_equality() -> Non
 # -- the diff against what exists ------------------------------------------------------------------------------------
 
 
-def existing(**changes: Any) -> Inventory:
-    the_plan = example_plan()
+ROLE = "natfwd-mycluster"
+SSM = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
+def existing(the_plan: plan.Plan | None = None, **changes: Any) -> Inventory:
+    """Everything `the_plan` (the example plan by default) would have made, as an inventory; `changes` replace parts."""
+    the_plan = the_plan or example_plan()
+    assert the_plan.artefact is not None
+    policy = json.dumps(the_plan.instance_policy(), sort_keys=True)
     complete = Inventory(
         "mycluster",
-        groups=(Group("sg-nat", "vpc-0cache", TRUSTED, the_plan.nat_ingress, the_plan.nat_egress),),
-        instances=(Instance("i-1", "running", "subnet-0public", "userspace"),),
+        groups=(Group("sg-nat", "vpc-0cache", the_plan.nat_ingress, the_plan.nat_egress),),
+        instances=(
+            Instance(
+                "i-1",
+                "running",
+                "subnet-0public",
+                "userspace",
+                the_plan.request.instance_type,
+                userdata.render(the_plan, EXAMPLE_PUBLIC_IP),
+            ),
+        ),
         addresses=(Address("eipalloc-1", EXAMPLE_PUBLIC_IP, "eipassoc-1", "i-1"),),
         references=(Reference("sg-0cache", Rule.tcp(11211, "sg-nat")),),
+        bucket=Bucket(the_plan.artefact.bucket, (the_plan.artefact.key,)),
+        role=Role(ROLE, True, True, (ROLE,), ("natfwd",), (SSM,), policy),
     )
     return dataclasses.replace(complete, **changes)
 
@@ -295,10 +408,13 @@ def test_diff_of_nothing_creates_everything() -> None:
     changes = apply.diff(the_plan, Inventory("mycluster"))
     assert not changes.empty
     assert changes.lines(the_plan) == [
+        "create S3 bucket natfwd-123456789012-us-east-1-mycluster (private, encrypted, tagged)",
+        f"  upload artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
+        "create IAM role and instance profile natfwd-mycluster",
         "create security group natfwd-mycluster with the rules above",
         "add the inbound rule from natfwd-mycluster in sg-0cache",
         "allocate an Elastic IP",
-        "launch a t3.micro instance in subnet-0public",
+        "launch a t4g.micro instance in subnet-0public",
         "associate the Elastic IP with the instance",
     ]
 
@@ -308,6 +424,9 @@ def test_diff_of_everything_is_empty() -> None:
     changes = apply.diff(the_plan, existing())
     assert changes.empty
     assert changes.lines(the_plan) == [
+        "keep S3 bucket natfwd-123456789012-us-east-1-mycluster (private, encrypted, tagged)",
+        f"  keep artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
+        "keep IAM role natfwd-mycluster",
         "keep security group sg-nat",
         "keep the inbound rule from natfwd-mycluster in sg-0cache",
         f"keep Elastic IP {EXAMPLE_PUBLIC_IP} (eipalloc-1)",
@@ -318,9 +437,16 @@ def test_diff_of_everything_is_empty() -> None:
 def test_diff_repairs_drift() -> None:
     the_plan = example_plan()
     wide_open = Rule.tcp(11211, "0.0.0.0/0")
-    group = Group("sg-nat", "vpc-0cache", TRUSTED, (*the_plan.nat_ingress[1:], wide_open), (DEFAULT_EGRESS,))
+    group = Group("sg-nat", "vpc-0cache", (*the_plan.nat_ingress[1:], wide_open), (DEFAULT_EGRESS,))
+    role = Role(ROLE, True, False, (), (), (), None)
     changes = apply.diff(
-        the_plan, existing(groups=(group,), references=(), addresses=(Address("eipalloc-1", "x", None, None),))
+        the_plan,
+        existing(
+            groups=(group,),
+            references=(),
+            addresses=(Address("eipalloc-1", EXAMPLE_PUBLIC_IP, None, None),),
+            role=role,
+        ),
     )
     assert changes.revoke_ingress == (wide_open,)
     assert changes.authorize_ingress == (the_plan.nat_ingress[0],)
@@ -328,20 +454,69 @@ def test_diff_repairs_drift() -> None:
     assert changes.authorize_egress == the_plan.nat_egress
     assert changes.cache_ports_missing == (11211,)
     assert changes.associate
+    assert not changes.replace
+    assert (changes.create_role, changes.put_policy, changes.attach_ssm, changes.create_profile) == (
+        False,
+        True,
+        True,
+        True,
+    )
+
+
+def test_diff_of_a_client_change_updates_rules_in_place_and_replaces_the_instance() -> None:
+    before = example_plan()
+    after = example_plan(cidrs=(TRUSTED, "203.0.113.0/24"), instance_type="t4g.small")
+    changes = apply.diff(after, existing(before))
+    assert changes.lines(after) == [
+        "keep S3 bucket natfwd-123456789012-us-east-1-mycluster (private, encrypted, tagged)",
+        f"  keep artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
+        "keep IAM role natfwd-mycluster",
+        "keep security group sg-nat",
+        "  + inbound   tcp 11211 from 203.0.113.0/24       mycluster: forward to node 0001",
+        "  + inbound   tcp 11212 from 203.0.113.0/24       mycluster: forward to node 0002",
+        "  + inbound   tcp 11213 from 203.0.113.0/24       mycluster: forward to node 0003",
+        "  + inbound   tcp 22    from 203.0.113.0/24       mycluster: SSH",
+        "keep the inbound rule from natfwd-mycluster in sg-0cache",
+        f"keep Elastic IP {EXAMPLE_PUBLIC_IP} (eipalloc-1)",
+        "replace instance i-1 with a new t4g.small instance, then move the Elastic IP to it and terminate the old one",
+        "  - instance type t4g.micro",
+        "  + instance type t4g.small",
+        "  user data (natfwd's config, unit or bootstrap):",
+        "    + - 203.0.113.0/24",
+        "associate the Elastic IP with the instance",
+    ]
+    removed = apply.diff(before, existing(after))
+    assert [line for line in removed.lines(before) if line.startswith(("  -", "    -"))] == [
+        "  - inbound   tcp 11211 from 203.0.113.0/24       mycluster: forward to node 0001",
+        "  - inbound   tcp 11212 from 203.0.113.0/24       mycluster: forward to node 0002",
+        "  - inbound   tcp 11213 from 203.0.113.0/24       mycluster: forward to node 0003",
+        "  - inbound   tcp 22    from 203.0.113.0/24       mycluster: SSH",
+        "  - instance type t4g.small",
+        "    - - 203.0.113.0/24",
+    ]
+
+
+def test_diff_of_a_new_mode_or_package_replaces_the_instance_and_the_stale_object() -> None:
+    the_plan = example_plan("kernel", package="natfwd==0.1.0")
+    changes = apply.diff(the_plan, existing())
+    assert changes.replace and changes.associate
+    assert changes.stale_keys == (f"artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",)
+    assert not changes.upload and not changes.create_bucket
+    lines = changes.lines(the_plan)
+    assert lines[:2] == [
+        "keep the S3 bucket, empty: --package replaces the natfwd stored there",
+        f"  - artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
+    ]
+    assert {"    - - gcc", "    + - iptables-services", "    ... and 38 more changed lines"} <= set(lines)
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         (
-            {"groups": (Group("sg-nat", "vpc-0cache", "203.0.113.0/24", (), ()),)},
-            "already exists with trusted CIDR 203.0.113.0/24",
-        ),
-        (
-            {"groups": (Group("sg-nat", "vpc-other", TRUSTED, (), ()),)},
+            {"groups": (Group("sg-nat", "vpc-other", (), ()),)},
             "sg-nat is in vpc-other, not the cluster's vpc-0cache",
         ),
-        ({"instances": (Instance("i-1", "running", "s", "kernel"),)}, "already exists in mode kernel"),
         (
             {"instances": (Instance("i-1", "stopped", "s", "userspace"),)},
             "instance i-1 is stopped; start it, or run natfwd destroy",
@@ -377,7 +552,10 @@ def test_final_report_is_exact() -> None:
         "    from pymemcache.client.hash import HashClient; client = HashClient("
         f'[("{ip}", 11211), ("{ip}", 11212), ("{ip}", 11213)])\n'
         "  The instance installs natfwd at first boot: allow a few minutes before the first connection.\n"
-        f"  Only {TRUSTED} is let in. Remove everything with: natfwd destroy --cluster-id mycluster --region us-east-1"
+        f"  Only {TRUSTED} is let in. To change the clients, run provision again with other --trusted-cidr flags.\n"
+        "  A shell on the instance, through SSM Session Manager (no SSH needed):\n"
+        "    aws ssm start-session --target i-1 --region us-east-1\n"
+        "  Remove everything with: natfwd destroy --cluster-id mycluster --region us-east-1"
     )
 
 
@@ -402,7 +580,10 @@ def test_destroy_text_lists_in_removal_order() -> None:
         "  instance i-1 (running)\n"
         f"  Elastic IP {EXAMPLE_PUBLIC_IP} (eipalloc-1)\n"
         "  rule in sg-0cache: inbound tcp 11211 from sg-nat\n"
-        "  security group sg-nat (in vpc-0cache)"
+        "  security group sg-nat (in vpc-0cache)\n"
+        "  S3 bucket natfwd-123456789012-us-east-1-mycluster and its 1 object\n"
+        "  IAM instance profile natfwd-mycluster\n"
+        "  IAM role natfwd-mycluster and its policies"
     )
 
 

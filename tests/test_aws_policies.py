@@ -42,6 +42,30 @@ def actions_of(document: dict[str, Any]) -> set[str]:
     return {action for _, actions, _ in statements(document) for action in actions}
 
 
+# The IAM action that authorises an API operation, where the two are spelled differently (S3's reads and writes).
+IAM_ACTION = {
+    "s3:HeadBucket": "s3:ListBucket",
+    "s3:ListObjectsV2": "s3:ListBucket",
+    "s3:PutBucketEncryption": "s3:PutEncryptionConfiguration",
+    "s3:PutPublicAccessBlock": "s3:PutBucketPublicAccessBlock",
+}
+# Needed with the API operations, but never called as one: tags, the ownership setting given to CreateBucket, and
+# handing the instance role to EC2 in RunInstances.
+IMPLIED = {
+    "ec2:CreateTags",
+    "iam:TagRole",
+    "iam:TagInstanceProfile",
+    "s3:PutBucketOwnershipControls",
+    "iam:PassRole",
+}
+# Allowed to everyone, so never in a policy.
+ALWAYS_ALLOWED = {"sts:GetCallerIdentity"}
+
+
+def as_actions(operations: set[str]) -> set[str]:
+    return {IAM_ACTION.get(operation, operation) for operation in operations} - ALWAYS_ALLOWED
+
+
 def calls_in_client() -> set[str]:
     """Every `service:Operation` the one boto3 wrapper can call, read from its source."""
     text = CLIENT_SOURCE.read_text()
@@ -59,13 +83,33 @@ def test_policies_are_well_formed() -> None:
         assert len(sids) == len(set(sids))
         for statement, actions, _ in statements(document):
             assert statement["Effect"] == "Allow"
-            assert all(re.fullmatch(r"(ec2|elasticache|ssm):[A-Z][A-Za-z]+", action) for action in actions), actions
+            assert all(re.fullmatch(r"(ec2|elasticache|ssm|s3|iam):[A-Z][A-Za-z]+", action) for action in actions), (
+                actions
+            )
 
 
 def test_provision_policy_grants_exactly_what_the_client_calls() -> None:
     used = calls_in_client()
-    assert len(used) == 21  # the regex still finds every call
-    assert actions_of(load(PROVISION)) == used | {"ec2:CreateTags"}
+    assert len(used) == 49  # the regex still finds every call
+    assert actions_of(load(PROVISION)) == as_actions(used) | IMPLIED
+
+
+def test_the_instance_role_is_only_ever_passed_to_ec2_and_holds_only_the_ssm_policy() -> None:
+    statements_by_sid = {s["Sid"]: s for s in load(PROVISION)["Statement"]}
+    assert statements_by_sid["PassOnlyTheInstanceRoleToEc2"]["Condition"] == {
+        "StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}
+    }
+    assert statements_by_sid["AttachOnlyTheSsmPolicy"]["Condition"] == {
+        "ArnEquals": {"iam:PolicyARN": "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"}
+    }
+    for statement, actions, resources in statements(load(PROVISION)):
+        if any(a.startswith(("iam:", "s3:")) for a in actions):
+            assert all(
+                r.split(":")[-1].split("/")[-1].startswith("natfwd-")
+                or "/natfwd-" in r
+                or r.startswith("arn:aws:s3:::natfwd-")
+                for r in resources
+            ), statement["Sid"]
 
 
 def test_destructive_actions_only_touch_natfwd_tagged_resources() -> None:
@@ -142,9 +186,10 @@ def test_provision_and_destroy_call_only_policy_actions(aws: Aws, recorded: set[
     assert cli.main(["provision", *common, "--trusted-cidr", TRUSTED, "--yes"]) == 0
     assert cli.main(["destroy", *common, "--yes"]) == 0
     allowed = actions_of(load(PROVISION))
-    assert recorded <= allowed
-    # The run used all of it but tagging (done through TagSpecifications) and the replication group lookup.
-    assert allowed - recorded == {"ec2:CreateTags", "elasticache:DescribeReplicationGroups"}
+    used = as_actions(recorded)
+    assert used <= allowed
+    # The run used all of it but what IMPLIED lists and the replication group lookup.
+    assert allowed - used == IMPLIED | {"elasticache:DescribeReplicationGroups"}
 
 
 def test_discovery_calls_only_instance_policy_actions(aws: Aws, recorded: set[str]) -> None:

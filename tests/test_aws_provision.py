@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import re
 import socket
+import tarfile
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 from awskit import (
+    ACCOUNT,
     REGION,
     TRUSTED,
     Aws,
@@ -25,7 +30,7 @@ from awskit import moto_server as moto_server  # fixture "moto_url"
 
 from forwarder import cli, config
 from forwarder.aws.client import AwsClient, AwsError
-from forwarder.aws.plan import AMI_PARAMETER
+from forwarder.aws.plan import ami_parameter
 from forwarder.aws.rules import Rule, from_permissions
 
 
@@ -67,6 +72,18 @@ def user_data(aws: Aws, instance_id: str) -> str:
     return base64.b64decode(value).decode()
 
 
+def aws_client(aws: Aws, service: str) -> Any:
+    return boto3.client(service, endpoint_url=aws.url, region_name=REGION)
+
+
+def stored_artefact(aws: Aws, text: str) -> tuple[str, str, str]:
+    """(bucket, key, sha256) of the natfwd the user data fetches and checks."""
+    fetched = re.search(r"aws s3 cp --only-show-errors --region \S+ s3://([^/]+)/(\S+) ", text)
+    checked = re.search(r'echo "([0-9a-f]{64})  ', text)
+    assert fetched is not None and checked is not None
+    return fetched.group(1), fetched.group(2), checked.group(1)
+
+
 def embedded_config(text: str) -> config.Config:
     document = yaml.safe_load(text)
     files = {entry["path"]: entry["content"] for entry in document["write_files"]}
@@ -87,10 +104,12 @@ def test_full_provision_memcached(aws: Aws, world: World, capsys: pytest.Capture
     (instance,) = live_instances(aws)
     assert instance["SubnetId"] == world.public_subnet_id
     assert instance["VpcId"] == world.vpc_id != world.decoy_vpc_id
-    ami = aws.client.parameter(AMI_PARAMETER)
+    # Graviton by default, so the arm64 AMI.
+    ami = aws.client.parameter(ami_parameter("arm64"))
     assert instance["ImageId"] == ami
-    assert instance["InstanceType"] == "t3.micro"
+    assert instance["InstanceType"] == "t4g.micro"
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert instance["IamInstanceProfile"]["Arn"].endswith(":instance-profile/natfwd-mycluster")
     (nat_group_ref,) = instance["SecurityGroups"]
     nat_group_id = nat_group_ref["GroupId"]
 
@@ -106,8 +125,7 @@ def test_full_provision_memcached(aws: Aws, world: World, capsys: pytest.Capture
         Rule.tcp(11211, TRUSTED),
         Rule.tcp(11212, TRUSTED),
         Rule.tcp(11213, TRUSTED),
-        Rule.tcp(22, TRUSTED),
-    }
+    }  # no key pair, so no port 22
     assert set(from_permissions(nat["IpPermissionsEgress"])) == {
         Rule.tcp(11211, world.cache_group_id),
         Rule.tcp(443, "0.0.0.0/0"),
@@ -128,6 +146,42 @@ def test_full_provision_memcached(aws: Aws, world: World, capsys: pytest.Capture
         (11213, names[2], 11211),
     ]
     assert "systemctl enable --now natfwd.service" in text
+    assert "pip install" in text and "natfwd==" not in text
+
+    # The artefact: this natfwd's sdist in a private, encrypted, tagged bucket; the user data names its sha256.
+    bucket, key, sha256 = stored_artefact(aws, text)
+    assert bucket == f"natfwd-{ACCOUNT}-{REGION}-mycluster"
+    s3 = aws_client(aws, "s3")
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == sha256
+    with tarfile.open(fileobj=io.BytesIO(body)) as sdist:
+        names_in = set(sdist.getnames())
+    assert {"natfwd-0.1.0/pyproject.toml", "natfwd-0.1.0/forwarder/cli.py", "natfwd-0.1.0/forwarder/_crelay.c"} <= (
+        names_in
+    )
+    assert all(not name.endswith((".so", ".pyc")) for name in names_in)
+    block = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    assert all(block.values()) and len(block) == 4
+    encryption = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]
+    assert encryption["Rules"][0]["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    bucket_tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket)["TagSet"]}
+    assert bucket_tags["natfwd:cluster-id"] == "mycluster"
+
+    # The instance role: SSM Session Manager, the discovery reads and s3:GetObject on that one object only.
+    iam = aws_client(aws, "iam")
+    attached = iam.list_attached_role_policies(RoleName="natfwd-mycluster")["AttachedPolicies"]
+    assert [a["PolicyArn"] for a in attached] == ["arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"]
+    document = iam.get_role_policy(RoleName="natfwd-mycluster", PolicyName="natfwd")["PolicyDocument"]
+    statements = {st["Sid"]: st for st in document["Statement"]}
+    assert statements["NatfwdArtefact"]["Action"] == "s3:GetObject"
+    assert statements["NatfwdArtefact"]["Resource"] == f"arn:aws:s3:::{bucket}/{key}"
+    assert statements["NatfwdDiscovery"]["Action"] == [
+        "elasticache:DescribeCacheClusters",
+        "elasticache:DescribeReplicationGroups",
+    ]
+    trust = iam.get_role(RoleName="natfwd-mycluster")["Role"]["AssumeRolePolicyDocument"]
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    assert f"aws ssm start-session --target {instance['InstanceId']} --region {REGION}" in out
 
     # Every created resource carries the tags.
     for resource in (nat, instance, address):
@@ -215,7 +269,7 @@ def test_destroy_leaves_the_account_as_it_was(aws: Aws, world: World, capsys: py
     capsys.readouterr()
     assert destroy(aws, "--yes") == 0
     out = capsys.readouterr().out
-    assert "destroyed 4 resources for cluster 'mycluster'" in out
+    assert "destroyed 7 resources for cluster 'mycluster'" in out
     assert snapshot(aws) == before
     # Running it again finds nothing and succeeds.
     assert destroy(aws, "--yes") == 0
@@ -230,26 +284,84 @@ def test_failure_halfway_rolls_back(aws: Aws, world: World, capsys: pytest.Captu
     assert provision(aws, "--yes", "--key-name", "no-such-key") == 1
     err = capsys.readouterr().err
     assert "RunInstances failed" in err
-    assert "rolled back what this run created: Elastic IP" in err
+    assert "rolled back what this run created: instance" not in err
+    assert re.search(r"rolled back what this run created: .*Elastic IP .*S3 bucket .*IAM role natfwd-mycluster", err)
     assert snapshot(aws) == before
 
 
-def test_existing_resources_for_another_cidr_conflict(
+def test_a_client_change_converges_in_place_under_the_same_elastic_ip(
     aws: Aws, world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
     memcached_cluster(aws, world)
     assert provision(aws, "--yes") == 0
-    after = snapshot(aws)
+    (old,) = live_instances(aws)
+    (address,) = aws.ec2.describe_addresses(Filters=tagged(aws))["Addresses"]
+    nat_group_id = old["SecurityGroups"][0]["GroupId"]
+    objects_before = aws_client(aws, "s3").list_objects_v2(Bucket=f"natfwd-{ACCOUNT}-{REGION}-mycluster")["KeyCount"]
     capsys.readouterr()
-    assert provision(aws, "--yes", cidr="203.0.113.0/24") == 1
-    err = capsys.readouterr().err
-    assert f"already exists with trusted CIDR {TRUSTED}; run natfwd destroy --cluster-id mycluster first" in err
+
+    # Two clients now (one of them IPv6), and a bigger instance: the plan shows + and -, then applies them.
+    assert provision(aws, "--yes", "--trusted-cidr", "2001:db8::/64", cidr="203.0.113.0/24") == 0
+    out = capsys.readouterr().out
+    print(out)  # the plan of a CIDR change, for the record
+    assert "  + inbound   tcp 11211 from 203.0.113.0/24" in out
+    assert "  + inbound   tcp 11211 from 2001:db8::/64" in out
+    assert f"  - inbound   tcp 11211 from {TRUSTED}" in out
+    assert f"replace instance {old['InstanceId']} with a new t4g.micro instance" in out
+    assert f"    - - {TRUSTED}" in out and "    + - 203.0.113.0/24" in out and "    + - 2001:db8::/64" in out
+
+    # The Elastic IP stayed, and moved to the new instance; the old one is terminated; the group was kept.
+    (new,) = live_instances(aws)
+    assert new["InstanceId"] != old["InstanceId"]
+    (moved,) = aws.ec2.describe_addresses(Filters=tagged(aws))["Addresses"]
+    assert (moved["AllocationId"], moved["PublicIp"]) == (address["AllocationId"], address["PublicIp"])
+    assert moved["InstanceId"] == new["InstanceId"]
+    assert new["SecurityGroups"][0]["GroupId"] == nat_group_id
+    assert set(from_permissions(group(aws, nat_group_id)["IpPermissions"])) == {
+        Rule.tcp(port, cidr) for port in (11211, 11212, 11213) for cidr in ("203.0.113.0/24", "2001:db8::/64")
+    }
+    cfg = embedded_config(user_data(aws, new["InstanceId"]))
+    assert [str(n) for n in cfg.allowed_clients] == ["203.0.113.0/24", "2001:db8::/64"]
+    assert cfg.public_address == address["PublicIp"]
+    assert aws_client(aws, "s3").list_objects_v2(Bucket=f"natfwd-{ACCOUNT}-{REGION}-mycluster")["KeyCount"] == (
+        objects_before
+    )
+
+    # Another instance type replaces it again; the same request once more changes nothing.
+    assert provision(aws, "--yes", "--instance-type", "t3.micro", cidr="203.0.113.0/24") == 0
+    out = capsys.readouterr().out
+    assert "  - instance type t4g.micro" in out and "  + instance type t3.micro" in out
+    (third,) = live_instances(aws)
+    assert third["InstanceType"] == "t3.micro"
+    assert third["ImageId"] == aws.client.parameter(ami_parameter("x86_64"))
+    after = snapshot(aws)
+    assert provision(aws, "--instance-type", "t3.micro", cidr="203.0.113.0/24") == 0
+    assert "everything already exists; nothing to change" in capsys.readouterr().out
     assert snapshot(aws) == after
 
 
-def test_no_ssh_and_redis_replication_group(aws: Aws, world: World, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_forced_architecture_mismatch_exits_2(aws: Aws, world: World) -> None:
+    memcached_cluster(aws, world)
+    before = snapshot(aws)
+    common = ["--cluster-id", "mycluster", "--trusted-cidr", TRUSTED, "--endpoint-url", aws.url]
+    done = natfwd_cli(aws, "provision", *common, "--instance-type", "t3.micro", "--architecture", "arm64")
+    assert done.returncode == 2
+    assert done.stderr == (
+        "natfwd: error: --architecture arm64: t3.micro runs x86_64 only; pick an instance type of that architecture "
+        "(t4g.micro) or drop --architecture\n"
+    )
+    done = natfwd_cli(aws, "provision", *common, "--instance-type", "t9z.nano", "--yes")
+    assert done.returncode == 2
+    assert "--instance-type: 't9z.nano' is not an EC2 instance type in us-east-1" in done.stderr
+    assert snapshot(aws) == before
+
+
+def test_ssh_with_a_key_pair_and_redis_replication_group(
+    aws: Aws, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
     names = redis_group(aws, world)
-    assert provision(aws, "--yes", "--no-ssh", cluster_id="myredis") == 0
+    aws.ec2.create_key_pair(KeyName="mykey")
+    assert provision(aws, "--yes", "--key-name", "mykey", cluster_id="myredis") == 0
     out = capsys.readouterr().out
     (instance,) = live_instances(aws, "myredis")
     nat_group_id = instance["SecurityGroups"][0]["GroupId"]
@@ -257,7 +369,9 @@ def test_no_ssh_and_redis_replication_group(aws: Aws, world: World, capsys: pyte
         Rule.tcp(6379, TRUSTED),
         Rule.tcp(6380, TRUSTED),
         Rule.tcp(6381, TRUSTED),
+        Rule.tcp(22, TRUSTED),
     }
+    assert instance["KeyName"] == "mykey"
     cfg = embedded_config(user_data(aws, instance["InstanceId"]))
     assert cfg.engine == "redis"
     assert [(f.port, f.target.host) for f in cfg.forwards] == list(zip((6379, 6380, 6381), names, strict=True))
@@ -318,7 +432,7 @@ def test_cli_without_yes_and_without_stdin_creates_nothing(aws: Aws, world: Worl
         ("198.51.100.300/32", "is not a CIDR"),
         ("198.51.100.27/24", "has host bits set; did you mean 198.51.100.0/24?"),
         ("0.0.0.0/0", "would let the whole internet reach the cache"),
-        ("2001:db8::/64", "is IPv6"),
+        ("::/0", "would let the whole internet reach the cache"),
     ],
 )
 def test_cli_bad_cidr_exits_2(aws: Aws, world: World, cidr: str, message: str) -> None:

@@ -122,12 +122,17 @@ table ip natfwd {
 """
 
 
+EXPECTED_INSTALL_FIRST = {
+    "amazon-linux": """rpm -q iptables-services >/dev/null 2>&1 || yum install -y iptables-services
+""",
+    "debian": """dpkg -s iptables-persistent >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -qy iptables-persistent; }
+""",
+}
 EXPECTED_SAVE = {
     ("commands", "amazon-linux"): """\
 
 # Persist across reboots (Amazon Linux): ip_forward in sysctl.d, rules saved by iptables-services.
 echo 'net.ipv4.ip_forward=1' > /etc/sysctl.d/90-natfwd.conf
-rpm -q iptables-services >/dev/null 2>&1 || yum install -y iptables-services
 systemctl enable iptables
 service iptables save
 """,
@@ -135,7 +140,6 @@ service iptables save
 
 # Persist across reboots (Debian/Ubuntu): ip_forward in sysctl.d, rules saved by netfilter-persistent.
 echo 'net.ipv4.ip_forward=1' > /etc/sysctl.d/90-natfwd.conf
-dpkg -s iptables-persistent >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -qy iptables-persistent; }
 systemctl enable netfilter-persistent
 netfilter-persistent save
 """,
@@ -187,7 +191,14 @@ def test_render_exact_text(fmt: iptables.Format, expected: str) -> None:
 @pytest.mark.parametrize(("fmt", "family"), sorted(EXPECTED_SAVE))
 def test_save_appends_the_persistence_step(fmt: iptables.Format, family: iptables.SaveFamily) -> None:
     cfg = config.loads(TWO_FORWARDS)
-    assert iptables.render(cfg, fmt, family) == iptables.render(cfg, fmt) + EXPECTED_SAVE[(fmt, family)]
+    rules = iptables.render(cfg, fmt)
+    if fmt == "commands":
+        # The package that persists the rules is installed before the first rule, not after them.
+        install = EXPECTED_INSTALL_FIRST[family]
+        rules = rules.replace(
+            "set -eu\n", f"set -eu\n# The package that persists the rules ({family}), first.\n{install}\n", 1
+        )
+    assert iptables.render(cfg, fmt, family) == rules + EXPECTED_SAVE[(fmt, family)]
 
 
 def test_cli_prints_the_rules_on_stdout_only(tmp_path: Path) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 from forwarder.aws import userdata
+from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.destroy import destroy
-from forwarder.aws.inventory import Address, Group, Instance, Inventory, Reference
-from forwarder.aws.plan import TAG_CLUSTER, Plan
+from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
+from forwarder.aws.plan import SSM_POLICY_ARN, TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 from forwarder.errors import NatfwdError
@@ -45,7 +48,7 @@ class ProvisionFailed(NatfwdError):
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """What apply will do: None/empty means "keep what exists"."""
+    """What apply will do: None/empty/False means "keep what exists"."""
 
     group: Group | None
     authorize_ingress: tuple[Rule, ...]
@@ -56,6 +59,19 @@ class Changes:
     address: Address | None
     instance: Instance | None
     associate: bool
+    replace: tuple[str, ...] = ()  # why the instance is replaced (under the same Elastic IP); empty: kept
+    create_bucket: bool = False
+    upload: bool = False
+    stale_keys: tuple[str, ...] = ()
+    create_role: bool = False
+    put_policy: bool = False
+    attach_ssm: bool = False
+    create_profile: bool = False
+    add_role_to_profile: bool = False
+
+    @property
+    def launch(self) -> bool:
+        return self.instance is None or bool(self.replace)
 
     @property
     def empty(self) -> bool:
@@ -67,21 +83,47 @@ class Changes:
             or self.revoke_egress
             or self.cache_ports_missing
             or self.address is None
-            or self.instance is None
+            or self.launch
             or self.associate
+            or self.create_bucket
+            or self.upload
+            or self.stale_keys
+            or self.create_role
+            or self.put_policy
+            or self.attach_ssm
+            or self.create_profile
+            or self.add_role_to_profile
         )
 
     def lines(self, plan: Plan) -> list[str]:
-        """One line per action, with what is kept."""
+        """One line per action, with what is kept; a `+`/`-` line for each rule or setting added or removed."""
         lines = []
+        artefact = plan.artefact
+        if artefact is not None:
+            verb = "create" if self.create_bucket else "keep"
+            lines.append(f"{verb} S3 bucket {artefact.bucket} (private, encrypted, tagged)")
+            verb = "upload" if self.upload else "keep"
+            lines.append(f"  {verb} {artefact.key}")
+            lines += [f"  - {key}" for key in self.stale_keys]
+        elif self.stale_keys:
+            lines.append("keep the S3 bucket, empty: --package replaces the natfwd stored there")
+            lines += [f"  - {key}" for key in self.stale_keys]
+        if self.create_role:
+            lines.append(f"create IAM role and instance profile {plan.role_name}")
+        else:
+            lines.append(f"keep IAM role {plan.role_name}")
+            if self.put_policy:
+                lines.append("  update its policy (the natfwd object it may read)")
+            if self.attach_ssm or self.create_profile or self.add_role_to_profile:
+                lines.append("  repair its SSM policy attachment and instance profile")
         if self.group is None:
             lines.append(f"create security group {plan.name} with the rules above")
         else:
             lines.append(f"keep security group {self.group.group_id}")
-            lines += [f"  add    {rule.render(inbound=True)}" for rule in self.authorize_ingress]
-            lines += [f"  add    {rule.render(inbound=False)}" for rule in self.authorize_egress]
-            lines += [f"  remove {rule.render(inbound=True)}" for rule in self.revoke_ingress]
-            lines += [f"  remove {rule.render(inbound=False)}" for rule in self.revoke_egress]
+            lines += [f"  + {rule.render(inbound=True)}" for rule in self.authorize_ingress]
+            lines += [f"  + {rule.render(inbound=False)}" for rule in self.authorize_egress]
+            lines += [f"  - {rule.render(inbound=True)}" for rule in self.revoke_ingress]
+            lines += [f"  - {rule.render(inbound=False)}" for rule in self.revoke_egress]
         verb = "add" if self.cache_ports_missing else "keep"
         lines.append(f"{verb} the inbound rule from {plan.name} in {plan.cache_security_group_id}")
         if self.address is None:
@@ -90,6 +132,12 @@ class Changes:
             lines.append(f"keep Elastic IP {self.address.public_ip} ({self.address.allocation_id})")
         if self.instance is None:
             lines.append(f"launch a {plan.request.instance_type} instance in {plan.subnet.subnet_id}")
+        elif self.replace:
+            lines.append(
+                f"replace instance {self.instance.instance_id} with a new {plan.request.instance_type} instance, "
+                "then move the Elastic IP to it and terminate the old one"
+            )
+            lines += [f"  {reason}" for reason in self.replace]
         else:
             lines.append(f"keep instance {self.instance.instance_id} ({self.instance.state})")
         if self.associate:
@@ -105,11 +153,36 @@ def _one(kind: str, found: tuple[object, ...], cluster_id: str) -> None:
         )
 
 
+_MAX_DIFF_LINES = 40
+
+
+def _replacement(plan: Plan, instance: Instance, user_data: str | None) -> tuple[str, ...]:
+    """Why `instance` must be replaced to match the plan: one line per difference (empty: it matches)."""
+    reasons: list[str] = []
+    if instance.instance_type and instance.instance_type != plan.request.instance_type:
+        reasons.append(f"- instance type {instance.instance_type}")
+        reasons.append(f"+ instance type {plan.request.instance_type}")
+    if user_data is None or instance.user_data == user_data:
+        return tuple(reasons)
+    old, new = instance.user_data.splitlines(), user_data.splitlines()
+    changed = [
+        line
+        for line in difflib.unified_diff(old, new, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
+    reasons.append("user data (natfwd's config, unit or bootstrap):")
+    reasons += [f"  {line[0]} {line[1:].strip()}" for line in changed[:_MAX_DIFF_LINES]]
+    if len(changed) > _MAX_DIFF_LINES:
+        reasons.append(f"  ... and {len(changed) - _MAX_DIFF_LINES} more changed lines")
+    return tuple(reasons)
+
+
 def diff(plan: Plan, inventory: Inventory) -> Changes:
     """Compare the plan with the tagged resources that exist. Pure.
 
-    Raises Conflict when they were made for another trusted CIDR, mode or VPC, or when duplicates exist:
-    changing those means destroy, then provision.
+    Another instance type, mode, node set or client list replaces the instance under the same Elastic IP, and
+    security group rules are changed in place. Raises Conflict when the resources are in another VPC, when
+    duplicates exist, or when the instance was stopped or the address moved by hand.
     """
     cluster_id = plan.cluster_id
     again = f"run natfwd destroy --cluster-id {cluster_id} first to change it"
@@ -119,29 +192,34 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
     group = inventory.groups[0] if inventory.groups else None
     instance = inventory.instances[0] if inventory.instances else None
     address = inventory.addresses[0] if inventory.addresses else None
-    if group is not None:
-        if group.vpc_id != plan.vpc_id:
-            raise Conflict(
-                f"security group {group.group_id} is in {group.vpc_id}, not the cluster's {plan.vpc_id}; {again}"
-            )
-        if group.trusted_cidr != str(plan.request.trusted_cidr):
-            raise Conflict(f"natfwd for {cluster_id!r} already exists with trusted CIDR {group.trusted_cidr}; {again}")
-    if instance is not None:
-        if instance.mode != plan.request.mode:
-            raise Conflict(f"natfwd for {cluster_id!r} already exists in mode {instance.mode}; {again}")
-        if instance.state in ("stopping", "stopped"):
-            raise Conflict(f"instance {instance.instance_id} is {instance.state}; start it, or {again}")
+    if group is not None and group.vpc_id != plan.vpc_id:
+        raise Conflict(
+            f"security group {group.group_id} is in {group.vpc_id}, not the cluster's {plan.vpc_id}; {again}"
+        )
+    if instance is not None and instance.state in ("stopping", "stopped"):
+        raise Conflict(f"instance {instance.instance_id} is {instance.state}; start it, or {again}")
     if (
         address is not None
         and address.instance_id
         and (instance is None or address.instance_id != instance.instance_id)
     ):
         raise Conflict(f"Elastic IP {address.public_ip} is associated with {address.instance_id}; {again}")
+    replace: tuple[str, ...] = ()
+    if instance is not None:
+        wanted = userdata.render(plan, address.public_ip) if address is not None else None
+        replace = _replacement(plan, instance, wanted)
+        if address is None:
+            replace = (*replace, "a new Elastic IP (the old one is gone), so a new config")
     ingress = set(group.ingress) if group else set()
     egress = set(group.egress) if group else {DEFAULT_EGRESS}
     cache_present = {r.rule for r in inventory.references if r.group_id == plan.cache_security_group_id}
     cache_wanted = plan.cache_ingress(group.group_id if group else "sg-new")
     cache_missing = tuple(r.from_port or 0 for r in cache_wanted if group is None or r not in cache_present)
+    artefact = plan.artefact
+    bucket = inventory.bucket
+    keys = bucket.keys if bucket is not None else ()
+    role = inventory.role
+    wanted_policy = json.dumps(plan.instance_policy(), sort_keys=True)
     return Changes(
         group=group,
         authorize_ingress=tuple(r for r in plan.nat_ingress if r not in ingress) if group else (),
@@ -151,7 +229,16 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
         cache_ports_missing=cache_missing,
         address=address,
         instance=instance,
-        associate=instance is None or address is None or address.instance_id != instance.instance_id,
+        associate=instance is None or address is None or bool(replace) or address.instance_id != instance.instance_id,
+        replace=replace,
+        create_bucket=artefact is not None and bucket is None,
+        upload=artefact is not None and artefact.key not in keys,
+        stale_keys=tuple(k for k in keys if artefact is None or k != artefact.key),
+        create_role=role is None or not role.exists,
+        put_policy=role is None or role.policy != wanted_policy,
+        attach_ssm=role is None or SSM_POLICY_ARN not in role.attached_policies,
+        create_profile=role is None or not role.profile,
+        add_role_to_profile=role is None or plan.role_name not in role.profile_roles,
     )
 
 
@@ -165,6 +252,7 @@ class Outcome:
     allocation_id: str
     public_ip: str
     created: tuple[str, ...]
+    replaced: str | None = None
 
 
 @dataclass
@@ -176,10 +264,18 @@ class _Created:
     instances: list[Instance] = field(default_factory=list)
     addresses: list[Address] = field(default_factory=list)
     references: list[Reference] = field(default_factory=list)
+    bucket: Bucket | None = None
+    role: Role | None = None
 
     def inventory(self) -> Inventory:
         return Inventory(
-            self.cluster_id, tuple(self.groups), tuple(self.instances), tuple(self.addresses), tuple(self.references)
+            self.cluster_id,
+            tuple(self.groups),
+            tuple(self.instances),
+            tuple(self.addresses),
+            tuple(self.references),
+            self.bucket,
+            self.role,
         )
 
 
@@ -259,10 +355,12 @@ def _apply(
     client: AwsClient, plan: Plan, changes: Changes, progress: Progress, timing: Timing, created: _Created
 ) -> Outcome:
     made: list[str] = []
+    _store_artefact(client, plan, changes, progress, created, made)
+    _ensure_role(client, plan, changes, progress, timing, created, made)
     if changes.group is None:
         description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}"
         group_id = client.create_security_group(plan.name, description, plan.vpc_id, plan.tags("security-group"))
-        created.groups.append(Group(group_id, plan.vpc_id, str(plan.request.trusted_cidr), (), ()))
+        created.groups.append(Group(group_id, plan.vpc_id, (), ()))
         made.append(f"security group {group_id}")
         progress(f"created security group {group_id}")
         _reconcile_group(client, plan, group_id, None, timing)
@@ -287,24 +385,119 @@ def _apply(
     else:
         allocation_id, public_ip = changes.address.allocation_id, changes.address.public_ip
 
-    if changes.instance is None:
-        instance_id = client.run_instance(
-            image_id=plan.image_id,
-            instance_type=plan.request.instance_type,
-            subnet_id=plan.subnet.subnet_id,
-            security_group_id=group_id,
-            user_data=userdata.render(plan, public_ip),
-            key_name=plan.request.key_name,
-            tags=plan.tags("instance"),
-        )
+    if changes.launch:
+        instance_id = _run_instance(client, plan, group_id, public_ip, timing)
         created.instances.append(Instance(instance_id, "pending", plan.subnet.subnet_id, plan.request.mode))
         made.append(f"instance {instance_id}")
         progress(f"launched instance {instance_id}")
     else:
+        assert changes.instance is not None
         instance_id = changes.instance.instance_id
     wait_for_instances(client, [instance_id], "running", progress, timing)
 
     if changes.associate:
         settle(lambda: client.associate_address(allocation_id, instance_id), timing)
         progress(f"associated {public_ip} with {instance_id}")
-    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made))
+    replaced = None
+    if changes.replace and changes.instance is not None:
+        replaced = changes.instance.instance_id
+        # Only now: the address has moved, and a failure before this point left the old instance serving.
+        client.terminate_instances([replaced])
+        progress(f"terminating the replaced instance {replaced}")
+    bucket = plan.artefact.bucket if plan.artefact is not None else None
+    for key in changes.stale_keys:
+        client.delete_object(bucket or artefact_bucket(client, plan.cluster_id), key)
+        progress(f"deleted the previous natfwd object {key}")
+    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made), replaced)
+
+
+def artefact_bucket(client: AwsClient, cluster_id: str) -> str:
+    return bucket_name(client.account_id(), client.region, cluster_id)
+
+
+# IAM is eventually consistent too: a new instance profile can be unknown to EC2 for several seconds.
+_PROFILE_ATTEMPTS = 8
+
+
+def _run_instance(client: AwsClient, plan: Plan, group_id: str, public_ip: str, timing: Timing) -> str:
+    for attempt in range(_PROFILE_ATTEMPTS):
+        try:
+            return client.run_instance(
+                image_id=plan.image_id,
+                instance_type=plan.request.instance_type,
+                subnet_id=plan.subnet.subnet_id,
+                security_group_id=group_id,
+                user_data=userdata.render(plan, public_ip),
+                key_name=plan.request.key_name,
+                instance_profile=plan.role_name,
+                tags=plan.tags("instance"),
+            )
+        except AwsError as exc:
+            if "iamInstanceProfile" not in str(exc) or attempt == _PROFILE_ATTEMPTS - 1:
+                raise
+            timing.sleep(min(timing.poll_s, 2.0**attempt))
+    raise AssertionError("unreachable")
+
+
+def _store_artefact(
+    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, created: _Created, made: list[str]
+) -> None:
+    artefact = plan.artefact
+    if artefact is None:
+        return
+    if changes.create_bucket:
+        client.create_bucket(artefact.bucket, plan.tags("bucket"))
+        created.bucket = Bucket(artefact.bucket)
+        made.append(f"S3 bucket {artefact.bucket}")
+        progress(f"created S3 bucket {artefact.bucket}")
+    if changes.upload:
+        if artefact.data is None:
+            raise NatfwdError(f"the natfwd package for {artefact.url} was not built; run provision again")
+        client.put_object(artefact.bucket, artefact.key, artefact.data, {"sha256": artefact.sha256})
+        if created.bucket is not None:
+            created.bucket = Bucket(artefact.bucket, (artefact.key,))
+        progress(f"uploaded {artefact.url}")
+
+
+_TRUST_POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+    }
+)
+
+
+def _ensure_role(
+    client: AwsClient,
+    plan: Plan,
+    changes: Changes,
+    progress: Progress,
+    timing: Timing,
+    created: _Created,
+    made: list[str],
+) -> None:
+    name = plan.role_name
+    if changes.create_role:
+        description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}: SSM, discovery, its package"
+        client.create_role(name, _TRUST_POLICY, description, plan.tags("iam-role"))
+        created.role = Role(name, True, False, (), (), ())
+        made.append(f"IAM role {name}")
+        progress(f"created IAM role {name}")
+    if changes.put_policy:
+        client.put_role_policy(name, "natfwd", json.dumps(plan.instance_policy()))
+        if created.role is not None:
+            created.role = Role(name, True, False, (), ("natfwd",), ())
+    if changes.attach_ssm:
+        client.attach_role_policy(name, SSM_POLICY_ARN)
+        if created.role is not None:
+            created.role = Role(name, True, False, (), ("natfwd",), (SSM_POLICY_ARN,))
+    if changes.create_profile:
+        client.create_instance_profile(name, plan.tags("instance-profile"))
+        if created.role is not None:
+            created.role = Role(name, True, True, (), ("natfwd",), (SSM_POLICY_ARN,))
+        made.append(f"IAM instance profile {name}")
+        progress(f"created IAM instance profile {name}")
+    if changes.add_role_to_profile:
+        client.add_role_to_instance_profile(name, name)
+        if created.role is not None:
+            created.role = Role(name, True, True, (name,), ("natfwd",), (SSM_POLICY_ARN,))

@@ -1,4 +1,4 @@
-"""The one typed wrapper over boto3 (EC2, ElastiCache, SSM): every AWS call natfwd makes, with errors made readable.
+"""The one typed wrapper over boto3 (EC2, ElastiCache, SSM, S3, IAM, STS): every AWS call natfwd makes, with errors made readable.
 
 boto3 is imported here only, and only when a client is created, so `natfwd serve` never loads it.
 Every call goes through `_call` or `_paginate` with the service and the API operation name spelled as in IAM
@@ -15,7 +15,7 @@ from forwarder.errors import NatfwdError, UsageError
 Tags = Sequence[tuple[str, str]]
 Filters = Mapping[str, Sequence[str]]
 
-# Error codes that mean "the caller lacks a permission" across EC2, ElastiCache and SSM.
+# Error codes that mean "the caller lacks a permission" across the services natfwd calls.
 _DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "AuthFailure"}
 
 
@@ -40,7 +40,7 @@ def _tag_spec(resource_type: str, tags: Tags) -> list[dict[str, Any]]:
 
 
 class AwsClient:
-    """EC2, ElastiCache and SSM clients for one region; methods return the API's plain dicts.
+    """EC2, ElastiCache, SSM, S3, IAM and STS clients for one region; methods return the API's plain dicts.
 
     Every method raises AwsError (a NatfwdError, exit 1) with the operation, the AWS error code and a hint.
     """
@@ -82,7 +82,7 @@ class AwsClient:
         )
         clients = {
             name: session.client(name, endpoint_url=endpoint_url, config=settings)
-            for name in ("ec2", "elasticache", "ssm")
+            for name in ("ec2", "elasticache", "ssm", "s3", "iam", "sts")
         }
         return cls(clients, resolved, endpoint_url, botocore.exceptions)
 
@@ -236,7 +236,10 @@ class AwsClient:
         return str(created["AllocationId"]), str(created["PublicIp"])
 
     def associate_address(self, allocation_id: str, instance_id: str) -> str:
-        done = self._call("ec2", "AssociateAddress", AllocationId=allocation_id, InstanceId=instance_id)
+        """Associate the address with the instance, moving it from another instance if it has one."""
+        done = self._call(
+            "ec2", "AssociateAddress", AllocationId=allocation_id, InstanceId=instance_id, AllowReassociation=True
+        )
         return str(done.get("AssociationId", ""))
 
     def disassociate_address(self, association_id: str) -> None:
@@ -260,9 +263,10 @@ class AwsClient:
         security_group_id: str,
         user_data: str,
         key_name: str | None,
+        instance_profile: str,
         tags: Tags,
     ) -> str:
-        """Launch one instance; returns its id. IMDSv2 is required, as AWS recommends."""
+        """Launch one instance with `instance_profile`; returns its id. IMDSv2 is required, as AWS recommends."""
         params: dict[str, Any] = {
             "ImageId": image_id,
             "InstanceType": instance_type,
@@ -273,6 +277,7 @@ class AwsClient:
             # botocore base64-encodes RunInstances UserData itself.
             "UserData": user_data,
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            "IamInstanceProfile": {"Name": instance_profile},
             "TagSpecifications": _tag_spec("instance", tags) + _tag_spec("volume", tags),
         }
         if key_name:
@@ -282,3 +287,176 @@ class AwsClient:
 
     def terminate_instances(self, instance_ids: Sequence[str]) -> None:
         self._call("ec2", "TerminateInstances", InstanceIds=list(instance_ids))
+
+    def instance_user_data(self, instance_id: str) -> str:
+        """The user data an instance was launched with, decoded ("" when it has none)."""
+        import base64
+
+        found = self._call("ec2", "DescribeInstanceAttribute", InstanceId=instance_id, Attribute="userData")
+        value = (found.get("UserData") or {}).get("Value")
+        return base64.b64decode(value).decode("utf-8", "replace") if value else ""
+
+    def instance_architectures(self, instance_type: str) -> list[str]:
+        """The processor architectures an instance type supports ("x86_64", "arm64", ...).
+
+        Raises UsageError when EC2 does not know the type.
+        """
+        try:
+            found = self._call("ec2", "DescribeInstanceTypes", InstanceTypes=[instance_type])
+        except AwsError as exc:
+            if exc.code in ("InvalidInstanceType", "InvalidParameterValue"):
+                raise UsageError(
+                    f"--instance-type: {instance_type!r} is not an EC2 instance type in {self.region}; "
+                    "pass one such as t4g.micro or t3.micro"
+                ) from None
+            raise
+        types: list[dict[str, Any]] = found.get("InstanceTypes", [])
+        if not types:
+            raise UsageError(f"--instance-type: {instance_type!r} is not offered in {self.region}")
+        return [str(a) for a in types[0].get("ProcessorInfo", {}).get("SupportedArchitectures", [])]
+
+    # -- STS ----------------------------------------------------------------------------------------------------
+
+    def account_id(self) -> str:
+        return str(self._call("sts", "GetCallerIdentity")["Account"])
+
+    # -- S3: the artefact bucket ----------------------------------------------------------------------------------
+
+    def bucket_tags(self, bucket: str) -> dict[str, str] | None:
+        """The bucket's tags, or None when no such bucket exists (or it is someone else's)."""
+        try:
+            self._call("s3", "HeadBucket", Bucket=bucket)
+        except AwsError as exc:
+            if exc.code in ("404", "NoSuchBucket", "403"):
+                return None
+            raise
+        try:
+            found = self._call("s3", "GetBucketTagging", Bucket=bucket)
+        except AwsError as exc:
+            if exc.code == "NoSuchTagSet":
+                return {}
+            raise
+        return {str(t["Key"]): str(t["Value"]) for t in found.get("TagSet", [])}
+
+    def create_bucket(self, bucket: str, tags: Tags) -> None:
+        """A private, encrypted, tagged bucket: public access blocked, objects owned by the account, SSE-S3."""
+        params: dict[str, Any] = {"Bucket": bucket, "ObjectOwnership": "BucketOwnerEnforced"}
+        if self.region != "us-east-1":
+            params["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        self._call("s3", "CreateBucket", **params)
+        self._call(
+            "s3",
+            "PutPublicAccessBlock",
+            Bucket=bucket,
+            PublicAccessBlockConfiguration={
+                "BlockPublicAcls": True,
+                "IgnorePublicAcls": True,
+                "BlockPublicPolicy": True,
+                "RestrictPublicBuckets": True,
+            },
+        )
+        self._call(
+            "s3",
+            "PutBucketEncryption",
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+            },
+        )
+        self._call("s3", "PutBucketTagging", Bucket=bucket, Tagging={"TagSet": _tag_list(tags)})
+
+    def put_object(self, bucket: str, key: str, body: bytes, metadata: Mapping[str, str]) -> None:
+        self._call(
+            "s3", "PutObject", Bucket=bucket, Key=key, Body=body, Metadata=dict(metadata), ServerSideEncryption="AES256"
+        )
+
+    def list_objects(self, bucket: str) -> list[str]:
+        return [str(o["Key"]) for o in self._paginate("s3", "ListObjectsV2", "Contents", Bucket=bucket)]
+
+    def delete_object(self, bucket: str, key: str) -> None:
+        self._call("s3", "DeleteObject", Bucket=bucket, Key=key)
+
+    def delete_bucket(self, bucket: str) -> None:
+        self._call("s3", "DeleteBucket", Bucket=bucket)
+
+    # -- IAM: the instance role and profile ------------------------------------------------------------------------
+
+    def role_tags(self, role: str) -> dict[str, str] | None:
+        """The role's tags, or None when there is no such role."""
+        try:
+            found = self._call("iam", "GetRole", RoleName=role)
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return None
+            raise
+        return {str(t["Key"]): str(t["Value"]) for t in found["Role"].get("Tags") or ()}
+
+    def create_role(self, role: str, trust_policy: str, description: str, tags: Tags) -> None:
+        self._call(
+            "iam",
+            "CreateRole",
+            RoleName=role,
+            AssumeRolePolicyDocument=trust_policy,
+            Description=description,
+            Tags=_tag_list(tags),
+        )
+
+    def put_role_policy(self, role: str, name: str, document: str) -> None:
+        self._call("iam", "PutRolePolicy", RoleName=role, PolicyName=name, PolicyDocument=document)
+
+    def role_policy(self, role: str, name: str) -> str | None:
+        """The inline policy document as JSON text, or None when the role has no such policy."""
+        import json
+        import urllib.parse
+
+        try:
+            found = self._call("iam", "GetRolePolicy", RoleName=role, PolicyName=name)
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return None
+            raise
+        document = found["PolicyDocument"]
+        if isinstance(document, str):  # URL-encoded JSON, as the API documents it
+            return json.dumps(json.loads(urllib.parse.unquote(document)), sort_keys=True)
+        return json.dumps(document, sort_keys=True)
+
+    def role_policy_names(self, role: str) -> list[str]:
+        return [str(n) for n in self._paginate("iam", "ListRolePolicies", "PolicyNames", RoleName=role)]
+
+    def delete_role_policy(self, role: str, name: str) -> None:
+        self._call("iam", "DeleteRolePolicy", RoleName=role, PolicyName=name)
+
+    def attached_policies(self, role: str) -> list[str]:
+        found = self._paginate("iam", "ListAttachedRolePolicies", "AttachedPolicies", RoleName=role)
+        return [str(p["PolicyArn"]) for p in found]
+
+    def attach_role_policy(self, role: str, policy_arn: str) -> None:
+        self._call("iam", "AttachRolePolicy", RoleName=role, PolicyArn=policy_arn)
+
+    def detach_role_policy(self, role: str, policy_arn: str) -> None:
+        self._call("iam", "DetachRolePolicy", RoleName=role, PolicyArn=policy_arn)
+
+    def delete_role(self, role: str) -> None:
+        self._call("iam", "DeleteRole", RoleName=role)
+
+    def instance_profile_roles(self, profile: str) -> list[str] | None:
+        """The roles in the instance profile, or None when there is no such profile."""
+        try:
+            found = self._call("iam", "GetInstanceProfile", InstanceProfileName=profile)
+        except AwsError as exc:
+            if exc.code == "NoSuchEntity":
+                return None
+            raise
+        return [str(r["RoleName"]) for r in found["InstanceProfile"].get("Roles") or ()]
+
+    def create_instance_profile(self, profile: str, tags: Tags) -> None:
+        self._call("iam", "CreateInstanceProfile", InstanceProfileName=profile, Tags=_tag_list(tags))
+
+    def add_role_to_instance_profile(self, profile: str, role: str) -> None:
+        self._call("iam", "AddRoleToInstanceProfile", InstanceProfileName=profile, RoleName=role)
+
+    def remove_role_from_instance_profile(self, profile: str, role: str) -> None:
+        self._call("iam", "RemoveRoleFromInstanceProfile", InstanceProfileName=profile, RoleName=role)
+
+    def delete_instance_profile(self, profile: str) -> None:
+        self._call("iam", "DeleteInstanceProfile", InstanceProfileName=profile)

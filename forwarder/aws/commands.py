@@ -50,13 +50,13 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     """natfwd provision: plan, show, confirm, apply, report. Returns the exit code; raises NatfwdError/UsageError."""
     request = plan.ProvisionRequest(
         cluster_id=plan.parse_cluster_id(args.cluster_id),
-        trusted_cidr=plan.parse_trusted_cidr(args.trusted_cidr),
+        trusted_cidrs=plan.parse_trusted_cidrs(args.trusted_cidr),
         mode=args.mode,
         instance_type=args.instance_type,
-        ssh=not args.no_ssh,
         key_name=args.key_name,
         subnet_id=args.subnet_id,
-        package=plan.parse_package(args.package),
+        package=plan.parse_package(args.package) if args.package is not None else None,
+        architecture=args.architecture,
     )
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     the_plan = survey.prepare(client, request)
@@ -71,7 +71,7 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     if changes.empty:
         print("everything already exists; nothing to change", file=stdout, flush=True)
     elif not args.yes:
-        _confirm("Create these resources?", stdin, stderr, "provision")
+        _confirm("Make these changes?", stdin, stderr, "provision")
     command = destroy_command(args, client.region)
     timing = Timing(timeout_s=args.wait_timeout)
     outcome = apply.apply(client, the_plan, found, _progress(stderr), command, timing)

@@ -1,11 +1,11 @@
-"""Remove natfwd's resources in dependency order: instance, Elastic IP, cache security group rule, NAT group."""
+"""Remove natfwd's resources in dependency order: instance, Elastic IP, cache rule, NAT group, bucket, role."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 from forwarder.aws.client import AwsClient, AwsError
-from forwarder.aws.inventory import Inventory
+from forwarder.aws.inventory import Bucket, Inventory, Role
 from forwarder.aws.rules import Rule, to_permission
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 
@@ -16,6 +16,10 @@ _GONE = {
     "InvalidPermission.NotFound",
     "InvalidGroup.NotFound",
     "InvalidInstanceID.NotFound",
+    "NoSuchEntity",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "404",
 }
 
 
@@ -76,6 +80,50 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
         progress(f"deleting security group {group.group_id}")
         _delete_group(client, group.group_id, progress, timing)
         removed.append(f"security group {group.group_id}")
+    if inventory.bucket is not None:
+        removed += _delete_bucket(client, inventory.bucket, progress)
+    if inventory.role is not None:
+        removed += _delete_role(client, inventory.role, progress)
+    return removed
+
+
+def _delete_bucket(client: AwsClient, bucket: Bucket, progress: Progress) -> list[str]:
+    progress(f"deleting S3 bucket {bucket.name}")
+    try:
+        # Listed again: an object uploaded after the inventory was taken would keep the bucket from going.
+        for key in sorted(set(bucket.keys) | set(client.list_objects(bucket.name))):
+            client.delete_object(bucket.name, key)
+        client.delete_bucket(bucket.name)
+    except AwsError as exc:
+        _ignore_gone(exc)
+    return [f"S3 bucket {bucket.name}"]
+
+
+def _delete_role(client: AwsClient, role: Role, progress: Progress) -> list[str]:
+    removed = []
+    if role.profile:
+        progress(f"deleting IAM instance profile {role.name}")
+        for name in role.profile_roles:
+            try:
+                client.remove_role_from_instance_profile(role.name, name)
+            except AwsError as exc:
+                _ignore_gone(exc)
+        try:
+            client.delete_instance_profile(role.name)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        removed.append(f"IAM instance profile {role.name}")
+    if role.exists:
+        progress(f"deleting IAM role {role.name}")
+        try:
+            for arn in role.attached_policies:
+                client.detach_role_policy(role.name, arn)
+            for name in role.inline_policies:
+                client.delete_role_policy(role.name, name)
+            client.delete_role(role.name)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        removed.append(f"IAM role {role.name}")
     return removed
 
 

@@ -1,4 +1,4 @@
-"""Find what provision created for a cluster, by its tags: security group, instance, Elastic IP, cache rules."""
+"""Find what provision created for a cluster, by its tags: group, instance, Elastic IP, cache rules, bucket, role."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient
-from forwarder.aws.plan import TAG_CLUSTER, TAG_MODE, TAG_TRUSTED_CIDR
+from forwarder.aws.plan import TAG_CLUSTER, TAG_MODE
 from forwarder.aws.rules import Rule, from_permissions
 
 # Instances in these states are gone, or going; they no longer count as provisioned.
@@ -24,7 +25,6 @@ class Group:
 
     group_id: str
     vpc_id: str
-    trusted_cidr: str
     ingress: tuple[Rule, ...]
     egress: tuple[Rule, ...]
 
@@ -35,6 +35,8 @@ class Instance:
     state: str
     subnet_id: str
     mode: str
+    instance_type: str = ""
+    user_data: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,27 @@ class Reference:
 
 
 @dataclass(frozen=True, slots=True)
+class Bucket:
+    """The cluster's artefact bucket and the objects in it."""
+
+    name: str
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """The instance role (`exists`), its instance profile (`profile`), their policies."""
+
+    name: str
+    exists: bool
+    profile: bool
+    profile_roles: tuple[str, ...] = ()
+    inline_policies: tuple[str, ...] = ()
+    attached_policies: tuple[str, ...] = ()
+    policy: str | None = None  # the natfwd inline policy, as sorted JSON
+
+
+@dataclass(frozen=True, slots=True)
 class Inventory:
     """natfwd's resources for one cluster; empty tuples when none exist."""
 
@@ -62,10 +85,12 @@ class Inventory:
     instances: tuple[Instance, ...] = ()
     addresses: tuple[Address, ...] = ()
     references: tuple[Reference, ...] = field(default=())
+    bucket: Bucket | None = None
+    role: Role | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.groups or self.instances or self.addresses or self.references)
+        return not (self.groups or self.instances or self.addresses or self.references or self.bucket or self.role)
 
     def lines(self) -> list[str]:
         """One line per resource, in the order destroy removes them."""
@@ -76,21 +101,61 @@ class Inventory:
             for r in self.references
         ]
         lines += [f"security group {g.group_id} (in {g.vpc_id})" for g in self.groups]
+        if self.bucket is not None:
+            count = len(self.bucket.keys)
+            lines.append(f"S3 bucket {self.bucket.name} and its {count} object{'s' * (count != 1)}")
+        if self.role is not None:
+            if self.role.profile:
+                lines.append(f"IAM instance profile {self.role.name}")
+            if self.role.exists:
+                lines.append(f"IAM role {self.role.name} and its policies")
         return lines
+
+
+def find_bucket(client: AwsClient, cluster_id: str) -> Bucket | None:
+    """The cluster's bucket, if it exists and carries the cluster's tag (a bucket of that name without it is not
+    natfwd's to touch)."""
+    name = bucket_name(client.account_id(), client.region, cluster_id)
+    tags = client.bucket_tags(name)
+    if tags is None or tags.get(TAG_CLUSTER) != cluster_id:
+        return None
+    return Bucket(name, tuple(sorted(client.list_objects(name))))
+
+
+def find_role(client: AwsClient, cluster_id: str) -> Role | None:
+    """The instance role and profile named natfwd-<cluster_id>, if the role is tagged for the cluster or the
+    profile holds no other role."""
+    name = f"natfwd-{cluster_id}"[:64]
+    tags = client.role_tags(name)
+    exists = tags is not None and tags.get(TAG_CLUSTER) == cluster_id
+    profile_roles = client.instance_profile_roles(name)
+    profile = profile_roles is not None and all(r == name for r in profile_roles)
+    if not exists and not profile:
+        return None
+    if not exists:
+        return Role(name, False, True, tuple(profile_roles or ()))
+    policies = tuple(client.role_policy_names(name))
+    return Role(
+        name,
+        True,
+        profile,
+        tuple(profile_roles or ()),
+        policies,
+        tuple(client.attached_policies(name)),
+        client.role_policy(name, "natfwd") if "natfwd" in policies else None,
+    )
 
 
 def find(client: AwsClient, cluster_id: str) -> Inventory:
     """Everything tagged natfwd:cluster-id=<cluster_id> in the client's region (terminated instances excluded),
-    plus any inbound rule elsewhere that references the NAT security group. Raises AwsError."""
+    any inbound rule elsewhere that references the NAT security group, the bucket and the role. Raises AwsError."""
     tagged = {f"tag:{TAG_CLUSTER}": [cluster_id]}
     groups = []
     for entry in client.describe_security_groups(tagged):
-        tags = _tags(entry)
         groups.append(
             Group(
                 group_id=str(entry["GroupId"]),
                 vpc_id=str(entry.get("VpcId", "")),
-                trusted_cidr=tags.get(TAG_TRUSTED_CIDR, ""),
                 ingress=tuple(from_permissions(entry.get("IpPermissions") or ())),
                 egress=tuple(from_permissions(entry.get("IpPermissionsEgress") or ())),
             )
@@ -101,6 +166,8 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
             state=str(entry["State"]["Name"]),
             subnet_id=str(entry.get("SubnetId", "")),
             mode=_tags(entry).get(TAG_MODE, ""),
+            instance_type=str(entry.get("InstanceType", "")),
+            user_data=client.instance_user_data(str(entry["InstanceId"])),
         )
         for entry in client.describe_instances(tagged)
         if entry["State"]["Name"] not in _GONE
@@ -129,4 +196,6 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
         instances=tuple(sorted(instances, key=lambda i: i.instance_id)),
         addresses=tuple(sorted(addresses, key=lambda a: a.allocation_id)),
         references=tuple(references),
+        bucket=find_bucket(client, cluster_id),
+        role=find_role(client, cluster_id),
     )

@@ -8,24 +8,39 @@ from dataclasses import dataclass
 from typing import Literal
 
 from forwarder import __version__
+from forwarder.aws.artefact import Artefact
 from forwarder.aws.cluster import Cluster, NodeEndpoint
 from forwarder.aws.rules import Rule
 from forwarder.aws.subnets import Subnet
 from forwarder.errors import NatfwdError, UsageError
 
 Mode = Literal["userspace", "kernel"]
-Role = Literal["security-group", "instance", "elastic-ip", "rule"]
+Architecture = Literal["arm64", "x86_64"]
+Role = Literal["security-group", "instance", "elastic-ip", "rule", "bucket", "iam-role", "instance-profile"]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+ARCHITECTURES: tuple[Architecture, ...] = ("arm64", "x86_64")
+AMI_PARAMETER_PREFIX = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-"
 TAG_CLUSTER = "natfwd:cluster-id"
 TAG_ROLE = "natfwd:role"
-TAG_TRUSTED_CIDR = "natfwd:trusted-cidr"
 TAG_MODE = "natfwd:mode"
 FIRST_PORT = {"memcached": 11211, "redis": 6379, "redis-cluster": 6379}
 SSH_PORT = 22
-# The box installs natfwd (pip) and OS packages (dnf) at first boot, both over HTTPS only.
+# The box installs OS packages (dnf) and natfwd's dependencies (pip), fetches natfwd from S3 and talks to SSM,
+# all over HTTPS only.
 PACKAGE_PORT = 443
-DEFAULT_PACKAGE = f"natfwd=={__version__}"
+# Graviton: the cheapest instance that serves natfwd (see docs/aws.md for what each default costs).
+DEFAULT_INSTANCE_TYPE = "t4g.micro"
+# What the box needs for SSM Session Manager: the AWS managed policy, attached to the instance role.
+SSM_POLICY_ARN = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+
+
+def ami_parameter(architecture: Architecture) -> str:
+    """The public SSM parameter holding the current Amazon Linux 2023 AMI for `architecture`."""
+    return AMI_PARAMETER_PREFIX + architecture
+
+
+AMI_PARAMETER = ami_parameter("x86_64")
 
 _CLUSTER_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PACKAGE_SPEC = re.compile(r"^[A-Za-z0-9._\-\[\],=<>!~+:/@#%?&]+$")
@@ -38,8 +53,8 @@ def parse_cluster_id(text: str) -> str:
     return text
 
 
-def parse_trusted_cidr(text: str) -> ipaddress.IPv4Network:
-    """Validate --trusted-cidr: an IPv4 network (a bare address means /32), never 0.0.0.0/0.
+def parse_trusted_cidr(text: str) -> Network:
+    """Validate one --trusted-cidr: an IPv4 or IPv6 network (a bare address means /32 or /128), never everything.
 
     Raises UsageError (exit 2) saying what is wrong and what to pass instead.
     """
@@ -53,13 +68,19 @@ def parse_trusted_cidr(text: str) -> ipaddress.IPv4Network:
                 f"--trusted-cidr: {text!r} is not a CIDR; pass the client network, such as 198.51.100.27/32"
             ) from None
         raise UsageError(f"--trusted-cidr: {text!r} has host bits set; did you mean {loose}?") from None
-    if not isinstance(network, ipaddress.IPv4Network):
-        raise UsageError(f"--trusted-cidr: {text!r} is IPv6, but the Elastic IP is IPv4; pass an IPv4 CIDR")
     if network.prefixlen == 0:
         raise UsageError(
-            "--trusted-cidr: 0.0.0.0/0 would let the whole internet reach the cache; pass the client network"
+            f"--trusted-cidr: {network} would let the whole internet reach the cache; pass the client network"
         )
     return network
+
+
+def parse_trusted_cidrs(texts: list[str] | tuple[str, ...]) -> tuple[Network, ...]:
+    """Validate every --trusted-cidr (repeatable); duplicates are dropped, the order is IPv4 then IPv6, sorted."""
+    if not texts:
+        raise UsageError("--trusted-cidr: pass at least one client network, such as 198.51.100.27/32")
+    networks = {parse_trusted_cidr(text) for text in texts}
+    return tuple(sorted(networks, key=lambda n: (n.version, n)))
 
 
 def parse_package(text: str) -> str:
@@ -69,18 +90,64 @@ def parse_package(text: str) -> str:
     return text
 
 
+def package_architecture(spec: str) -> Architecture | None:
+    """The architecture a --package wheel is built for, from its platform tag (None: pure, or not a wheel)."""
+    name = spec.rsplit("/", 1)[-1].split("#", 1)[0]
+    if not name.endswith(".whl"):
+        return None
+    if "aarch64" in name:
+        return "arm64"
+    if "x86_64" in name:
+        return "x86_64"
+    return None
+
+
+def choose_architecture(
+    instance_type: str, supported: list[str], forced: Architecture | None, package: str | None
+) -> Architecture:
+    """The AMI architecture for `instance_type` (whose `supported` architectures EC2 reported).
+
+    Raises UsageError when what the user forced (--architecture, or a --package wheel's platform) does not run
+    on that instance type.
+    """
+    usable = [a for a in ARCHITECTURES if a in supported]
+    if not usable:
+        raise UsageError(
+            f"--instance-type: {instance_type} supports {', '.join(supported) or 'no'} architecture(s); natfwd's "
+            "Amazon Linux 2023 AMIs are arm64 (Graviton, e.g. t4g.micro) and x86_64 (e.g. t3.micro)"
+        )
+    if forced is not None and forced not in usable:
+        raise UsageError(
+            f"--architecture {forced}: {instance_type} runs {' and '.join(usable)} only; pick an instance type "
+            f"of that architecture ({'t4g.micro' if forced == 'arm64' else 't3.micro'}) or drop --architecture"
+        )
+    wheel = package_architecture(package) if package else None
+    if wheel is not None and wheel not in usable:
+        raise UsageError(
+            f"--package: that wheel is built for {wheel}, but {instance_type} runs {' and '.join(usable)}; pass a "
+            "wheel for that architecture, an sdist, or another --instance-type"
+        )
+    return forced or wheel or usable[0]
+
+
 @dataclass(frozen=True, slots=True)
 class ProvisionRequest:
     """What the user asked for on the command line, validated."""
 
     cluster_id: str
-    trusted_cidr: ipaddress.IPv4Network
+    trusted_cidrs: tuple[Network, ...]
     mode: Mode = "userspace"
-    instance_type: str = "t3.micro"
-    ssh: bool = True
+    instance_type: str = DEFAULT_INSTANCE_TYPE
     key_name: str | None = None
     subnet_id: str | None = None
-    package: str = DEFAULT_PACKAGE
+    # None: ship the natfwd that runs provision (see artefact.py); else a pip requirement or URL to install.
+    package: str | None = None
+    architecture: Architecture | None = None
+
+    @property
+    def ssh(self) -> bool:
+        """Port 22 is opened only for a key pair: without one, nobody could log in through it."""
+        return self.key_name is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +172,35 @@ class Plan:
     cache_security_group_id: str
     nat_ingress: tuple[Rule, ...]
     nat_egress: tuple[Rule, ...]
+    architecture: Architecture = "x86_64"
+    artefact: Artefact | None = None
+
+    @property
+    def role_name(self) -> str:
+        """The instance role, and the instance profile of the same name (IAM names are at most 64 chars)."""
+        return self.name[:64]
+
+    @property
+    def install_source(self) -> str:
+        if self.artefact is not None:
+            return f"natfwd {__version__} as built here (sdist, sha256 {self.artefact.sha256[:16]}...)"
+        return str(self.request.package)
+
+    def instance_policy(self) -> dict[str, object]:
+        """The instance role's own policy: the discovery reads, and the one artefact object (SSM is attached)."""
+        statements: list[dict[str, object]] = [
+            {
+                "Sid": "NatfwdDiscovery",
+                "Effect": "Allow",
+                "Action": ["elasticache:DescribeCacheClusters", "elasticache:DescribeReplicationGroups"],
+                "Resource": "*",
+            }
+        ]
+        if self.artefact is not None:
+            statements.append(
+                {"Sid": "NatfwdArtefact", "Effect": "Allow", "Action": "s3:GetObject", "Resource": self.artefact.arn}
+            )
+        return {"Version": "2012-10-17", "Statement": statements}
 
     @property
     def cluster_id(self) -> str:
@@ -121,8 +217,6 @@ class Plan:
     def tags(self, role: Role) -> tuple[tuple[str, str], ...]:
         """Tags for one resource; destroy and idempotent re-runs find resources by TAG_CLUSTER."""
         tags: list[tuple[str, str]] = [(TAG_CLUSTER, self.cluster_id), ("Name", self.name), (TAG_ROLE, role)]
-        if role == "security-group":
-            tags.append((TAG_TRUSTED_CIDR, str(self.request.trusted_cidr)))
         if role == "instance":
             tags.append((TAG_MODE, self.request.mode))
         return tuple(tags)
@@ -134,7 +228,16 @@ class Plan:
         )
 
 
-def build(request: ProvisionRequest, cluster: Cluster, vpc_id: str, subnet: Subnet, image_id: str, region: str) -> Plan:
+def build(
+    request: ProvisionRequest,
+    cluster: Cluster,
+    vpc_id: str,
+    subnet: Subnet,
+    image_id: str,
+    region: str,
+    architecture: Architecture = "x86_64",
+    artefact: Artefact | None = None,
+) -> Plan:
     """Turn the request and the facts read from AWS into a plan.
 
     Raises NatfwdError when the cluster has no reachable nodes or no VPC security group, UsageError when the
@@ -155,13 +258,18 @@ def build(request: ProvisionRequest, cluster: Cluster, vpc_id: str, subnet: Subn
         )
     first_port = FIRST_PORT[cluster.engine]
     forwards = tuple(PortForward(first_port + index, node) for index, node in enumerate(cluster.nodes))
-    trusted = str(request.trusted_cidr)
     cache_group = cluster.security_group_ids[0]
-    ingress = [Rule.tcp(f.port, trusted, f"{request.cluster_id}: forward to node {f.node.node_id}") for f in forwards]
+    ingress = [
+        Rule.tcp(f.port, str(cidr), f"{request.cluster_id}: forward to node {f.node.node_id}")
+        for cidr in request.trusted_cidrs
+        for f in forwards
+    ]
     if request.ssh:
-        ingress.append(Rule.tcp(SSH_PORT, trusted, f"{request.cluster_id}: SSH"))
+        ingress += [Rule.tcp(SSH_PORT, str(cidr), f"{request.cluster_id}: SSH") for cidr in request.trusted_cidrs]
     egress = [Rule.tcp(port, cache_group, f"{request.cluster_id}: cache nodes") for port in cluster.node_ports]
-    egress.append(Rule.tcp(PACKAGE_PORT, "0.0.0.0/0", f"{request.cluster_id}: package downloads at boot (dnf, pip)"))
+    egress.append(
+        Rule.tcp(PACKAGE_PORT, "0.0.0.0/0", f"{request.cluster_id}: HTTPS to dnf, pip, S3 (natfwd itself) and SSM")
+    )
     return Plan(
         request=request,
         region=region,
@@ -173,6 +281,8 @@ def build(request: ProvisionRequest, cluster: Cluster, vpc_id: str, subnet: Subn
         cache_security_group_id=cache_group,
         nat_ingress=tuple(ingress),
         nat_egress=tuple(egress),
+        architecture=architecture,
+        artefact=artefact,
     )
 
 
@@ -189,8 +299,15 @@ def render(plan: Plan) -> str:
         f"  VPC             {plan.vpc_id}",
         f"  subnet          {plan.subnet.subnet_id} ({plan.subnet.cidr}, {plan.subnet.availability_zone}), "
         f"public via {plan.subnet.gateway_id}",
-        f"  instance        {request.instance_type}, {plan.image_id} (Amazon Linux 2023), {key}",
-        f"  natfwd          mode {request.mode}, installs {request.package}",
+        f"  instance        {request.instance_type} ({plan.architecture}), {plan.image_id} (Amazon Linux 2023), {key}",
+        f"  access          instance profile {plan.role_name}: SSM Session Manager, ElastiCache Describe"
+        + (", the natfwd object" if plan.artefact else ""),
+        f"  natfwd          mode {request.mode}, installs {plan.install_source}",
+        f"  clients         {', '.join(str(c) for c in request.trusted_cidrs)}",
+    ]
+    if plan.artefact is not None:
+        lines.append(f"  storage         S3 bucket {plan.artefact.bucket} (private, encrypted), natfwd's sdist in it")
+    lines += [
         "  Elastic IP      one for natfwd, associated with the instance",
         "  forwards        (Elastic IP port -> node)",
     ]

@@ -17,6 +17,11 @@ def client_lines(plan: Plan, public_ip: str) -> list[str]:
     return [f"redis-cli{cluster_flag} -h {public_ip} -p {f.port}" for f in plan.forwards]
 
 
+def ssm_command(instance_id: str, region: str) -> str:
+    """The command that opens a shell on the instance (needs the AWS CLI and its Session Manager plugin)."""
+    return f"aws ssm start-session --target {instance_id} --region {region}"
+
+
 def render(outcome: Outcome, destroy_command: str) -> str:
     """The closing report (no trailing newline)."""
     plan = outcome.plan
@@ -31,8 +36,15 @@ def render(outcome: Outcome, destroy_command: str) -> str:
     lines += [f"    {ip}:{f.port} -> node {f.node.node_id} ({f.node.address}:{f.node.port})" for f in plan.forwards]
     lines.append("  client lines")
     lines += [f"    {line}" for line in client_lines(plan, ip)]
+    if outcome.replaced:
+        lines.append(f"  replaced        {outcome.replaced} (terminating); the Elastic IP moved to the new instance")
+    clients = ", ".join(str(c) for c in plan.request.trusted_cidrs)
     lines += [
         "  The instance installs natfwd at first boot: allow a few minutes before the first connection.",
-        f"  Only {plan.request.trusted_cidr} is let in. Remove everything with: {destroy_command}",
+        f"  Only {clients} {'is' if len(plan.request.trusted_cidrs) == 1 else 'are'} let in. To change the clients, "
+        "run provision again with other --trusted-cidr flags.",
+        "  A shell on the instance, through SSM Session Manager (no SSH needed):",
+        f"    {ssm_command(outcome.instance_id, plan.region)}",
+        f"  Remove everything with: {destroy_command}",
     ]
     return "\n".join(lines)

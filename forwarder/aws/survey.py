@@ -1,8 +1,9 @@
-"""Read what a plan needs from AWS (the cluster, its VPC, a public subnet, the current AMI) and build the plan."""
+"""Read what a plan needs from AWS (the cluster, its VPC, a public subnet, the AMI for the instance's
+architecture), build the natfwd package the instance installs, and build the plan."""
 
 from __future__ import annotations
 
-from forwarder.aws import cluster, plan, subnets
+from forwarder.aws import artefact, cluster, plan, subnets
 from forwarder.aws.client import AwsClient
 from forwarder.errors import NatfwdError
 
@@ -22,5 +23,11 @@ def prepare(client: AwsClient, request: plan.ProvisionRequest) -> plan.Plan:
         request.cluster_id,
         request.subnet_id,
     )
-    image_id = client.parameter(plan.AMI_PARAMETER)
-    return plan.build(request, found, vpc_id, subnet, image_id, client.region)
+    supported = client.instance_architectures(request.instance_type)
+    architecture = plan.choose_architecture(request.instance_type, supported, request.architecture, request.package)
+    image_id = client.parameter(plan.ami_parameter(architecture))
+    shipped = None
+    if request.package is None:
+        bucket = artefact.bucket_name(client.account_id(), client.region, request.cluster_id)
+        shipped = artefact.build(bucket)
+    return plan.build(request, found, vpc_id, subnet, image_id, client.region, architecture, shipped)

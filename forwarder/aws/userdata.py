@@ -1,4 +1,5 @@
-"""The NAT instance's cloud-init user data: install natfwd, write its config, then run it (or apply kernel rules).
+"""The NAT instance's cloud-init user data: fetch and verify natfwd, install it, write its config, then run it
+(or apply kernel rules).
 
 The systemd unit text lives here so the package can ship it; deploy/natfwd.service is a copy that a test keeps
 equal, and deploy/cloud-init.example.yaml is a rendered example that a test keeps in sync.
@@ -17,7 +18,10 @@ BOOTSTRAP_PATH = "/usr/local/sbin/natfwd-bootstrap"
 RULES_PATH = "/etc/natfwd/rules.sh"
 KERNEL_CONFIG_PATH = "/etc/natfwd/kernel.yaml"
 VENV = "/opt/natfwd"
+DIST_DIR = "/opt/natfwd/dist"
 METRICS_LISTEN = "127.0.0.1:9108"
+# The config may hold an AUTH token: root-only on disk, handed to the service by systemd (LoadCredential=).
+CONFIG_CREDENTIAL = "natfwd.yaml"
 
 SYSTEMD_UNIT = """\
 [Unit]
@@ -26,8 +30,13 @@ After=network-online.target
 Wants=network-online.target
 
 [Service]
-Type=exec
-ExecStart=/opt/natfwd/bin/natfwd serve --config /etc/natfwd/natfwd.yaml
+# natfwd says READY=1 once every listener is bound, RELOADING=1 on SIGHUP and STOPPING=1 when it drains.
+Type=notify
+# The config and TLS keys stay root-only (0600): systemd copies them into $CREDENTIALS_DIRECTORY for the
+# service's throwaway user. In the config, credential:NAME is a file there, e.g. `key: credential:tls.key` with
+# LoadCredential=tls.key:/etc/natfwd/tls.key. A changed config takes effect on restart, not on reload.
+LoadCredential=natfwd.yaml:/etc/natfwd/natfwd.yaml
+ExecStart=/opt/natfwd/bin/natfwd serve --config credential:natfwd.yaml
 ExecReload=/bin/kill -HUP $MAINPID
 KillSignal=SIGTERM
 # SIGTERM drains live connections for drain_timeout_s (30 s by default) before exiting; SIGKILL only after that.
@@ -78,7 +87,7 @@ def render_config(plan: Plan, public_ip: str) -> str:
         "# The bootstrap script replaces this with the primary interface (ens5 on Nitro instances).",
         "interface: eth0",
         "allowed_clients:",
-        f"  - {plan.request.trusted_cidr}",
+        *(f"  - {cidr}" for cidr in plan.request.trusted_cidrs),
         "forwards:",
     ]
     for forward in plan.forwards:
@@ -87,15 +96,30 @@ def render_config(plan: Plan, public_ip: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _install_lines(plan: Plan) -> list[str]:
+    """Fetch natfwd from the cluster's bucket with the instance role, check its sha256, install it."""
+    pip = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check"
+    artefact = plan.artefact
+    if artefact is None:
+        return [f"{pip} {shlex.quote(str(plan.request.package))}"]
+    path = f"{DIST_DIR}/{artefact.filename}"
+    return [
+        "# natfwd as provision built it, read with the instance role; installed only if its sha256 matches.",
+        f"mkdir -p {DIST_DIR}",
+        f"aws s3 cp --only-show-errors --region {plan.region} {artefact.url} {path}",
+        f'echo "{artefact.sha256}  {path}" | sha256sum --check --strict',
+        f"{pip} {path}",
+    ]
+
+
 def render_bootstrap(plan: Plan) -> str:
     """The first-boot shell script: install natfwd in a venv, fix the interface name, then serve or apply rules."""
-    package = shlex.quote(plan.request.package)
     lines = [
         "#!/bin/sh",
         f"# natfwd first-boot setup for ElastiCache cluster {plan.cluster_id} (mode {plan.request.mode}).",
         "set -eu",
         f"python3.11 -m venv {VENV}",
-        f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check {package}",
+        *_install_lines(plan),
         f"ln -sf {VENV}/bin/natfwd /usr/local/bin/natfwd",
         "# Amazon Linux 2023 names the primary interface ens5 (Nitro) or enX0 (Xen), not eth0.",
         "iface=$(ip -o -4 route show default | awk '{print $5; exit}')",
@@ -107,7 +131,7 @@ def render_bootstrap(plan: Plan) -> str:
         names = " ".join(sorted({f.node.address for f in plan.forwards}))
         lines += [
             "# Kernel rules need IP addresses: resolve the node names (VPC DNS) into a copy of the config.",
-            f"cp {CONFIG_PATH} {KERNEL_CONFIG_PATH}",
+            f"install -m 0600 {CONFIG_PATH} {KERNEL_CONFIG_PATH}",
             f"for name in {names}; do",
             "  ip=$(getent ahostsv4 \"$name\" | awk '{print $1; exit}')",
             '  [ -n "$ip" ] || { echo "natfwd: cannot resolve $name" >&2; exit 1; }',
@@ -139,15 +163,17 @@ def render(plan: Plan, public_ip: str) -> str:
         # pip builds natfwd's C extensions (the relay thread, the protocol scanners) with these; without them
         # natfwd still serves, in pure Python, at a few microseconds more per request.
         packages += ["gcc", "python3.11-devel"]
+    if plan.artefact is None and str(plan.request.package).startswith("git+"):
+        packages.append("git")
     parts = [
         "#cloud-config\n",
         f"# natfwd NAT instance for ElastiCache cluster {plan.cluster_id} ({plan.cluster.engine}, "
         f"mode {plan.request.mode}), written by natfwd provision.\n",
-        "# Its security group allows outbound HTTPS (443) so that dnf and pip can install natfwd at first boot.\n",
+        "# Its security group allows outbound HTTPS (443): dnf, pip, S3 (natfwd itself) and SSM Session Manager.\n",
         "packages:\n",
         *(f"  - {name}\n" for name in packages),
         "write_files:\n",
-        _file(CONFIG_PATH, "0644", render_config(plan, public_ip)),
+        _file(CONFIG_PATH, "0600", render_config(plan, public_ip)),
     ]
     if plan.request.mode == "userspace":
         parts.append(_file(UNIT_PATH, "0644", SYSTEMD_UNIT))

@@ -1,0 +1,135 @@
+"""Boot a NAT instance's user data in a lab namespace: a cloud-init stand-in, and dnf/systemctl stand-ins.
+
+`python bootkit.py box ROOT` runs as root inside the lab's NAT network namespace and a private mount namespace
+(`ip netns exec NAT unshare --mount --propagation private`): it lays writable overlays on /etc, /opt and /usr/local
+whose upper layers live in a tmpfs under ROOT, so nothing the box writes reaches this host's files, then does what
+cloud-init does with ROOT/user-data: packages (through the dnf stand-in), write_files, runcmd.
+`python bootkit.py systemctl ARGS` is the systemctl the box sees: `enable --now UNIT` starts the unit's ExecStart
+as systemd would for Type=notify (LoadCredential= copies into $CREDENTIALS_DIRECTORY, $NOTIFY_SOCKET, waiting for
+READY=1), records its pid in ROOT/service.pid and leaves it running; other commands are only recorded.
+`python bootkit.py record NAME ARGS` is dnf, yum and service: recorded in ROOT/commands.log, nothing installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+OVERLAID = ("/etc", "/opt", "/usr/local")
+READY_TIMEOUT_S = 120.0  # only stops a hang
+
+
+def _record(root: Path, words: list[str]) -> None:
+    with (root / "commands.log").open("a") as log:
+        log.write(" ".join(words) + "\n")
+
+
+def box(root: Path) -> int:
+    scratch = root / "scratch"
+    scratch.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "box", str(scratch)], check=True)
+    for directory in OVERLAID:
+        name = directory.strip("/").replace("/", "-")
+        upper, work = scratch / f"{name}.upper", scratch / f"{name}.work"
+        upper.mkdir()
+        work.mkdir()
+        options = f"lowerdir={directory},upperdir={upper},workdir={work}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, directory], check=True)
+    # The VPC's DNS, for the node endpoint names.
+    shutil.copyfile(root / "hosts", "/etc/hosts")
+    document = yaml.safe_load((root / "user-data").read_text())
+    packages = document.get("packages") or []
+    if packages:
+        subprocess.run(["dnf", "install", "-y", *packages], check=True)
+    for entry in document.get("write_files") or []:
+        path = Path(entry["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(entry["content"])
+        owner, _, group = entry.get("owner", "root:root").partition(":")
+        shutil.chown(path, owner, group or owner)
+        path.chmod(int(entry.get("permissions", "0644"), 8))
+    for command in document.get("runcmd") or []:
+        argv = command if isinstance(command, list) else ["sh", "-c", command]
+        done = subprocess.run([str(word) for word in argv])
+        if done.returncode != 0:
+            return done.returncode
+    return 0
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    section = ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        if stripped.startswith("["):
+            section = stripped.strip("[]")
+            continue
+        if section == "Service" and "=" in stripped:
+            key, _, value = stripped.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def systemctl(root: Path, args: list[str]) -> int:
+    _record(root, ["systemctl", *args])
+    if args[:2] != ["enable", "--now"]:
+        return 0
+    unit = _unit(Path("/etc/systemd/system") / args[2])
+    assert unit["Type"] == ["notify"], unit.get("Type")
+    credentials = root / "scratch" / "credentials"
+    credentials.mkdir(mode=0o700)
+    for spec in unit.get("LoadCredential", []):
+        name, _, source = spec.partition(":")
+        target = credentials / name
+        shutil.copyfile(source, target)
+        target.chmod(0o400)
+    notify_path = root / "scratch" / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(1.0)
+        env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials), "NOTIFY_SOCKET": str(notify_path)}
+        (exec_start,) = unit["ExecStart"]
+        with (root / "service.log").open("ab") as log:
+            service = subprocess.Popen(
+                shlex.split(exec_start), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                start_new_session=True,
+            )  # fmt: skip
+        (root / "service.pid").write_text(str(service.pid))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if service.poll() is not None:
+                print(f"natfwd.service exited with {service.returncode} before READY=1", file=sys.stderr)
+                return 1
+            try:
+                message = notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            _record(root, ["notify", *message.splitlines()])
+            if "READY=1" in message.splitlines():
+                return 0
+    print("natfwd.service did not send READY=1", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str]) -> int:
+    command, root = argv[0], Path(os.environ["BOOTKIT_ROOT"])
+    if command == "box":
+        return box(root)
+    if command == "systemctl":
+        return systemctl(root, argv[1:])
+    _record(root, argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
