@@ -12,7 +12,7 @@ from peerkit import PeerRun, fetch_suites, memcached_node, redis_node, run_suite
 from servekit import serving
 
 # What runs of redis-py's suite: the modules whose tests talk to one standalone Redis the most, picked by value per
-# second. Cluster, sentinel, module and SSL tests skip themselves (they need servers the suite is not given).
+# second. redis-py speaks RESP3 unless told otherwise, and so do these runs.
 REDIS_PY_FILES = [
     "tests/test_commands.py",
     "tests/test_pipeline.py",
@@ -28,6 +28,21 @@ REDIS_PY_FILES = [
     "tests/test_keyspace_notifications.py",
     "tests/test_asyncio/test_pipeline.py",
     "tests/test_asyncio/test_connection.py",
+]
+# Left out: tests of servers these runs do not give the suite (modules, replicas, TLS, cluster), and tests that
+# reach fixed localhost ports whatever --redis-url says (their outcome is whatever happens to listen there, and they
+# would flush it).
+REDIS_PY_DESELECT = [
+    "-m",
+    "not redismod and not replica and not ssl",
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubSubscriberModeProtocol::test_subscriber_mode_rejects_regular_command_after_ssubscribe",  # localhost:16379
+    "--deselect",
+    "tests/test_connection.py::test_create_single_connection_client_from_url",  # localhost:6379
+    "--deselect",
+    "tests/test_connection.py::TestConnection::test_retry_connect_on_timeout_error",  # localhost:6379
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubRedisDown",  # expects nothing on localhost:6390
 ]
 # pymemcache's tests against a server are marked `integration` (and `benchmark`, run short here); its setup.cfg's
 # addopts select only the unit tests and need pytest-cov, so they are replaced.
@@ -59,7 +74,9 @@ def suites() -> dict[str, Path]:
 
 
 def redis_py(suites: dict[str, Path], port: int, out: Path, name: str) -> PeerRun:
-    args = ["--redis-url", f"redis://127.0.0.1:{port}/0", *REDIS_PY_FILES]
+    url = f"redis://127.0.0.1:{port}/0"
+    # --redis-mod-url too: the suite's session start asks it for INFO, by default on localhost:6479.
+    args = ["--redis-url", url, "--redis-mod-url", url, *REDIS_PY_DESELECT, *REDIS_PY_FILES]
     return run_suite(suites["redis"], args, out, name, PEER_DEADLINE_S)
 
 
