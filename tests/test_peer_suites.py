@@ -108,13 +108,13 @@ def complete(direct: PeerRun) -> PeerRun:
 
 
 @contextlib.contextmanager
-def natfwd(tmp_path: Path, node: Node, engine: str, multiplex: bool) -> Iterator[int]:
+def natfwd(tmp_path: Path, node: Node, engine: str, multiplex: bool, wrapper: tuple[str, ...] = ()) -> Iterator[int]:
     """`natfwd serve` forwarding a free port to `node`; yields the port. Asserts natfwd outlived the suite."""
     port = free_port()
     config = write_config(
         tmp_path / "natfwd.yaml", [(port, node.address)], engine=engine, extra=f"multiplex: {str(multiplex).lower()}\n"
     )
-    with serving(config, [port]) as serve:
+    with serving(config, [port], wrapper=wrapper) as serve:
         yield port
         assert serve.proc.poll() is None, f"natfwd exited {serve.proc.returncode} during the suite:\n{serve.log()}"
 
@@ -136,6 +136,13 @@ def check(direct: PeerRun, through: PeerRun, known: dict[str, str]) -> None:
 
 
 MULTIPLEX = [pytest.param(False, id="multiplex-false"), pytest.param(True, id="multiplex-true")]
+# pymemcache's run is short enough to take natfwd's pure-Python scanners through too (the C ones are the default).
+PYTHON_SCANNERS = ("env", "NATFWD_NO_EXTENSIONS=1")
+MEMCACHED_NATFWD = [
+    pytest.param(False, (), id="multiplex-false"),
+    pytest.param(True, (), id="multiplex-true"),
+    pytest.param(True, PYTHON_SCANNERS, id="multiplex-true-python"),
+]
 
 
 @pytest.mark.timeout(3 * PEER_DEADLINE_S)
@@ -149,10 +156,10 @@ def test_redis_py_suite_passes_through_natfwd(
 
 
 @pytest.mark.timeout(3 * PEER_DEADLINE_S)
-@pytest.mark.parametrize("multiplex", MULTIPLEX)
+@pytest.mark.parametrize(("multiplex", "wrapper"), MEMCACHED_NATFWD)
 def test_pymemcache_suite_passes_through_natfwd(
-    multiplex: bool, suites: dict[str, Path], pymemcache_direct: PeerRun, tmp_path: Path
+    multiplex: bool, wrapper: tuple[str, ...], suites: dict[str, Path], pymemcache_direct: PeerRun, tmp_path: Path
 ) -> None:
-    with memcached_node() as node, natfwd(tmp_path, node, "memcached", multiplex) as port:
+    with memcached_node() as node, natfwd(tmp_path, node, "memcached", multiplex, wrapper) as port:
         through = pymemcache(suites, port, tmp_path, "through")
     check(pymemcache_direct, through, FIXED_BY_H19D if multiplex else {})
