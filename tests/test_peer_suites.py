@@ -44,6 +44,8 @@ REDIS_PY_DESELECT = [
     "--deselect",
     "tests/test_pubsub.py::TestPubSubRedisDown",  # expects nothing on localhost:6390
 ]
+# Each run names the suite's own pytest config: found by walking up, it could otherwise be natfwd's (.peer-suites/
+# is inside natfwd's tree), whose filterwarnings=error the suites are not written for.
 # pymemcache's tests against a server are marked `integration` (and `benchmark`, run short here); its setup.cfg's
 # addopts select only the unit tests and need pytest-cov, so they are replaced.
 PYMEMCACHE_ARGS = [
@@ -76,12 +78,12 @@ def suites() -> dict[str, Path]:
 def redis_py(suites: dict[str, Path], port: int, out: Path, name: str) -> PeerRun:
     url = f"redis://127.0.0.1:{port}/0"
     # --redis-mod-url too: the suite's session start asks it for INFO, by default on localhost:6479.
-    args = ["--redis-url", url, "--redis-mod-url", url, *REDIS_PY_DESELECT, *REDIS_PY_FILES]
+    args = ["-c", "pyproject.toml", "--redis-url", url, "--redis-mod-url", url, *REDIS_PY_DESELECT, *REDIS_PY_FILES]
     return run_suite(suites["redis"], args, out, name, PEER_DEADLINE_S)
 
 
 def pymemcache(suites: dict[str, Path], port: int, out: Path, name: str) -> PeerRun:
-    args = ["--server", "127.0.0.1", "--port", str(port), *PYMEMCACHE_ARGS]
+    args = ["-c", "setup.cfg", "--server", "127.0.0.1", "--port", str(port), *PYMEMCACHE_ARGS]
     return run_suite(suites["pymemcache"], args, out, name, PEER_DEADLINE_S)
 
 
