@@ -140,8 +140,9 @@ def run_suite(suite: Path, args: list[str], out: Path, name: str, deadline_s: fl
         finally:
             _signal_group(proc.pid, signal.SIGKILL)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-    # 0: all passed, 1: some failed, 2: interrupted (by us). Others: internal error, usage error, nothing collected.
-    if proc.returncode not in ((0, 1, 2) if cut_off else (0, 1)) or not report.exists():
+    # 0: all passed, 1: some failed. Others: interrupted, internal error, usage error, nothing collected; when we
+    # interrupted it, whatever it was doing at that moment may end it so too, and its report is still what it ran.
+    if (proc.returncode not in (0, 1) and not cut_off) or not report.exists():
         pytest.fail(f"{name}: pytest exited {proc.returncode} in {suite}; log {log} ends:\n{tail}")
     run = read_junit(report, log, cut_off)
     if not run.having("passed"):
