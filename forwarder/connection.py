@@ -213,7 +213,8 @@ class ClientHalf(Half):
         state = self.state
         peer = transport.get_extra_info("peername")
         client_ip = peer[0] if peer else ""
-        if not state.allows(route, client_ip):
+        if not route.config.is_allowed(client_ip):  # state.allows, inlined: this runs for every connection
+            state.reject(route, "not_allowed", client_ip)
             self.transport.abort()
             return
         if state.active >= route.config.max_connections:

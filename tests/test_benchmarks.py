@@ -16,7 +16,7 @@ import pytest
 from conftest import IN_CI, Node, require_binary
 from labkit import root
 
-from benchmarks import agent, cpu, packets, report
+from benchmarks import agent, cpu, loopback, packets, report
 from benchmarks.harness import measuring_order
 from benchmarks.loads import (
     FIGURES,
@@ -623,3 +623,33 @@ def test_sigterm_mid_run_tears_the_lab_down(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert _bench_namespaces() == before
     assert (tmp_path / "results.json").exists()
+
+
+# --- the loopback tool (benchmarks/loopback.py) ------------------------------------------------------------------
+STRACE_C = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 31.20    0.101000           5     20000           accept4
+ 20.10    0.065000           1     80000       250 read
+  0.00    0.000000           0         3           getpid
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.166000           1    100003       250 total
+"""
+
+
+def test_strace_summary_gives_calls_per_system_call() -> None:
+    assert loopback.parse_strace_c(STRACE_C) == {"accept4": 20000, "read": 80000, "getpid": 3}
+
+
+def test_the_loopback_tool_measures_natfwd_and_haproxy_per_request() -> None:
+    for tool in ("redis-server", "redis-benchmark", "haproxy"):
+        require_binary(tool)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loopback", "--requests", "300", "--rounds", "1", "--kinds",
+         "natfwd,natfwd-py,haproxy"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| natfwd") or line.startswith("| hap")]
+    assert [row.split(" | ")[0] for row in rows] == ["| natfwd", "| natfwd-py", "| haproxy"], result.stdout
+    assert "natfwd-py over natfwd, paired medians: CPU per request " in result.stdout

@@ -1,10 +1,10 @@
-"""`python -m benchmarks.churn`: natfwd's and HAProxy's CPU and system calls per new connection, on loopback.
+"""`python -m benchmarks.loopback`: natfwd's and HAProxy's CPU and system calls per request, on loopback.
 
-A new connection per request (`redis-benchmark -t get -k 0`) against a local redis-server, through natfwd (with and
-without its C extensions) and HAProxy `nbthread 1`, in alternating rounds. What it reports is the proxy's own CPU
-(user + system, from /proc) and, with `--strace`, its system calls per connection: counts that, unlike throughput,
-a loaded machine does not move much. Needs redis-server, redis-benchmark and haproxy (strace for `--strace`); no
-root, no namespaces.
+redis-benchmark against a local redis-server, through natfwd (with and without its C extensions) and HAProxy
+`nbthread 1`, in alternating rounds; by default a new connection per request (`-t get -c 50 -k 0`). What it reports
+is each proxy's own CPU per request (user + system, from /proc) and, with `--strace`, its system calls per request:
+figures that, unlike throughput, a loaded machine does not move much. Needs redis-server, redis-benchmark and
+haproxy (strace for `--strace`); no root, no namespaces.
 """
 
 from __future__ import annotations
@@ -28,25 +28,32 @@ from benchmarks import cpu
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 KINDS = ("natfwd", "natfwd-py", "haproxy")
+# redis-benchmark arguments per load: the lab's loads (benchmarks/loads.py), on loopback.
+LOADS = {
+    "new": ["-t", "get", "-c", "50", "-k", "0"],
+    "c50": ["-t", "get", "-c", "50"],
+    "p16": ["-t", "get", "-c", "50", "-P", "16"],
+    "256k": ["-t", "set,get", "-c", "8", "-d", "262144", "--dbnum", "1"],
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One measurement: a proxy's CPU over `connections` new connections, and the client's rate."""
+    """One measurement: a proxy's CPU over `requests` requests, and the client's rate (requests per second)."""
 
     kind: str
-    connections: int
+    requests: int
     user_s: float
     sys_s: float
     rate: float
 
     @property
-    def us_per_connection(self) -> float:
-        return (self.user_s + self.sys_s) / self.connections * 1e6
+    def us_per_request(self) -> float:
+        return (self.user_s + self.sys_s) / self.requests * 1e6
 
     @property
-    def user_us_per_connection(self) -> float:
-        return self.user_s / self.connections * 1e6
+    def user_us_per_request(self) -> float:
+        return self.user_s / self.requests * 1e6
 
 
 def free_port() -> int:
@@ -107,34 +114,34 @@ def start(kind: str, node_port: int, workdir: Path) -> tuple[subprocess.Popen[by
     return process, port
 
 
-def churn(port: int, connections: int) -> float:
-    """redis-benchmark GET, 50 clients, a new connection per request; returns requests per second."""
-    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), "-t", "get", "-c", "50", "-k", "0"]
-    result = subprocess.run([*argv, "-n", str(connections), "--csv"], capture_output=True, text=True, check=True)
-    match = re.search(r'^"GET","([0-9.]+)"', result.stdout, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"redis-benchmark printed no GET rate: {result.stdout[-300:]} {result.stderr[-300:]}")
-    return float(match.group(1))
+def bench(port: int, load: str, count: int) -> tuple[int, float]:
+    """Run `load` with `count` requests per test; returns the requests made and their overall rate."""
+    argv = ["redis-benchmark", "-h", HOST, "-p", str(port), *LOADS[load]]
+    result = subprocess.run([*argv, "-n", str(count), "--csv"], capture_output=True, text=True, check=True)
+    rates = [float(m) for m in re.findall(r'^"(?:GET|SET)","([0-9.]+)"', result.stdout, re.MULTILINE)]
+    if not rates:
+        raise RuntimeError(f"redis-benchmark printed no rate: {result.stdout[-300:]} {result.stderr[-300:]}")
+    return count * len(rates), len(rates) / sum(1 / r for r in rates)
 
 
-def measure(kind: str, process: subprocess.Popen[bytes], port: int, connections: int) -> Result:
+def measure(kind: str, process: subprocess.Popen[bytes], port: int, load: str, count: int) -> Result:
     before = cpu.tree([process.pid])
-    rate = churn(port, connections)
+    requests, rate = bench(port, load, count)
     spent = cpu.tree([process.pid]) - before
-    return Result(kind, connections, spent.user_s, spent.sys_s, rate)
+    return Result(kind, requests, spent.user_s, spent.sys_s, rate)
 
 
-def syscalls(process: subprocess.Popen[bytes], port: int, connections: int) -> dict[str, int]:
-    """System calls of the proxy (every thread) while it serves `connections` new connections, by name."""
+def syscalls(process: subprocess.Popen[bytes], port: int, load: str, count: int) -> tuple[int, dict[str, int]]:
+    """System calls of the proxy (every thread) while it serves `load`, by name, and the requests made."""
     with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
         tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out.name, "-p", str(process.pid)],
                                   stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(1.0)  # strace attaches to every thread
-        churn(port, connections)
+        requests, _ = bench(port, load, count)
         time.sleep(0.5)
         tracer.send_signal(signal.SIGINT)
         tracer.wait(30)
-        return parse_strace_c(out.read())
+        return requests, parse_strace_c(out.read())
 
 
 def parse_strace_c(text: str) -> dict[str, int]:
@@ -147,8 +154,8 @@ def parse_strace_c(text: str) -> dict[str, int]:
     return counts
 
 
-def run(kinds: tuple[str, ...], connections: int, rounds: int, trace: bool, say: Callable[[str], None]) -> None:
-    with tempfile.TemporaryDirectory(prefix="natfwd-churn-") as tmp:
+def run(kinds: tuple[str, ...], load: str, count: int, rounds: int, trace: bool, say: Callable[[str], None]) -> None:
+    with tempfile.TemporaryDirectory(prefix="natfwd-loopback-") as tmp:
         workdir = Path(tmp)
         node_port = free_port()
         redis = subprocess.Popen(
@@ -162,40 +169,44 @@ def run(kinds: tuple[str, ...], connections: int, rounds: int, trace: bool, say:
                            capture_output=True, check=True)  # fmt: skip
             for kind in kinds:
                 started[kind] = start(kind, node_port, workdir)
-                churn(started[kind][1], min(connections, 2000))  # warm-up
+                bench(started[kind][1], load, max(100, count // 10))  # warm-up
             results: dict[str, list[Result]] = {kind: [] for kind in kinds}
             for round_no in range(rounds):
                 order = kinds if round_no % 2 == 0 else kinds[::-1]
                 for kind in order:
                     process, port = started[kind]
-                    result = measure(kind, process, port, connections)
+                    result = measure(kind, process, port, load, count)
                     results[kind].append(result)
-                    say(f"round {round_no + 1} {kind:<10} {result.us_per_connection:6.1f} µs/conn "
-                        f"(user {result.user_us_per_connection:5.1f})  {result.rate:8.0f} conn/s")  # fmt: skip
+                    say(f"round {round_no + 1} {kind:<10} {result.us_per_request:6.1f} µs/request "
+                        f"(user {result.user_us_per_request:5.1f})  {result.rate:8.0f} requests/s")  # fmt: skip
             say("")
-            say("| proxy | µs CPU per connection (user), median | per round | conn/s, median |")
+            say(f"load {load}: redis-benchmark {' '.join(LOADS[load])}, {count} requests per test, {rounds} rounds")
+            say("| proxy | µs CPU per request (user), median | per round | requests/s, median |")
             say("|---|---:|---|---:|")
             for kind, runs in results.items():
-                total = statistics.median(r.us_per_connection for r in runs)
-                user = statistics.median(r.user_us_per_connection for r in runs)
-                per = ", ".join(f"{r.us_per_connection:.1f}" for r in runs)
+                total = statistics.median(r.us_per_request for r in runs)
+                user = statistics.median(r.user_us_per_request for r in runs)
+                per = ", ".join(f"{r.us_per_request:.1f}" for r in runs)
                 rate = statistics.median(r.rate for r in runs)
                 say(f"| {kind} | {total:.1f} ({user:.1f}) | {per} | {rate:.0f} |")
-            if "haproxy" in results:
-                base = results["haproxy"]
+            for base_kind in ("haproxy", "natfwd"):
+                base = results.get(base_kind)
                 for kind, runs in results.items():
-                    if kind != "haproxy":
-                        cost = [h.us_per_connection / r.us_per_connection for r, h in zip(runs, base, strict=True)]
-                        say(f"HAProxy's CPU per connection over {kind}'s, paired median: {statistics.median(cost):.2f}")
+                    if base is None or kind == base_kind or (base_kind == "natfwd" and kind != "natfwd-py"):
+                        continue
+                    cost = [r.us_per_request / b.us_per_request for r, b in zip(runs, base, strict=True)]
+                    faster = [r.rate / b.rate for r, b in zip(runs, base, strict=True)]
+                    say(f"{kind} over {base_kind}, paired medians: CPU per request {statistics.median(cost):.2f}, "
+                        f"rate {statistics.median(faster):.2f}")  # fmt: skip
             if trace:
                 say("")
                 for kind in kinds:
                     process, port = started[kind]
-                    counts = syscalls(process, port, connections)
+                    requests, counts = syscalls(process, port, load, count)
                     total_calls = sum(counts.values())
                     top = sorted(counts.items(), key=lambda kv: -kv[1])[:14]
-                    shown = ", ".join(f"{name} {n / connections:.2f}" for name, n in top)
-                    say(f"{kind}: {total_calls / connections:.1f} system calls per connection: {shown}")
+                    shown = ", ".join(f"{name} {n / requests:.2f}" for name, n in top)
+                    say(f"{kind}: {total_calls / requests:.1f} system calls per request: {shown}")
         finally:
             for process, _ in started.values():
                 process.terminate()
@@ -210,18 +221,19 @@ def run(kinds: tuple[str, ...], connections: int, rounds: int, trace: bool, say:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.churn", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--connections", type=int, default=20000, help="new connections per measurement")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loopback", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--load", choices=sorted(LOADS), default="new", help="new: a new connection per request")
+    parser.add_argument("--requests", type=int, default=20000, help="requests per test per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--strace", action="store_true", help="also count each proxy's system calls per connection")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
-    if unknown or args.connections < 100 or args.rounds < 1:
-        print(f"python -m benchmarks.churn: error: bad --kinds {unknown} or --connections/--rounds", file=sys.stderr)
+    if unknown or args.requests < 100 or args.rounds < 1:
+        print(f"python -m benchmarks.loopback: error: bad --kinds {unknown} or --requests/--rounds", file=sys.stderr)
         return 2
-    run(kinds, args.connections, args.rounds, args.strace, lambda line: print(line, flush=True))
+    run(kinds, args.load, args.requests, args.rounds, args.strace, lambda line: print(line, flush=True))
     return 0
 
 
