@@ -93,7 +93,7 @@ def haproxy_config(port: int, node_port: int) -> str:
     )
 
 
-def start(kind: str, node_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start(kind: str, node_port: int, workdir: Path, root: Path = REPO) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     if kind == "haproxy":
         cfg = workdir / "haproxy.cfg"
@@ -104,7 +104,7 @@ def start(kind: str, node_port: int, workdir: Path) -> tuple[subprocess.Popen[by
         cfg = workdir / f"{kind}.yaml"
         cfg.write_text(natfwd_config(port, node_port))
         argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
+        env = dict(os.environ, PYTHONPATH=str(root))
         env.pop("NATFWD_NO_EXTENSIONS", None)
         if kind == "natfwd-py":
             env["NATFWD_NO_EXTENSIONS"] = "1"
@@ -154,7 +154,15 @@ def parse_strace_c(text: str) -> dict[str, int]:
     return counts
 
 
-def run(kinds: tuple[str, ...], load: str, count: int, rounds: int, trace: bool, say: Callable[[str], None]) -> None:
+def run(
+    kinds: tuple[str, ...],
+    load: str,
+    count: int,
+    rounds: int,
+    trace: bool,
+    say: Callable[[str], None],
+    root: Path = REPO,
+) -> None:
     with tempfile.TemporaryDirectory(prefix="natfwd-loopback-") as tmp:
         workdir = Path(tmp)
         node_port = free_port()
@@ -168,7 +176,7 @@ def run(kinds: tuple[str, ...], load: str, count: int, rounds: int, trace: bool,
             subprocess.run(["redis-benchmark", "-h", HOST, "-p", str(node_port), "-t", "set", "-n", "10", "-q"],
                            capture_output=True, check=True)  # fmt: skip
             for kind in kinds:
-                started[kind] = start(kind, node_port, workdir)
+                started[kind] = start(kind, node_port, workdir, root)
                 bench(started[kind][1], load, max(100, count // 10))  # warm-up
             results: dict[str, list[Result]] = {kind: [] for kind in kinds}
             for round_no in range(rounds):
@@ -226,14 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000, help="requests per test per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
-    parser.add_argument("--strace", action="store_true", help="also count each proxy's system calls per connection")
+    parser.add_argument("--strace", action="store_true", help="also count each proxy's system calls per request")
+    parser.add_argument("--root", type=Path, default=REPO, help="the natfwd checkout to run (C extensions built)")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or args.requests < 100 or args.rounds < 1:
         print(f"python -m benchmarks.loopback: error: bad --kinds {unknown} or --requests/--rounds", file=sys.stderr)
         return 2
-    run(kinds, args.load, args.requests, args.rounds, args.strace, lambda line: print(line, flush=True))
+    run(kinds, args.load, args.requests, args.rounds, args.strace, lambda line: print(line, flush=True), args.root)
     return 0
 
 
