@@ -27,7 +27,7 @@ from benchmarks import cpu
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-KINDS = ("natfwd", "natfwd-py", "haproxy")
+KINDS = ("natfwd", "natfwd-py", "haproxy", "natfwd-mux", "natfwd-mux-py")  # -py: NATFWD_NO_EXTENSIONS=1
 # redis-benchmark arguments per load: the lab's loads (benchmarks/loads.py), on loopback.
 LOADS = {
     "new": ["-t", "get", "-c", "50", "-k", "0"],
@@ -76,11 +76,11 @@ def wait_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 20
     raise RuntimeError(f"port {port} did not accept within {timeout_s:g} s")
 
 
-def natfwd_config(port: int, node_port: int) -> str:
+def natfwd_config(port: int, node_port: int, multiplex: bool = False) -> str:
     return (
         f"engine: redis\npublic_address: {HOST}\nlisten_address: {HOST}\nallowed_clients:\n  - 127.0.0.0/8\n"
         f"forwards:\n  - port: {port}\n    target: {HOST}:{node_port}\n"
-        f"metrics:\n  listen: {HOST}:{free_port()}\nworkers: 1\n"
+        f"metrics:\n  listen: {HOST}:{free_port()}\nworkers: 1\n" + ("multiplex: true\n" if multiplex else "")
     )
 
 
@@ -102,11 +102,11 @@ def start(kind: str, node_port: int, workdir: Path, root: Path = REPO) -> tuple[
         env = None
     else:
         cfg = workdir / f"{kind}.yaml"
-        cfg.write_text(natfwd_config(port, node_port))
+        cfg.write_text(natfwd_config(port, node_port, multiplex=kind.startswith("natfwd-mux")))
         argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
         env = dict(os.environ, PYTHONPATH=str(root))
         env.pop("NATFWD_NO_EXTENSIONS", None)
-        if kind == "natfwd-py":
+        if kind.endswith("-py"):
             env["NATFWD_NO_EXTENSIONS"] = "1"
     with open(workdir / f"{kind}.log", "ab") as log:  # the child keeps its own copy
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -197,10 +197,10 @@ def run(
                 per = ", ".join(f"{r.us_per_request:.1f}" for r in runs)
                 rate = statistics.median(r.rate for r in runs)
                 say(f"| {kind} | {total:.1f} ({user:.1f}) | {per} | {rate:.0f} |")
-            for base_kind in ("haproxy", "natfwd"):
+            for base_kind in ("haproxy", "natfwd", "natfwd-mux"):
                 base = results.get(base_kind)
                 for kind, runs in results.items():
-                    if base is None or kind == base_kind or (base_kind == "natfwd" and kind != "natfwd-py"):
+                    if base is None or kind == base_kind or (base_kind != "haproxy" and kind != f"{base_kind}-py"):
                         continue
                     cost = [r.us_per_request / b.us_per_request for r, b in zip(runs, base, strict=True)]
                     faster = [r.rate / b.rate for r, b in zip(runs, base, strict=True)]
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", choices=sorted(LOADS), default="new", help="new: a new connection per request")
     parser.add_argument("--requests", type=int, default=20000, help="requests per test per measurement")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    parser.add_argument("--kinds", default=",".join(KINDS[:3]), help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--strace", action="store_true", help="also count each proxy's system calls per request")
     parser.add_argument("--root", type=Path, default=REPO, help="the natfwd checkout to run (C extensions built)")
     args = parser.parse_args(argv)
