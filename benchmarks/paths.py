@@ -110,7 +110,8 @@ def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int, engine: 
         f"metrics:\n  listen: {host}:{metrics_port}\nworkers: {spec.threads}\n"
         + ("multiplex: true\n" if spec.multiplex else "")
         + ("cpu_affinity: true\n" if spec.cpu_affinity else "")
-        + (f"data_path: {spec.data_path}\n" if spec.data_path else "")
+        # natfwd-kernel is stopped after each measurement, with nothing left worth draining
+        + (f"data_path: {spec.data_path}\ndrain_timeout_s: 0\n" if spec.data_path else "")
     )
 
 

@@ -257,7 +257,8 @@ def test_the_pure_python_env_really_loads_no_extension(tmp_path: Path) -> None:
 
 def test_the_kernel_data_path_runs_only_on_a_natfwd_that_has_one() -> None:
     spec = PATH["natfwd-kernel"]
-    assert "data_path: kernel\n" in natfwd_config(spec, "10.0.1.230", 9111)
+    text = natfwd_config(spec, "10.0.1.230", 9111)
+    assert "data_path: kernel\n" in text and "drain_timeout_s: 0\n" in text  # stopped after each measurement
     assert "data_path" not in natfwd_config(PATH["natfwd-w1"], "10.0.1.230", 9111)
     assert unsupported(PATH["natfwd-w1"]) is None and unsupported(PATH["kernel"]) is None
     note = unsupported(spec)
