@@ -11,7 +11,8 @@ from benchmarks.report import SHORT, truncated
 
 COLOURS = {"direct": "#7f7f7f", "kernel": "#bcbd22", "natfwd-w1": "#1f77b4", "natfwd-w2": "#17becf",
            "haproxy-t1": "#d62728", "haproxy-t2": "#ff9896", "socat": "#9467bd", BASE_ID: "#aec7e8",
-           "haproxy-splice": "#8c564b", "natfwd-mux-w1": "#2ca02c", "natfwd-mux-w2": "#98df8a"}  # fmt: skip
+           "haproxy-splice": "#8c564b", "natfwd-mux-w1": "#2ca02c", "natfwd-mux-w2": "#98df8a",
+           "natfwd-py-w1": "#aec7e8", "natfwd-py-mux-w1": "#006400", "natfwd-kernel": "#dbdb8d"}  # fmt: skip
 
 
 def draw(summary: Mapping[str, Any], path_ids: Sequence[str], out: Path, title: str) -> None:

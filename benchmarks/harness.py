@@ -48,6 +48,7 @@ class Settings:
     quick: bool
     against: str | None = None  # a git revision whose natfwd runs next to this one (natfwd-base)
     against_path: str = "natfwd-w1"  # the natfwd path whose settings natfwd-base runs, and which it is compared with
+    skipped: tuple[str, ...] = ()  # why named paths are not measured (the installed natfwd cannot run them)
 
     @property
     def measured(self) -> tuple[PathSpec, ...]:
@@ -108,6 +109,7 @@ def metadata(settings: Settings) -> dict[str, Any]:
         if settings.against is None
         else _version(["git", "-C", str(REPO), "rev-parse", "--short", settings.against]),  # fmt: skip
         "against_path": settings.against_path if settings.against else None,
+        "skipped": list(settings.skipped),
         "versions": {
             "python": platform.python_version(),
             "uvloop": str(getattr(uvloop, "__version__", "?")),
@@ -249,6 +251,7 @@ class Bench:
         count = self.counts.get(load.id, 0)
         try:
             running.before()
+            has_proxy = bool(running.pids)  # natfwd-kernel's natfwd runs only between before() and after()
             try:
                 proxy_before, machine_before = cpu.tree(running.pids), cpu.machine()
                 packets_before = packets.namespace(self.lab.nat)
@@ -262,7 +265,7 @@ class Bench:
         except NatfwdError as exc:
             return report.Measurement(round_no, load.id, spec.id, {}, time.monotonic() - started, str(exc))
         spent = {"machine_s": busy.total_s}
-        if running.pids:
+        if has_proxy:
             spent |= {"proxy_user_s": proxy.user_s, "proxy_sys_s": proxy.sys_s}
         requests = requests_per_run(load, count)
         if requests:
@@ -366,14 +369,15 @@ def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
     swapped every other turn so neither always runs right after the other."""
     groups: list[list[PathSpec]] = []
     partners = {"natfwd": "haproxy", "haproxy": "natfwd"}
-    for spec in paths:
-        if spec.mirrors is not None:  # --against's base, on its partner's outer side: [base, w1, HAProxy, ...] or
-            # [..., HAProxy, natfwd multiplexing, base], so the partner is next to both either way round
-            group = next((g for g in groups if any(p.id == spec.mirrors for p in g)), None)
+    # --against's base and the paths compared with another (pure Python with C, natfwd-kernel with the static
+    # rules) go right beside that path, on its side away from HAProxy: [py, base, w1, HAProxy, mux, base, py mux].
+    # Those compared with another come first, so the base, placed last, lands between them and its partner.
+    for spec in sorted(paths, key=lambda p: p.mirrors is not None):
+        of = spec.mirrors or spec.beside
+        if of is not None:
+            group = next((g for g in groups if any(p.id == of for p in g)), None)
             if group is not None:
-                copied = next(p for p in group if p.id == spec.mirrors)
-                rest = [p for p in group if p is not copied]
-                group[:] = [*rest, copied, spec] if group[-1] is copied and len(group) > 1 else [spec, copied, *rest]
+                group.insert(_beside(group, of), spec)
                 continue
         if spec.multiplex:  # after the HAProxy of its thread count: [natfwd, HAProxy, natfwd multiplexing]
             group = next((g for g in groups if any(p.kind == "haproxy" and p.threads == spec.threads and not p.splice
@@ -390,6 +394,13 @@ def measuring_order(paths: Sequence[PathSpec], turn: int) -> list[PathSpec]:
     shift = turn % len(groups)
     ordered = groups[shift:] + groups[:shift]
     return [spec for group in ordered for spec in (group[::-1] if turn % 2 else group)]
+
+
+def _beside(group: Sequence[PathSpec], of: str) -> int:
+    """Where a path goes in `group` to be right next to path `of`, on the side away from the group's HAProxy."""
+    at = next(i for i, p in enumerate(group) if p.id == of)
+    haproxy = next((i for i, p in enumerate(group) if p.kind == "haproxy"), None)
+    return at + 1 if haproxy is not None and haproxy < at else at
 
 
 def _clock(seconds: float) -> str:

@@ -32,6 +32,9 @@ class PathSpec:
     multiplex: bool = False  # natfwd only: `multiplex: true`, one process per engine (the framing follows `engine`)
     cpu_affinity: bool = False  # natfwd only: `cpu_affinity: true` (each worker pinned, connections steered to it)
     mirrors: str | None = None  # `--against`'s natfwd-base: the id of the path whose settings it runs
+    pure_python: bool = False  # natfwd only: NATFWD_NO_EXTENSIONS=1, the pure-Python relay and scanners
+    data_path: str | None = None  # natfwd only: its `data_path:` (kernel: serve programs nftables, relays nothing)
+    beside: str | None = None  # the path it is compared with, measured right next to it in every round
 
     def port(self, engine: Engine) -> int:
         if self.kind == "direct":
@@ -60,6 +63,22 @@ PATHS: tuple[PathSpec, ...] = (
         cpu_affinity=True,
     ),
     PathSpec("socat", "socat (fork per connection)", "socat", 1, 6),
+    # What the C extensions buy: the same natfwd with its pure-Python fallbacks, next to the C one in every round.
+    PathSpec("natfwd-py-w1", "natfwd workers: 1, pure Python", "natfwd", 1, 11, pure_python=True, beside="natfwd-w1"),
+    PathSpec(
+        "natfwd-py-mux-w1",
+        "natfwd workers: 1, multiplex: true, pure Python",
+        "natfwd",
+        1,
+        12,
+        multiplex=True,
+        pure_python=True,
+        beside="natfwd-mux-w1",
+    ),
+    # natfwd's control plane over the kernel's data path, next to the static rules it replaces.
+    PathSpec(
+        "natfwd-kernel", "natfwd data_path: kernel (nftables)", "natfwd", 1, 13, data_path="kernel", beside="kernel"
+    ),  # fmt: skip
 )
 PATH_IDS = tuple(p.id for p in PATHS)
 # Measured only when named in --paths: HAProxy tuned for bulk, which the issue's targets do not compare against.
@@ -91,7 +110,23 @@ def natfwd_config(spec: PathSpec, node_address: str, metrics_port: int, engine: 
         f"metrics:\n  listen: {host}:{metrics_port}\nworkers: {spec.threads}\n"
         + ("multiplex: true\n" if spec.multiplex else "")
         + ("cpu_affinity: true\n" if spec.cpu_affinity else "")
+        # natfwd-kernel is stopped after each measurement, with nothing left worth draining
+        + (f"data_path: {spec.data_path}\ndrain_timeout_s: 0\n" if spec.data_path else "")
     )
+
+
+def unsupported(spec: PathSpec, node_address: str = "10.0.1.230") -> str | None:
+    """Why the installed natfwd cannot run `spec`, or None when it can: its config refuses a key the path sets
+    (`data_path`, before natfwd had a kernel data path)."""
+    if spec.kind != "natfwd" or spec.data_path is None:
+        return None
+    from forwarder import config
+
+    try:
+        config.loads(natfwd_config(spec, node_address, 9100), "<bench path check>")
+    except config.ConfigError as exc:
+        return f"{spec.id} skipped: this natfwd does not accept `data_path: {spec.data_path}` ({exc})"
+    return None
 
 
 def haproxy_config(spec: PathSpec, node_address: str) -> str:
@@ -139,6 +174,8 @@ def haproxy_config(spec: PathSpec, node_address: str) -> str:
 # the node's challenge ACK draws a RST from the client that kills that connection.
 MASQUERADE_PORTS = "40000-65000"
 LOCAL_PORTS = "1024 39999"
+CLIENT_PORTS = "1024 65000"  # the client namespace's local ports
+KERNEL_CLIENT_PORTS = "40000 65000"  # ...while natfwd-kernel, whose masquerade takes no range, is measured
 
 
 def nft_rules(spec: PathSpec, node_address: str) -> str:
@@ -162,6 +199,16 @@ def _package_env(root: Path = REPO) -> dict[str, str]:
     return env
 
 
+def natfwd_env(spec: PathSpec, root: Path = REPO) -> dict[str, str]:
+    """The environment natfwd runs in: `root`'s package, and for the pure-Python paths no C extension."""
+    env = _package_env(root)
+    if spec.pure_python:
+        env["NATFWD_NO_EXTENSIONS"] = "1"
+    else:
+        env.pop("NATFWD_NO_EXTENSIONS", None)  # a C path measures the C extensions, whatever the harness runs with
+    return env
+
+
 class RunningPath:
     """A path started in the lab; `before()`/`after()` bracket each measurement (the kernel rules live only then)."""
 
@@ -172,13 +219,14 @@ class RunningPath:
         self.workdir = workdir
         self.node_address = lab.nodes[0].address
         self.pids: list[int] = []  # the processes this path started in the NAT namespace (none for direct, kernel)
+        self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
         """Start the path's processes and wait until its ports accept from the client; raises NatfwdError."""
         spec = self.spec
         lab = self.lab
-        if spec.kind in ("direct", "kernel"):
-            return
+        if spec.kind in ("direct", "kernel") or spec.data_path == "kernel":
+            return  # the kernel paths' rules (and natfwd-kernel's natfwd) live only while measured: before()
         with open(self.workdir / f"{spec.id}.log", "ab") as log:  # the children keep their own copy
             if spec.kind == "natfwd" and spec.multiplex:  # one natfwd per engine: the framing follows `engine`
                 watch = {
@@ -206,7 +254,7 @@ class RunningPath:
         cfg = self.workdir / f"{name}.yaml"
         cfg.write_text(config_text)
         argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
-        return self._popen(argv, log, env=_package_env(self.package_root))
+        return self._popen(argv, log, env=natfwd_env(self.spec, self.package_root))
 
     def _popen(self, argv: Sequence[str], log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         process = self.lab.popen(
@@ -219,13 +267,44 @@ class RunningPath:
             env=env,
         )
         self.pids.append(process.pid)
+        self.processes.append(process)
         return process
 
     def before(self) -> None:
         if self.spec.kind == "kernel":
             self.lab.run(self.lab.nat, ["nft", "-f", "-"], input=nft_rules(self.spec, self.node_address))
+        elif self.spec.data_path == "kernel":
+            self._start_kernel_natfwd()
 
     def after(self) -> None:
         # Delete the table so conntrack and NAT hooks do not tax the other paths' measurements.
         if self.spec.kind == "kernel":
             self.lab.run(self.lab.nat, ["nft", "delete", "table", "ip", "natfwd"], check=False)
+        elif self.spec.data_path == "kernel":
+            self._stop_kernel_natfwd()
+
+    def _start_kernel_natfwd(self) -> None:
+        """natfwd with `data_path: kernel`, started for one measurement (its rules, like the static ones, would tax
+        every other path with conntrack); ready once the client gets through to the node. Its masquerade keeps the
+        client's source port where it can, so the client takes ports above the proxies' (LOCAL_PORTS) meanwhile."""
+        lab = self.lab
+        lab.run(lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={KERNEL_CLIENT_PORTS}"])
+        with open(self.workdir / f"{self.spec.id}.log", "ab") as log:
+            process = self._natfwd(
+                self.spec.id, natfwd_config(self.spec, self.node_address, 9108 + self.spec.slot), log
+            )
+        for engine in ENGINES:
+            lab.wait_listening(lab.client, PUBLIC_ADDRESS, self.spec.port(engine), 15.0, process)
+
+    def _stop_kernel_natfwd(self) -> None:
+        """SIGTERM (natfwd removes its table), then the client's own port range again."""
+        for process in self.processes:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.pids.clear()
+        self.processes.clear()
+        self.lab.run(self.lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={CLIENT_PORTS}"])

@@ -23,8 +23,13 @@ SHORT = {
     "haproxy-t2": "HAProxy t2",
     "haproxy-splice": "HAProxy t1 splice",
     "socat": "socat",
+    "natfwd-py-w1": "natfwd py w1",
+    "natfwd-py-mux-w1": "natfwd py mux w1",
+    "natfwd-kernel": "natfwd kernel",
     BASE_ID: "natfwd base",
 }
+# What the C extensions buy: each natfwd path with the C extensions, and the same path on the pure-Python fallbacks.
+C_AND_PYTHON = (("natfwd-w1", "natfwd-py-w1"), ("natfwd-mux-w1", "natfwd-py-mux-w1"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,13 @@ TARGETS += tuple(
     )
     for t in TARGETS
 )
+# Issue 22: a new connection per request at HAProxy's rate, and the kernel data path at the static rules' speed.
+TARGETS += (
+    Target("`workers: 1` vs `nbthread 1`", "GET c50, a new connection per request", "rb-get-c50-new", "natfwd-w1",
+           "haproxy-t1", 1.0),
+    Target("`data_path: kernel` vs static nft rules", "GET c50", "rb-get-c50", "natfwd-kernel", "kernel", 0.95),
+    Target("`data_path: kernel` vs static nft rules", "256 KiB GET", "rb-256k-get", "natfwd-kernel", "kernel", 0.95),
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +199,7 @@ class TargetResult:
 
 
 def evaluate_targets(measurements: Iterable[Measurement]) -> list[TargetResult]:
-    """Each target's paired natfwd/HAProxy ratios per round, and their median."""
+    """Each target's paired path/base ratios per round (natfwd over HAProxy, or over the static rules), and their median."""
     table = per_round(measurements)
     results = []
     for target in TARGETS:
@@ -264,7 +276,7 @@ def _figure_order(present: Iterable[str]) -> list[str]:
 
 def target_table(results: Sequence[TargetResult]) -> list[str]:
     lines = [
-        "| comparison | test | measured by | natfwd/HAProxy per round | median | at least | result |",
+        "| comparison | test | measured by | path/base per round | median | at least | result |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -363,7 +375,9 @@ def cpu_tables(measurements: Sequence[Measurement], path_ids: Sequence[str]) -> 
         "",
         "Medians over rounds, from /proc while each measurement ran (10 ms ticks). The proxy's figure is every "
         "process the path started in the NAT namespace, children and threads included; the machine's is all CPUs' "
-        "busy time (client, proxy, node, kernel).",
+        "busy time (client, proxy, node, kernel). Kernel DNAT and `data_path: kernel` forward in softirq, which "
+        "/proc charges to no process: their proxy figure (natfwd's control plane, for the latter) leaves that out, "
+        "and only the machine's figure counts it.",
         "",
     ]
     if proxies:
@@ -394,6 +408,62 @@ def packet_table(measurements: Sequence[Measurement], path_ids: Sequence[str]) -
         "",
         *_per_load_table(by_load, path_ids, "in / out", _packets_cell),
     ]
+
+
+def c_table(measurements: Sequence[Measurement]) -> list[str]:
+    """What the C extensions buy: per load, natfwd's CPU per request and throughput with them and without (the
+    pure-Python fallbacks), medians over rounds, and their paired ratios."""
+    table = per_round(measurements)
+    runs: dict[tuple[str, str], list[Measurement]] = {}
+    for m in measurements:
+        if not m.error:
+            runs.setdefault((m.load, m.path), []).append(m)
+    rows: list[str] = []
+    for c_path, py_path in C_AND_PYTHON:
+        for load in LOADS:
+            c_runs, py_runs = runs.get((load.id, c_path), []), runs.get((load.id, py_path), [])
+            if not c_runs or not py_runs:
+                continue
+            c_us, py_us = _median_us(c_runs, "proxy"), _median_us(py_runs, "proxy")
+            cpu_ratios = _paired_cpu_ratios(c_runs, py_runs)
+            for figure in load.figures:
+                by_path = table.get(figure.id, {})
+                c_value, py_value = by_path.get(c_path, {}), by_path.get(py_path, {})
+                faster = median(paired_ratios(by_path, figure, c_path, py_path))
+                rows.append(
+                    f"| {figure.label} | {SHORT[c_path]} | {_us(c_us)} | {_us(py_us)} | {ratio(median(cpu_ratios))} | "
+                    f"{human(median(list(c_value.values())), figure.unit)} | "
+                    f"{human(median(list(py_value.values())), figure.unit)} | {ratio(faster)} |"
+                )
+    if not rows:
+        return []
+    return [
+        "### What the C extensions buy",
+        "",
+        "natfwd with its C extensions (`_crelay`, the raw-mode relay thread; `_cframing`, the multiplexing scanners) "
+        "against the same path with `NATFWD_NO_EXTENSIONS=1`, measured next to each other in every round. CPU is "
+        "natfwd's own (user + system µs per request, for the loads with a request count; medians over rounds); "
+        "the ratios are paired within a round, medians over rounds: above 1, the C extensions save CPU (Python/C) "
+        "or go faster (C/Python).",
+        "",
+        "| figure | path | C µs/req | Python µs/req | CPU Python/C | C | Python | C/Python |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
+def _paired_cpu_ratios(c_runs: Sequence[Measurement], py_runs: Sequence[Measurement]) -> list[float]:
+    """Per round: the pure-Python path's CPU per request over the C path's."""
+    c_by_round = {m.round: v for m in c_runs if (v := m.cpu_per_request_us("proxy")) is not None}
+    return [
+        v / c_by_round[m.round]
+        for m in py_runs
+        if (v := m.cpu_per_request_us("proxy")) is not None and c_by_round.get(m.round)
+    ]
+
+
+def _us(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
 
 
 SIGN_TEST_ALPHA = 0.1
@@ -474,7 +544,7 @@ def markdown(
         "paired within a round and the median over rounds is shown. Latency ratios are inverted (base/path), so "
         "above 1 always means better.",
         "",
-        "## Targets (issue 6)",
+        "## Targets (issues 6 and 22)",
         "",
         *target_table(evaluate_targets(measurements)),
         "",
@@ -484,6 +554,9 @@ def markdown(
     cpu = cpu_tables(measurements, path_ids)
     if cpu:
         lines += [*cpu, ""]
+    extensions = c_table(measurements)
+    if extensions:
+        lines += [*extensions, ""]
     net = packet_table(measurements, path_ids)
     if net:
         lines += [*net, ""]
@@ -492,6 +565,11 @@ def markdown(
         lines += [*against_table(measurements, revision, str(meta.get("against_path") or "natfwd-w1")), ""]
     if chart_name:
         lines += [f"![natfwd benchmark chart]({chart_name})", ""]
+    skipped = meta.get("skipped") or []
+    if skipped:
+        lines += ["## Paths not measured", ""]
+        lines += [f"- {note}" for note in skipped]
+        lines.append("")
     errors = [m for m in measurements if m.error]
     if errors:
         lines += ["## Failed measurements", ""]

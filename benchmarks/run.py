@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks import harness, report  # noqa: E402
 from benchmarks.loads import LOAD_IDS, LOADS  # noqa: E402
-from benchmarks.paths import KNOWN_PATHS, PATH_IDS, REPO  # noqa: E402
+from benchmarks.paths import KNOWN_PATHS, PATH_IDS, REPO, unsupported  # noqa: E402
 from forwarder.errors import NatfwdError, UsageError  # noqa: E402
 
 QUICK = {"rounds": 3, "duration_s": 0.4}
@@ -80,7 +80,9 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
         raise UsageError(f"--rounds: {rounds} is not valid; use 1 or more (3 gives the targets' median)")
     if not 0.05 <= float(duration) <= 600:
         raise UsageError(f"--duration: {duration} is not valid; use 0.05 to 600 seconds")
-    paths = tuple(p for p in KNOWN_PATHS if p.id in args.paths)
+    named = tuple(p for p in KNOWN_PATHS if p.id in args.paths)
+    skipped = tuple(note for p in named if (note := unsupported(p)) is not None)
+    paths = tuple(p for p in named if unsupported(p) is None)
     if "direct" not in args.paths:
         raise UsageError("--paths: must include direct, the baseline every ratio (and the calibration) uses")
     natfwd_paths = [p.id for p in KNOWN_PATHS if p.kind == "natfwd"]
@@ -106,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> harness.Settings:
         paths=paths,
         loads=tuple(load for load in LOADS if load.id in args.loads),
         quick=args.quick,
+        skipped=skipped,
     )
 
 
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         settings = settings_from(args)
+        for note in settings.skipped:
+            say(note)
         results = harness.run(settings, say)
     except UsageError as exc:
         print(f"benchmarks/run.py: error: {exc}", file=sys.stderr)

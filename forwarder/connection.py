@@ -217,7 +217,8 @@ class ClientHalf(Half):
             self.transport.abort()
             return
         client_ip = peer[0]
-        if not state.allows(route, client_ip):
+        if not route.config.is_allowed(client_ip):  # state.allows, inlined: this runs for every connection
+            state.reject(route, "not_allowed", client_ip)
             self.transport.abort()
             return
         if state.active >= route.config.max_connections:

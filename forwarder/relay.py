@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar
 
 from forwarder import rawmode
 from forwarder.rawmode import RAW_AFTER_READS, PyRaw
 from forwarder.resources import BUFFER_SIZE as BUFFER_SIZE
-from forwarder.resources import Resources
+from forwarder.resources import POOL_LIMIT, Resources
 
 if TYPE_CHECKING:
     from forwarder._crelay import Link
@@ -67,7 +67,8 @@ class Half(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self.view
         if view is None:
-            view = self.view = self.pool.take()
+            free = self.pool.free  # Resources.take, inlined: this runs before every read
+            view = self.view = free.pop() if free else self.pool.take()
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -86,7 +87,9 @@ class Half(asyncio.BufferedProtocol):
             self.view = None
         else:
             self.view = None
-            self.pool.give(view)
+            free = self.pool.free  # Resources.give, inlined: this runs after every read
+            if len(free) < POOL_LIMIT:
+                free.append(view)
             reads_left = self.reads_left - 1
             self.reads_left = reads_left
             if not reads_left:
@@ -236,12 +239,14 @@ class Half(asyncio.BufferedProtocol):
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, so this is a cast, not an isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check; and no typing.cast(),
+        # which is a function call at run time, once per half of every connection.
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_raw()
+        if self.link is not None or self.raw is not None or (self.peer is not None and self.peer.raw is not None):
+            self.stop_raw()
         self.closed = True
         view = self.view
         if view is not None:

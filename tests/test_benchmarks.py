@@ -16,7 +16,7 @@ import pytest
 from conftest import IN_CI, Node, require_binary
 from labkit import root
 
-from benchmarks import agent, cpu, packets, report
+from benchmarks import agent, cpu, loopback, packets, report
 from benchmarks.harness import measuring_order
 from benchmarks.loads import (
     FIGURES,
@@ -34,8 +34,10 @@ from benchmarks.paths import (
     against,
     haproxy_config,
     natfwd_config,
+    natfwd_env,
     nft_rules,
     socat_argv,
+    unsupported,
 )
 from benchmarks.report import Measurement
 from forwarder import config, lab
@@ -157,7 +159,7 @@ def test_results_markdown_has_the_targets_tables_and_failures() -> None:
     measurements = [_m(1, p, rb_get_c50=v) for p, v in (("direct", 100.0), ("natfwd-w1", 55.0), ("haproxy-t1", 50.0))]
     measurements.append(Measurement(1, "rb-get-c1", "natfwd-w1", {}, 1.0, "redis-benchmark exited 1: refused"))
     text = report.markdown(measurements, {"date": "today", "rounds": 1}, ["direct", "natfwd-w1", "haproxy-t1"], "c.png")
-    assert "## Targets (issue 6)" in text
+    assert "## Targets (issues 6 and 22)" in text
     assert "| redis-benchmark GET c50 | req/s | 100 | 55.0 | 50.0 |" in text
     assert "| redis-benchmark GET c50 | 0.55 | 0.50 |" in text  # relative to direct
     assert "| redis-benchmark GET c50 | 2.00 | 1.10 |" in text  # relative to HAProxy t1
@@ -186,7 +188,20 @@ def test_each_natfwd_is_measured_right_next_to_its_haproxy_and_every_group_leads
         for natfwd, haproxy in (*pairs, ("natfwd-mux-w2", "haproxy-t2")):
             assert abs(order.index(natfwd) - order.index(haproxy)) == 1
         firsts.add(order[0])
-    assert {"direct", "kernel", "socat"} <= firsts and firsts & {"natfwd-w1", "haproxy-t1"}
+    # the `nbthread 1` group leads too (its ends are the pure-Python twins)
+    assert {"direct", "socat"} <= firsts and firsts & {"natfwd-py-w1", "natfwd-py-mux-w1"}
+    assert firsts & {"kernel", "natfwd-kernel"}
+
+
+def test_each_path_compared_with_another_runs_right_next_to_it() -> None:
+    pairs = ("natfwd-py-w1", "natfwd-w1"), ("natfwd-py-mux-w1", "natfwd-mux-w1"), ("natfwd-kernel", "kernel")
+    for turn in range(6):
+        order = [p.id for p in measuring_order(KNOWN_PATHS, turn)]
+        for path, beside in pairs:
+            assert abs(order.index(path) - order.index(beside)) == 1, order
+        # ...without parting the C paths from their HAProxy
+        assert abs(order.index("natfwd-w1") - order.index("haproxy-t1")) == 1, order
+        assert abs(order.index("natfwd-mux-w1") - order.index("haproxy-t1")) == 1, order
 
 
 @pytest.mark.parametrize("mirrored", ["natfwd-w1", "natfwd-mux-w1", "natfwd-mux-w2"])
@@ -217,6 +232,42 @@ def test_multiplexing_paths_run_one_natfwd_per_engine_framed_as_that_engine() ->
     # Two multiplexing workers are pinned and steered (README: cpu_affinity); the transparent ones are not.
     assert config.loads(natfwd_config(PATH["natfwd-mux-w2"], "10.0.1.230", 9111, "redis")).cpu_affinity
     assert not config.loads(natfwd_config(PATH["natfwd-w2"], "10.0.1.230", 9111)).cpu_affinity
+
+
+def test_pure_python_paths_are_the_c_paths_without_extensions() -> None:
+    for py, c in (("natfwd-py-w1", "natfwd-w1"), ("natfwd-py-mux-w1", "natfwd-mux-w1")):
+        mine = config.loads(natfwd_config(PATH[py], "10.0.1.230", 9111, "redis"))
+        theirs = config.loads(natfwd_config(PATH[c], "10.0.1.230", 9111, "redis"))
+        assert (mine.multiplex, mine.workers) == (theirs.multiplex, theirs.workers)
+        assert {f.port for f in mine.forwards}.isdisjoint(f.port for f in theirs.forwards)
+        assert natfwd_env(PATH[py])["NATFWD_NO_EXTENSIONS"] == "1"
+        assert "NATFWD_NO_EXTENSIONS" not in natfwd_env(PATH[c])
+
+
+def test_the_pure_python_env_really_loads_no_extension(tmp_path: Path) -> None:
+    probe = "from forwarder import rawmode; from forwarder.protocols import framing; print(rawmode.CRELAY, framing.C)"
+    for spec, expected in ((PATH["natfwd-py-w1"], "None None"), (PATH["natfwd-w1"], None)):
+        result = subprocess.run([sys.executable, "-c", probe], env=natfwd_env(spec), cwd=tmp_path,
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        if expected is None:
+            assert "None" not in result.stdout, result.stdout  # the C path has both (scripts/setup builds them)
+        else:
+            assert result.stdout.strip() == expected
+
+
+def test_the_kernel_data_path_runs_only_on_a_natfwd_that_has_one() -> None:
+    spec = PATH["natfwd-kernel"]
+    text = natfwd_config(spec, "10.0.1.230", 9111)
+    assert "data_path: kernel\n" in text and "drain_timeout_s: 0\n" in text  # stopped after each measurement
+    assert "data_path" not in natfwd_config(PATH["natfwd-w1"], "10.0.1.230", 9111)
+    assert unsupported(PATH["natfwd-w1"]) is None and unsupported(PATH["kernel"]) is None
+    note = unsupported(spec)
+    try:
+        config.loads(natfwd_config(spec, "10.0.1.230", 9111))
+    except config.ConfigError:
+        assert note is not None and note.startswith("natfwd-kernel skipped: ") and "data_path" in note
+    else:
+        assert note is None
 
 
 @pytest.mark.parametrize(
@@ -329,6 +380,33 @@ def test_cpu_per_request_table_shows_the_proxy_and_the_machine() -> None:
     assert "| redis-benchmark GET, 50 connections | 10.0 (2.0) |" in text
     assert "| redis-benchmark GET, 50 connections | 40.0 | 40.0 |" in text  # machine: median of 20, 40, 60
     assert Measurement.from_json(measurements[3].to_json()) == measurements[3]
+
+
+def test_the_c_table_pairs_each_c_path_with_its_pure_python_twin() -> None:
+    def run(path: str, round_no: int, us: float, rps: float) -> Measurement:
+        spent = {"machine_s": 1.0, "requests": 10000.0, "proxy_user_s": us / 1e6 * 10000 / 2,
+                 "proxy_sys_s": us / 1e6 * 10000 / 2}  # fmt: skip
+        return Measurement(round_no, "rb-get-c50-new", path, {"rb-get-c50-new": rps}, 1.0, cpu=spent)
+
+    measurements = [run("natfwd-w1", r, 10.0 * r, 1000.0 * r) for r in (1, 2, 3)]
+    measurements += [run("natfwd-py-w1", r, 15.0 * r, 800.0 * r) for r in (1, 2, 3)]
+    measurements.append(run("natfwd-mux-w1", 1, 5.0, 1.0))  # no pure-Python twin measured: no row
+    text = "\n".join(report.c_table(measurements))
+    assert "### What the C extensions buy" in text
+    # medians: C 20 µs and 2.00k, Python 30 µs and 1.60k; paired ratios 1.5 (CPU) and 1.25 (throughput)
+    row = (
+        "| redis-benchmark GET c50, new conn each | natfwd w1 | 20.0 | 30.0 | 1.50 | 2.00k req/s | 1.60k req/s | 1.25 |"
+    )
+    assert row in text, text
+    assert "natfwd mux w1" not in text
+    assert report.c_table(measurements[:3]) == []
+    assert "### What the C extensions buy" in report.markdown(measurements, {}, ["natfwd-w1", "natfwd-py-w1"], None)
+
+
+def test_new_connections_and_the_kernel_data_path_have_targets() -> None:
+    wanted = {(t.figure, t.path, t.base, t.minimum) for t in report.TARGETS}
+    assert ("rb-get-c50-new", "natfwd-w1", "haproxy-t1", 1.0) in wanted
+    assert {("rb-get-c50", "natfwd-kernel", "kernel", 0.95), ("rb-256k-get", "natfwd-kernel", "kernel", 0.95)} <= wanted
 
 
 def _link(name: str, received: int, sent: int) -> dict[str, object]:
@@ -466,17 +544,27 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     before = _bench_namespaces()
     out = tmp_path / "out"
     result = subprocess.run(
-        [*RUN, "--rounds", "1", "--duration", "0.2", "--paths", "direct,natfwd-w1,haproxy-t1,natfwd-mux-w1",
-         "--loads", "rb-get-c50,mc-1conn", "--against", "HEAD", "--against-path", "natfwd-mux-w1", "--out", str(out)],
-        capture_output=True, text=True, timeout=110, check=False,
+        [*RUN, "--rounds", "1", "--duration", "0.2", "--paths",
+         "direct,natfwd-w1,haproxy-t1,natfwd-mux-w1,natfwd-py-w1,natfwd-kernel", "--loads", "rb-get-c50,mc-1conn",
+         "--against", "HEAD", "--against-path", "natfwd-mux-w1", "--out", str(out)],
+        capture_output=True, text=True, timeout=150, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[round 1/1  10/10" in result.stderr and "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
+    kernel_note = unsupported(PATH["natfwd-kernel"])
+    total = 14 if kernel_note is None else 12  # natfwd-kernel is measured only where natfwd has it
+    assert f"[round 1/1  {total}/{total}" in result.stderr, result.stderr[-3000:]
+    assert "target natfwd-w1/haproxy-t1 rb-get-c50:" in result.stderr
     data = json.loads((out / "results.json").read_text())
     done = {(m["load"], m["path"]) for m in data["measurements"] if m["error"] is None}
     # natfwd-base: natfwd-mux-w1 at this very commit, via --against and --against-path
-    paths = ("direct", "natfwd-w1", "haproxy-t1", "natfwd-mux-w1", "natfwd-base")
+    paths = ["direct", "natfwd-w1", "haproxy-t1", "natfwd-mux-w1", "natfwd-py-w1", "natfwd-base"]
+    if kernel_note is None:
+        paths.append("natfwd-kernel")
+    else:  # skipped, and said so
+        assert kernel_note in result.stderr and kernel_note in (out / "results.md").read_text()
+        assert data["meta"]["skipped"] == [kernel_note]
     assert done == {(load, path) for load in ("rb-get-c50", "mc-1conn") for path in paths}
+    assert "### What the C extensions buy" in (out / "results.md").read_text()
     committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:forwarder/relay.py"], capture_output=True)
     assert (out / "against" / "forwarder" / "relay.py").read_bytes() == committed.stdout
     # ...with its C extensions built, or natfwd-base would run the pure-Python fallbacks against this C.
@@ -502,7 +590,7 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     net = {(m["load"], m["path"]): m["net"] for m in data["measurements"]}
     assert all(counted["nat_received"] > 0 and counted["nat_sent"] > 0 for counted in net.values())
     assert "### Packets per request" in (out / "results.md").read_text()
-    assert "## Targets (issue 6)" in (out / "results.md").read_text()
+    assert "## Targets (issues 6 and 22)" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _bench_namespaces() == before
 
@@ -536,3 +624,33 @@ def test_sigterm_mid_run_tears_the_lab_down(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert _bench_namespaces() == before
     assert (tmp_path / "results.json").exists()
+
+
+# --- the loopback tool (benchmarks/loopback.py) ------------------------------------------------------------------
+STRACE_C = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 31.20    0.101000           5     20000           accept4
+ 20.10    0.065000           1     80000       250 read
+  0.00    0.000000           0         3           getpid
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.166000           1    100003       250 total
+"""
+
+
+def test_strace_summary_gives_calls_per_system_call() -> None:
+    assert loopback.parse_strace_c(STRACE_C) == {"accept4": 20000, "read": 80000, "getpid": 3}
+
+
+def test_the_loopback_tool_measures_natfwd_and_haproxy_per_request() -> None:
+    for tool in ("redis-server", "redis-benchmark", "haproxy"):
+        require_binary(tool)
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loopback", "--requests", "300", "--rounds", "1", "--kinds",
+         "natfwd,natfwd-py,haproxy"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| natfwd") or line.startswith("| hap")]
+    assert [row.split(" | ")[0] for row in rows] == ["| natfwd", "| natfwd-py", "| haproxy"], result.stdout
+    assert "natfwd-py over natfwd, paired medians: CPU per request " in result.stdout
