@@ -4,9 +4,13 @@
 (`ip netns exec NAT unshare --mount --propagation private`): it lays writable overlays on /etc, /opt and /usr/local
 whose upper layers live in a tmpfs under ROOT, so nothing the box writes reaches this host's files, then does what
 cloud-init does with ROOT/user-data: packages (through the dnf stand-in), write_files, runcmd.
-`python bootkit.py systemctl ARGS` is the systemctl the box sees: `enable --now UNIT` starts the unit's ExecStart
-as systemd would for Type=notify (LoadCredential= copies into $CREDENTIALS_DIRECTORY, $NOTIFY_SOCKET, waiting for
-READY=1), records its pid in ROOT/service.pid and leaves it running; other commands are only recorded.
+`python bootkit.py systemctl ARGS` is the systemctl the box sees: `enable --now UNIT` reads the unit and its drop-ins
+(UNIT.d/*.conf), runs each ExecStartPre (as root: the box has no sandbox to step out of for `+`), then starts
+ExecStart as systemd would for Type=notify (LoadCredential= copies into $CREDENTIALS_DIRECTORY, $NOTIFY_SOCKET,
+waiting for READY=1), records its pid in ROOT/service.pid and leaves it running; other commands are only recorded.
+The service keeps only the capabilities of CapabilityBoundingSet (still uid 0: the stand-in has no DynamicUser), and
+ProtectKernelTunables=yes makes /proc/sys read-only for it alone, so a missing capability or sysctl step fails here
+as it would under systemd.
 `python bootkit.py record NAME ARGS` is dnf, yum and service: recorded in ROOT/commands.log, nothing installed.
 """
 
@@ -65,19 +69,57 @@ def box(root: Path) -> int:
 
 
 def _unit(path: Path) -> dict[str, list[str]]:
+    """The [Service] settings of the unit at `path` and of its drop-ins, in the order systemd reads them: each
+    assignment appends to the key's list and an empty one clears it, as for systemd's list settings."""
     settings: dict[str, list[str]] = {}
-    section = ""
-    for line in path.read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith(("#", ";")):
-            continue
-        if stripped.startswith("["):
-            section = stripped.strip("[]")
-            continue
-        if section == "Service" and "=" in stripped:
-            key, _, value = stripped.partition("=")
-            settings.setdefault(key, []).append(value)
+    for part in [path, *sorted(path.with_name(path.name + ".d").glob("*.conf"))]:
+        section = ""
+        for line in part.read_text().splitlines():
+            stripped = line.strip()
+            if not stripped or stripped.startswith(("#", ";")):
+                continue
+            if stripped.startswith("["):
+                section = stripped.strip("[]")
+                continue
+            if section == "Service" and "=" in stripped:
+                key, _, value = stripped.partition("=")
+                if value:
+                    settings.setdefault(key, []).append(value)
+                else:
+                    settings.pop(key, None)
     return settings
+
+
+def _capabilities(unit: dict[str, list[str]]) -> list[str]:
+    """CapabilityBoundingSet= as setpriv names (cap_net_admin -> net_admin); its assignments are merged."""
+    names = sorted({word for value in unit.get("CapabilityBoundingSet", []) for word in value.split()})
+    assert all(name.startswith("CAP_") for name in names), names
+    ambient = {word for value in unit.get("AmbientCapabilities", []) for word in value.split()}
+    assert ambient <= set(names), f"AmbientCapabilities {sorted(ambient)} outside the bounding set {names}"
+    return [name.removeprefix("CAP_").lower() for name in names]
+
+
+def _sandboxed(unit: dict[str, list[str]], argv: list[str]) -> list[str]:
+    """`argv` with the unit's capabilities only, and /proc/sys read-only under ProtectKernelTunables=yes."""
+    if "CapabilityBoundingSet" in unit:
+        caps = ",".join(["-all", *(f"+{name}" for name in _capabilities(unit))])
+        argv = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *argv]
+    if unit.get("ProtectKernelTunables") == ["yes"]:
+        remount = 'mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$@"'
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", remount, "sh", *argv]
+    return argv
+
+
+def _exec_start_pre(root: Path, unit: dict[str, list[str]]) -> int:
+    for line in unit.get("ExecStartPre", []):
+        command = line.lstrip("+-!@:")
+        prefixes = line[: len(line) - len(command)]
+        done = subprocess.run(shlex.split(command), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        _record(root, ["ExecStartPre", line, f"exit={done.returncode}"])
+        if done.returncode != 0 and "-" not in prefixes:
+            print(f"natfwd.service: ExecStartPre {line} failed: {done.stderr}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def systemctl(root: Path, args: list[str]) -> int:
@@ -86,6 +128,8 @@ def systemctl(root: Path, args: list[str]) -> int:
         return 0
     unit = _unit(Path("/etc/systemd/system") / args[2])
     assert unit["Type"] == ["notify"], unit.get("Type")
+    if _exec_start_pre(root, unit) != 0:
+        return 1
     credentials = root / "scratch" / "credentials"
     credentials.mkdir(mode=0o700)
     for spec in unit.get("LoadCredential", []):
@@ -101,8 +145,8 @@ def systemctl(root: Path, args: list[str]) -> int:
         (exec_start,) = unit["ExecStart"]
         with (root / "service.log").open("ab") as log:
             service = subprocess.Popen(
-                shlex.split(exec_start), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
-                start_new_session=True,
+                _sandboxed(unit, shlex.split(exec_start)), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd="/", start_new_session=True,
             )  # fmt: skip
         (root / "service.pid").write_text(str(service.pid))
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -1,7 +1,8 @@
 """The NAT instance booted for real, without AWS: provision against moto, then run the user data moto stored in a
 lab NAT namespace, which fetches natfwd from moto's S3 with the instance's credentials, checks its sha256,
-installs it and serves (or applies kernel rules); a client in the lab reaches every node through the public
-address. Also: the rendered cloud-config passes cloud-init's own schema."""
+installs it and starts natfwd.service (with `--mode kernel`, serve on the kernel data path: its own nftables
+table, no static rules); a client in the lab reaches every node through the public address. Also: the rendered
+cloud-config passes cloud-init's own schema."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from awskit import moto_server as moto_server  # fixture "moto_url"
 from labkit import ROOT_MARKS, memcached_client, running_lab
 from moto.server import ThreadedMotoServer
 
-from forwarder import cli, netns
+from forwarder import cli, iptables, kernelpath, netns
 from forwarder.lab import CLIENT_ADDRESS, PUBLIC_ADDRESS, PUBLIC_INTERFACE, Lab
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +115,13 @@ def boot(lab: Lab, root: Path, text: str, endpoint: str, hosts: dict[str, str]) 
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=BOOT_TIMEOUT_S)
 
 
+def nft_tables(lab: Lab) -> list[str]:
+    done = subprocess.run(
+        ["ip", "netns", "exec", lab.nat, "nft", "list", "tables"], capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines()
+
+
 def _kill_service(root: Path) -> None:
     pid_file = root / "service.pid"
     if pid_file.exists():
@@ -151,6 +159,10 @@ def test_the_provisioned_instance_boots_and_serves_in_the_lab(
     hosts = {name: node.address for name, node in zip(names, lab.nodes, strict=True)}
     root = tmp_path / "box"
     root.mkdir()
+    if mode == "kernel":
+        # Off, as on a fresh instance: the drop-in's ExecStartPre must turn it on (natfwd itself cannot, with
+        # /proc/sys read-only under ProtectKernelTunables).
+        subprocess.run(["ip", "netns", "exec", lab.nat, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
     try:
         done = boot(lab, root, text, moto_in_nat, hosts)
         service_log = (root / "service.log").read_text() if (root / "service.log").exists() else ""
@@ -159,12 +171,20 @@ def test_the_provisioned_instance_boots_and_serves_in_the_lab(
         # cloud-init's packages step went through dnf; the box's pip installed from moto's S3, checked first.
         assert commands[0].startswith("dnf install -y python3.11 python3.11-pip")
         assert "sha256sum: WARNING" not in done.stderr
+        # Both modes run the same unit; kernel mode adds its drop-in, whose ExecStartPre ran before natfwd.
+        assert "systemctl daemon-reload" in commands and "systemctl enable --now natfwd.service" in commands
+        assert "notify READY=1 STATUS=serving" in commands
+        tables = nft_tables(lab)
         if mode == "userspace":
-            assert "systemctl daemon-reload" in commands and "systemctl enable --now natfwd.service" in commands
-            assert "notify READY=1 STATUS=serving" in commands
+            assert commands[0] == "dnf install -y python3.11 python3.11-pip gcc python3.11-devel"
+            assert not any(c.startswith("ExecStartPre") for c in commands)
+            assert tables == []
         else:
-            assert not any(c.startswith("systemctl enable --now") for c in commands)
-            assert "yum install -y iptables-services" in commands
+            assert commands[0] == "dnf install -y python3.11 python3.11-pip nftables conntrack-tools"
+            assert "ExecStartPre +/usr/sbin/sysctl -qw net.ipv4.ip_forward=1 exit=0" in commands
+            # serve's own table, and no static rules: no emit-iptables `ip natfwd` table, no iptables nat table.
+            assert tables == ["table inet natfwd_serve"]
+            assert not any("iptables" in c for c in commands)
         # Nothing reached this host's own files.
         assert not Path("/opt/natfwd").exists() and not Path("/etc/natfwd").exists()
 
@@ -175,6 +195,15 @@ def test_the_provisioned_instance_boots_and_serves_in_the_lab(
         for index, node in enumerate(lab.nodes):
             with memcached_client(PUBLIC_ADDRESS, node.public_port, lab.client) as client:
                 assert client.get(f"boot-{mode}") == f"node{index}".encode()
+        if mode == "kernel":
+            # The kernel translated them: serve's DNAT counters moved, one per connection above, per port.
+            listed = subprocess.run(
+                ["ip", "netns", "exec", lab.nat, "nft", "-j", "list", "counters", "table", "inet", "natfwd_serve"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            counters = kernelpath.parse_counters(listed)
+            for node in lab.nodes:
+                assert counters[iptables.counter_name(node.public_port, "accepted")][0] == 2, counters
     finally:
         _kill_service(root)
     # The artefact it installed is the one provision stored: fetched with the instance's credentials.

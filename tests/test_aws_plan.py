@@ -200,6 +200,9 @@ natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-ea
 
 def test_plan_text_is_exact() -> None:
     assert plan.render(example_plan()) == EXPECTED_PLAN
+    assert plan.render(example_plan("kernel")) == EXPECTED_PLAN.replace(
+        "mode userspace, ", "mode kernel (natfwd serve with data_path: kernel, nftables DNAT), "
+    )
 
 
 def test_plan_rules_and_tags() -> None:
@@ -507,7 +510,17 @@ def test_diff_of_a_new_mode_or_package_replaces_the_instance_and_the_stale_objec
         "keep the S3 bucket, empty: --package replaces the natfwd stored there",
         f"  - artefacts/{EXAMPLE_SHA256}/natfwd-0.1.0.tar.gz",
     ]
-    assert {"    - - gcc", "    + - iptables-services", "    ... and 38 more changed lines"} <= set(lines)
+    assert {
+        "    - - gcc",
+        "    + - nftables",
+        "    + data_path: kernel",
+        "    + ExecStartPre=+/usr/sbin/sysctl -qw net.ipv4.ip_forward=1",
+    } <= set(lines)
+    # A long difference is cut short: here, user data that has nothing in common with the plan's.
+    (instance,) = existing().instances
+    blank = existing(instances=(dataclasses.replace(instance, user_data="#cloud-config\n"),))
+    changed = len(userdata.render(the_plan, EXAMPLE_PUBLIC_IP).splitlines()) - 1
+    assert f"    ... and {changed - 40} more changed lines" in apply.diff(the_plan, blank).lines(the_plan)
 
 
 @pytest.mark.parametrize(

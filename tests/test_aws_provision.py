@@ -391,8 +391,11 @@ def test_kernel_mode(aws: Aws, world: World, capsys: pytest.CaptureFixture[str])
     assert provision(aws, "--yes", "--mode", "kernel") == 0
     (instance,) = live_instances(aws)
     text = user_data(aws, instance["InstanceId"])
-    assert "natfwd emit-iptables --config /etc/natfwd/kernel.yaml --save amazon-linux > /etc/natfwd/rules.sh" in text
-    assert "natfwd.service" not in text
+    # serve on the kernel path, under the same unit plus the drop-in that grants CAP_NET_ADMIN; no static rules.
+    assert "\n      data_path: kernel\n" in text
+    assert "  - path: /etc/systemd/system/natfwd.service.d/kernel-path.conf\n" in text
+    assert "systemctl enable --now natfwd.service\n" in text
+    assert "emit-iptables" not in text
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
     assert tags["natfwd:mode"] == "kernel"
 

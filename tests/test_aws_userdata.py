@@ -21,6 +21,7 @@ from forwarder.errors import UsageError
 
 EXAMPLE = REPO / "deploy" / "cloud-init.example.yaml"
 UNIT = REPO / "deploy" / "natfwd.service"
+DROP_IN = REPO / "deploy" / "natfwd.service.d" / "kernel-path.conf"
 NODES = [f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com" for n in (1, 2, 3)]
 
 EXPECTED_CONFIG = f"""\
@@ -84,18 +85,41 @@ def test_userspace_user_data_is_cloud_config() -> None:
     assert files[userdata.BOOTSTRAP_PATH]["content"] == userdata.render_bootstrap(example_plan())
 
 
-def test_kernel_user_data_applies_rules_instead_of_running_a_service() -> None:
-    text = userdata.render(example_plan("kernel"), EXAMPLE_PUBLIC_IP)
+def test_kernel_user_data_runs_serve_on_the_kernel_path() -> None:
+    plan = example_plan("kernel")
+    text = userdata.render(plan, EXAMPLE_PUBLIC_IP)
     document = yaml.safe_load(text)
-    assert document["packages"] == ["python3.11", "python3.11-pip", "iptables-services"]  # no compiler needed
+    # nft and conntrack instead of a compiler: every forward is on the kernel path. No iptables-services, whose
+    # default ruleset would reject the forwarded flows.
+    assert document["packages"] == ["python3.11", "python3.11-pip", "nftables", "conntrack-tools"]
     files = files_of(text)
-    assert userdata.UNIT_PATH not in files
-    script = files[userdata.BOOTSTRAP_PATH]["content"]
-    assert "systemctl" not in script
-    assert script.endswith(
-        "/opt/natfwd/bin/natfwd emit-iptables --config /etc/natfwd/kernel.yaml --save amazon-linux "
-        "> /etc/natfwd/rules.sh\nsh /etc/natfwd/rules.sh\n"
+    assert list(files) == [
+        userdata.CONFIG_PATH,
+        userdata.UNIT_PATH,
+        userdata.KERNEL_DROP_IN_PATH,
+        userdata.BOOTSTRAP_PATH,
+    ]
+    assert files[userdata.UNIT_PATH]["content"] == userdata.SYSTEMD_UNIT
+    assert files[userdata.KERNEL_DROP_IN_PATH]["content"] == userdata.KERNEL_DROP_IN
+    assert files[userdata.KERNEL_DROP_IN_PATH]["permissions"] == "0644"
+    # The same config as userspace mode (node names, re-resolved by serve), plus data_path: kernel.
+    kernel_config = files[userdata.CONFIG_PATH]["content"]
+    assert (
+        kernel_config.replace("\ndata_path: kernel\n", "\n").replace(
+            "# The kernel forwards with DNAT; natfwd keeps its nftables rules in step with the node names and the\n"
+            "# config, and needs CAP_NET_ADMIN (natfwd.service.d/kernel-path.conf).\n",
+            "",
+        )
+        == EXPECTED_CONFIG
     )
+    cfg = config.loads(kernel_config)
+    assert cfg.data_path == "kernel"
+    assert [str(f.target) for f in cfg.forwards] == [f"{name}:11211" for name in NODES]
+    # The same script as userspace mode: no static rules, the unit is started.
+    script = files[userdata.BOOTSTRAP_PATH]["content"]
+    assert script == userdata.render_bootstrap(example_plan()).replace("(mode userspace)", "(mode kernel)")
+    assert "emit-iptables" not in text and "getent" not in text
+    assert script.endswith("systemctl daemon-reload\nsystemctl enable --now natfwd.service\n")
 
 
 def test_user_data_fits_the_ec2_limit_for_a_large_cluster() -> None:
@@ -199,34 +223,14 @@ def test_userspace_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Pa
     assert (sandbox / "systemctl.log").read_text() == "daemon-reload\nenable --now natfwd.service\n"
 
 
-def test_kernel_bootstrap_resolves_nodes_and_emits_real_rules(sandbox: Path) -> None:
-    plan = example_plan("kernel")
-    script = userdata.render_bootstrap(plan)
-    assert "\nsh /etc/natfwd/rules.sh\n" in script
-    # Everything but applying the rules to this host's netfilter.
-    script = script.replace("\nsh /etc/natfwd/rules.sh\n", "\n")
-    (sandbox / "etc" / "natfwd.yaml").write_text(userdata.render_config(plan, EXAMPLE_PUBLIC_IP))
-    done = _run_after_install(script, sandbox)
-    assert done.returncode == 0, done.stderr
-    kernel = config.load(sandbox / "etc" / "kernel.yaml")
-    assert [str(f.target) for f in kernel.forwards] == ["10.0.1.230:11211", "10.0.1.231:11211", "10.0.1.232:11211"]
-    assert kernel.interface == "ens5"
-    rules = (sandbox / "etc" / "rules.sh").read_text()
-    assert "-i ens5 -s 198.51.100.27/32 -p tcp --dport 11212 -j DNAT --to-destination 10.0.1.231:11211" in rules
-    assert "service iptables save" in rules
-    # The package that saves the rules is installed before the first rule, not after.
-    install = rules.index("yum install -y iptables-services")
-    assert install < rules.index("iptables -w") < rules.index("service iptables save")
-
-
-def test_kernel_bootstrap_stops_when_a_node_does_not_resolve(sandbox: Path) -> None:
+def test_kernel_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Path) -> None:
     plan = example_plan("kernel")
     (sandbox / "etc" / "natfwd.yaml").write_text(userdata.render_config(plan, EXAMPLE_PUBLIC_IP))
-    _executable(sandbox / "bin" / "getent", "#!/bin/sh\nexit 2\n")
     done = _run_after_install(userdata.render_bootstrap(plan), sandbox)
-    assert done.returncode == 1
-    assert f"natfwd: cannot resolve {NODES[0]}" in done.stderr
-    assert not (sandbox / "etc" / "rules.sh").exists()
+    assert done.returncode == 0, done.stderr
+    loaded = config.load(sandbox / "etc" / "natfwd.yaml")
+    assert (loaded.interface, loaded.data_path) == ("ens5", "kernel")
+    assert (sandbox / "systemctl.log").read_text() == "daemon-reload\nenable --now natfwd.service\n"
 
 
 # -- the systemd unit ---------------------------------------------------------------------------------------------
@@ -234,14 +238,35 @@ def test_kernel_bootstrap_stops_when_a_node_does_not_resolve(sandbox: Path) -> N
 
 def test_unit_in_deploy_is_the_one_the_user_data_installs() -> None:
     assert UNIT.read_text() == userdata.SYSTEMD_UNIT
+    assert DROP_IN.read_text() == userdata.KERNEL_DROP_IN
 
 
-def test_unit_hardening() -> None:
+def _settings(text: str) -> dict[str, list[str]]:
     settings: dict[str, list[str]] = {}
-    for line in userdata.SYSTEMD_UNIT.splitlines():
+    for line in text.splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
             settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_kernel_drop_in_adds_only_what_the_kernel_path_needs() -> None:
+    settings = _settings(userdata.KERNEL_DROP_IN)
+    assert userdata.KERNEL_DROP_IN.splitlines()[1] == "[Service]"
+    assert settings == {
+        "AmbientCapabilities": ["CAP_NET_BIND_SERVICE CAP_NET_ADMIN"],
+        "CapabilityBoundingSet": ["CAP_NET_BIND_SERVICE CAP_NET_ADMIN"],
+        "RestrictAddressFamilies": ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"],
+        "ExecStartPre": ["+/usr/sbin/sysctl -qw net.ipv4.ip_forward=1"],
+    }
+    # The unit stays as it was: still a dynamic user, still sandboxed, /proc/sys still read-only for natfwd.
+    unit = _settings(userdata.SYSTEMD_UNIT)
+    assert unit["DynamicUser"] == ["yes"] and unit["ProtectKernelTunables"] == ["yes"]
+    assert unit["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
+
+
+def test_unit_hardening() -> None:
+    settings = _settings(userdata.SYSTEMD_UNIT)
     assert settings["Restart"] == ["always"]
     assert settings["NoNewPrivileges"] == ["yes"]
     assert settings["ProtectSystem"] == ["strict"]
@@ -267,6 +292,29 @@ def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
     # An exposure of at most 1.8 out of 10 ("OK"); the threshold is in tenths.
     done = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=18", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian package systemd)")
+def test_unit_with_kernel_drop_in_passes_systemd_analyze(tmp_path: Path) -> None:
+    unit = tmp_path / "natfwd.service"
+    unit.write_text(userdata.SYSTEMD_UNIT.replace(f"{userdata.VENV}/bin/natfwd", "/bin/true"))
+    (tmp_path / "natfwd.service.d").mkdir()
+    (tmp_path / "natfwd.service.d" / "kernel-path.conf").write_text(userdata.KERNEL_DROP_IN)
+    done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    # The drop-in is read (CAP_NET_ADMIN and netlink are scored), and the unit stays "OK": at most 2.1 out of 10.
+    assert "✗ CapabilityBoundingSet=~CAP_NET_ADMIN" in done.stdout, done.stdout[-3000:]
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=21", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -24,6 +24,11 @@ AMI_PARAMETER_PREFIX = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-d
 TAG_CLUSTER = "natfwd:cluster-id"
 TAG_ROLE = "natfwd:role"
 TAG_MODE = "natfwd:mode"
+# What the plan says about each mode: both run natfwd serve under natfwd.service.
+MODE_NOTES: dict[Mode, str] = {
+    "userspace": "",
+    "kernel": " (natfwd serve with data_path: kernel, nftables DNAT)",
+}
 FIRST_PORT = {"memcached": 11211, "redis": 6379, "redis-cluster": 6379}
 SSH_PORT = 22
 # The box installs OS packages (dnf) and natfwd's dependencies (pip), fetches natfwd from S3 and talks to SSM,
@@ -302,7 +307,7 @@ def render(plan: Plan) -> str:
         f"  instance        {request.instance_type} ({plan.architecture}), {plan.image_id} (Amazon Linux 2023), {key}",
         f"  access          instance profile {plan.role_name}: SSM Session Manager, ElastiCache Describe"
         + (", the natfwd object" if plan.artefact else ""),
-        f"  natfwd          mode {request.mode}, installs {plan.install_source}",
+        f"  natfwd          mode {request.mode}{MODE_NOTES[request.mode]}, installs {plan.install_source}",
         f"  clients         {', '.join(str(c) for c in request.trusted_cidrs)}",
     ]
     if plan.artefact is not None:

@@ -1,8 +1,8 @@
-"""The NAT instance's cloud-init user data: fetch and verify natfwd, install it, write its config, then run it
-(or apply kernel rules).
+"""The NAT instance's cloud-init user data: fetch and verify natfwd, install it, write its config, then run it.
 
-The systemd unit text lives here so the package can ship it; deploy/natfwd.service is a copy that a test keeps
-equal, and deploy/cloud-init.example.yaml is a rendered example that a test keeps in sync.
+The systemd unit text and its kernel-path drop-in live here so the package can ship them; deploy/natfwd.service
+and deploy/natfwd.service.d/kernel-path.conf are copies that a test keeps equal, and
+deploy/cloud-init.example.yaml is a rendered example that a test keeps in sync.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from forwarder.aws.plan import Plan
 CONFIG_PATH = "/etc/natfwd/natfwd.yaml"
 UNIT_PATH = "/etc/systemd/system/natfwd.service"
 BOOTSTRAP_PATH = "/usr/local/sbin/natfwd-bootstrap"
-RULES_PATH = "/etc/natfwd/rules.sh"
-KERNEL_CONFIG_PATH = "/etc/natfwd/kernel.yaml"
+KERNEL_DROP_IN_PATH = "/etc/systemd/system/natfwd.service.d/kernel-path.conf"
 VENV = "/opt/natfwd"
 DIST_DIR = "/opt/natfwd/dist"
 METRICS_LISTEN = "127.0.0.1:9108"
@@ -76,6 +75,19 @@ UMask=0077
 WantedBy=multi-user.target
 """
 
+# What `data_path: kernel` needs on top of the unit: nft and conntrack work over netlink with CAP_NET_ADMIN, and
+# forwarding must be on while ProtectKernelTunables keeps /proc/sys read-only for the service itself.
+KERNEL_DROP_IN = """\
+# natfwd.service for data_path: kernel (or auto): serve programs nftables and reads conntrack.
+[Service]
+AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN
+# nft and conntrack talk to the kernel over netlink.
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+# ProtectKernelTunables keeps /proc/sys read-only for natfwd; `+` runs this one line outside the sandbox.
+ExecStartPre=+/usr/sbin/sysctl -qw net.ipv4.ip_forward=1
+"""
+
 
 def render_config(plan: Plan, public_ip: str) -> str:
     """The natfwd YAML config for this cluster: one forward per node, targets are the node endpoint names."""
@@ -84,6 +96,14 @@ def render_config(plan: Plan, public_ip: str) -> str:
         f"engine: {plan.cluster.engine}",
         f"public_address: {public_ip}",
         "listen_address: 0.0.0.0",
+    ]
+    if plan.request.mode == "kernel":
+        lines += [
+            "# The kernel forwards with DNAT; natfwd keeps its nftables rules in step with the node names and the",
+            "# config, and needs CAP_NET_ADMIN (natfwd.service.d/kernel-path.conf).",
+            "data_path: kernel",
+        ]
+    lines += [
         "# The bootstrap script replaces this with the primary interface (ens5 on Nitro instances).",
         "interface: eth0",
         "allowed_clients:",
@@ -113,7 +133,7 @@ def _install_lines(plan: Plan) -> list[str]:
 
 
 def render_bootstrap(plan: Plan) -> str:
-    """The first-boot shell script: install natfwd in a venv, fix the interface name, then serve or apply rules."""
+    """The first-boot shell script: install natfwd in a venv, fix the interface name, then start natfwd.service."""
     lines = [
         "#!/bin/sh",
         f"# natfwd first-boot setup for ElastiCache cluster {plan.cluster_id} (mode {plan.request.mode}).",
@@ -126,22 +146,9 @@ def render_bootstrap(plan: Plan) -> str:
         f'sed -i "s/^interface: .*/interface: ${{iface}}/" {CONFIG_PATH}',
         "# The page's step 3: every node must answer from here (logged; a node still starting is not fatal).",
         f"{VENV}/bin/natfwd check --config {CONFIG_PATH} --direct || echo 'natfwd: some nodes did not answer yet' >&2",
+        "systemctl daemon-reload",
+        "systemctl enable --now natfwd.service",
     ]
-    if plan.request.mode == "kernel":
-        names = " ".join(sorted({f.node.address for f in plan.forwards}))
-        lines += [
-            "# Kernel rules need IP addresses: resolve the node names (VPC DNS) into a copy of the config.",
-            f"install -m 0600 {CONFIG_PATH} {KERNEL_CONFIG_PATH}",
-            f"for name in {names}; do",
-            "  ip=$(getent ahostsv4 \"$name\" | awk '{print $1; exit}')",
-            '  [ -n "$ip" ] || { echo "natfwd: cannot resolve $name" >&2; exit 1; }',
-            f'  sed -i "s/target: $name:/target: $ip:/" {KERNEL_CONFIG_PATH}',
-            "done",
-            f"{VENV}/bin/natfwd emit-iptables --config {KERNEL_CONFIG_PATH} --save amazon-linux > {RULES_PATH}",
-            f"sh {RULES_PATH}",
-        ]
-    else:
-        lines += ["systemctl daemon-reload", "systemctl enable --now natfwd.service"]
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +165,8 @@ def render(plan: Plan, public_ip: str) -> str:
     """The complete #cloud-config user data for the NAT instance of `plan`, whose Elastic IP is `public_ip`."""
     packages = ["python3.11", "python3.11-pip"]
     if plan.request.mode == "kernel":
-        packages.append("iptables-services")
+        # nft for serve's table; conntrack for natfwd_connections_active (/proc/net/nf_conntrack is root-only).
+        packages += ["nftables", "conntrack-tools"]
     else:
         # pip builds natfwd's C extensions (the relay thread, the protocol scanners) with these; without them
         # natfwd still serves, in pure Python, at a few microseconds more per request.
@@ -175,8 +183,9 @@ def render(plan: Plan, public_ip: str) -> str:
         "write_files:\n",
         _file(CONFIG_PATH, "0600", render_config(plan, public_ip)),
     ]
-    if plan.request.mode == "userspace":
-        parts.append(_file(UNIT_PATH, "0644", SYSTEMD_UNIT))
+    parts.append(_file(UNIT_PATH, "0644", SYSTEMD_UNIT))
+    if plan.request.mode == "kernel":
+        parts.append(_file(KERNEL_DROP_IN_PATH, "0644", KERNEL_DROP_IN))
     parts += [
         _file(BOOTSTRAP_PATH, "0755", render_bootstrap(plan)),
         "runcmd:\n",
