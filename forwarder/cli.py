@@ -302,7 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR",
         help="a client network let in (IPv4 or IPv6); repeat for several; run provision again to change them",
     )
-    provision.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or DNAT")
+    provision.add_argument(
+        "--mode",
+        choices=("userspace", "kernel"),
+        default="userspace",
+        help="natfwd serve on the relay, or on the kernel path (data_path: kernel, nftables)",
+    )
     provision.add_argument("--instance-type", default="t4g.micro", help="EC2 instance type of the NAT box")
     provision.add_argument(
         "--architecture",
