@@ -13,7 +13,7 @@ A `Framer` per engine, its functions pure and fast rather than complete:
   the shared connection is out of step and must close.
 - `scan(buf, pos, want, state)` is `replies` resumed: a pipe passes every byte of a reply on as it arrives and keeps
   the walk's state between reads, so any reply costs one walk over its bytes and at most a line of memory.
-- `push` and `skip_push` skip out-of-band messages (RESP3 pushes); `stream` finds big top-level values.
+- `push` and `skip_push` skip out-of-band messages (RESP3 pushes).
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
 
@@ -30,7 +30,6 @@ from typing import NamedTuple
 from forwarder import extensions
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
-STREAM_MIN = 64 * 1024  # what `stream` calls a big value (pipes no longer ask: every reply passes on as it arrives)
 # A reply line (a RESP type byte and what follows it up to CRLF, or a memcached line) longer than this means the stream
 # is out of step: no node sends one (lengths are digits, keys 250 bytes), and a line is the one thing a pipe holds
 # until it is whole. Above 4300 digits, so that int() decides which lengths are malformed as it always did.
@@ -102,7 +101,6 @@ class Framer(NamedTuple):
     requests: Callable[[bytes | bytearray, int], tuple[int, int, int]]  # (buf, the client's lane) -> Requests fields
     replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
     push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
-    stream: Callable[[bytes | bytearray, int], tuple[int, bool]]  # a big value at pos: see redis_stream
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
     scan: Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]  # replies, resumed: see redis_scan
@@ -227,22 +225,6 @@ def redis_push(buf: bytes | bytearray, pos: int) -> int:
     state = [1, 0, 0]
     end = _resp_walk(buf, pos, len(buf), state)
     return -1 if state[0] or state[1] else end
-
-
-def redis_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
-    """For a bulk string of STREAM_MIN bytes or more at `pos` whose header is in: (the end of its data and CRLF,
-    True as the reply ends there). (0, False) for anything else. Lets a pipe pass a big value on as it arrives
-    instead of holding all of it."""
-    if pos >= len(buf) or buf[pos] != 36:  # '$'
-        return 0, False
-    e = buf.find(b"\r\n", pos, pos + 24)
-    if e < 0:
-        return 0, False
-    digits = buf[pos + 1 : e]
-    if not digits.isdigit():
-        return 0, False  # a null bulk, or malformed: redis_replies says which
-    size = int(digits)
-    return (e + 4 + size, True) if size >= STREAM_MIN else (0, False)
 
 
 def redis_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
@@ -402,21 +384,6 @@ def _mc_number(token: bytes | bytearray, limit: int) -> bool:
     return token.isdigit() and (token[0] != 48 or len(token) == 1) and int(token) <= limit
 
 
-def memcached_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
-    """For a VALUE block of STREAM_MIN bytes or more at `pos` whose line is in: (the end of its data and CRLF, False
-    as the reply goes on to END). (0, False) for anything else."""
-    if not buf.startswith(b"VALUE ", pos):
-        return 0, False
-    e = buf.find(b"\n", pos, pos + 512)
-    if e < 0:
-        return 0, False
-    tokens = buf[pos:e].split()
-    if len(tokens) not in (4, 5) or not tokens[3].isdigit():
-        return 0, False  # memcached_replies raises for it
-    size = int(tokens[3])
-    return (e + 3 + size, False) if size >= STREAM_MIN else (0, False)
-
-
 def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
     # memcached closes a connection holding more than 2048 bytes of an unfinished line, except for get and gets.
     if buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos):
@@ -492,12 +459,6 @@ def _memcached_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) ->
     return p
 
 
-def _long_length(digits: bytes | bytearray, beyond: int) -> int:
-    """A length of more than _LENGTH_DIGITS digits: its value when leading zeros make it short, else `beyond`."""
-    significant = digits.lstrip(b"0")
-    return int(significant or b"0") if len(significant) <= _LENGTH_DIGITS else beyond
-
-
 def _redis_greeting(lane: int) -> bytes:
     return HELLO3 if lane == RESP3 else b""
 
@@ -539,7 +500,6 @@ REDIS_PY = Framer(
     redis_requests,
     redis_replies,
     redis_push,
-    redis_stream,
     RESP2,
     _redis_greeting,
     redis_scan,
@@ -558,7 +518,6 @@ MEMCACHED_PY = Framer(
     memcached_requests,
     memcached_replies,
     lambda _buf, _pos: 0,
-    memcached_stream,
     RESP2,
     lambda _lane: b"",
     memcached_scan,
@@ -577,13 +536,10 @@ else:
         requests=C.redis_requests,
         replies=C.redis_replies,
         push=C.redis_push,
-        stream=C.redis_stream,
         scan=C.redis_scan,
         skip_push=C.redis_skip_push,
     )  # redis_state stays Python: it walks only reads that hold a CLIENT command
-    MEMCACHED = MEMCACHED_PY._replace(
-        requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream, scan=C.memcached_scan
-    )
+    MEMCACHED = MEMCACHED_PY._replace(requests=C.memcached_requests, replies=C.memcached_replies, scan=C.memcached_scan)
 
 
 def framer(engine: str) -> Framer:
