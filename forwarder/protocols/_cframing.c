@@ -225,6 +225,20 @@ static int index_arg(PyObject *o, Py_ssize_t *out)
     return 1;
 }
 
+/* The arguments of the request scanners, (buf) or (buf, lane): 0 with an exception set when they are wrong;
+ * otherwise the caller owns `view` and releases it. `lane` NULL: the lane is not read (memcached has one). */
+static int request_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_buffer *view, long *lane)
+{
+    if (!check_nargs(name, nargs, 1, 2))
+        return 0;
+    if (lane != NULL && nargs == 2) {
+        *lane = PyLong_AsLong(args[1]);
+        if (*lane == -1 && PyErr_Occurred())
+            return 0;
+    }
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) == 0;
+}
+
 /* The arguments of the reply scanners, (buf, pos) or (buf, pos, want): 0 with an exception set when they are
  * wrong; otherwise the caller owns `view` and releases it. */
 static int scanner_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
@@ -285,15 +299,8 @@ enum { NOT_SPECIAL, CLIENT, HELLO };
 static PyObject *redis_requests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     long lane = 2;
-    if (!check_nargs("redis_requests", nargs, 1, 2))
-        return NULL;
-    if (nargs == 2) {
-        lane = PyLong_AsLong(args[1]);
-        if (lane == -1 && PyErr_Occurred())
-            return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!request_args("redis_requests", args, nargs, &view, &lane))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, pos = 0, count = 0;
@@ -717,10 +724,8 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
 {
     static const uint64_t storage_limits[] = {UINT32_MAX, INT32_MAX, INT32_MAX - 2, UINT64_MAX}; /* flags, exptime,
                                                                                                     bytes, cas */
-    if (!check_nargs("memcached_requests", nargs, 1, 2))
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!request_args("memcached_requests", args, nargs, &view, NULL))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, pos = 0, count = 0;

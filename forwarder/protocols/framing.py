@@ -91,6 +91,11 @@ HELLO3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
 RESET = b"*1\r\n$5\r\nRESET\r\n"  # Redis 6.2+: the connection as if new (login included), see mux.py
 
 
+ReplyWalk = Callable[[bytes | bytearray, int, int, list[int]], int]  # _resp_walk, _memcached_walk
+Replies = Callable[[bytes | bytearray, int, int], tuple[int, int]]
+Scan = Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]
+
+
 class Requests(NamedTuple):
     end: int  # offset just past the last complete request that may be multiplexed
     complete: int  # how many requests that is (one reply each)
@@ -99,11 +104,11 @@ class Requests(NamedTuple):
 
 class Framer(NamedTuple):
     requests: Callable[[bytes | bytearray, int], tuple[int, int, int]]  # (buf, the client's lane) -> Requests fields
-    replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
+    replies: Replies  # (buf, pos, want) -> (end, got): see _reply_scanners
     push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
-    scan: Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]  # replies, resumed: see redis_scan
+    scan: Scan  # replies, resumed: see _reply_scanners
     skip_push: Callable[[bytes | bytearray, int, list[int]], int]  # a push, resumed: see redis_skip_push
     # A request a pipe adds after each client's requests, and the reply it must get for it there: any other bytes in
     # its place mean the node answered them with more or fewer replies than natfwd counted.
@@ -198,24 +203,6 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
     return pos, count, STAY
 
 
-def redis_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
-    """Up to `want` complete RESP replies from `pos`, each with any nesting: (end, got).
-
-    Stops early before a push (`>`), which is no reply: see redis_push.
-    """
-    n = len(buf)
-    got = 0
-    state = [0, 0, 0]
-    while got < want and pos < n and buf[pos] != 62:  # '>'
-        state[0] = 1
-        end = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        pos = end
-        got += 1
-    return pos, got
-
-
 def redis_push(buf: bytes | bytearray, pos: int) -> int:
     """The end of a complete push at `pos` (an out-of-band message to drop, never a reply); 0 when there is none
     there, -1 when it is incomplete. A shared connection only gets pushes its server sends on its own, such as the
@@ -225,28 +212,6 @@ def redis_push(buf: bytes | bytearray, pos: int) -> int:
     state = [1, 0, 0]
     end = _resp_walk(buf, pos, len(buf), state)
     return -1 if state[0] or state[1] else end
-
-
-def redis_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
-    """redis_replies that resumes: up to `want` replies from `pos`, the first of them possibly begun in an earlier
-    buffer, as `state` says (see ScanState). Returns (end, got), `end` past every byte known to belong to the
-    replies, the start of an incomplete one included: a pipe passes those on at once and keeps only a line that is
-    not all in, so a reply of any size costs one walk over its bytes and never more than a read of memory. Stops
-    before a push, and before a line not all in; `state` says whether a reply is left unfinished at `end`."""
-    n = len(buf)
-    got = 0
-    if state[0] or state[1]:
-        pos = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            return pos, 0
-        got = 1
-    while got < want and pos < n and buf[pos] != 62:  # '>': a push, see redis_skip_push
-        state[0] = 1
-        pos = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        got += 1
-    return pos, got
 
 
 def redis_skip_push(buf: bytes | bytearray, pos: int, state: list[int]) -> int:
@@ -391,39 +356,6 @@ def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
     return MEMCACHED_SHORT_LINE_MAX
 
 
-def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
-    """Up to `want` complete memcached text replies from `pos`: VALUE blocks up to the next other line."""
-    n = len(buf)
-    got = 0
-    state = [0, 0, 0]
-    while got < want and pos < n:
-        state[0] = 1
-        end = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        pos = end
-        got += 1
-    return pos, got
-
-
-def memcached_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
-    """memcached_replies that resumes, as redis_scan does."""
-    n = len(buf)
-    got = 0
-    if state[0] or state[1]:
-        pos = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            return pos, 0
-        got = 1
-    while got < want and pos < n:
-        state[0] = 1
-        pos = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        got += 1
-    return pos, got
-
-
 def _no_push(_buf: bytes | bytearray, _pos: int, _state: list[int]) -> int:
     return -1  # memcached has no out-of-band messages
 
@@ -457,6 +389,54 @@ def _memcached_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) ->
         p = e + 1
     state[1] = skip
     return p
+
+
+def _reply_scanners(walk: ReplyWalk, push: int) -> tuple[Replies, Scan]:
+    """An engine's `replies` and `scan` over its walk, stopping before a reply that starts with the type byte `push`
+    (-1: none), as _cframing.c's whole_replies and resumed_replies do."""
+
+    def replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
+        """Up to `want` complete replies from `pos`, each with any nesting: (end, got). Redis's stop early before a
+        push (`>`), which is no reply: see redis_push."""
+        n = len(buf)
+        got = 0
+        state = [0, 0, 0]
+        while got < want and pos < n and buf[pos] != push:
+            state[0] = 1
+            end = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                break
+            pos = end
+            got += 1
+        return pos, got
+
+    def scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
+        """`replies` that resumes: up to `want` replies from `pos`, the first of them possibly begun in an earlier
+        buffer, as `state` says (see scan_state). Returns (end, got), `end` past every byte known to belong to the
+        replies, the start of an incomplete one included: a pipe passes those on at once and keeps only a line that
+        is not all in, so a reply of any size costs one walk over its bytes and never more than a read of memory.
+        Stops before a push, and before a line not all in; `state` says whether a reply is left unfinished at `end`."""
+        n = len(buf)
+        got = 0
+        if state[0] or state[1]:
+            pos = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                return pos, 0
+            got = 1
+        while got < want and pos < n and buf[pos] != push:
+            state[0] = 1
+            pos = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                break
+            got += 1
+        return pos, got
+
+    return replies, scan
+
+
+redis_replies, redis_scan = _reply_scanners(_resp_walk, 62)  # '>': a push, see redis_push and redis_skip_push
+# memcached's replies: VALUE blocks up to the next other line.
+memcached_replies, memcached_scan = _reply_scanners(_memcached_walk, -1)
 
 
 def _redis_greeting(lane: int) -> bytes:
