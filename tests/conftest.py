@@ -10,9 +10,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import redis
+
+if TYPE_CHECKING:
+    from servekit import Serve
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -88,6 +92,18 @@ def wait_port(host: str, port: int, timeout_s: float = 30.0, *, process: subproc
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{host}:{port} did not accept within {timeout_s}s") from None
             time.sleep(0.02)
+
+
+def round_trip(port: int, request: bytes, reply_end: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send `request` to a loopback port on a new connection and read until the reply ends with `reply_end`."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        reply = b""
+        while not reply.endswith(reply_end):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed early after {reply[-200:]!r}"
+            reply += chunk
+        return reply
 
 
 def require_binary(name: str) -> str:
@@ -183,3 +199,36 @@ def write_config(
     ]
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+# Every test on the *_mux fixtures runs with each of natfwd's scanners: the C ones (_cframing.c, what natfwd uses when
+# they were built) and the pure-Python fallback, which pins pipelining clients where the C ones share them.
+SCANNERS = [pytest.param((), id="c"), pytest.param(("env", "NATFWD_NO_EXTENSIONS=1"), id="python")]
+
+
+@pytest.fixture(params=SCANNERS)
+def redis_mux(
+    request: pytest.FixtureRequest, tmp_path: Path, start_redis: Callable[..., Node]
+) -> Iterator[tuple[Node, int, Serve]]:
+    """A redis-server behind a multiplexing `natfwd serve`: (the node, natfwd's port, the serve)."""
+    from servekit import serving_mux  # servekit imports this module
+
+    with serving_mux(tmp_path, start_redis(), "redis", request.param) as running:
+        yield running
+
+
+@pytest.fixture(params=SCANNERS)
+def memcached_mux(
+    request: pytest.FixtureRequest, tmp_path: Path, start_memcached: Callable[..., Node]
+) -> Iterator[tuple[Node, int, Serve]]:
+    """A memcached behind a multiplexing `natfwd serve`: (the node, natfwd's port, the serve)."""
+    from servekit import serving_mux  # servekit imports this module
+
+    with serving_mux(tmp_path, start_memcached(), "memcached", request.param) as running:
+        yield running
+
+
+def node_clients(node: Node) -> int:
+    """Connections the redis node has, other than the one asking."""
+    with redis.Redis(port=node.port) as direct:
+        return len(direct.client_list()) - 1

@@ -172,3 +172,20 @@ async def check_the_node_is_held_back(
         assert data.strip(b"z") == b""
         got += len(data)
     assert firehose.sent > stalled_at  # reading resumed on the node side
+
+
+class LateReply:
+    """A node that echoes `echo_lines` lines, then waits for the client's EOF and answers `got <bytes after the
+    lines>` a moment later, and closes: the client's half-close must pass through while the other direction lives."""
+
+    def __init__(self, echo_lines: int = 0) -> None:
+        self.echo_lines = echo_lines
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(self.echo_lines):
+            writer.write(await reader.readline())
+        rest = await reader.read(-1)  # the client's EOF, passed on through the relay
+        await asyncio.sleep(0.1)
+        writer.write(b"got %d" % len(rest))
+        await writer.drain()
+        writer.close()

@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import wait_port
+from conftest import Node, free_port, wait_port, write_config
 
 
 class Serve:
@@ -95,3 +95,24 @@ def serving(
             proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         log_file.close()
+
+
+def mux_config(tmp_path: Path, target: str, engine: str, extra: str = "") -> tuple[Path, int, int]:
+    """A `multiplex: true` config with one forward to `target` and metrics: (its path, the port, the metrics port)."""
+    port, metrics_port = free_port(), free_port()
+    cfg = write_config(
+        tmp_path / "natfwd.yaml",
+        [(port, target)],
+        engine=engine,
+        extra=f"multiplex: true\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n{extra}",
+    )
+    return cfg, port, metrics_port
+
+
+@contextlib.contextmanager
+def serving_mux(
+    tmp_path: Path, node: Node, engine: str, wrapper: tuple[str, ...] = ()
+) -> Iterator[tuple[Node, int, Serve]]:
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, engine)
+    with serving(cfg, [port], metrics_port, wrapper=wrapper) as serve:
+        yield node, port, serve

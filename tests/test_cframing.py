@@ -24,11 +24,11 @@ from forwarder.protocols.framing import (
     REDIS_COMMANDS,
     REDIS_MAX_ARGS,
     RESP2,
-    STREAM_MIN,
     FramingError,
 )
 
 SAMPLES = 2500  # per test; each sample is checked at several positions, both buffer types and (requests) both lanes
+BIG = 64 * 1024  # a big value's length: replies with one are cut before its data is all in
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def redis_reply(rng: random.Random, depth: int = 0) -> bytes:
     if kind == 3:
         return rng.choice([b"$-1\r\n", b"*-1\r\n", b"%-1\r\n", b"!-1\r\n", b"*0\r\n", b"%0\r\n", b"~0\r\n", b">0\r\n"])
     if kind == 4:
-        return b"$%d\r\n" % rng.choice([STREAM_MIN - 1, STREAM_MIN, STREAM_MIN + 1, 10**6])  # a big bulk's header
+        return b"$%d\r\n" % rng.choice([BIG - 1, BIG, BIG + 1, 10**6])  # a big bulk's header
     size = rng.randrange(4)
     if kind <= 8:
         kids = b"".join(redis_reply(rng, depth + 1) for _ in range(size))
@@ -178,7 +178,7 @@ def mc_reply(rng: random.Random) -> bytes:
         return rng.choice(MC_LINES) + rng.choice([b"\r\n", b"\n"])
     if kind == 1:  # a big block's line, its data not in yet
         sep = rng.choice([b" ", b"  ", b"\t", b" \x0b"])
-        size = rng.choice([STREAM_MIN - 1, STREAM_MIN, 10**7, 10**20])
+        size = rng.choice([BIG - 1, BIG, 10**7, 10**20])
         return b"VALUE%sk%s0%s%d%s\r\n" % (sep, sep, sep, size, rng.choice([b"", b" 5", b" 5 6"]))
     blocks = (value(mc_key(rng), blob(rng), rng.choice([b"", b" 9", b" " + huge(rng)])) for _ in range(kind))
     return b"".join(blocks) + b"END\r\n"
@@ -193,7 +193,7 @@ STRAYS = [b"\r", b"\n", b"\r\n", b" ", b"  ", b"\t", b"\x00", b"\x0b", b"\x0c", 
 STRAYS += [b"\x01", b"\x1f", b"\x7f", b"\x80"]
 NUMBERS = [b"+5", b"-5", b" 5", b"5 ", b"\t5", b"5\x0c", b"1_0", b"1__0", b"_1", b"1_", b"05", b"00", b"0", b"-0"]
 NUMBERS += [b"-1", b"-2", b"", b"+", b"-", b"_", b" ", b"1.5", b"1e3", b"\xd9\xa3", b"\x00", b"+-1", b" -1_0 "]
-NUMBERS += [b"%d" % (STREAM_MIN - 1), b"%d" % STREAM_MIN, b"%d" % (2**31 - 3), b"%d" % (2**31 - 2), b"%d" % 2**64]
+NUMBERS += [b"%d" % (BIG - 1), b"%d" % BIG, b"%d" % (2**31 - 3), b"%d" % (2**31 - 2), b"%d" % 2**64]
 NUMBERS += [b"%d" % (REDIS_BULK_MAX - 1), b"%d" % REDIS_BULK_MAX, b"%d" % (REDIS_BULK_MAX + 1), b"%d" % (2**64 - 1)]
 NUMBER = re.compile(rb"-?[0-9]+")
 RESP_TYPES = [bytes([kind]) for kind in b"*$%|~>!=:+-_#,(?"]
@@ -272,8 +272,8 @@ def test_every_command_name_and_its_near_misses_agree(c: Impl) -> None:
 @pytest.mark.parametrize(
     ("seed", "names", "make"),
     [
-        (3, ("redis_replies", "redis_push", "redis_stream"), redis_reply),
-        (4, ("memcached_replies", "memcached_stream"), mc_reply),
+        (3, ("redis_replies", "redis_push"), redis_reply),
+        (4, ("memcached_replies",), mc_reply),
     ],
     ids=["redis", "mc"],
 )
@@ -291,14 +291,14 @@ def test_replies_agree(c: Impl, seed: int, names: tuple[str, ...], make: Callabl
 @pytest.mark.parametrize(
     "buf",
     [
-        b"$%d\r\n" % STREAM_MIN,  # a big bulk's header, the digits up to the 24th byte
+        b"$%d\r\n" % BIG,  # a big bulk's header
         b"$" + b"9" * 20 + b"\r\n",  # from 20 digits on, an int64_t overflowed in _cframing.c once
         b"$" + b"9" * 21 + b"\r\n",
         b"$" + b"9" * 25 + b"\r\n",
-        b"VALUE k 0 %d\r\n" % STREAM_MIN,
+        b"VALUE k 0 %d\r\n" % BIG,
         b"VALUE k 0 " + b"9" * 25 + b" 1\r\n",
-        b"VALUE " + b"k" * 490 + b" 0 %d\r\n" % STREAM_MIN,  # the line ends around the 512th byte
-        b"VALUE " + b"k" * 500 + b" 0 %d\r\n" % STREAM_MIN,
+        b"VALUE " + b"k" * 490 + b" 0 %d\r\n" % BIG,  # long VALUE lines
+        b"VALUE " + b"k" * 500 + b" 0 %d\r\n" % BIG,
         b"*1\r\n$" + b"9" * 25 + b"\r\nGET",
         b"*" + b"9" * 25 + b"\r\n",
         b"*3\r\n%1\r\n|" + b"9" * 19 + b"\r\n",
@@ -312,8 +312,7 @@ def test_long_numbers_and_limits_agree(c: Impl, buf: bytes) -> None:
     compare = Compare(c)
     for cut in range(len(buf) + 1):
         for pos in range(min(cut, 3) + 1):
-            for name in ("redis_push", "redis_stream", "memcached_stream"):
-                compare(name, buf[:cut], pos)
+            compare("redis_push", buf[:cut], pos)
             for name in ("redis_replies", "memcached_replies"):
                 compare(name, buf[:cut], pos, 2)
         compare.requests("redis_requests", buf[:cut])
@@ -383,7 +382,6 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
     compare = Compare(c)
     compare.requests("redis_requests", buf)
     compare("memcached_replies", buf, 0, 1)
-    compare("memcached_stream", buf, 0)
     for name in ("redis_requests", "memcached_requests"):
         getattr(framing, name)(buf, RESP2)
     framing.memcached_replies(buf, 0, 1)
@@ -393,7 +391,6 @@ def test_numbers_int_refuses_are_lengths_too_big_for_both(c: Impl, buf: bytes) -
 def test_constants_match_framing(c: Impl) -> None:
     for name in (
         "KEY_MAX",
-        "STREAM_MIN",
         "REDIS_MAX_ARGS",
         "REDIS_BULK_MAX",
         "MEMCACHED_LINE_MAX",
@@ -403,9 +400,7 @@ def test_constants_match_framing(c: Impl) -> None:
         assert getattr(framing.C, name) == getattr(framing, name), name
 
 
-@pytest.mark.parametrize(
-    "name", ["redis_replies", "redis_push", "redis_stream", "memcached_replies", "memcached_stream"]
-)
+@pytest.mark.parametrize("name", ["redis_replies", "redis_push", "memcached_replies"])
 def test_a_negative_position_is_refused(c: Impl, name: str) -> None:
     args = (-1, 1) if name.endswith("_replies") else (-1,)
     with pytest.raises(ValueError, match="negative") as raised:
@@ -420,7 +415,6 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
             requests=framing.C.redis_requests,
             replies=framing.C.redis_replies,
             push=framing.C.redis_push,
-            stream=framing.C.redis_stream,
             scan=framing.C.redis_scan,
             skip_push=framing.C.redis_skip_push,
         )
@@ -430,7 +424,6 @@ def test_the_framers_use_the_c_scanners(c: Impl) -> None:
         framing.MEMCACHED_PY._replace(
             requests=framing.C.memcached_requests,
             replies=framing.C.memcached_replies,
-            stream=framing.C.memcached_stream,
             scan=framing.C.memcached_scan,
         )
         == framing.MEMCACHED

@@ -67,8 +67,9 @@ def peak_rss_kib(pid: int) -> int:
 
 def cluster_node(start_redis: Callable[..., Node], tmp_path: Path) -> Node:
     """One redis-server in cluster mode holding every slot: the smallest real cluster."""
+    # Its bus port is its port + 10000 unless set, and no port is above 65535: a free port above 55535 would not start.
     node = start_redis(None, "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-announce-ip", "127.0.0.1",
-                       "--dir", str(tmp_path))  # fmt: skip
+                       "--cluster-port", str(free_port()), "--dir", str(tmp_path))  # fmt: skip
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
         sock.sendall(command("CLUSTER", "ADDSLOTSRANGE", "0", "16383"))
         assert read_all(sock, 5) == b"+OK\r\n"

@@ -28,7 +28,6 @@ from forwarder.protocols.framing import (
     RESP2,
     RESP3,
     STAY,
-    STREAM_MIN,
     Framer,
     FramingError,
     Requests,
@@ -42,16 +41,14 @@ class Impl(NamedTuple):
     redis_requests: Callable[..., tuple[int, int, int]]
     redis_replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
     redis_push: Callable[[bytes | bytearray, int], int]
-    redis_stream: Callable[[bytes | bytearray, int], tuple[int, bool]]
     memcached_requests: Callable[..., tuple[int, int, int]]
     memcached_replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
-    memcached_stream: Callable[[bytes | bytearray, int], tuple[int, bool]]
     redis: Framer
     memcached: Framer
 
 
 def _impl(scanners: Any, redis: Framer, memcached: Framer) -> Impl:
-    return Impl(*(getattr(scanners, name) for name in Impl._fields[:7]), redis, memcached)
+    return Impl(*(getattr(scanners, name) for name in Impl._fields[:5]), redis, memcached)
 
 
 PY = _impl(framing, REDIS_PY, MEMCACHED_PY)
@@ -508,25 +505,8 @@ def test_redis_what_redis_reads_otherwise_pins(impl: Impl, buf: bytes) -> None:
     assert impl.redis_requests(cmd(b"GET", b"a") + buf)[:2] == (len(cmd(b"GET", b"a")), 1)
 
 
-# --- big values pass on as they arrive ---------------------------------------------------------------------------
-def test_a_big_bulk_string_streams_once_its_header_is_in(impl: Impl) -> None:
-    head = b"$%d\r\n" % STREAM_MIN
-    assert impl.redis_stream(head + b"x" * 10, 0) == (len(head) + STREAM_MIN + 2, True)
-    assert impl.redis_stream(b"+OK\r\n" + head, 5) == (5 + len(head) + STREAM_MIN + 2, True)
-    assert impl.redis_stream(head[:-1], 0) == (0, False)  # the header is cut: wait
-    assert impl.redis_stream(b"$%d\r\nx" % (STREAM_MIN - 1), 0) == (0, False)  # small: wait for the whole reply
-    assert impl.redis_stream(b"$-1\r\n", 0) == (0, False)
-    assert impl.redis_stream(b"*1\r\n" + head, 0) == (0, False)  # inside an array: held whole
-
-
-def test_a_big_value_block_streams_and_the_reply_goes_on_to_end(impl: Impl) -> None:
-    line = b"VALUE k 0 %d\r\n" % STREAM_MIN
-    assert impl.memcached_stream(line, 0) == (len(line) + STREAM_MIN + 2, False)
-    with_cas = b"VALUE k 0 %d 77\r\n" % STREAM_MIN
-    assert impl.memcached_stream(b"END\r\n" + with_cas, 5) == (5 + len(with_cas) + STREAM_MIN + 2, False)
-    assert impl.memcached_stream(line[:-2], 0) == (0, False)
-    assert impl.memcached_stream(b"VALUE k 0 10\r\n", 0) == (0, False)
-    # What follows a streamed block is the rest of the same reply: it counts as one when it ends.
+# --- a reply after a value block ---------------------------------------------------------------------------------
+def test_what_follows_a_value_block_counts_as_one_reply_when_it_ends(impl: Impl) -> None:
     assert impl.memcached_replies(b"END\r\n", 0, 1) == (5, 1)
     more = b"VALUE j 0 1\r\nz\r\nEND\r\n"
     assert impl.memcached_replies(more, 0, 1) == (len(more), 1)

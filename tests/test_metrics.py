@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Node, free_port, write_config
+from conftest import Node, free_port, round_trip, wait_for, write_config
 from servekit import Serve, serving
 
 from forwarder import __version__, accesslog, metrics
@@ -36,26 +36,6 @@ def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return found
 
 
-def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    """Wait for `predicate`; the timeout only stops a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.05)
-
-
-def memcached_round_trip(port: int, request: bytes, reply_end: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        reply = b""
-        while not reply.endswith(reply_end):
-            chunk = sock.recv(65536)
-            assert chunk, f"closed early after {reply!r}"
-            reply += chunk
-        return reply
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_scrape_shows_process_metrics_build_info_and_connection_duration(
     tmp_path: Path, start_memcached: Callable[..., Node], workers: int
@@ -69,11 +49,12 @@ def test_scrape_shows_process_metrics_build_info_and_connection_duration(
     )
     with serving(cfg, [port], metrics_port) as serve:
         for _ in range(3):
-            memcached_round_trip(port, b"version\r\n", b"\r\n")
+            round_trip(port, b"version\r\n", b"\r\n")
         # Every connection is counted when it closes (serving's own readiness probes too, so at least 3).
         wait_for(
             lambda: serve.metric("natfwd_connection_duration_seconds_count", forward=str(port)) >= 3,
             "the closed connections' durations",
+            timeout_s=20.0,
         )
         text = serve.metrics()
 
@@ -116,15 +97,15 @@ def test_access_log_writes_one_line_per_connection(tmp_path: Path, start_memcach
     port = free_port()
     cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], extra="access_log: true\n")
     with serving(cfg, [port]) as serve:
-        wait_for(lambda: len(access_lines(serve)) >= 1, "the readiness probe's access log line")
+        wait_for(lambda: len(access_lines(serve)) >= 1, "the readiness probe's access log line", timeout_s=20.0)
         probes = len(access_lines(serve))
         set_request = b"set k 0 0 5\r\nhello\r\n"
-        memcached_round_trip(port, set_request, b"STORED\r\n")
+        round_trip(port, set_request, b"STORED\r\n")
         # `quit`: memcached closes first.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"quit\r\n")
             assert sock.recv(10) == b""
-        wait_for(lambda: len(access_lines(serve)) >= probes + 2, "one access log line per connection")
+        wait_for(lambda: len(access_lines(serve)) >= probes + 2, "one access log line per connection", timeout_s=20.0)
         time.sleep(0.3)  # a stray extra line would show now
         lines = access_lines(serve)
     assert len(lines) == probes + 2, lines
@@ -150,8 +131,8 @@ def test_access_log_in_json_and_off_by_default(tmp_path: Path, start_memcached: 
     port = free_port()
     cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], extra="access_log: true\n")
     with serving(cfg, [port], extra_args=("--log-format", "json")) as serve:
-        memcached_round_trip(port, b"version\r\n", b"\r\n")
-        wait_for(lambda: len(access_lines(serve)) >= 2, "the access log lines")
+        round_trip(port, b"version\r\n", b"\r\n")
+        wait_for(lambda: len(access_lines(serve)) >= 2, "the access log lines", timeout_s=20.0)
         entries = [json.loads(line) for line in access_lines(serve)]
     entry = entries[-1]
     assert entry["msg"] == "connection closed" and entry["level"] == "info"
@@ -161,7 +142,7 @@ def test_access_log_in_json_and_off_by_default(tmp_path: Path, start_memcached: 
 
     quiet = write_config(tmp_path / "quiet.yaml", [(port, node.address)])
     with serving(quiet, [port]) as serve:
-        memcached_round_trip(port, b"version\r\n", b"\r\n")
+        round_trip(port, b"version\r\n", b"\r\n")
         serve.wait_log("forwarding")
         time.sleep(0.3)
         assert "connection closed" not in serve.log()

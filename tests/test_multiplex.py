@@ -11,67 +11,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import Node, free_port, wait_for, write_config
+from conftest import Node, free_port, node_clients, wait_for, write_config
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheUnexpectedCloseError
-from servekit import Serve, serving
+from servekit import Serve, mux_config, serving, serving_mux
 
 from forwarder.protocols import framing
 
 CLIENTS = 24
-
-
-def mux_config(tmp_path: Path, target: str, engine: str, extra: str = "") -> tuple[Path, int, int]:
-    port, metrics_port = free_port(), free_port()
-    cfg = write_config(
-        tmp_path / "natfwd.yaml",
-        [(port, target)],
-        engine=engine,
-        extra=f"multiplex: true\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\n{extra}",
-    )
-    return cfg, port, metrics_port
-
-
-@contextlib.contextmanager
-def serving_mux(
-    tmp_path: Path, node: Node, engine: str, wrapper: tuple[str, ...] = ()
-) -> Iterator[tuple[Node, int, Serve]]:
-    cfg, port, metrics_port = mux_config(tmp_path, node.address, engine)
-    with serving(cfg, [port], metrics_port, wrapper=wrapper) as serve:
-        yield node, port, serve
-
-
-# Every test on these fixtures runs with each of natfwd's scanners: the C ones (_cframing.c, what natfwd uses when
-# they were built) and the pure-Python fallback, which pins pipelining clients where the C ones share them.
-SCANNERS = [pytest.param((), id="c"), pytest.param(("env", "NATFWD_NO_EXTENSIONS=1"), id="python")]
-
-
-@pytest.fixture(params=SCANNERS)
-def redis_mux(
-    request: pytest.FixtureRequest, tmp_path: Path, start_redis: Callable[..., Node]
-) -> Iterator[tuple[Node, int, Serve]]:
-    with serving_mux(tmp_path, start_redis(), "redis", request.param) as running:
-        yield running
-
-
-@pytest.fixture(params=SCANNERS)
-def memcached_mux(
-    request: pytest.FixtureRequest, tmp_path: Path, start_memcached: Callable[..., Node]
-) -> Iterator[tuple[Node, int, Serve]]:
-    with serving_mux(tmp_path, start_memcached(), "memcached", request.param) as running:
-        yield running
-
-
-def node_clients(node: Node) -> int:
-    """Connections the redis node has, other than the one asking."""
-    with redis.Redis(port=node.port) as direct:
-        return len(direct.client_list()) - 1
 
 
 def value(seed: str, size: int) -> bytes:

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import IN_CI, Node, wait_for_async
+from conftest import IN_CI, SCANNERS, Node, wait_for_async
 from pymemcache.client.base import Client
 from relaykit import run, worker_for
-from test_multiplex import SCANNERS, serving_mux
+from servekit import serving_mux
 
 from forwarder import config, mux
 from forwarder.protocols import framing

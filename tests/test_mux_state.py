@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
-from conftest import Node
+from conftest import SCANNERS, Node
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servekit import Serve
-from test_multiplex import SCANNERS, serving_mux
+from servekit import Serve, serving_mux
 
 from forwarder.protocols import framing
 
 TIMEOUT_S = 20  # only stops a hang
-
-
-@pytest.fixture(params=SCANNERS)
-def redis_mux(
-    request: pytest.FixtureRequest, tmp_path: Path, start_redis: Callable[..., Node]
-) -> Iterator[tuple[Node, int, Serve]]:
-    with serving_mux(tmp_path, start_redis(), "redis", request.param) as running:
-        yield running
 
 
 def command(*args: str | bytes) -> bytes:
@@ -54,11 +45,6 @@ class Raw:
 
     def close(self) -> None:
         self.conn.disconnect()
-
-
-def node_clients(node: Node) -> int:
-    with redis.Redis(port=node.port) as direct:
-        return len(direct.client_list()) - 1
 
 
 def test_a_resp3_client_stays_resp3_once_pinned(redis_mux: tuple[Node, int, Serve]) -> None:

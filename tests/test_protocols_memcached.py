@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import round_trip
 from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols.memcached import (
@@ -400,29 +401,18 @@ def memcached_port() -> Iterator[int]:
         process.wait()
 
 
-def exchange(port: int, request: bytes, ends_with: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        while not data.endswith(ends_with):
-            chunk = sock.recv(65536)
-            assert chunk, f"memcached closed early after {data[-200:]!r}"
-            data += chunk
-        return data
-
-
 def test_real_memcached_replies(memcached_port: int) -> None:
     """Real bytes: look-alike values stay, the legacy cluster key is rewritten, ERROR/stats/version pass."""
     setup = b"".join(
         b"set %s 0 0 %d\r\n%s\r\n" % (key, len(data), data)
         for key, data in ((b"a", CONFIG_LOOKALIKE), (b"b", LEGACY_LOOKALIKE), (CLUSTER_KEY, PRIVATE))
     )
-    assert exchange(memcached_port, setup, b"STORED\r\nSTORED\r\nSTORED\r\n") == b"STORED\r\n" * 3
+    assert round_trip(memcached_port, setup, b"STORED\r\nSTORED\r\nSTORED\r\n", timeout_s=5) == b"STORED\r\n" * 3
     request = (
         b"get a b\r\nconfig get cluster\r\ngets AmazonElastiCache:cluster\r\nversion\r\n"
         b"mg a v\r\nget AmazonElastiCache:cluster a\r\nmn\r\n"
     )
-    reply = exchange(memcached_port, request, b"MN\r\n")
+    reply = round_trip(memcached_port, request, b"MN\r\n", timeout_s=5)
     cas = re.search(rb"VALUE AmazonElastiCache:cluster 0 \d+ (\d+)\r\n", reply)
     version = re.search(rb"VERSION [^\r]*\r\n", reply)
     assert cas is not None and version is not None, reply

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port, wait_for_async
-from relaykit import LOOPS, Firehose, check_the_node_is_held_back, echo, run, sink, worker_for
+from relaykit import LOOPS, Firehose, LateReply, check_the_node_is_held_back, echo, run, sink, worker_for
 
 from forwarder import connection, relay
 
@@ -69,15 +69,8 @@ def test_many_connections_large_payloads_intact(loop_name: str) -> None:
 def test_half_close_client_eof_then_node_replies(loop_name: str) -> None:
     """The client shuts its write side; the node still answers, then closes: both directions finish cleanly."""
 
-    async def late_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await reader.read(-1)  # wait for the client's EOF to arrive through the relay
-        await asyncio.sleep(0.1)
-        writer.write(b"got " + str(len(data)).encode())
-        await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server, target = await sink(late_reply)
+        server, target = await sink(LateReply())
         async with worker_for(target) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"x" * 1000)

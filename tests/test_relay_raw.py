@@ -21,6 +21,7 @@ from relaykit import (
     LOOPS,
     RAW,
     Firehose,
+    LateReply,
     check_the_node_is_held_back,
     echo,
     held_back,
@@ -407,20 +408,8 @@ def test_half_close_in_raw_mode(loop_name: str, impl: str, monkeypatch: pytest.M
     """The client shuts its write side after going raw; the node still answers, then closes."""
     use_raw(impl, monkeypatch)
 
-    async def late_reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        total = 0
-        for _ in range(20):
-            line = await reader.readline()
-            total += len(line)
-            writer.write(line)
-        rest = await reader.read(-1)  # the client's EOF, passed through by shutdown(SHUT_WR)
-        await asyncio.sleep(0.1)
-        writer.write(b"got " + str(len(rest)).encode())
-        await writer.drain()
-        writer.close()
-
     async def main() -> None:
-        server, target = await sink(late_reply)
+        server, target = await sink(LateReply(echo_lines=20))  # the client's EOF passes by shutdown(SHUT_WR)
         async with worker_for(target) as (worker, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             await ping_pong(reader, writer)

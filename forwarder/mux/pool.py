@@ -27,7 +27,7 @@ class MuxPool:
         connections: int,
         connect_timeout_s: float,
         hooks: Hooks,
-        stall_timeout_s: float = 5.0,
+        stall_timeout_s: float,
     ) -> None:
         self.loop = loop
         self.target = target

@@ -20,7 +20,6 @@
 
 /* Kept equal to framing.py's by test_framing.py (the module exposes them). */
 #define KEY_MAX 250
-#define STREAM_MIN (64 * 1024)
 #define REDIS_MAX_ARGS 1024
 #define REDIS_BULK_MAX (1024 * 1024)
 #define MEMCACHED_LINE_MAX 8192
@@ -166,30 +165,6 @@ static Py_ssize_t split_ws(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, P
     return count;
 }
 
-/* `offset + int(b[s:e])` (all digits) as a Python int, exact however long the digits are. */
-static PyObject *exact_end(const unsigned char *b, Py_ssize_t s, Py_ssize_t e, Py_ssize_t offset)
-{
-    int64_t v = digits_value(b, s, e);
-    if (v < SATURATED)
-        return PyLong_FromLongLong(offset + v);
-    PyObject *digits = PyBytes_FromStringAndSize((const char *)b + s, e - s);
-    if (digits == NULL)
-        return NULL;
-    PyObject *size = PyLong_FromString(PyBytes_AS_STRING(digits), NULL, 10);
-    Py_DECREF(digits);
-    if (size == NULL)
-        return NULL;
-    PyObject *start = PyLong_FromSsize_t(offset);
-    if (start == NULL) {
-        Py_DECREF(size);
-        return NULL;
-    }
-    PyObject *end = PyNumber_Add(start, size);
-    Py_DECREF(start);
-    Py_DECREF(size);
-    return end;
-}
-
 static PyObject *pair(Py_ssize_t a, Py_ssize_t b)
 {
     PyObject *t = PyTuple_New(2);
@@ -226,28 +201,6 @@ static PyObject *triple(Py_ssize_t a, Py_ssize_t b, long c)
     return t;
 }
 
-/* (end, flag) with end a Python int already made (stolen). */
-static PyObject *end_and_flag(PyObject *end, int flag)
-{
-    if (end == NULL)
-        return NULL;
-    PyObject *t = PyTuple_New(2);
-    if (t == NULL) {
-        Py_DECREF(end);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(t, 0, end);
-    PyObject *f = flag ? Py_True : Py_False;
-    Py_INCREF(f);
-    PyTuple_SET_ITEM(t, 1, f);
-    return t;
-}
-
-static PyObject *no_stream(void)
-{
-    return end_and_flag(PyLong_FromLong(0), 0);
-}
-
 /* ---- arguments ---- */
 
 static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t min, Py_ssize_t max)
@@ -270,6 +223,20 @@ static int index_arg(PyObject *o, Py_ssize_t *out)
     }
     *out = v;
     return 1;
+}
+
+/* The arguments of the request scanners, (buf) or (buf, lane): 0 with an exception set when they are wrong;
+ * otherwise the caller owns `view` and releases it. `lane` NULL: the lane is not read (memcached has one). */
+static int request_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_buffer *view, long *lane)
+{
+    if (!check_nargs(name, nargs, 1, 2))
+        return 0;
+    if (lane != NULL && nargs == 2) {
+        *lane = PyLong_AsLong(args[1]);
+        if (*lane == -1 && PyErr_Occurred())
+            return 0;
+    }
+    return PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) == 0;
 }
 
 /* The arguments of the reply scanners, (buf, pos) or (buf, pos, want): 0 with an exception set when they are
@@ -332,15 +299,8 @@ enum { NOT_SPECIAL, CLIENT, HELLO };
 static PyObject *redis_requests(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     long lane = 2;
-    if (!check_nargs("redis_requests", nargs, 1, 2))
-        return NULL;
-    if (nargs == 2) {
-        lane = PyLong_AsLong(args[1]);
-        if (lane == -1 && PyErr_Occurred())
-            return NULL;
-    }
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!request_args("redis_requests", args, nargs, &view, &lane))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, pos = 0, count = 0;
@@ -727,25 +687,6 @@ static PyObject *redis_skip_push(PyObject *module, PyObject *const *args, Py_ssi
     return PyLong_FromSsize_t(end);
 }
 
-static PyObject *redis_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t pos;
-    Py_buffer view;
-    if (!scanner_args("redis_stream", args, nargs, 2, &view, &pos, NULL))
-        return NULL;
-    const unsigned char *b = view.buf;
-    Py_ssize_t n = view.len;
-    PyObject *result = NULL;
-    if (pos < n && b[pos] == '$') {
-        Py_ssize_t e = find_crlf(b, pos, pos + 24 < n ? pos + 24 : n);
-        /* a null bulk, or malformed: redis_replies says which */
-        if (e >= 0 && all_digits(b, pos + 1, e) && digits_value(b, pos + 1, e) >= STREAM_MIN)
-            result = end_and_flag(exact_end(b, pos + 1, e, e + 4), 1);
-    }
-    PyBuffer_Release(&view);
-    return result != NULL || PyErr_Occurred() ? result : no_stream();
-}
-
 /* ---- memcached ---- */
 
 static Py_ssize_t memcached_line_limit(const unsigned char *b, Py_ssize_t n, Py_ssize_t pos)
@@ -783,10 +724,8 @@ static PyObject *memcached_requests(PyObject *module, PyObject *const *args, Py_
 {
     static const uint64_t storage_limits[] = {UINT32_MAX, INT32_MAX, INT32_MAX - 2, UINT64_MAX}; /* flags, exptime,
                                                                                                     bytes, cas */
-    if (!check_nargs("memcached_requests", nargs, 1, 2))
-        return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (!request_args("memcached_requests", args, nargs, &view, NULL))
         return NULL;
     const unsigned char *b = view.buf;
     Py_ssize_t n = view.len, pos = 0, count = 0;
@@ -883,30 +822,6 @@ static PyObject *memcached_scan(PyObject *module, PyObject *const *args, Py_ssiz
     return resumed_replies("memcached_scan", memcached_walk, 0, args, nargs);
 }
 
-static PyObject *memcached_stream(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t pos;
-    Py_buffer view;
-    if (!scanner_args("memcached_stream", args, nargs, 2, &view, &pos, NULL))
-        return NULL;
-    const unsigned char *b = view.buf;
-    Py_ssize_t n = view.len;
-    PyObject *result = NULL;
-    if (starts_with(b, n, pos, "VALUE ", 6)) {
-        Py_ssize_t e = find_lf(b, pos, pos + 512 < n ? pos + 512 : n);
-        if (e >= 0) {
-            Py_ssize_t starts[5], ends[5];
-            Py_ssize_t size = split_ws(b, pos, e, starts, ends, 5);
-            /* anything malformed: memcached_replies raises for it */
-            if ((size == 4 || size == 5) && all_digits(b, starts[3], ends[3]) &&
-                digits_value(b, starts[3], ends[3]) >= STREAM_MIN)
-                result = end_and_flag(exact_end(b, starts[3], ends[3], e + 3), 0);
-        }
-    }
-    PyBuffer_Release(&view);
-    return result != NULL || PyErr_Occurred() ? result : no_stream();
-}
-
 /* ---- the module ---- */
 
 /* init(FramingError, REDIS_COMMANDS): framing.py hands over what it owns, so there is one list of commands. */
@@ -978,13 +893,11 @@ static PyMethodDef methods[] = {
     {"redis_requests", (PyCFunction)(void (*)(void))redis_requests, METH_FASTCALL, "framing.redis_requests"},
     {"redis_replies", (PyCFunction)(void (*)(void))redis_replies, METH_FASTCALL, "framing.redis_replies"},
     {"redis_push", (PyCFunction)(void (*)(void))redis_push, METH_FASTCALL, "framing.redis_push"},
-    {"redis_stream", (PyCFunction)(void (*)(void))redis_stream, METH_FASTCALL, "framing.redis_stream"},
     {"redis_scan", (PyCFunction)(void (*)(void))redis_scan, METH_FASTCALL, "framing.redis_scan"},
     {"redis_skip_push", (PyCFunction)(void (*)(void))redis_skip_push, METH_FASTCALL, "framing.redis_skip_push"},
     {"memcached_requests", (PyCFunction)(void (*)(void))memcached_requests, METH_FASTCALL,
      "framing.memcached_requests"},
     {"memcached_replies", (PyCFunction)(void (*)(void))memcached_replies, METH_FASTCALL, "framing.memcached_replies"},
-    {"memcached_stream", (PyCFunction)(void (*)(void))memcached_stream, METH_FASTCALL, "framing.memcached_stream"},
     {"memcached_scan", (PyCFunction)(void (*)(void))memcached_scan, METH_FASTCALL, "framing.memcached_scan"},
     {NULL, NULL, 0, NULL},
 };
@@ -1003,7 +916,6 @@ PyMODINIT_FUNC PyInit__cframing(void)
     if (module == NULL)
         return NULL;
     if (PyModule_AddIntConstant(module, "KEY_MAX", KEY_MAX) < 0 ||
-        PyModule_AddIntConstant(module, "STREAM_MIN", STREAM_MIN) < 0 ||
         PyModule_AddIntConstant(module, "REPLY_LINE_MAX", REPLY_LINE_MAX) < 0 ||
         PyModule_AddIntConstant(module, "REDIS_MAX_ARGS", REDIS_MAX_ARGS) < 0 ||
         PyModule_AddIntConstant(module, "REDIS_BULK_MAX", REDIS_BULK_MAX) < 0 ||

@@ -13,7 +13,7 @@ A `Framer` per engine, its functions pure and fast rather than complete:
   the shared connection is out of step and must close.
 - `scan(buf, pos, want, state)` is `replies` resumed: a pipe passes every byte of a reply on as it arrives and keeps
   the walk's state between reads, so any reply costs one walk over its bytes and at most a line of memory.
-- `push` and `skip_push` skip out-of-band messages (RESP3 pushes); `stream` finds big top-level values.
+- `push` and `skip_push` skip out-of-band messages (RESP3 pushes).
 
 Only requests that get exactly one reply each are multiplexed, so counting replies is all the routing needs.
 
@@ -30,7 +30,6 @@ from typing import NamedTuple
 from forwarder import extensions
 
 KEY_MAX = 250  # memcached's KEY_MAX_LENGTH
-STREAM_MIN = 64 * 1024  # what `stream` calls a big value (pipes no longer ask: every reply passes on as it arrives)
 # A reply line (a RESP type byte and what follows it up to CRLF, or a memcached line) longer than this means the stream
 # is out of step: no node sends one (lengths are digits, keys 250 bytes), and a line is the one thing a pipe holds
 # until it is whole. Above 4300 digits, so that int() decides which lengths are malformed as it always did.
@@ -92,6 +91,11 @@ HELLO3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
 RESET = b"*1\r\n$5\r\nRESET\r\n"  # Redis 6.2+: the connection as if new (login included), see mux.py
 
 
+ReplyWalk = Callable[[bytes | bytearray, int, int, list[int]], int]  # _resp_walk, _memcached_walk
+Replies = Callable[[bytes | bytearray, int, int], tuple[int, int]]
+Scan = Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]
+
+
 class Requests(NamedTuple):
     end: int  # offset just past the last complete request that may be multiplexed
     complete: int  # how many requests that is (one reply each)
@@ -100,12 +104,11 @@ class Requests(NamedTuple):
 
 class Framer(NamedTuple):
     requests: Callable[[bytes | bytearray, int], tuple[int, int, int]]  # (buf, the client's lane) -> Requests fields
-    replies: Callable[[bytes | bytearray, int, int], tuple[int, int]]
+    replies: Replies  # (buf, pos, want) -> (end, got): see _reply_scanners
     push: Callable[[bytes | bytearray, int], int]  # the end of an out-of-band message at pos, 0 if none, -1 if cut
-    stream: Callable[[bytes | bytearray, int], tuple[int, bool]]  # a big value at pos: see redis_stream
     first_lane: int  # where clients start
     greeting: Callable[[int], bytes]  # what a new shared connection of a lane sends first (its reply is dropped)
-    scan: Callable[[bytes | bytearray, int, int, list[int]], tuple[int, int]]  # replies, resumed: see redis_scan
+    scan: Scan  # replies, resumed: see _reply_scanners
     skip_push: Callable[[bytes | bytearray, int, list[int]], int]  # a push, resumed: see redis_skip_push
     # A request a pipe adds after each client's requests, and the reply it must get for it there: any other bytes in
     # its place mean the node answered them with more or fewer replies than natfwd counted.
@@ -200,24 +203,6 @@ def redis_requests(buf: bytes | bytearray, lane: int = RESP2) -> tuple[int, int,
     return pos, count, STAY
 
 
-def redis_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
-    """Up to `want` complete RESP replies from `pos`, each with any nesting: (end, got).
-
-    Stops early before a push (`>`), which is no reply: see redis_push.
-    """
-    n = len(buf)
-    got = 0
-    state = [0, 0, 0]
-    while got < want and pos < n and buf[pos] != 62:  # '>'
-        state[0] = 1
-        end = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        pos = end
-        got += 1
-    return pos, got
-
-
 def redis_push(buf: bytes | bytearray, pos: int) -> int:
     """The end of a complete push at `pos` (an out-of-band message to drop, never a reply); 0 when there is none
     there, -1 when it is incomplete. A shared connection only gets pushes its server sends on its own, such as the
@@ -227,44 +212,6 @@ def redis_push(buf: bytes | bytearray, pos: int) -> int:
     state = [1, 0, 0]
     end = _resp_walk(buf, pos, len(buf), state)
     return -1 if state[0] or state[1] else end
-
-
-def redis_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
-    """For a bulk string of STREAM_MIN bytes or more at `pos` whose header is in: (the end of its data and CRLF,
-    True as the reply ends there). (0, False) for anything else. Lets a pipe pass a big value on as it arrives
-    instead of holding all of it."""
-    if pos >= len(buf) or buf[pos] != 36:  # '$'
-        return 0, False
-    e = buf.find(b"\r\n", pos, pos + 24)
-    if e < 0:
-        return 0, False
-    digits = buf[pos + 1 : e]
-    if not digits.isdigit():
-        return 0, False  # a null bulk, or malformed: redis_replies says which
-    size = int(digits)
-    return (e + 4 + size, True) if size >= STREAM_MIN else (0, False)
-
-
-def redis_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
-    """redis_replies that resumes: up to `want` replies from `pos`, the first of them possibly begun in an earlier
-    buffer, as `state` says (see ScanState). Returns (end, got), `end` past every byte known to belong to the
-    replies, the start of an incomplete one included: a pipe passes those on at once and keeps only a line that is
-    not all in, so a reply of any size costs one walk over its bytes and never more than a read of memory. Stops
-    before a push, and before a line not all in; `state` says whether a reply is left unfinished at `end`."""
-    n = len(buf)
-    got = 0
-    if state[0] or state[1]:
-        pos = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            return pos, 0
-        got = 1
-    while got < want and pos < n and buf[pos] != 62:  # '>': a push, see redis_skip_push
-        state[0] = 1
-        pos = _resp_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        got += 1
-    return pos, got
 
 
 def redis_skip_push(buf: bytes | bytearray, pos: int, state: list[int]) -> int:
@@ -402,59 +349,11 @@ def _mc_number(token: bytes | bytearray, limit: int) -> bool:
     return token.isdigit() and (token[0] != 48 or len(token) == 1) and int(token) <= limit
 
 
-def memcached_stream(buf: bytes | bytearray, pos: int) -> tuple[int, bool]:
-    """For a VALUE block of STREAM_MIN bytes or more at `pos` whose line is in: (the end of its data and CRLF, False
-    as the reply goes on to END). (0, False) for anything else."""
-    if not buf.startswith(b"VALUE ", pos):
-        return 0, False
-    e = buf.find(b"\n", pos, pos + 512)
-    if e < 0:
-        return 0, False
-    tokens = buf[pos:e].split()
-    if len(tokens) not in (4, 5) or not tokens[3].isdigit():
-        return 0, False  # memcached_replies raises for it
-    size = int(tokens[3])
-    return (e + 3 + size, False) if size >= STREAM_MIN else (0, False)
-
-
 def _memcached_line_limit(buf: bytes | bytearray, pos: int) -> int:
     # memcached closes a connection holding more than 2048 bytes of an unfinished line, except for get and gets.
     if buf.startswith(b"get ", pos) or buf.startswith(b"gets ", pos):
         return MEMCACHED_LINE_MAX
     return MEMCACHED_SHORT_LINE_MAX
-
-
-def memcached_replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
-    """Up to `want` complete memcached text replies from `pos`: VALUE blocks up to the next other line."""
-    n = len(buf)
-    got = 0
-    state = [0, 0, 0]
-    while got < want and pos < n:
-        state[0] = 1
-        end = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        pos = end
-        got += 1
-    return pos, got
-
-
-def memcached_scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
-    """memcached_replies that resumes, as redis_scan does."""
-    n = len(buf)
-    got = 0
-    if state[0] or state[1]:
-        pos = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            return pos, 0
-        got = 1
-    while got < want and pos < n:
-        state[0] = 1
-        pos = _memcached_walk(buf, pos, n, state)
-        if state[0] or state[1]:
-            break
-        got += 1
-    return pos, got
 
 
 def _no_push(_buf: bytes | bytearray, _pos: int, _state: list[int]) -> int:
@@ -492,10 +391,52 @@ def _memcached_walk(buf: bytes | bytearray, p: int, n: int, state: list[int]) ->
     return p
 
 
-def _long_length(digits: bytes | bytearray, beyond: int) -> int:
-    """A length of more than _LENGTH_DIGITS digits: its value when leading zeros make it short, else `beyond`."""
-    significant = digits.lstrip(b"0")
-    return int(significant or b"0") if len(significant) <= _LENGTH_DIGITS else beyond
+def _reply_scanners(walk: ReplyWalk, push: int) -> tuple[Replies, Scan]:
+    """An engine's `replies` and `scan` over its walk, stopping before a reply that starts with the type byte `push`
+    (-1: none), as _cframing.c's whole_replies and resumed_replies do."""
+
+    def replies(buf: bytes | bytearray, pos: int, want: int) -> tuple[int, int]:
+        """Up to `want` complete replies from `pos`, each with any nesting: (end, got). Redis's stop early before a
+        push (`>`), which is no reply: see redis_push."""
+        n = len(buf)
+        got = 0
+        state = [0, 0, 0]
+        while got < want and pos < n and buf[pos] != push:
+            state[0] = 1
+            end = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                break
+            pos = end
+            got += 1
+        return pos, got
+
+    def scan(buf: bytes | bytearray, pos: int, want: int, state: list[int]) -> tuple[int, int]:
+        """`replies` that resumes: up to `want` replies from `pos`, the first of them possibly begun in an earlier
+        buffer, as `state` says (see scan_state). Returns (end, got), `end` past every byte known to belong to the
+        replies, the start of an incomplete one included: a pipe passes those on at once and keeps only a line that
+        is not all in, so a reply of any size costs one walk over its bytes and never more than a read of memory.
+        Stops before a push, and before a line not all in; `state` says whether a reply is left unfinished at `end`."""
+        n = len(buf)
+        got = 0
+        if state[0] or state[1]:
+            pos = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                return pos, 0
+            got = 1
+        while got < want and pos < n and buf[pos] != push:
+            state[0] = 1
+            pos = walk(buf, pos, n, state)
+            if state[0] or state[1]:
+                break
+            got += 1
+        return pos, got
+
+    return replies, scan
+
+
+redis_replies, redis_scan = _reply_scanners(_resp_walk, 62)  # '>': a push, see redis_push and redis_skip_push
+# memcached's replies: VALUE blocks up to the next other line.
+memcached_replies, memcached_scan = _reply_scanners(_memcached_walk, -1)
 
 
 def _redis_greeting(lane: int) -> bytes:
@@ -539,7 +480,6 @@ REDIS_PY = Framer(
     redis_requests,
     redis_replies,
     redis_push,
-    redis_stream,
     RESP2,
     _redis_greeting,
     redis_scan,
@@ -558,7 +498,6 @@ MEMCACHED_PY = Framer(
     memcached_requests,
     memcached_replies,
     lambda _buf, _pos: 0,
-    memcached_stream,
     RESP2,
     lambda _lane: b"",
     memcached_scan,
@@ -577,13 +516,10 @@ else:
         requests=C.redis_requests,
         replies=C.redis_replies,
         push=C.redis_push,
-        stream=C.redis_stream,
         scan=C.redis_scan,
         skip_push=C.redis_skip_push,
     )  # redis_state stays Python: it walks only reads that hold a CLIENT command
-    MEMCACHED = MEMCACHED_PY._replace(
-        requests=C.memcached_requests, replies=C.memcached_replies, stream=C.memcached_stream, scan=C.memcached_scan
-    )
+    MEMCACHED = MEMCACHED_PY._replace(requests=C.memcached_requests, replies=C.memcached_replies, scan=C.memcached_scan)
 
 
 def framer(engine: str) -> Framer:

@@ -158,7 +158,7 @@ class AutoDiscoveryRewriter:
                 self._request_skip -= step
                 continue
             try:
-                line, i = take_line(self._request_line, data, i, _MAX_REQUEST_LINE)
+                line, _, i = take_line(self._request_line, data, i, _MAX_REQUEST_LINE)
             except LineTooLong:
                 self._passthrough = True  # cannot follow the requests any more; stop rewriting
                 return
@@ -236,20 +236,17 @@ class AutoDiscoveryRewriter:
                         out.append(view[i:])
                         return b"".join(out)
                 continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                if len(self._line) + n - i > _MAX_REPLY_LINE:
-                    return self._give_up(out, view, run, i)
+            try:
+                line, held, end = take_line(self._line, data, i, _MAX_REPLY_LINE)
+            except LineTooLong:
+                return self._give_up(out, view, run, i)
+            if line is None:
                 out.append(view[run:i])
-                self._line += view[i:]
                 run = i = n
                 break
-            start, i = i, j + 1
+            start, i = i, end
             # A held line began in an earlier chunk, so then start == run == 0 and nothing is pending before it.
-            held = bytes(self._line)
-            self._line.clear()
-            line = held + data[start:i] if held else data[start:i]
-            verdict = self._on_reply_line(line) if len(line) - 1 <= _MAX_REPLY_LINE else False
+            verdict = self._on_reply_line(line)
             if verdict is None:
                 if held:
                     out.append(held)

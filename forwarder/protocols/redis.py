@@ -337,7 +337,7 @@ class ClusterRewriter:
                     self._end_argument()
                 continue
             try:
-                line, i = take_line(self._client_line, data, i, _MAX_INLINE)
+                line, _, i = take_line(self._client_line, data, i, _MAX_INLINE)
             except LineTooLong:
                 self._lose_track()
                 return
@@ -465,10 +465,8 @@ class ClusterRewriter:
                         if not self._stream_string:
                             self._element_done()
                             if self._capture_done:
-                                assert self._capture is not None
-                                self._capture += view[run:i]
+                                out.append(self._finish_capture(view[run:i]))
                                 run = i
-                                out.append(self._finish_capture())
                 continue
             if self._trailer:
                 if data[i] != (13 if self._trailer == 2 else 10):
@@ -479,10 +477,8 @@ class ClusterRewriter:
                     continue
                 self._element_done()
                 if self._capture_done:
-                    assert self._capture is not None
-                    self._capture += view[run:i]
+                    out.append(self._finish_capture(view[run:i]))
                     run = i
-                    out.append(self._finish_capture())
                 continue
             if (
                 i >= slow_until
@@ -529,20 +525,17 @@ class ClusterRewriter:
                 frame[0] -= got - 1
                 self._element_done()
                 continue
-            j = data.find(b"\n", i)
-            if j < 0:
-                if len(self._line) + n - i > _MAX_LINE:
-                    return self._give_up(out, view, run, i)
+            try:
+                line, held, end = take_line(self._line, data, i, _MAX_LINE)
+            except LineTooLong:
+                return self._give_up(out, view, run, i)
+            if line is None:
                 self._sink(out, view[run:i])
-                self._line += view[i:]
                 run = i = n
                 break
-            start, i = i, j + 1
+            start, i = i, end
             # A held line began in an earlier chunk, so then start == run == 0 and nothing is pending before it.
-            held = bytes(self._line)
-            self._line.clear()
-            line = held + data[start:i] if held else data[start:i]
-            if len(line) < 3 or line[-2] != 13 or line[0] not in _TYPES or len(line) - 1 > _MAX_LINE:
+            if len(line) < 3 or line[-2] != 13 or line[0] not in _TYPES:
                 self._line += held
                 return self._give_up(out, view, run, start)
             kind = line[0]
@@ -588,10 +581,8 @@ class ClusterRewriter:
             if not self._on_reply_line(kind, line, role):  # held was already sunk in order; the rest goes unchanged
                 return self._give_up(out, view, run, start)
             if self._capture_done:
-                assert self._capture is not None
-                self._capture += view[run:i]
+                out.append(self._finish_capture(view[run:i]))
                 run = i
-                out.append(self._finish_capture())
         if self._capture is not None:
             self._capture += view[run:]
             if len(self._capture) > (_MAX_NODES_TEXT if self._capture_role == _C_NODES_TEXT else _MAX_PART):
@@ -748,8 +739,10 @@ class ClusterRewriter:
             self._capture_done = True
         return True
 
-    def _finish_capture(self) -> bytes:
+    def _finish_capture(self, tail: _Chunk) -> bytes:
+        """The held part, `tail` (its end in this chunk) added, rewritten; the capture is over."""
         assert self._capture is not None
+        self._capture += tail
         captured = bytes(self._capture)
         role, parent = self._capture_role, self._capture_parent
         self._capture = self._capture_parent = None
