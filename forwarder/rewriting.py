@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from forwarder import config as config_mod
 from forwarder.protocols import Rewriter
 from forwarder.protocols.memcached import AutoDiscoveryRewriter
-from forwarder.protocols.redis import ClusterRewriter
+from forwarder.protocols.redis_stream import ClusterRewriter
 from forwarder.relay import Half
 from forwarder.resources import Resources
 

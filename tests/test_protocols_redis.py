@@ -13,7 +13,8 @@ import pytest
 from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols import resp
-from forwarder.protocols.redis import ClusterRewriter, rewrite_cluster_nodes, rewrite_redirect
+from forwarder.protocols.redis import rewrite_cluster_nodes, rewrite_redirect
+from forwarder.protocols.redis_stream import ClusterRewriter
 
 PUBLIC = "203.0.113.73"
 FORWARDS = {
