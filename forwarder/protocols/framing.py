@@ -6,7 +6,7 @@ A `Framer` per engine, its functions pure and fast rather than complete:
   connection, and returns the fields of a `Requests`: (end, complete, leave). `leave` is PIN when the request at
   `end` must not be multiplexed: it changes the connection's state (SELECT, AUTH, MULTI, SUBSCRIBE...), may block
   (BLPOP), asks for no reply (memcached `noreply`), or is anything the scanner does not know or cannot check; the
-  client then gets a connection of its own, so the node sees its bytes unchanged (forwarder/mux.py). For Redis,
+  client then gets a connection of its own, so the node sees its bytes unchanged (forwarder/mux/). For Redis,
   `leave` can also name a lane: `HELLO 3` moves a client to connections that speak RESP3.
 - `replies(buf, pos, want)` finds up to `want` complete replies from `pos`: (end, got). A reply it cannot parse
   (a bad type byte or length, a value not followed by CRLF, a line longer than REPLY_LINE_MAX) raises FramingError:
@@ -88,7 +88,7 @@ STAY = 0
 PIN = -1  # the request at `end` must go over a connection of its own
 RESP2, RESP3 = 2, 3  # lanes: the protocol version a shared Redis connection speaks
 HELLO3 = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
-RESET = b"*1\r\n$5\r\nRESET\r\n"  # Redis 6.2+: the connection as if new (login included), see mux.py
+RESET = b"*1\r\n$5\r\nRESET\r\n"  # Redis 6.2+: the connection as if new (login included), see mux/shared.py
 
 
 ReplyWalk = Callable[[bytes | bytearray, int, int, list[int]], int]  # _resp_walk, _memcached_walk
