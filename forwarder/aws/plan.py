@@ -45,8 +45,6 @@ def ami_parameter(architecture: Architecture) -> str:
     return AMI_PARAMETER_PREFIX + architecture
 
 
-AMI_PARAMETER = ami_parameter("x86_64")
-
 _CLUSTER_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 _PACKAGE_SPEC = re.compile(r"^[A-Za-z0-9._\-\[\],=<>!~+:/@#%?&]+$")
 

@@ -19,8 +19,6 @@ KERNEL_DROP_IN_PATH = "/etc/systemd/system/natfwd.service.d/kernel-path.conf"
 VENV = "/opt/natfwd"
 DIST_DIR = "/opt/natfwd/dist"
 METRICS_LISTEN = "127.0.0.1:9108"
-# The config may hold an AUTH token: root-only on disk, handed to the service by systemd (LoadCredential=).
-CONFIG_CREDENTIAL = "natfwd.yaml"
 
 SYSTEMD_UNIT = """\
 [Unit]
