@@ -239,11 +239,9 @@ class ClientHalf(Half):
 
     def open_node(self, node: NodeHalf) -> None:
         """Connect this client's own node connection (MuxClient shares one instead)."""
-        self.connect_task = self.state.loop.create_task(self._connect(node, self.route.target, self.client_ip))
+        self.connect_task = self.state.loop.create_task(self._connect(node, self.route.target))
 
-    async def _connect(
-        self, node: NodeHalf, target: config_mod.Target, client_ip: str, sock: socket.socket | None = None
-    ) -> None:
+    async def _connect(self, node: NodeHalf, target: config_mod.Target, sock: socket.socket | None = None) -> None:
         state = self.state
         loop = state.loop
         route = self.route
@@ -276,10 +274,7 @@ class ClientHalf(Half):
             finally:
                 expired.cancel()
         except (OSError, TimeoutError) as exc:
-            state.connect_failed("node connection failed", route.port, target, exc, client=client_ip)
-            self.ended = accesslog.CONNECT_FAILED
-            if self.transport is not None and not self.closed:
-                self.transport.abort()
+            self._node_failed(target, exc)
             return
         finally:
             self.connect_task = None
@@ -288,6 +283,13 @@ class ClientHalf(Half):
             node.abort()
             return
         self.release_early()
+
+    def _node_failed(self, target: config_mod.Target, exc: BaseException) -> None:
+        """The client's own node connection could not be made: counted, logged, and the client closed."""
+        self.state.connect_failed("node connection failed", self.route.port, target, exc, client=self.client_ip)
+        self.ended = accesslog.CONNECT_FAILED
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
     def _connect_expired(self) -> None:
         task = self.connect_task
@@ -389,13 +391,9 @@ class MuxClient(ClientHalf):
             sock = await prepare()
         except (OSError, TimeoutError) as exc:
             self.connect_task = None
-            route = self.route
-            self.state.connect_failed("node connection failed", route.port, route.target, exc, client=self.client_ip)
-            self.ended = accesslog.CONNECT_FAILED
-            if self.transport is not None and not self.closed:
-                self.transport.abort()
+            self._node_failed(self.route.target, exc)
             return
-        await self._connect(node, self.route.target, self.client_ip, sock)
+        await self._connect(node, self.route.target, sock)
 
     def mux_close(self, *, abort: bool) -> None:
         self.session = None
