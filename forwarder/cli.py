@@ -317,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH; port 22 is opened only with it")
     provision.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
+    provision.add_argument(
+        "--ha",
+        action="store_true",
+        help="an Auto Scaling group of one over two or more zones; a replacement claims the Elastic IP",
+    )
+    provision.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N (2 or more) instances behind a Network Load Balancer with one Elastic IP per zone",
+    )
     provision.add_argument("--subnet-id", default=None, help="public subnet to use (default: the first public one)")
     provision.add_argument(
         "--package",

@@ -121,6 +121,36 @@ def test_choice_is_stable_and_honours_subnet_id() -> None:
         subnets.choose([subnet("subnet-p")], [table([], "subnet-p")], "vpc-1", "c")
 
 
+def test_spread_takes_one_public_subnet_per_zone_and_needs_two_zones() -> None:
+    all_subnets = [
+        subnet("subnet-a1", "us-east-1a"),
+        subnet("subnet-a2", "us-east-1a"),
+        subnet("subnet-b1", "us-east-1b"),
+        subnet("subnet-c1", "us-east-1c"),
+        subnet("subnet-p", "us-east-1d"),
+    ]
+    tables = [table([IGW], "subnet-a1", "subnet-a2", "subnet-b1", "subnet-c1"), table([], "subnet-p")]
+    picked = subnets.spread(all_subnets, tables, "vpc-1", "c", 2)
+    assert [s.subnet_id for s in picked] == ["subnet-a1", "subnet-b1", "subnet-c1"]
+    wanted = subnets.spread(all_subnets, tables, "vpc-1", "c", 2, "subnet-a2")
+    assert [s.subnet_id for s in wanted] == ["subnet-a2", "subnet-b1", "subnet-c1"]
+    one_zone = [table([IGW], "subnet-a1", "subnet-a2"), table([], "subnet-b1", "subnet-c1", "subnet-p")]
+    with pytest.raises(subnets.NoPublicSubnet, match=r"public subnets in 1 availability zone\(s\) \(us-east-1a\)"):
+        subnets.spread(all_subnets, one_zone, "vpc-1", "c", 2)
+
+
+def test_replicas_and_layout() -> None:
+    assert plan.parse_replicas(None) == 1
+    assert plan.parse_replicas(3) == 3
+    for bad in (0, 1, plan.MAX_REPLICAS + 1):
+        with pytest.raises(UsageError, match=f"--replicas: {bad} is out of range"):
+            plan.parse_replicas(bad)
+    cidrs = plan.parse_trusted_cidrs(["198.51.100.27/32"])
+    assert plan.ProvisionRequest("c", cidrs).layout == "single"
+    assert plan.ProvisionRequest("c", cidrs, ha=True).layout == "ha"
+    assert plan.ProvisionRequest("c", cidrs, ha=True, replicas=2).layout == "replicas"
+
+
 # -- clusters --------------------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,23 @@ from forwarder.errors import NatfwdError, UsageError
 
 Mode = Literal["userspace", "kernel"]
 Architecture = Literal["arm64", "x86_64"]
-Role = Literal["security-group", "instance", "elastic-ip", "rule", "bucket", "iam-role", "instance-profile"]
+# single: one instance holding the Elastic IP (the page's layout). ha: an Auto Scaling group of one over two or more
+# zones; each instance claims the Elastic IP at boot. replicas: N instances behind a Network Load Balancer.
+Layout = Literal["single", "ha", "replicas"]
+Role = Literal[
+    "security-group",
+    "instance",
+    "elastic-ip",
+    "rule",
+    "bucket",
+    "iam-role",
+    "instance-profile",
+    "launch-template",
+    "auto-scaling-group",
+    "load-balancer",
+    "target-group",
+    "load-balancer-security-group",
+]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ARCHITECTURES: tuple[Architecture, ...] = ("arm64", "x86_64")
@@ -38,6 +54,11 @@ PACKAGE_PORT = 443
 DEFAULT_INSTANCE_TYPE = "t4g.micro"
 # What the box needs for SSM Session Manager: the AWS managed policy, attached to the instance role.
 SSM_POLICY_ARN = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+# An Auto Scaling group (--ha, --replicas) spans at least this many availability zones, so one zone's outage
+# leaves somewhere to launch the replacement.
+MIN_ZONES = 2
+# A Network Load Balancer's listeners per load balancer are capped at 50 by AWS; natfwd needs one per node port.
+MAX_REPLICAS = 20
 
 
 def ami_parameter(architecture: Architecture) -> str:
@@ -84,6 +105,18 @@ def parse_trusted_cidrs(texts: list[str] | tuple[str, ...]) -> tuple[Network, ..
         raise UsageError("--trusted-cidr: pass at least one client network, such as 198.51.100.27/32")
     networks = {parse_trusted_cidr(text) for text in texts}
     return tuple(sorted(networks, key=lambda n: (n.version, n)))
+
+
+def parse_replicas(value: int | None) -> int:
+    """Validate --replicas: None (not given) means 1; otherwise 2 to MAX_REPLICAS instances behind the NLB."""
+    if value is None:
+        return 1
+    if not 2 <= value <= MAX_REPLICAS:
+        raise UsageError(
+            f"--replicas: {value} is out of range; pass 2 to {MAX_REPLICAS} instances behind the load balancer, "
+            "or --ha for one instance that is replaced when it fails"
+        )
+    return value
 
 
 def parse_package(text: str) -> str:
@@ -146,6 +179,15 @@ class ProvisionRequest:
     # None: ship the natfwd that runs provision (see artefact.py); else a pip requirement or URL to install.
     package: str | None = None
     architecture: Architecture | None = None
+    ha: bool = False
+    # 1: no load balancer; 2 or more: that many instances behind a Network Load Balancer (implies an ASG).
+    replicas: int = 1
+
+    @property
+    def layout(self) -> Layout:
+        if self.replicas >= 2:
+            return "replicas"
+        return "ha" if self.ha else "single"
 
     @property
     def ssh(self) -> bool:
@@ -177,6 +219,17 @@ class Plan:
     nat_egress: tuple[Rule, ...]
     architecture: Architecture = "x86_64"
     artefact: Artefact | None = None
+    # The public subnets the layout uses, one per availability zone: just `subnet` for single, two or more
+    # (the group's zones, and the load balancer's) for ha and replicas.
+    subnets: tuple[Subnet, ...] = ()
+
+    @property
+    def layout(self) -> Layout:
+        return self.request.layout
+
+    @property
+    def zones(self) -> tuple[str, ...]:
+        return tuple(s.availability_zone for s in self.subnets or (self.subnet,))
 
     @property
     def role_name(self) -> str:
@@ -240,6 +293,7 @@ def build(
     region: str,
     architecture: Architecture = "x86_64",
     artefact: Artefact | None = None,
+    spread: tuple[Subnet, ...] = (),
 ) -> Plan:
     """Turn the request and the facts read from AWS into a plan.
 
@@ -286,6 +340,7 @@ def build(
         nat_egress=tuple(egress),
         architecture=architecture,
         artefact=artefact,
+        subnets=spread or (subnet,),
     )
 
 

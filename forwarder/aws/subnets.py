@@ -91,3 +91,34 @@ def choose(
             "to an internet gateway); add such a subnet, or that route, and run provision again"
         )
     return candidates[0]
+
+
+def spread(
+    subnets: Iterable[Mapping[str, Any]],
+    route_tables: Iterable[Mapping[str, Any]],
+    vpc_id: str,
+    cluster_id: str,
+    minimum_zones: int,
+    wanted: str | None = None,
+) -> tuple[Subnet, ...]:
+    """One public subnet per availability zone, for an Auto Scaling group or a load balancer.
+
+    `wanted` (--subnet-id), when given, is the subnet used in its zone and comes first. Raises UsageError or
+    NoPublicSubnet as `choose` does, and NoPublicSubnet when the public subnets span fewer than
+    `minimum_zones` zones.
+    """
+    subnets = list(subnets)
+    route_tables = list(route_tables)
+    first = choose(subnets, route_tables, vpc_id, cluster_id, wanted)
+    picked = [first]
+    for subnet in public_subnets(subnets, route_tables):
+        if subnet.availability_zone not in {s.availability_zone for s in picked}:
+            picked.append(subnet)
+    if len(picked) < minimum_zones:
+        zones = ", ".join(s.availability_zone for s in picked)
+        raise NoPublicSubnet(
+            f"VPC {vpc_id} of cluster {cluster_id!r} has public subnets in {len(picked)} availability zone(s) "
+            f"({zones}); --ha and --replicas need public subnets in at least {minimum_zones} zones; add a public "
+            "subnet in another zone, or drop --ha/--replicas for a single instance"
+        )
+    return tuple(picked)

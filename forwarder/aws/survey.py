@@ -16,13 +16,14 @@ def prepare(client: AwsClient, request: plan.ProvisionRequest) -> plan.Plan:
             f"cluster {request.cluster_id!r} has no cache subnet group, so it is not in a VPC natfwd can use"
         )
     vpc_id = str(client.describe_cache_subnet_group(found.subnet_group)["VpcId"])
-    subnet = subnets.choose(
-        client.describe_subnets(vpc_id),
-        client.describe_route_tables(vpc_id),
-        vpc_id,
-        request.cluster_id,
-        request.subnet_id,
-    )
+    described = client.describe_subnets(vpc_id)
+    tables = client.describe_route_tables(vpc_id)
+    if request.layout == "single":
+        used: tuple[subnets.Subnet, ...] = (
+            subnets.choose(described, tables, vpc_id, request.cluster_id, request.subnet_id),
+        )
+    else:
+        used = subnets.spread(described, tables, vpc_id, request.cluster_id, plan.MIN_ZONES, request.subnet_id)
     supported = client.instance_architectures(request.instance_type)
     architecture = plan.choose_architecture(request.instance_type, supported, request.architecture, request.package)
     image_id = client.parameter(plan.ami_parameter(architecture))
@@ -30,4 +31,4 @@ def prepare(client: AwsClient, request: plan.ProvisionRequest) -> plan.Plan:
     if request.package is None:
         bucket = artefact.bucket_name(client.account_id(), client.region, request.cluster_id)
         shipped = artefact.build(bucket)
-    return plan.build(request, found, vpc_id, subnet, image_id, client.region, architecture, shipped)
+    return plan.build(request, found, vpc_id, used[0], image_id, client.region, architecture, shipped, used)
