@@ -136,6 +136,8 @@ class World:
     subnet_group: str
     decoy_vpc_id: str
     decoy_subnet_id: str
+    # Every public subnet of the cache VPC, one per zone, `public_subnet_id` first.
+    public_subnet_ids: tuple[str, ...] = ()
 
 
 def _vpc(ec2: Any, cidr: str, name: str) -> str:
@@ -145,30 +147,42 @@ def _vpc(ec2: Any, cidr: str, name: str) -> str:
     return vpc_id
 
 
-def _public_subnet(ec2: Any, vpc_id: str, cidr: str, zone: str) -> str:
+def _public_subnet(ec2: Any, vpc_id: str, cidr: str, zone: str) -> tuple[str, str]:
+    """A subnet routed to a new internet gateway; returns its id and its route table's."""
     subnet_id: str = ec2.create_subnet(VpcId=vpc_id, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
     gateway = ec2.create_internet_gateway()["InternetGateway"]["InternetGatewayId"]
     ec2.attach_internet_gateway(InternetGatewayId=gateway, VpcId=vpc_id)
-    table = ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
+    table: str = ec2.create_route_table(VpcId=vpc_id)["RouteTable"]["RouteTableId"]
     ec2.create_route(RouteTableId=table, DestinationCidrBlock="0.0.0.0/0", GatewayId=gateway)
     ec2.associate_route_table(RouteTableId=table, SubnetId=subnet_id)
-    return subnet_id
+    return subnet_id, table
 
 
-def build_world(aws: Aws, *, public: bool = True) -> World:
-    """The page's VPC: a private subnet for the cache, a public one (route to an internet gateway) unless
-    `public` is false, and a decoy VPC with its own public subnet that provision must not pick."""
+def build_world(aws: Aws, *, public: bool = True, public_zones: tuple[str, ...] = ("us-east-1b",)) -> World:
+    """The page's VPC: a private subnet for the cache, public ones (routed to an internet gateway) in
+    `public_zones` unless `public` is false, and a decoy VPC with its own public subnet that provision must not
+    pick. --ha and --replicas need two zones or more: pass e.g. ("us-east-1b", "us-east-1c")."""
     ec2 = aws.ec2
     decoy_vpc = _vpc(ec2, "10.9.0.0/16", "decoy")
-    decoy_subnet = _public_subnet(ec2, decoy_vpc, "10.9.0.0/24", "us-east-1a")
+    decoy_subnet, _ = _public_subnet(ec2, decoy_vpc, "10.9.0.0/24", "us-east-1a")
     vpc_id = _vpc(ec2, "10.0.0.0/16", "cache-vpc")
     private = ec2.create_subnet(VpcId=vpc_id, CidrBlock="10.0.1.0/24", AvailabilityZone="us-east-1a")["Subnet"]
-    public_id = _public_subnet(ec2, vpc_id, "10.0.0.0/24", "us-east-1b") if public else None
+    public_ids: list[str] = []
+    if public:
+        first, table = _public_subnet(ec2, vpc_id, "10.0.0.0/24", public_zones[0])
+        public_ids.append(first)
+        for index, zone in enumerate(public_zones[1:], start=2):
+            other = ec2.create_subnet(VpcId=vpc_id, CidrBlock=f"10.0.{index}.0/24", AvailabilityZone=zone)
+            ec2.associate_route_table(RouteTableId=table, SubnetId=other["Subnet"]["SubnetId"])
+            public_ids.append(other["Subnet"]["SubnetId"])
+    public_id = public_ids[0] if public_ids else None
     group = ec2.create_security_group(GroupName="cache", Description="ElastiCache nodes", VpcId=vpc_id)["GroupId"]
     aws.elasticache.create_cache_subnet_group(
         CacheSubnetGroupName="cache-subnets", CacheSubnetGroupDescription="cache", SubnetIds=[private["SubnetId"]]
     )
-    return World(vpc_id, public_id, private["SubnetId"], group, "cache-subnets", decoy_vpc, decoy_subnet)
+    return World(
+        vpc_id, public_id, private["SubnetId"], group, "cache-subnets", decoy_vpc, decoy_subnet, tuple(public_ids)
+    )
 
 
 def _seed(cluster_id: str, nodes: list[dict[str, Any]], group_id: str) -> None:
