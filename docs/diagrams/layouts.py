@@ -21,10 +21,10 @@ OUTPUT = HERE / "layouts.svg"
 Layout = Literal["single", "ha", "replicas"]
 Anchor = Literal["start", "middle", "end"]
 
-# Generic families only: GitHub shows the SVG as an <img>, which may load no web font, so the reader's own sans-serif
-# draws the text. Widths are estimated for the widest common one (DejaVu Sans); a line that would not fit its box is
-# an error here, not an overlap found later by eye.
-FONT = "DejaVu Sans, Verdana, Arial, Helvetica, sans-serif"
+# Installed families only: GitHub shows the SVG as an <img>, which loads no web font, so the reader's own sans-serif
+# draws the text. Widths are estimated for the widest of these (DejaVu Sans); a line that would not fit its box is an
+# error here, not an overlap found later by eye.
+FONT = "DejaVu Sans, Arial, Helvetica, sans-serif"
 CHAR_WIDTH_EM = 0.61  # DejaVu Sans averages about 0.6 em for lower case and digits; capitals are wider
 BOLD_FACTOR = 1.1
 
