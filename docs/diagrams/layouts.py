@@ -189,7 +189,7 @@ class Canvas:
 
 
 # The arrowheads the diagram uses, one marker per colour (an SVG 1.1 marker cannot take its path's colour).
-ARROW_COLOURS = (INK, MUTED, EC2_ORANGE, NLB_PURPLE)
+ARROW_COLOURS = (INK, EC2_ORANGE, NLB_PURPLE)
 
 
 @dataclass(frozen=True)
