@@ -44,7 +44,7 @@ NODE_PORTS: Mapping[str, int] = {"memcached": 11211, "redis": 6379}
 FIRST_PUBLIC_PORTS: Mapping[str, int] = {"memcached": 11211, "redis": 6379}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_ROLES = r"(client|nat|node[0-9]+)"
+_ROLES = r"(client|nat|nat2|switch|node[0-9]+)"  # nat2 and switch: the failover lab
 
 
 def validate_name(name: str) -> str:
