@@ -139,6 +139,11 @@ class FailoverLab(Lab):
             raise NatfwdError(f"processes in {namespace} survived SIGKILL")
         _ip("-n", namespace, "addr", "del", f"{PUBLIC_ADDRESS}/32", "dev", PUBLIC_INTERFACE)
 
+    def claim_address(self, namespace: str) -> None:
+        """Give NAT `namespace` the public address and announce it (the lab's `claim-address`); raises NatfwdError."""
+        _ip("-n", namespace, "addr", "add", f"{PUBLIC_ADDRESS}/32", "dev", PUBLIC_INTERFACE)
+        announce(namespace, PUBLIC_INTERFACE, PUBLIC_ADDRESS)
+
     def take_over(
         self, namespace: str, *, cold: tuple[Path, Path] | None = None, serving: subprocess.Popen[bytes] | None = None
     ) -> Takeover:
@@ -148,8 +153,7 @@ class FailoverLab(Lab):
         replacement: serve starts after the address is claimed, as the instance's user data runs
         `claim-address` before natfwd. Raises NatfwdError if serve does not come up.
         """
-        _ip("-n", namespace, "addr", "add", f"{PUBLIC_ADDRESS}/32", "dev", PUBLIC_INTERFACE)
-        announce(namespace, PUBLIC_INTERFACE, PUBLIC_ADDRESS)
+        self.claim_address(namespace)
         address_at = time.monotonic()
         if cold is not None:
             config_path, log_path = cold
