@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import struct
@@ -57,6 +58,7 @@ class FailoverLab(Lab):
         self, name: str, engine: LabEngine = "memcached", *, nodes: int = 3, log_dir: Path | None = None
     ) -> None:
         super().__init__(name, engine, nodes=nodes, log_dir=log_dir)
+        self.private_side = PRIVATE_INTERFACE
         self.standby = f"{name}-nat2"
         self.switch = f"{name}-switch"
 
@@ -94,8 +96,13 @@ class FailoverLab(Lab):
             self._plug(node.namespace, "eth0", PRIVATE_BRIDGE, f"node{node.index + 1}")
             _ip("-n", node.namespace, "addr", "add", f"{node.address}/{PRIVATE_PREFIX_LENGTH}", "dev", "eth0")
 
-    def start_serve(self, namespace: str, config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
-        """Start `natfwd serve` (this interpreter and package) in `namespace`; returns at once, not yet listening."""
+    def start_serve(
+        self, namespace: str, config_path: Path, log_path: Path, *, detach: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start `natfwd serve` (this interpreter and package) in `namespace`; returns at once, not yet listening.
+
+        `detach` puts it in a session of its own, so it outlives the command that started it (`natfwd lab`).
+        """
         with open(log_path, "ab") as log:
             return self.popen(
                 namespace,
@@ -105,20 +112,24 @@ class FailoverLab(Lab):
                 stderr=subprocess.STDOUT,
                 env=_package_env(),
                 cwd=config_path.parent,
+                start_new_session=detach,
             )
 
     def wait_serving(
-        self, namespace: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 30.0
+        self, namespace: str, process: subprocess.Popen[bytes] | None, log_path: Path, timeout_s: float = 30.0
     ) -> float:
         """Wait until natfwd in `namespace` listens on every public port; returns when (time.monotonic()).
 
-        It reads the namespace's socket tables instead of connecting, so a standby is never probed. Raises
-        NatfwdError, with the tail of the log, if serve exits or does not listen within `timeout_s`.
+        It reads the namespace's socket tables instead of connecting, so a standby is never probed. `process` is
+        serve's, or None for one another command started. Raises NatfwdError, with the tail of the log, if serve
+        exits (or nothing runs in `namespace`) or does not listen within `timeout_s`.
         """
         wanted = {node.public_port for node in self.nodes}
         deadline = time.monotonic() + timeout_s
         while not wanted <= netns.listening_ports(namespace):
-            if process.poll() is not None:
+            if process is None and not netns.pids(namespace):
+                raise NatfwdError(f"no natfwd serve runs in {namespace}:\n{_tail(log_path)}")
+            if process is not None and process.poll() is not None:
                 raise NatfwdError(f"natfwd serve in {namespace} exited {process.returncode}:\n{_tail(log_path)}")
             if time.monotonic() >= deadline:
                 raise NatfwdError(
@@ -141,27 +152,33 @@ class FailoverLab(Lab):
 
     def claim_address(self, namespace: str) -> None:
         """Give NAT `namespace` the public address and announce it (the lab's `claim-address`); raises NatfwdError."""
+        _ip("-n", namespace, "link", "set", PUBLIC_INTERFACE, "up")  # down if this NAT failed before
         _ip("-n", namespace, "addr", "add", f"{PUBLIC_ADDRESS}/32", "dev", PUBLIC_INTERFACE)
+        # A link going down drops its routes, so a NAT that failed before has lost the one to the client.
+        _ip("-n", namespace, "route", "replace", f"{CLIENT_ADDRESS}/32", "dev", PUBLIC_INTERFACE)
         announce(namespace, PUBLIC_INTERFACE, PUBLIC_ADDRESS)
 
     def take_over(
-        self, namespace: str, *, cold: tuple[Path, Path] | None = None, serving: subprocess.Popen[bytes] | None = None
+        self,
+        namespace: str,
+        *,
+        cold: tuple[Path, Path] | None = None,
+        serving: subprocess.Popen[bytes] | None = None,
+        detach: bool = False,
     ) -> Takeover:
-        """Move the public address to NAT `namespace` and announce it; then make sure natfwd serves it there.
+        """Move the public address to NAT `namespace` and announce it; then wait until natfwd serves it there.
 
-        `serving` is a warm standby's natfwd, already listening on 0.0.0.0. `cold` is (config, log) for a
-        replacement: serve starts after the address is claimed, as the instance's user data runs
-        `claim-address` before natfwd. Raises NatfwdError if serve does not come up.
+        Warm (no `cold`): natfwd already runs there, listening on 0.0.0.0, so it needs no `ip_nonlocal_bind`;
+        `serving` is its process if this caller started it. `cold` is (config, log) for a replacement: serve
+        starts after the address is claimed, as an instance's user data runs `claim-address` before natfwd.
+        Raises NatfwdError if serve does not come up.
         """
         self.claim_address(namespace)
         address_at = time.monotonic()
+        log_path = Path("/dev/null")
         if cold is not None:
             config_path, log_path = cold
-            serving = self.start_serve(namespace, config_path, log_path)
-        else:
-            log_path = Path("/dev/null")
-        if serving is None:
-            raise NatfwdError("take_over needs a running natfwd (serving=) or a config to start one (cold=)")
+            serving = self.start_serve(namespace, config_path, log_path, detach=detach)
         return Takeover(address_at, self.wait_serving(namespace, serving, log_path))
 
 
@@ -189,3 +206,105 @@ def announce(namespace: str, interface: str, address: str) -> None:
         raise NatfwdError(f"cannot announce {address} on {interface} in {namespace}: {exc.strerror}") from None
     finally:
         sock.close()
+
+
+# --- `natfwd lab up --standby` and `natfwd lab failover` ---
+
+
+def start_standby(lab: Lab, config_path: Path) -> int:
+    """Start the warm standby's natfwd serve for `lab up --standby`; returns its pid once it listens.
+
+    Raises NatfwdError (with its log) if it does not come up; `lab up` then removes the lab.
+    """
+    if not isinstance(lab, FailoverLab):
+        raise NatfwdError("a standby needs the failover lab (FailoverLab)")
+    log_path = config_path.parent / "serve-nat2.log"
+    process = lab.start_serve(lab.standby, config_path, log_path, detach=True)
+    lab.wait_serving(lab.standby, process, log_path)
+    return process.pid
+
+
+def describe_standby(lab: Lab, pid: int, natfwd: str) -> list[str]:
+    """The lines `natfwd lab up --standby` adds: the standby NAT, and how to fail over to it."""
+    standby = f"{lab.name}-nat2"
+    return [
+        f"  nat2    (standby)       netns {standby} (private side {STANDBY_PRIVATE_ADDRESS}), "
+        f"natfwd serve (pid {pid}) waiting for {PUBLIC_ADDRESS}",
+        f"  both NATs share the public and private segments through bridges in netns {lab.name}-switch",
+        f"fail over (kill the NAT holding {PUBLIC_ADDRESS}, move the address to the other): "
+        f"{natfwd} lab failover --name {lab.name}",
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverResult:
+    """What `natfwd lab failover` did, with seconds counted from the moment the old holder died."""
+
+    name: str
+    failed: str
+    holder: str
+    cold: bool
+    address_s: float
+    listening_s: float
+
+
+def holder(lab: FailoverLab) -> str | None:
+    """The NAT namespace that holds the public address now, or None."""
+    for namespace in (lab.nat, lab.standby):
+        out = subprocess.run(
+            ["ip", "-n", namespace, "-o", "-4", "addr", "show", "dev", PUBLIC_INTERFACE],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if f" {PUBLIC_ADDRESS}/32 " in out:
+            return namespace
+    return None
+
+
+def failover(name: str) -> FailoverResult:
+    """Kill the NAT holding the public address in lab `name` and move the address to the other NAT.
+
+    The other NAT's natfwd serves at once if it runs there (warm: the standby of `lab up --standby`), or is
+    started after the address moves (cold: failing back to a NAT whose natfwd died). Raises NatfwdError if the
+    lab has no standby NAT, neither NAT holds the address, or serve does not come up.
+    """
+    from forwarder.lab import require_root, state_dir, validate_name
+
+    require_root()
+    validate_name(name)
+    state = state_dir(name)
+    try:
+        recorded = json.loads((state / "lab.json").read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    if not recorded.get("standby"):
+        raise NatfwdError(
+            f"lab {name!r} has no standby NAT; run `natfwd lab down --name {name}` and "
+            f"`natfwd lab up --standby --name {name}`"
+        )
+    lab = FailoverLab(name, recorded.get("engine", "memcached"), log_dir=state)
+    old = holder(lab)
+    if old is None:
+        raise NatfwdError(f"neither NAT of lab {name!r} holds {PUBLIC_ADDRESS}; run `natfwd lab down` and up again")
+    new = lab.standby if old == lab.nat else lab.nat
+    cold = not netns.pids(new)
+    log_path = state / f"serve-{'nat2' if new == lab.standby else 'nat1'}.log"
+    died_at = time.monotonic()
+    lab.fail(old)
+    takeover = lab.take_over(new, cold=(state / "config.yaml", log_path) if cold else None, detach=True)
+    return FailoverResult(name, old, new, cold, takeover.address_at - died_at, takeover.listening_at - died_at)
+
+
+def describe_failover(result: FailoverResult) -> str:
+    """The text `natfwd lab failover` prints."""
+    start = "natfwd serve started there (cold)" if result.cold else "its natfwd serve was already running (warm)"
+    return "\n".join(
+        [
+            f"lab {result.name}: {result.failed} died (public link down, natfwd SIGKILLed); "
+            f"{result.holder} holds {PUBLIC_ADDRESS}, {start}",
+            f"  address moved and announced {result.address_s * 1000:.0f} ms after the kill; "
+            f"natfwd listening {result.listening_s * 1000:.0f} ms after it",
+            "  clients reconnect: the connections they had through the dead NAT are gone",
+        ]
+    )

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from labkit import ROOT_MARKS, memcached_client, namespace_metric, tcp_peers, unique_name
+from labkit import ROOT_MARKS, memcached_client, namespace_metric, natfwd, tcp_peers, unique_name
 
 from benchmarks.failover import KEY, Stage, fail_over, staged
 from forwarder import lab, netns
@@ -140,3 +141,68 @@ def test_teardown_removes_everything_when_the_block_fails(tmp_path: Path) -> Non
     assert lab.existing_namespaces(name) == []
     assert not any(os.path.exists(f"/proc/{pid}/ns/net") for pid in pids)
     assert stage.client is not None and not stage.client.is_alive()
+
+
+def _holds_public_address(namespace: str) -> bool:
+    out = subprocess.run(["ip", "-n", namespace, "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    return f" {PUBLIC_ADDRESS}/32 " in out
+
+
+def test_lab_up_standby_then_failover_and_back_from_the_command_line() -> None:
+    name = unique_name("fo")
+    client_ns, nat, standby = f"{name}-client", f"{name}-nat", f"{name}-nat2"
+    try:
+        up = natfwd("lab", "up", "--standby", "--name", name, timeout=90)
+        assert up.returncode == 0, up.stderr
+        assert f"natfwd lab failover --name {name}" in up.stdout
+        with memcached_client(PUBLIC_ADDRESS, 11212, client_ns) as client:
+            assert client.set("before", "nat1") is True
+        assert _holds_public_address(nat) and not _holds_public_address(standby)
+
+        warm = natfwd("lab", "failover", "--name", name)
+        assert (warm.returncode, warm.stderr) == (0, ""), warm.stderr
+        assert warm.stdout.startswith(f"lab {name}: {nat} died (public link down, natfwd SIGKILLed); {standby} holds ")
+        assert "already running (warm)" in warm.stdout
+        assert _holds_public_address(standby) and not _holds_public_address(nat)
+        assert netns.pids(nat) == []  # the dead NAT's natfwd is gone
+        with memcached_client(PUBLIC_ADDRESS, 11212, client_ns) as client:
+            assert client.get("before") == b"nat1"
+            assert client.set("after", "nat2") is True
+        assert namespace_metric(standby, ACCEPTED, forward="11212") == 1
+
+        back = natfwd("lab", "failover", "--name", name)
+        assert back.returncode == 0, back.stderr
+        assert f"{standby} died" in back.stdout and "natfwd serve started there (cold)" in back.stdout
+        assert _holds_public_address(nat) and not _holds_public_address(standby)
+        status = natfwd("lab", "status", "--name", name)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert [line.split()[2] for line in status.stdout.splitlines() if line.startswith("1121")] == ["ok"] * 3
+        with memcached_client(PUBLIC_ADDRESS, 11212, client_ns) as client:
+            assert client.get_many(["before", "after"]) == {"before": b"nat1", "after": b"nat2"}
+        assert namespace_metric(nat, ACCEPTED, forward="11212") == 2  # `lab status` probed, then the client
+
+        pids = [pid for ns in lab.existing_namespaces(name) for pid in netns.pids(ns)]
+        down = natfwd("lab", "down", "--name", name)
+        assert down.returncode == 0, down.stderr
+        assert lab.existing_namespaces(name) == []
+        assert not any(os.path.exists(f"/proc/{pid}/ns/net") for pid in pids)
+    finally:
+        lab.destroy(name)
+        shutil.rmtree(lab.state_dir(name), ignore_errors=True)
+
+
+def test_lab_failover_needs_a_standby_and_userspace() -> None:
+    name = unique_name("fo")
+    try:
+        up = natfwd("lab", "up", "--name", name, timeout=90)
+        assert up.returncode == 0, up.stderr
+        refused = natfwd("lab", "failover", "--name", name)
+        assert (refused.returncode, refused.stdout) == (1, "")
+        assert refused.stderr.startswith(f"natfwd: error: lab '{name}' has no standby NAT; run `natfwd lab down")
+    finally:
+        lab.destroy(name)
+        shutil.rmtree(lab.state_dir(name), ignore_errors=True)
+    kernel = natfwd("lab", "up", "--standby", "--mode", "kernel", "--name", name)
+    assert (kernel.returncode, kernel.stdout) == (2, "")
+    assert kernel.stderr.startswith("natfwd: error: --standby: the failover lab runs natfwd serve in both NATs")
+    assert lab.existing_namespaces(name) == []
