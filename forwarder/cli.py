@@ -102,7 +102,13 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     from forwarder import lab
 
     if args.action == "up":
-        print(lab.describe_up(lab.up(args.name, args.engine, args.mode, standby=args.standby)))
+        if args.standby:
+            from forwarder import labfailover
+
+            made = labfailover.up(args.name, args.engine, args.mode)
+            print(lab.describe_up(made, labfailover.describe_standby(made)))
+        else:
+            print(lab.describe_up(lab.up(args.name, args.engine, args.mode)))
         return EXIT_OK
     if args.action == "failover":
         from forwarder import labfailover

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, get_args
@@ -390,25 +390,18 @@ def _package_env() -> dict[str, str]:
 
 
 def up(
-    name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", *, standby: bool = False,
-    timeout_s: float = 15.0,
+    name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", *, timeout_s: float = 15.0,
+    lab_type: Callable[..., Lab] = Lab, start_standby: Callable[[Lab, Path], int] | None = None,
 ) -> UpResult:  # fmt: skip
     """Build lab `name`, start its nodes, write its config and start natfwd serve (or apply kernel rules).
 
-    `standby` adds a second NAT namespace with its own natfwd serve, for `natfwd lab failover`. Raises
-    NatfwdError (not root, lab already up, a step failed); on failure everything made is removed.
+    `lab_type` and `start_standby` are the failover lab's (forwarder/labfailover.py `up`). Raises NatfwdError
+    (not root, lab already up, a step failed); on failure everything made is removed.
     """
     require_root()
     validate_name(name)
-    if standby and mode == "kernel":
-        raise UsageError("--standby: the failover lab runs natfwd serve in both NATs; drop --mode kernel")
     state = state_dir(name)
-    if standby:
-        from forwarder.labfailover import FailoverLab  # it imports this module: no cycle at import time
-
-        lab: Lab = FailoverLab(name, engine, log_dir=state)
-    else:
-        lab = Lab(name, engine, log_dir=state)
+    lab = lab_type(name, engine, log_dir=state)
     if existing_namespaces(name):
         raise NatfwdError(
             f"lab {name!r} is already up; run `natfwd lab status --name {name}`, or `natfwd lab down --name {name}` "
@@ -448,11 +441,9 @@ def up(
                 except NatfwdError as exc:
                     log_tail = _tail(state / "serve.log")
                     raise NatfwdError(f"natfwd serve did not come up: {exc}; its log:\n{log_tail}") from None
-            if standby:
-                from forwarder.labfailover import start_standby
-
+            if start_standby is not None:
                 standby_pid = start_standby(lab, config_path)
-        recorded = {"engine": engine, "mode": mode, "serve_pid": serve_pid, "standby": standby}
+        recorded = {"engine": engine, "mode": mode, "serve_pid": serve_pid, "standby": start_standby is not None}
         (state / "lab.json").write_text(json.dumps(recorded) + "\n")
     except BaseException:
         lab.teardown()
@@ -519,8 +510,8 @@ def status(name: str) -> Status:
     )
 
 
-def describe_up(result: UpResult) -> str:
-    """The text `natfwd lab up` prints: what runs where, and how to try it from the client namespace."""
+def describe_up(result: UpResult, extra: Sequence[str] = ()) -> str:
+    """The text `natfwd lab up` prints: what runs where, how to try it from the client namespace, then `extra`."""
     lab = result.lab
     command = _natfwd_command()
     natfwd = " ".join(command)
@@ -562,10 +553,7 @@ def describe_up(result: UpResult) -> str:
             f'metrics: ip netns exec {lab.nat} {sys.executable} -c "import urllib.request; '
             f"print(urllib.request.urlopen('http://{METRICS_LISTEN}/metrics').read().decode())\""
         )
-    if result.standby_pid is not None:
-        from forwarder.labfailover import describe_standby
-
-        lines += describe_standby(result.lab, result.standby_pid, natfwd)
+    lines += extra
     lines.append(f"tear down: {natfwd} lab down --name {lab.name}")
     return "\n".join(lines)
 

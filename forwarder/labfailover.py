@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder import netns
-from forwarder.errors import NatfwdError
+from forwarder.errors import NatfwdError, UsageError
 from forwarder.lab import (
     CLIENT_ADDRESS,
     NAT_PRIVATE_ADDRESS,
@@ -22,12 +22,16 @@ from forwarder.lab import (
     PUBLIC_INTERFACE,
     Lab,
     LabEngine,
+    LabMode,
+    UpResult,
     _ip,
+    _natfwd_command,
     _package_env,
     _signal,
     _tail,
     _wait_gone,
 )
+from forwarder.lab import up as lab_up
 
 STANDBY_PRIVATE_ADDRESS = "10.0.1.2"
 PRIVATE_INTERFACE = "eth1"
@@ -224,12 +228,24 @@ def start_standby(lab: Lab, config_path: Path) -> int:
     return process.pid
 
 
-def describe_standby(lab: Lab, pid: int, natfwd: str) -> list[str]:
+def up(name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace") -> UpResult:
+    """`natfwd lab up --standby`: the lab with a second NAT namespace whose natfwd waits for the public address.
+
+    Raises UsageError for the kernel mode (the standby runs natfwd serve), and what `lab.up` raises.
+    """
+    if mode == "kernel":
+        raise UsageError("--standby: the failover lab runs natfwd serve in both NATs; drop --mode kernel")
+    return lab_up(name, engine, mode, lab_type=FailoverLab, start_standby=start_standby)
+
+
+def describe_standby(result: UpResult) -> list[str]:
     """The lines `natfwd lab up --standby` adds: the standby NAT, and how to fail over to it."""
+    lab, pid = result.lab, result.standby_pid
     standby = f"{lab.name}-nat2"
+    natfwd = " ".join(_natfwd_command())
     return [
         f"  nat2    (standby)       netns {standby} (private side {STANDBY_PRIVATE_ADDRESS}), "
-        f"natfwd serve (pid {pid}) waiting for {PUBLIC_ADDRESS}",
+        f"natfwd serve (pid {pid}, log {result.state / 'serve-nat2.log'}) waiting for {PUBLIC_ADDRESS}",
         f"  both NATs share the public and private segments through bridges in netns {lab.name}-switch",
         f"fail over (kill the NAT holding {PUBLIC_ADDRESS}, move the address to the other): "
         f"{natfwd} lab failover --name {lab.name}",
