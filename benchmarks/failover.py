@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +104,10 @@ class RetryingClient(threading.Thread):
                 return replied_at
         return None
 
-    def wait_for(self, condition: str, predicate: object, timeout_s: float = HANG_S) -> None:
+    def wait_for(self, condition: str, predicate: Callable[[], bool], timeout_s: float = HANG_S) -> None:
         """Wait until `predicate()` is truthy; raises NatfwdError naming `condition` after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while not predicate():  # type: ignore[operator]
+        while not predicate():
             if self.error is not None:
                 raise NatfwdError(f"the client failed: {self.error!r}")
             if time.monotonic() >= deadline:
@@ -140,7 +141,7 @@ class Stage:
     config_path: Path
     log_dir: Path
     mode: Mode
-    standby_serve: object | None = None
+    standby_serve: subprocess.Popen[bytes] | None = None
     client: RetryingClient | None = None
 
 
@@ -161,9 +162,9 @@ def staged(mode: Mode, name: str, log_dir: Path) -> Iterator[Stage]:
             lab.wait_serving(lab.standby, standby, standby_log)
             stage.standby_serve = standby
         lab.wait_serving(lab.nat, active, active_log)
-        stage.client = RetryingClient(lab.client, lab.nodes[0].public_port)
-        stage.client.start()
-        stage.client.wait_for("the first reply through the active NAT", lambda: len(stage.client.successes) >= 20)  # type: ignore[union-attr]
+        client = stage.client = RetryingClient(lab.client, lab.nodes[0].public_port)
+        client.start()
+        client.wait_for("20 replies through the active NAT", lambda: len(client.successes) >= 20)
         yield stage
     finally:
         try:
@@ -180,7 +181,7 @@ def fail_over(stage: Stage) -> Failover:
     died_at = time.monotonic()
     lab.fail(lab.nat)
     if stage.mode == "warm":
-        takeover: Takeover = lab.take_over(lab.standby, serving=stage.standby_serve)  # type: ignore[arg-type]
+        takeover: Takeover = lab.take_over(lab.standby, serving=stage.standby_serve)
     else:
         takeover = lab.take_over(lab.standby, cold=(stage.config_path, stage.log_dir / "serve-nat2.log"))
     client.wait_for("a reply through the standby NAT", lambda: client.first_success_after(died_at) is not None)
@@ -207,14 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=10, help="failovers per mode")
     parser.add_argument("--modes", default="warm,cold", help="comma-separated: warm, cold")
     args = parser.parse_args(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    if args.repetitions < 1 or any(m not in MODES for m in modes):
+    modes = [m for m in MODES if m in args.modes.split(",")]
+    if args.repetitions < 1 or not modes or set(args.modes.split(",")) - set(MODES):
         parser.error("--repetitions must be at least 1 and --modes a list of warm, cold")
     results: dict[str, list[Failover]] = {m: [] for m in modes}
     try:
         for repetition in range(args.repetitions):
             for mode in modes:  # interleaved, so drift in the machine's load hits both modes alike
-                run = measure(mode)  # type: ignore[arg-type]
+                run = measure(mode)
                 results[mode].append(run)
                 print(
                     f"{mode} {repetition + 1}/{args.repetitions}: first reply {run.first_reply_s * 1000:.0f} ms "
@@ -227,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("| mode | N | first reply median | first reply max | natfwd listening median | failed requests median |")
     print("|---|---|---|---|---|---|")
-    for mode, runs in results.items():
+    for shown, runs in results.items():
         replies = [r.first_reply_s * 1000 for r in runs]
         listening = [r.listening_s * 1000 for r in runs]
         print(
-            f"| {mode} | {len(runs)} | {statistics.median(replies):.0f} ms | {max(replies):.0f} ms "
+            f"| {shown} | {len(runs)} | {statistics.median(replies):.0f} ms | {max(replies):.0f} ms "
             f"| {statistics.median(listening):.0f} ms | {statistics.median(r.failures for r in runs):.0f} |"
         )
     return 0
