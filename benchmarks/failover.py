@@ -1,12 +1,12 @@
 """`python benchmarks/failover.py [--repetitions N]`: how long a retrying client is cut off when the NAT fails over.
 
-Each repetition builds a fresh failover lab (forwarder/labfailover.py): memcached nodes, natfwd serve in the
-active NAT namespace, and a pymemcache client in the client namespace that sets a key continuously, with a short
-connect timeout, and reconnects on any failure. The active NAT then dies (public link down, natfwd SIGKILLed)
-and the standby takes the public address: `warm` with natfwd already running there, `cold` with natfwd started
-after the address is claimed, as a replacement instance does. The figure is the time from the death to the
-first reply on a connection opened after it, which can only have gone through the standby. Prints the median
-and maximum of each mode; writes nothing. Needs root (namespaces).
+Each repetition builds a fresh failover lab (forwarder/labfailover.py): memcached (or redis-server) nodes,
+natfwd serve in the active NAT namespace, and a pymemcache (or redis-py) client in the client namespace that
+sets a key continuously, with a short connect timeout, and reconnects on any failure. The active NAT then dies
+(public link down, natfwd SIGKILLed) and the standby takes the public address: `warm` with natfwd already
+running there, `cold` with natfwd started after the address is claimed, as a replacement instance does. The
+figure is the time from the death to the first reply on a connection opened after it, which can only have gone
+through the standby. Prints the median and maximum of each mode; writes nothing. Needs root (namespaces).
 """
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a fresh checkout
 
+import redis  # noqa: E402
 from pymemcache.client.base import Client  # type: ignore[import-untyped]  # noqa: E402
 from pymemcache.exceptions import MemcacheError  # type: ignore[import-untyped]  # noqa: E402
+from redis.backoff import NoBackoff  # noqa: E402
+from redis.retry import Retry  # noqa: E402
 
 from forwarder import netns  # noqa: E402
 from forwarder.errors import NatfwdError  # noqa: E402
-from forwarder.lab import PUBLIC_ADDRESS  # noqa: E402
+from forwarder.lab import PUBLIC_ADDRESS, LabEngine  # noqa: E402
 from forwarder.labfailover import FailoverLab, Takeover  # noqa: E402
 
 Mode = Literal["warm", "cold"]
@@ -44,16 +47,33 @@ PAUSE_S = 0.01  # between requests, and after a failure, so the client does not 
 HANG_S = 60.0  # stops a hang (no success at all); never a pass/fail bound on the measured time
 
 
+class KV(Protocol):
+    def set(self, key: str, value: str) -> Any: ...
+    def get(self, key: str) -> Any: ...
+    def close(self) -> None: ...
+
+
+def kv_client(engine: LabEngine, host: str, port: int) -> KV:
+    """A pymemcache or redis-py client with the short timeouts, which connects at its first request."""
+    if engine == "redis":
+        # No retries inside redis-py: the loop below retries, with a new connection, and counts the failures.
+        return redis.Redis(
+            host, port, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+        )
+    return cast(KV, Client((host, port), connect_timeout=CONNECT_TIMEOUT_S, timeout=TIMEOUT_S, default_noreply=False))
+
+
 class RetryingClient(threading.Thread):
-    """A pymemcache client in the client namespace that sets KEY to 0, 1, 2... and reconnects on any failure.
+    """A pymemcache or redis-py client in the client namespace: sets KEY to 0, 1, 2... and reconnects on any failure.
 
     Each success is recorded with the time its connection was opened, so a success on a connection opened after
     a moment is known to have taken the path of that moment.
     """
 
-    def __init__(self, namespace: str, port: int) -> None:
+    def __init__(self, namespace: str, port: int, engine: LabEngine = "memcached") -> None:
         super().__init__(name=f"failover-client-{namespace}", daemon=True)
         self.namespace = namespace
+        self.engine: LabEngine = engine
         self.port = port
         self.successes: list[tuple[float, float]] = []  # (replied at, connection opened at), time.monotonic()
         self.failures = 0
@@ -70,22 +90,17 @@ class RetryingClient(threading.Thread):
             self.error = exc
 
     def _loop(self) -> None:
-        client: Client | None = None
+        client: KV | None = None
         opened_at = 0.0
         value = 0
         while not self._halt.is_set():
             if client is None:
-                client = Client(
-                    (PUBLIC_ADDRESS, self.port),
-                    connect_timeout=CONNECT_TIMEOUT_S,
-                    timeout=TIMEOUT_S,
-                    default_noreply=False,
-                )
+                client = kv_client(self.engine, PUBLIC_ADDRESS, self.port)
                 opened_at = time.monotonic()
             try:
                 if client.set(KEY, str(value)) is not True:
                     raise MemcacheError(f"set {KEY} was not stored")
-            except (OSError, MemcacheError):
+            except (OSError, MemcacheError, redis.RedisError):
                 client.close()
                 client = None
                 self.failures += 1
@@ -146,9 +161,9 @@ class Stage:
 
 
 @contextmanager
-def staged(mode: Mode, name: str, log_dir: Path) -> Iterator[Stage]:
+def staged(mode: Mode, name: str, log_dir: Path, engine: LabEngine = "memcached") -> Iterator[Stage]:
     """Build a failover lab `name`, start nodes, natfwd and the client; torn down on exit, even on failure."""
-    lab = FailoverLab(name, log_dir=log_dir)
+    lab = FailoverLab(name, engine, log_dir=log_dir)
     stage = Stage(lab, log_dir / "natfwd.yaml", log_dir, mode)
     try:
         lab.build()
@@ -162,7 +177,7 @@ def staged(mode: Mode, name: str, log_dir: Path) -> Iterator[Stage]:
             lab.wait_serving(lab.standby, standby, standby_log)
             stage.standby_serve = standby
         lab.wait_serving(lab.nat, active, active_log)
-        client = stage.client = RetryingClient(lab.client, lab.nodes[0].public_port)
+        client = stage.client = RetryingClient(lab.client, lab.nodes[0].public_port, engine)
         client.start()
         client.wait_for("20 replies through the active NAT", lambda: len(client.successes) >= 20)
         yield stage
@@ -196,10 +211,13 @@ def fail_over(stage: Stage) -> Failover:
     )
 
 
-def measure(mode: Mode) -> Failover:
+def measure(mode: Mode, engine: LabEngine = "memcached") -> Failover:
     """One failover in a fresh lab with a name of its own."""
     name = f"fo{secrets.token_hex(4)}"
-    with tempfile.TemporaryDirectory(prefix="natfwd-failover-") as tmp, staged(mode, name, Path(tmp)) as stage:
+    with (
+        tempfile.TemporaryDirectory(prefix="natfwd-failover-") as tmp,
+        staged(mode, name, Path(tmp), engine) as stage,
+    ):
         return fail_over(stage)
 
 
@@ -207,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--repetitions", type=int, default=10, help="failovers per mode")
     parser.add_argument("--modes", default="warm,cold", help="comma-separated: warm, cold")
+    parser.add_argument("--engine", choices=("memcached", "redis"), default="memcached", help="nodes and client")
     args = parser.parse_args(argv)
     modes = [m for m in MODES if m in args.modes.split(",")]
     if args.repetitions < 1 or not modes or set(args.modes.split(",")) - set(MODES):
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for repetition in range(args.repetitions):
             for mode in modes:  # interleaved, so drift in the machine's load hits both modes alike
-                run = measure(mode)
+                run = measure(mode, args.engine)
                 results[mode].append(run)
                 print(
                     f"{mode} {repetition + 1}/{args.repetitions}: first reply {run.first_reply_s * 1000:.0f} ms "

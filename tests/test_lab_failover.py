@@ -6,15 +6,17 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from labkit import ROOT_MARKS, memcached_client, namespace_metric, natfwd, tcp_peers, unique_name
 
-from benchmarks.failover import KEY, Stage, fail_over, staged
+from benchmarks.failover import KEY, KV, Stage, fail_over, kv_client, staged
 from forwarder import lab, netns
 from forwarder.errors import NatfwdError
-from forwarder.lab import CLIENT_ADDRESS, NAT_PRIVATE_ADDRESS, NODE_ADDRESSES, PUBLIC_ADDRESS
+from forwarder.lab import CLIENT_ADDRESS, NAT_PRIVATE_ADDRESS, PUBLIC_ADDRESS
 from forwarder.labfailover import STANDBY_PRIVATE_ADDRESS, FailoverLab, garp_frame
 
 pytestmark = ROOT_MARKS
@@ -76,16 +78,30 @@ def _served_by(stage: Stage) -> set[str]:
     return set(tcp_peers(stage.lab, stage.lab.nodes[0].namespace))
 
 
+@contextmanager
+def _kv(engine: str, host: str, port: int, namespace: str) -> Iterator[KV]:
+    """A pymemcache or redis-py client connected from inside `namespace`."""
+    client = kv_client(engine, host, port)  # type: ignore[arg-type]
+    try:
+        with netns.entered(namespace):
+            assert client.set("connected", "yes") is True  # connects now, inside the namespace
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("engine", ["memcached", "redis"])
 @pytest.mark.parametrize("mode", ["warm", "cold"])
-def test_failover_moves_the_client_to_the_standby_with_the_data_intact(mode: str, tmp_path: Path) -> None:
-    with staged(mode, unique_name("fo"), tmp_path) as stage:  # type: ignore[arg-type]
+def test_failover_moves_the_client_to_the_standby_with_the_data_intact(mode: str, engine: str, tmp_path: Path) -> None:
+    with staged(mode, unique_name("fo"), tmp_path, engine) as stage:  # type: ignore[arg-type]
         the_lab, client = stage.lab, stage.client
         assert client is not None
+        forward = str(the_lab.nodes[0].public_port)
         namespaces = lab.existing_namespaces(the_lab.name)
         pids = [pid for ns in namespaces for pid in netns.pids(ns)]
         stored = {}
         for node in the_lab.nodes:
-            with memcached_client(PUBLIC_ADDRESS, node.public_port, the_lab.client) as writer:
+            with _kv(engine, PUBLIC_ADDRESS, node.public_port, the_lab.client) as writer:
                 for i in range(10):
                     stored[(node.public_port, f"k{i}")] = f"{node.public_port}:{i}"
                     assert writer.set(f"k{i}", stored[(node.public_port, f"k{i}")]) is True
@@ -93,22 +109,23 @@ def test_failover_moves_the_client_to_the_standby_with_the_data_intact(mode: str
         # Before: the active NAT serves; a warm standby has accepted nothing.
         assert _served_by(stage) == {NAT_PRIVATE_ADDRESS}
         if mode == "warm":
-            assert namespace_metric(the_lab.standby, ACCEPTED, forward="11211") == 0
+            assert namespace_metric(the_lab.standby, ACCEPTED, forward=forward) == 0
 
         failover = fail_over(stage)
 
         # After: only the standby's connection reaches node 1, and its natfwd accepted the client.
         assert failover.failures >= 1  # the client did see the cut
         assert _served_by(stage) == {STANDBY_PRIVATE_ADDRESS}
-        assert namespace_metric(the_lab.standby, ACCEPTED, forward="11211") >= 1
+        assert namespace_metric(the_lab.standby, ACCEPTED, forward=forward) >= 1
         client.stop()
         for node in the_lab.nodes:
-            with memcached_client(PUBLIC_ADDRESS, node.public_port, the_lab.client) as reader:
+            with _kv(engine, PUBLIC_ADDRESS, node.public_port, the_lab.client) as reader:
                 for i in range(10):
                     assert reader.get(f"k{i}") == stored[(node.public_port, f"k{i}")].encode()
         # The client's counter holds its last acknowledged value, on node 1 itself.
-        with memcached_client(NODE_ADDRESSES[0], 11211, the_lab.standby) as node1:
-            assert node1.get(KEY) == str(client.acknowledged).encode()
+        node1 = the_lab.nodes[0]
+        with _kv(engine, node1.address, node1.port, the_lab.standby) as direct:
+            assert direct.get(KEY) == str(client.acknowledged).encode()
         assert client.acknowledged > 20
     assert lab.existing_namespaces(the_lab.name) == []
     assert not any(os.path.exists(f"/proc/{pid}/ns/net") for pid in pids)
