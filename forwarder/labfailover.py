@@ -30,6 +30,10 @@ from forwarder.lab import (
     _signal,
     _tail,
     _wait_gone,
+    existing_namespaces,
+    require_root,
+    state_dir,
+    validate_name,
 )
 from forwarder.lab import up as lab_up
 
@@ -285,10 +289,10 @@ def failover(name: str) -> FailoverResult:
     started after the address moves (cold: failing back to a NAT whose natfwd died). Raises NatfwdError if the
     lab has no standby NAT, neither NAT holds the address, or serve does not come up.
     """
-    from forwarder.lab import require_root, state_dir, validate_name
-
     require_root()
     validate_name(name)
+    if not existing_namespaces(name):
+        raise NatfwdError(f"lab {name!r} is not up; run `natfwd lab up --standby --name {name}`")
     state = state_dir(name)
     try:
         recorded = json.loads((state / "lab.json").read_text())
@@ -305,7 +309,7 @@ def failover(name: str) -> FailoverResult:
         raise NatfwdError(f"neither NAT of lab {name!r} holds {PUBLIC_ADDRESS}; run `natfwd lab down` and up again")
     new = lab.standby if old == lab.nat else lab.nat
     cold = not netns.pids(new)
-    log_path = state / f"serve-{'nat2' if new == lab.standby else 'nat1'}.log"
+    log_path = state / ("serve-nat2.log" if new == lab.standby else "serve.log")
     died_at = time.monotonic()
     lab.fail(old)
     takeover = lab.take_over(new, cold=(state / "config.yaml", log_path) if cold else None, detach=True)

@@ -219,6 +219,9 @@ def test_lab_failover_needs_a_standby_and_userspace() -> None:
     finally:
         lab.destroy(name)
         shutil.rmtree(lab.state_dir(name), ignore_errors=True)
+    gone = natfwd("lab", "failover", "--name", name)
+    assert (gone.returncode, gone.stdout) == (1, "")
+    assert gone.stderr == f"natfwd: error: lab '{name}' is not up; run `natfwd lab up --standby --name {name}`\n"
     kernel = natfwd("lab", "up", "--standby", "--mode", "kernel", "--name", name)
     assert (kernel.returncode, kernel.stdout) == (2, "")
     assert kernel.stderr.startswith("natfwd: error: --standby: the failover lab runs natfwd serve in both NATs")
