@@ -102,7 +102,18 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     from forwarder import lab
 
     if args.action == "up":
-        print(lab.describe_up(lab.up(args.name, args.engine, args.mode)))
+        if args.standby:
+            from forwarder import labfailover
+
+            made = labfailover.up(args.name, args.engine, args.mode)
+            print(lab.describe_up(made, labfailover.describe_standby(made)))
+        else:
+            print(lab.describe_up(lab.up(args.name, args.engine, args.mode)))
+        return EXIT_OK
+    if args.action == "failover":
+        from forwarder import labfailover
+
+        print(labfailover.describe_failover(labfailover.failover(args.name)))
         return EXIT_OK
     if args.action == "down":
         deleted = lab.down(args.name)
@@ -176,6 +187,7 @@ examples:
   sudo natfwd lab up                    # memcached nodes, natfwd serve in the NAT namespace
   sudo natfwd lab up --engine redis --mode kernel
   sudo natfwd lab status
+  sudo natfwd lab up --standby --name ha && sudo natfwd lab failover --name ha
   sudo natfwd lab down""",
     "provision": """\
 examples:
@@ -274,10 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="per-probe timeout")
 
     lab = command("lab", _cmd_lab, "Build the page's topology on this host with network namespaces (needs root).")
-    lab.add_argument("action", choices=("up", "down", "status"), help="up: build and start; down: remove everything")
+    lab.add_argument(
+        "action",
+        choices=("up", "down", "status", "failover"),
+        help="up: build and start; down: remove everything; failover: kill the NAT holding the public address, "
+        "move the address to the other NAT (needs up --standby)",
+    )
     lab.add_argument("--name", default="natfwd", help="lab name; namespaces are prefixed with it so labs never collide")
     lab.add_argument("--engine", choices=("memcached", "redis"), default="memcached", help="cache nodes to run")
     lab.add_argument("--mode", choices=("userspace", "kernel"), default="userspace", help="natfwd serve or kernel DNAT")
+    lab.add_argument(
+        "--standby", action="store_true", help="up: add a second NAT namespace running natfwd, for `lab failover`"
+    )
 
     aws_common = _Parser(add_help=False)
     aws_common.add_argument(

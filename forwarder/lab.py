@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, get_args
@@ -44,7 +44,7 @@ NODE_PORTS: Mapping[str, int] = {"memcached": 11211, "redis": 6379}
 FIRST_PUBLIC_PORTS: Mapping[str, int] = {"memcached": 11211, "redis": 6379}
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_ROLES = r"(client|nat|node[0-9]+)"
+_ROLES = r"(client|nat|nat2|switch|node[0-9]+)"  # nat2 and switch: the failover lab
 
 
 def validate_name(name: str) -> str:
@@ -171,6 +171,7 @@ class Lab:
             )
             for i in range(nodes)
         )
+        self.private_side = BRIDGE  # the NAT's private interface (the failover lab's NATs have a veth instead)
         self._processes: list[subprocess.Popen[bytes]] = []
         self._node_processes: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -371,6 +372,7 @@ class UpResult:
     config_path: Path
     state: Path
     serve_pid: int | None
+    standby_pid: int | None = None  # natfwd serve in the standby NAT (`lab up --standby`)
 
 
 def _natfwd_command() -> list[str]:
@@ -387,15 +389,19 @@ def _package_env() -> dict[str, str]:
     return env
 
 
-def up(name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", *, timeout_s: float = 15.0) -> UpResult:
+def up(
+    name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", *, timeout_s: float = 15.0,
+    lab_type: Callable[..., Lab] = Lab, start_standby: Callable[[Lab, Path], int] | None = None,
+) -> UpResult:  # fmt: skip
     """Build lab `name`, start its nodes, write its config and start natfwd serve (or apply kernel rules).
 
-    Raises NatfwdError (not root, lab already up, a step failed); on failure everything made is removed.
+    `lab_type` and `start_standby` are the failover lab's (forwarder/labfailover.py `up`). Raises NatfwdError
+    (not root, lab already up, a step failed); on failure everything made is removed.
     """
     require_root()
     validate_name(name)
     state = state_dir(name)
-    lab = Lab(name, engine, log_dir=state)
+    lab = lab_type(name, engine, log_dir=state)
     if existing_namespaces(name):
         raise NatfwdError(
             f"lab {name!r} is already up; run `natfwd lab status --name {name}`, or `natfwd lab down --name {name}` "
@@ -409,7 +415,7 @@ def up(name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", 
         lab.start_nodes()
         config_path = state / "config.yaml"
         config_path.write_text(lab.config_text(), encoding="utf-8")
-        serve_pid = None
+        serve_pid = standby_pid = None
         if mode == "kernel":
             from forwarder import config, iptables
 
@@ -435,12 +441,15 @@ def up(name: str, engine: LabEngine = "memcached", mode: LabMode = "userspace", 
                 except NatfwdError as exc:
                     log_tail = _tail(state / "serve.log")
                     raise NatfwdError(f"natfwd serve did not come up: {exc}; its log:\n{log_tail}") from None
-        (state / "lab.json").write_text(json.dumps({"engine": engine, "mode": mode, "serve_pid": serve_pid}) + "\n")
+            if start_standby is not None:
+                standby_pid = start_standby(lab, config_path)
+        recorded = {"engine": engine, "mode": mode, "serve_pid": serve_pid, "standby": start_standby is not None}
+        (state / "lab.json").write_text(json.dumps(recorded) + "\n")
     except BaseException:
         lab.teardown()
         shutil.rmtree(state, ignore_errors=True)
         raise
-    return UpResult(lab, mode, config_path, state, serve_pid)
+    return UpResult(lab, mode, config_path, state, serve_pid, standby_pid)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -501,8 +510,8 @@ def status(name: str) -> Status:
     )
 
 
-def describe_up(result: UpResult) -> str:
-    """The text `natfwd lab up` prints: what runs where, and how to try it from the client namespace."""
+def describe_up(result: UpResult, extra: Sequence[str] = ()) -> str:
+    """The text `natfwd lab up` prints: what runs where, how to try it from the client namespace, then `extra`."""
     lab = result.lab
     command = _natfwd_command()
     natfwd = " ".join(command)
@@ -517,7 +526,7 @@ def describe_up(result: UpResult) -> str:
     lines = [
         f"lab {lab.name} is up: {lab.engine} nodes behind {forwarder}",
         f"  client  {CLIENT_ADDRESS:<15} netns {lab.client}",
-        f"  nat     {PUBLIC_ADDRESS:<15} netns {lab.nat} (private side {NAT_PRIVATE_ADDRESS} on {BRIDGE})",
+        f"  nat     {PUBLIC_ADDRESS:<15} netns {lab.nat} (private side {NAT_PRIVATE_ADDRESS} on {lab.private_side})",
     ]
     lines += [
         f"  node{n.index + 1}   {n.address:<15} netns {n.namespace}, {lab.engine} on port {n.port}" for n in lab.nodes
@@ -544,6 +553,7 @@ def describe_up(result: UpResult) -> str:
             f'metrics: ip netns exec {lab.nat} {sys.executable} -c "import urllib.request; '
             f"print(urllib.request.urlopen('http://{METRICS_LISTEN}/metrics').read().decode())\""
         )
+    lines += extra
     lines.append(f"tear down: {natfwd} lab down --name {lab.name}")
     return "\n".join(lines)
 

@@ -77,3 +77,25 @@ def pids(name: str) -> list[int]:
         if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
             found.append(int(entry))
     return sorted(found)
+
+
+def listening_ports(name: str) -> set[int]:
+    """TCP ports with a listening socket (IPv4 or IPv6) in namespace `name`, read from its /proc tables.
+
+    Reading the tables makes no connection, so a natfwd being waited on sees no probe (no rejected-client
+    metric, no log line). Raises NatfwdError as `entered` does.
+    """
+    ports: set[int] = set()
+    with entered(name):
+        # /proc/thread-self/net follows this thread's namespace; /proc/self/net would follow the main thread's.
+        for table in ("tcp", "tcp6"):
+            try:
+                with open(f"/proc/thread-self/net/{table}") as handle:
+                    rows = handle.read().splitlines()[1:]
+            except FileNotFoundError:  # no IPv6 in this kernel
+                continue
+            for row in rows:
+                fields = row.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports

@@ -7,6 +7,7 @@ import re
 import secrets
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,3 +131,21 @@ def ruleset(lab: Lab) -> str:
 
 def sysctl(lab: Lab, namespace: str, key: str) -> str:
     return lab.run(namespace, ["sysctl", "-n", key]).stdout.strip()
+
+
+def namespace_metric(namespace: str, name: str, listen: str = "127.0.0.1:9108", **labels: str) -> float:
+    """One sample of natfwd's metrics served inside `namespace` (0 if the labelled series does not exist yet)."""
+    with netns.entered(namespace), urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    prefix = f"{name}{{{wanted}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def tcp_peers(lab: Lab, namespace: str) -> list[str]:
+    """The remote addresses of the established TCP connections in `namespace` (a node's client list, from ss)."""
+    out = lab.run(namespace, ["ss", "-Htn", "state", "established"]).stdout
+    return sorted(line.split()[-1].rsplit(":", 1)[0] for line in out.splitlines() if line.strip())
