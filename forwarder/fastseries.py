@@ -121,6 +121,12 @@ class Family(Generic[S]):
     def _make(self, cell: Cells) -> S:
         raise NotImplementedError
 
+    def rows(self) -> list[tuple[tuple[str, ...], list[float], float | None]]:
+        """(label values, cells, created time) of every series, read now."""
+        # A copy made in C, with the GIL held: the loop thread may add a series (a new forward) meanwhile.
+        series = list(self.series.items())
+        return [(values, [s.cell[i] for i in range(self.size)], s.created) for values, s in series]
+
     def _cells(self, values: tuple[str, ...]) -> Cells:
         if self.directory is None:
             return [0.0] * self.size
@@ -247,9 +253,7 @@ class LocalCollector:
 
     def collect(self) -> Iterator[Metric]:
         for family in self.families:
-            size = family.size
-            rows = [(values, [s.cell[i] for i in range(size)], s.created) for values, s in family.series.items()]
-            yield family_metric(family, iter(rows))
+            yield family_metric(family, iter(family.rows()))
 
 
 class FilesCollector:
