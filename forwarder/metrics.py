@@ -12,7 +12,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     start_http_server,
@@ -21,6 +20,18 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from forwarder import __version__, extensions
 from forwarder.errors import bind_error
+from forwarder.fastseries import (
+    AnyFamily,
+    CounterFamily,
+    CounterSeries,
+    FilesCollector,
+    GaugeFamily,
+    GaugeSeries,
+    HistogramFamily,
+    HistogramSeries,
+    LocalCollector,
+    zero_gauges,
+)
 
 DIRECTION_TO_NODE = "client_to_node"
 DIRECTION_TO_CLIENT = "node_to_client"
@@ -46,13 +57,51 @@ def multiprocess_dir() -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ForwardMetrics:
-    """Label children of one forward, resolved once so the hot path never looks labels up."""
+    """The series of one forward, resolved once so the connection path never looks labels up."""
 
-    accepted: Any
-    active: Any
-    bytes_to_node: Any
-    bytes_to_client: Any
-    duration: Any
+    accepted: CounterSeries
+    active: GaugeSeries
+    bytes_to_node: CounterSeries
+    bytes_to_client: CounterSeries
+    duration: HistogramSeries
+
+
+class FastFamilies:
+    """The families updated per connection (fastseries: no lock, no label lookup); the rest stay prometheus_client
+    metrics. Their cells live in this process, or in files under `directory` with `workers: N`."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.accepted = CounterFamily(
+            "natfwd_connections_accepted_total",
+            "Client connections accepted (allowlist passed), by listen port",
+            ["forward"],
+            directory,
+        )
+        self.active = GaugeFamily(
+            "natfwd_connections_active", "Client connections open now, by listen port", ["forward"], directory
+        )
+        self.bytes = CounterFamily(
+            "natfwd_bytes_total",
+            "Bytes relayed, by listen port and direction (client_to_node, node_to_client)",
+            ["forward", "direction"],
+            directory,
+        )
+        self.upstream_connect = HistogramFamily(
+            "natfwd_upstream_connect_seconds",
+            "Time to open the TCP connection to the node",
+            directory=directory,
+            buckets=CONNECT_BUCKETS,
+        )
+        self.duration = HistogramFamily(
+            "natfwd_connection_duration_seconds",
+            "Lifetime of accepted client connections, from accept to close, by listen port",
+            ["forward"],
+            directory,
+            buckets=DURATION_BUCKETS,
+        )
+
+    def all(self) -> list[AnyFamily]:
+        return [self.accepted, self.active, self.bytes, self.upstream_connect, self.duration]
 
 
 class Metrics:
@@ -60,35 +109,17 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.accepted = Counter(
-            "natfwd_connections_accepted_total",
-            "Client connections accepted (allowlist passed), by listen port",
-            ["forward"],
-            registry=registry,
-        )
+        fast = FastFamilies(multiprocess_dir())
+        registry.register(LocalCollector(fast.all()))
+        self.accepted = fast.accepted
+        self.active = fast.active
+        self.bytes = fast.bytes
+        self.duration = fast.duration
+        self.upstream_connect = fast.upstream_connect.labels()
         self.rejected = Counter(
             "natfwd_connections_rejected_total",
             "Client connections refused at accept or failed before relaying, by listen port and reason",
             ["forward", "reason"],
-            registry=registry,
-        )
-        self.active = Gauge(
-            "natfwd_connections_active",
-            "Client connections open now, by listen port",
-            ["forward"],
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.bytes = Counter(
-            "natfwd_bytes_total",
-            "Bytes relayed, by listen port and direction (client_to_node, node_to_client)",
-            ["forward", "direction"],
-            registry=registry,
-        )
-        self.upstream_connect = Histogram(
-            "natfwd_upstream_connect_seconds",
-            "Time to open the TCP connection to the node",
-            buckets=CONNECT_BUCKETS,
             registry=registry,
         )
         self.upstream_errors = Counter(
@@ -119,13 +150,6 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.reloads.labels(result)
-        self.duration = Histogram(
-            "natfwd_connection_duration_seconds",
-            "Lifetime of accepted client connections, from accept to close, by listen port",
-            ["forward"],
-            buckets=DURATION_BUCKETS,
-            registry=registry,
-        )
         self.forward_changes = Counter(
             "natfwd_forward_changes_total",
             "Forwards opened, closed or retargeted by reload, discovery or DNS re-resolution, by change",
@@ -240,6 +264,7 @@ def exporter_registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        registry.register(FilesCollector(path, FastFamilies(None).all()))
         registry.register(WorkerProcessCollector())
         PlatformCollector(registry=registry)
         registry.register(BuildInfoCollector())
@@ -262,3 +287,4 @@ def mark_worker_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+        zero_gauges(path, pid, FastFamilies(None).all())

@@ -8,18 +8,20 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Node, free_port, round_trip, wait_for, write_config
 from servekit import Serve, serving
 
-from forwarder import __version__, accesslog, metrics
+from forwarder import __version__, accesslog, fastseries, metrics
 
 PROCESS_METRICS = ("process_open_fds", "process_max_fds", "process_resident_memory_bytes", "process_cpu_seconds_total")
 
@@ -303,3 +305,203 @@ def test_worker_process_collector_labels_each_process(tmp_path: Path) -> None:
     assert cpu == {pid: 300 / ticks for pid in (str(me), "4001", "4002")}
     rss = {s.labels["pid"]: s.value for s in families["process_resident_memory_bytes"].samples}
     assert rss["4002"] == 30 * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- the connection path's series (fastseries) against prometheus_client as the oracle ------------------------------
+
+
+def _operations(accepted: Any, active: Any, sent: Any, duration: Any, connect: Any) -> None:
+    """The same updates, applied to natfwd's series or to prometheus_client's children."""
+    for port in ("11211", "6379"):
+        accepted.labels(port).inc()
+        accepted.labels(port).inc(2)
+        active.labels(port).inc()
+        active.labels(port).inc()
+        active.labels(port).dec()
+        sent.labels(port, metrics.DIRECTION_TO_NODE).inc(1234)
+        sent.labels(port, metrics.DIRECTION_TO_CLIENT).inc(5)
+        # On a bound, between bounds, past the last, and zero.
+        for seconds in (0.01, 0.05, 7.0, 100000.0, 0.0, 3600.0):
+            duration.labels(port).observe(seconds)
+    for seconds in (0.0005, 0.0001, 0.003, 20.0):
+        connect.observe(seconds)
+    active.labels("6379").set(7)
+
+
+def _sample_lines(text: str) -> list[str]:
+    """Prometheus text with the `_created` samples' values (times) left out."""
+    return sorted(re.sub(r"^(\S+_created\S*) .*$", r"\1", line) for line in text.splitlines())
+
+
+def test_fast_series_export_what_prometheus_client_exports_for_the_same_updates() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    families = metrics.FastFamilies(None)
+    ours = CollectorRegistry()
+    ours.register(fastseries.LocalCollector(families.all()))
+    _operations(
+        families.accepted, families.active, families.bytes, families.duration, families.upstream_connect.labels()
+    )
+
+    oracle = CollectorRegistry()
+    docs = {family.name: family.documentation for family in families.all()}
+    accepted = Counter(families.accepted.name, docs[families.accepted.name], ["forward"], registry=oracle)
+    active = Gauge(families.active.name, docs[families.active.name], ["forward"], registry=oracle)
+    sent = Counter(families.bytes.name, docs[families.bytes.name], ["forward", "direction"], registry=oracle)
+    duration = Histogram(
+        families.duration.name,
+        docs[families.duration.name],
+        ["forward"],
+        buckets=metrics.DURATION_BUCKETS,
+        registry=oracle,
+    )
+    connect = Histogram(
+        families.upstream_connect.name,
+        docs[families.upstream_connect.name],
+        buckets=metrics.CONNECT_BUCKETS,
+        registry=oracle,
+    )
+    _operations(accepted, active, sent, duration, connect)
+
+    got, want = generate_latest(ours).decode(), generate_latest(oracle).decode()
+    assert _sample_lines(got) == _sample_lines(want)
+    assert 'natfwd_connection_duration_seconds_bucket{forward="6379",le="0.01"} 2.0' in got  # 0.0 and 0.01 itself
+    assert 'natfwd_bytes_total{direction="client_to_node",forward="11211"} 1234.0' in got
+
+
+# Run in a process of its own: prometheus_client picks its multiprocess storage when it is first imported.
+_MULTIPROCESS_ORACLE = """
+import json, os, sys
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from forwarder import fastseries, metrics
+sys.path.insert(0, sys.argv[1])
+from test_metrics import _operations
+
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+pids = []
+for child in range(2):
+    pid = os.fork()
+    if pid == 0:
+        fast = metrics.FastFamilies(directory)
+        docs = {f.name: f.documentation for f in fast.all()}
+        _operations(fast.accepted, fast.active, fast.bytes, fast.duration, fast.upstream_connect.labels())
+        r = CollectorRegistry()
+        _operations(
+            Counter(fast.accepted.name, docs[fast.accepted.name], ["forward"], registry=r),
+            Gauge(fast.active.name, docs[fast.active.name], ["forward"], registry=r, multiprocess_mode="livesum"),
+            Counter(fast.bytes.name, docs[fast.bytes.name], ["forward", "direction"], registry=r),
+            Histogram(fast.duration.name, docs[fast.duration.name], ["forward"], buckets=metrics.DURATION_BUCKETS,
+                      registry=r),
+            Histogram(fast.upstream_connect.name, docs[fast.upstream_connect.name], buckets=metrics.CONNECT_BUCKETS,
+                      registry=r),
+        )
+        os._exit(0)
+    pids.append(pid)
+    os.waitpid(pid, 0)
+
+def texts():
+    ours, oracle = CollectorRegistry(), CollectorRegistry()
+    ours.register(fastseries.FilesCollector(directory, metrics.FastFamilies(None).all()))
+    multiprocess.MultiProcessCollector(oracle, path=directory)
+    return generate_latest(ours).decode(), generate_latest(oracle).decode()
+
+both = texts()
+metrics.mark_worker_dead(pids[0])  # what the supervisor does when a worker dies: its gauges go, its counts stay
+print(json.dumps([both, texts()]))
+"""
+
+
+def test_with_workers_the_supervisor_sums_every_worker_as_prometheus_client_multiprocess_does(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _MULTIPROCESS_ORACLE, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert run.returncode == 0, run.stderr
+    (live, live_oracle), (one_dead, one_dead_oracle) = json.loads(run.stdout)
+    assert _sample_lines(live) == _sample_lines(live_oracle)
+    assert _sample_lines(one_dead) == _sample_lines(one_dead_oracle)
+    # Both workers' counts, summed; after one died its counts stay and its gauges are gone.
+    assert 'natfwd_connections_accepted_total{forward="11211"} 6.0' in one_dead
+    assert 'natfwd_connections_active{forward="11211"} 2.0' in live
+    assert 'natfwd_connections_active{forward="11211"} 1.0' in one_dead
+    assert "natfwd_upstream_connect_seconds_count 8.0" in one_dead
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_connections_bytes_and_rejections_are_counted_per_forward(
+    tmp_path: Path, start_memcached: Callable[..., Node], workers: int
+) -> None:
+    node = start_memcached()
+    port, other_port, metrics_port = free_port(), free_port(), free_port()
+    cfg = write_config(
+        tmp_path / "natfwd.yaml",
+        [(port, node.address), (other_port, node.address)],
+        extra=f"workers: {workers}\nmetrics: {{listen: 127.0.0.1:{metrics_port}}}\nmax_connections: 2\n",
+    )
+    request, reply = b"set k 0 0 5\r\nhello\r\n", b"STORED\r\n"
+    with serving(cfg, [port, other_port], metrics_port) as serve:
+        listening = 2 * workers  # one line per forward and worker
+        serve.wait_log("forwarding listen=", count=listening)
+        forward = {"forward": str(port)}
+        # serving's readiness probe: a connection accepted, and counted once it has closed.
+        wait_for(lambda: serve.metric("natfwd_connection_duration_seconds_count", **forward) >= 1, "the probe", 20.0)
+        probes = serve.metric("natfwd_connections_accepted_total", **forward)
+        for _ in range(10):
+            assert round_trip(port, request, reply) == reply
+        # Counted when the connection is admitted, before the reply: no wait.
+        assert serve.metric("natfwd_connections_accepted_total", **forward) == probes + 10
+        wait_for(
+            lambda: serve.metric("natfwd_bytes_total", direction="node_to_client", **forward) == 10 * len(reply),
+            "the bytes of closed connections",
+            timeout_s=20.0,
+        )
+        assert serve.metric("natfwd_bytes_total", direction="client_to_node", **forward) == 10 * len(request)
+        assert serve.metric("natfwd_connection_duration_seconds_count", **forward) == probes + 10
+        assert serve.metric("natfwd_upstream_connect_seconds_count") >= 10
+        assert serve.metric("natfwd_connections_active", **forward) == 0
+        other = {"forward": str(other_port)}
+        assert serve.metric("natfwd_bytes_total", direction="client_to_node", **other) == 0
+
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            for sock in held:
+                sock.sendall(request)
+                assert sock.recv(100) == reply
+            assert serve.metric("natfwd_connections_active", **forward) == 2
+            # max_connections is per worker: with two, the third may land on the one with room.
+            extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                extra.sendall(request)
+                served = extra.recv(100) == reply
+            except ConnectionResetError:  # refused at the limit: aborted
+                served = False
+            extra.close()
+            if workers == 1:
+                assert not served
+                wait_for(
+                    lambda: serve.metric("natfwd_connections_rejected_total", reason="limit", **forward) == 1,
+                    "the refusal at the limit",
+                )
+            accepted = serve.metric("natfwd_connections_accepted_total", **forward)
+            if workers > 1:
+                # A worker killed with connections live: the supervisor drops its gauge and keeps its counts.
+                time.sleep(1.0)  # a worker that dies in its first second stops the supervisor (a start failure)
+                for pid in Path(f"/proc/{serve.proc.pid}/task/{serve.proc.pid}/children").read_text().split():
+                    os.kill(int(pid), signal.SIGKILL)
+                wait_for(
+                    lambda: serve.metric("natfwd_connections_active", **forward) == 0,
+                    "the dead workers' connections no longer active",
+                    timeout_s=20.0,
+                )
+                assert serve.metric("natfwd_connections_accepted_total", **forward) == accepted
+                serve.wait_log("forwarding listen=", count=2 * listening, timeout_s=20.0)
+                assert round_trip(port, request, reply) == reply
+                assert serve.metric("natfwd_connections_accepted_total", **forward) == accepted + 1
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: serve.metric("natfwd_connections_active", **forward) == 0, "no connection left", 20.0)
