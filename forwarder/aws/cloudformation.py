@@ -41,8 +41,9 @@ _TRUST_POLICY: dict[str, Any] = {
 }
 # IMDSv2 only, as provision launches its instances.
 _METADATA_OPTIONS = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
-# An NLB forwards TCP to the instance's own port; a replica that stops answering on it leaves the group.
-_HEALTH_CHECK_GRACE_S = 300
+# How long a new instance has before a failed health check counts: its first boot installs packages and builds
+# natfwd's C extensions, minutes on a micro instance.
+_HEALTH_CHECK_GRACE_S = 600
 # How long a replica being replaced keeps its open connections before the load balancer drops them.
 _DEREGISTRATION_DELAY_S = 30
 # AWS caps load balancer and target group names at 32 characters.
