@@ -20,20 +20,24 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 import yaml
-from awskit import REGION, TRUSTED, Aws, World, build_world, memcached_cluster, natfwd_cli, snapshot
+from awskit import REGION, TRUSTED, Aws, World, build_world, example_plan, memcached_cluster, natfwd_cli, snapshot
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
 
 from forwarder import cli
 from forwarder.aws import inventory, survey, userdata
+from forwarder.aws.cloudformation import template
 from forwarder.aws.plan import SSM_POLICY_ARN, Plan, ProvisionRequest
+from forwarder.aws.plan import build as build_plan
 from forwarder.aws.rules import Rule, from_permissions
+from forwarder.aws.subnets import Subnet
 
 PACKAGE = "natfwd==0.1.0"
 LAYOUTS = {"single": (), "ha": ("--ha",), "replicas": ("--replicas", "2")}
@@ -468,3 +472,21 @@ def test_deployed_replicas_stack_balances_over_the_group(
     assert data["SecurityGroupIds"] == [nat["GroupId"]]
     resolved = base64.b64decode(data["UserData"]).decode()
     assert resolved == userdata.render(plan, outputs["PublicAddress"])
+
+
+def test_long_cluster_ids_give_short_unique_load_balancer_names() -> None:
+    """AWS caps load balancer and target group names at 32 characters; two long ids that share a prefix still
+    get different names, and no name starts or ends with a hyphen."""
+    names: set[str] = set()
+    for cluster_id in ("a" * 40 + "-one", "a" * 40 + "-two"):
+        plan = example_plan()
+        request = replace(plan.request, cluster_id=cluster_id, package=PACKAGE, replicas=2)
+        spread = (plan.subnet, Subnet("subnet-0second", "us-east-1b", "10.0.2.0/24", plan.subnet.gateway_id))
+        plan = build_plan(request, plan.cluster, plan.vpc_id, plan.subnet, plan.image_id, REGION, spread=spread)
+        resources = template(plan)["Resources"]
+        kinds = ("AWS::ElasticLoadBalancingV2::LoadBalancer", "AWS::ElasticLoadBalancingV2::TargetGroup")
+        found = [r["Properties"]["Name"] for r in resources.values() if r["Type"] in kinds]
+        assert len(found) == 4
+        assert all(len(n) <= 32 and not n.startswith("-") and not n.endswith("-") for n in found), found
+        names.update(found)
+    assert len(names) == 8

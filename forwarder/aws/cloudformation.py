@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import yaml
@@ -82,8 +83,13 @@ def _rule(rule: Rule, inbound: bool, peer: Any = None) -> dict[str, Any]:
 
 
 def _lb_name(plan: Plan, suffix: str = "") -> str:
-    """A load balancer or target group name: at most 32 characters, never ending in a hyphen."""
-    return (plan.name[: _LB_NAME_MAX - len(suffix)] + suffix).strip("-")
+    """A load balancer or target group name: at most 32 characters, unique per cluster (a long cluster id is cut
+    and a digest of it added, as names are unique in the region), never starting or ending with a hyphen."""
+    name = plan.name + suffix
+    if len(name) > _LB_NAME_MAX:
+        digest = hashlib.sha256(plan.cluster_id.encode()).hexdigest()[:8]
+        name = plan.name[: _LB_NAME_MAX - len(suffix) - len(digest) - 1].rstrip("-") + f"-{digest}{suffix}"
+    return name
 
 
 def user_data(plan: Plan, public_ip: str, allocation_id: str | None = None) -> dict[str, Any]:
