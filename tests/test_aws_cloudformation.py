@@ -61,7 +61,7 @@ def template_text(
     capsys.readouterr()
     assert cli.main(argv(aws, "--package", PACKAGE, "--output", "cloudformation", *extra, cidrs=cidrs)) == 0
     captured = capsys.readouterr()
-    assert "nothing was created" in captured.err
+    assert "nothing was created" in captured.err and "warning" not in captured.err
     return captured.out
 
 
@@ -214,6 +214,15 @@ def test_single_user_data_is_what_provision_launches(
     (instance,) = found.instances
     (address,) = found.addresses
     assert substitute(text, {"ElasticIp": address.public_ip}) == instance.user_data
+
+    # A template for a cluster provision already serves still prints, with a warning: the names would clash.
+    capsys.readouterr()
+    assert cli.main(argv(aws, "--package", PACKAGE, "--output", "cloudformation")) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["Resources"]["Instance"]
+    assert "natfwd: warning: provision already made resources for 'mycluster'" in captured.err
+    assert f"instance {instance.instance_id} (running)" in captured.err
+    assert f"natfwd destroy --cluster-id mycluster --region {REGION}" in captured.err
 
 
 def test_output_cloudformation_with_yes_and_rejections(

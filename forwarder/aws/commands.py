@@ -94,6 +94,15 @@ def _template(args: argparse.Namespace, request: plan.ProvisionRequest, stdout: 
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     text = cloudformation.render(survey.prepare(client, request))
     print(text, file=stdout, end="", flush=True)
+    found = inventory.find(client, request.cluster_id)
+    if not found.empty:
+        # The stack would fail on the names these hold (security group, role, launch template).
+        print(
+            f"natfwd: warning: provision already made resources for {request.cluster_id!r} "
+            f"({'; '.join(found.lines())}); remove them with {destroy_command(args, client.region)} "
+            "before deploying the template",
+            file=stderr,
+        )
     stack = shlex.quote(f"natfwd-{request.cluster_id}")
     print(
         f"natfwd: nothing was created; deploy the template with: aws cloudformation deploy --stack-name {stack} "
@@ -109,7 +118,7 @@ def destroy_resources(args: argparse.Namespace, stdin: TextIO | None, stdout: Te
     cluster_id = plan.parse_cluster_id(args.cluster_id)
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     found = inventory.find(client, cluster_id)
-    if found.empty:
+    if not found.empty:
         print(
             f"nothing to destroy: no resources tagged {plan.TAG_CLUSTER}={cluster_id} in {client.region}", file=stdout
         )
