@@ -118,7 +118,7 @@ def destroy_resources(args: argparse.Namespace, stdin: TextIO | None, stdout: Te
     cluster_id = plan.parse_cluster_id(args.cluster_id)
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     found = inventory.find(client, cluster_id)
-    if not found.empty:
+    if found.empty:
         print(
             f"nothing to destroy: no resources tagged {plan.TAG_CLUSTER}={cluster_id} in {client.region}", file=stdout
         )
