@@ -192,7 +192,11 @@ examples:
     "provision": """\
 examples:
   natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --dry-run
-  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --region us-east-1 --yes""",
+  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --region us-east-1 --yes
+  natfwd provision --cluster-id mycluster --trusted-cidr 198.51.100.27/32 --ha \\
+      --package natfwd==0.1.0 --output cloudformation > natfwd.yaml
+  aws cloudformation deploy --stack-name natfwd-mycluster --template-file natfwd.yaml \\
+      --capabilities CAPABILITY_NAMED_IAM""",
     "destroy": """\
 examples:
   natfwd destroy --cluster-id mycluster --region us-east-1""",
@@ -348,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="N (2 or more) instances behind a Network Load Balancer with one Elastic IP per zone",
+    )
+    provision.add_argument(
+        "--output",
+        choices=("text", "cloudformation"),
+        default="text",
+        help="text: plan, then create; cloudformation: print the plan as a CloudFormation template (YAML) and "
+        "create nothing (needs --package: the stack's instances pip-install it)",
     )
     provision.add_argument("--subnet-id", default=None, help="public subnet to use (default: the first public one)")
     provision.add_argument(

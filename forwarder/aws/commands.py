@@ -60,6 +60,8 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
         ha=args.ha,
         replicas=plan.parse_replicas(args.replicas),
     )
+    if args.output == "cloudformation":
+        return _template(args, request, stdout, stderr)
     if request.layout != "single" and not args.dry_run:
         raise UsageError(f"--{'ha' if request.layout == 'ha' else 'replicas'}: only --dry-run is built so far")
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
@@ -80,6 +82,34 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     timing = Timing(timeout_s=args.wait_timeout)
     outcome = apply.apply(client, the_plan, found, _progress(stderr), command, timing)
     print(report.render(outcome, command), file=stdout)
+    return 0
+
+
+def _template(args: argparse.Namespace, request: plan.ProvisionRequest, stdout: TextIO, stderr: TextIO) -> int:
+    """provision --output cloudformation: read the account as --dry-run does, print the template, create nothing."""
+    from forwarder.aws import cloudformation
+
+    if request.package is None:
+        raise UsageError(cloudformation.NEEDS_PACKAGE)
+    client = AwsClient.create(args.region, args.profile, args.endpoint_url)
+    text = cloudformation.render(survey.prepare(client, request))
+    print(text, file=stdout, end="", flush=True)
+    found = inventory.find(client, request.cluster_id)
+    if not found.empty:
+        # The stack would fail on the names these hold (security group, role, launch template).
+        print(
+            f"natfwd: warning: provision already made resources for {request.cluster_id!r} "
+            f"({'; '.join(found.lines())}); remove them with {destroy_command(args, client.region)} "
+            "before deploying the template",
+            file=stderr,
+        )
+    stack = shlex.quote(f"natfwd-{request.cluster_id}")
+    print(
+        f"natfwd: nothing was created; deploy the template with: aws cloudformation deploy --stack-name {stack} "
+        f"--template-file TEMPLATE --capabilities CAPABILITY_NAMED_IAM --region {client.region}; "
+        f"remove it with: aws cloudformation delete-stack --stack-name {stack} --region {client.region}",
+        file=stderr,
+    )
     return 0
 
 
