@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from forwarder.aws import userdata
 from forwarder.aws.artefact import bucket_name
@@ -16,26 +15,9 @@ from forwarder.aws.destroy import destroy
 from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
 from forwarder.aws.plan import SSM_POLICY_ARN, TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
+from forwarder.aws.settle import settle
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 from forwarder.errors import NatfwdError
-
-T = TypeVar("T")
-
-# EC2 is eventually consistent: a resource created a moment ago can still be "not found" for a few seconds.
-_NOT_YET = {"InvalidGroup.NotFound", "InvalidInstanceID.NotFound", "InvalidAllocationID.NotFound"}
-_SETTLE_ATTEMPTS = 5
-
-
-def settle(call: Callable[[], T], timing: Timing) -> T:
-    """Run `call`, retrying while AWS does not see a just-created resource yet (backoff 1, 2, 4, 8 s at most)."""
-    for attempt in range(_SETTLE_ATTEMPTS):
-        try:
-            return call()
-        except AwsError as exc:
-            if exc.code not in _NOT_YET or attempt == _SETTLE_ATTEMPTS - 1:
-                raise
-            timing.sleep(min(timing.poll_s, 2.0**attempt))
-    raise AssertionError("unreachable")
 
 
 class Conflict(NatfwdError):

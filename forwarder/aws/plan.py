@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ AMI_PARAMETER_PREFIX = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-d
 TAG_CLUSTER = "natfwd:cluster-id"
 TAG_ROLE = "natfwd:role"
 TAG_MODE = "natfwd:mode"
+# On the load balancer's Elastic IPs: the zone each one serves (an NLB takes one address per zone, for good).
+TAG_ZONE = "natfwd:zone"
 # What the plan says about each mode: both run natfwd serve under natfwd.service.
 MODE_NOTES: dict[Mode, str] = {
     "userspace": "",
@@ -59,6 +62,30 @@ SSM_POLICY_ARN = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 MIN_ZONES = 2
 # A Network Load Balancer's listeners per load balancer are capped at 50 by AWS; natfwd needs one per node port.
 MAX_REPLICAS = 20
+# Seconds a new group instance is spared health checks: first boot installs natfwd (dnf, pip, building the C
+# extensions) before it listens, so neither the load balancer's TCP checks nor the box's own report count yet.
+GRACE_S = 600
+# Stands for the load balancer's security group in the planned instance rules until that group exists.
+BALANCER_GROUP = "sg-load-balancer"
+# Elastic Load Balancing names: at most 32 letters, digits and hyphens.
+_ELB_NAME_MAX = 32
+
+
+def _elb_name(cluster_id: str, suffix: str = "") -> str:
+    name = f"natfwd-{cluster_id}{suffix}"
+    if len(name) <= _ELB_NAME_MAX:
+        return name
+    return f"natfwd-{hashlib.sha256(cluster_id.encode()).hexdigest()[:12]}{suffix}"
+
+
+def balancer_name(cluster_id: str) -> str:
+    """The Network Load Balancer's name (a digest of the id when the id is too long for ELB's 32 characters)."""
+    return _elb_name(cluster_id)
+
+
+def target_group_name(cluster_id: str, port: int) -> str:
+    """The target group of one node port."""
+    return _elb_name(cluster_id, f"-{port}")
 
 
 def ami_parameter(architecture: Architecture) -> str:
@@ -242,8 +269,55 @@ class Plan:
             return f"natfwd {__version__} as built here (sdist, sha256 {self.artefact.sha256[:16]}...)"
         return str(self.request.package)
 
+    @property
+    def balancer_name(self) -> str:
+        return balancer_name(self.cluster_id)
+
+    @property
+    def group_name(self) -> str:
+        """The Auto Scaling group and its launch template (--ha, --replicas)."""
+        return self.name
+
+    @property
+    def size(self) -> int:
+        """How many instances the Auto Scaling group keeps."""
+        return self.request.replicas
+
+    @property
+    def health_check_type(self) -> str:
+        """replicas: the load balancer's TCP checks replace an instance; ha: EC2 status checks plus the box's own
+        SetInstanceHealth report (written by its user data)."""
+        return "ELB" if self.layout == "replicas" else "EC2"
+
+    def nat_ingress_with(self, balancer_group_id: str) -> tuple[Rule, ...]:
+        """The instances' inbound rules, with the load balancer's security group id filled in (replicas)."""
+        return tuple(
+            Rule(r.protocol, r.from_port, r.to_port, balancer_group_id, r.description)
+            if r.peer == BALANCER_GROUP
+            else r
+            for r in self.nat_ingress
+        )
+
+    def balancer_ingress(self) -> tuple[Rule, ...]:
+        """The load balancer's inbound rules: each node port from each trusted CIDR, nothing else."""
+        return tuple(
+            Rule.tcp(f.port, str(cidr), f"{self.cluster_id}: clients to node {f.node.node_id}")
+            for cidr in self.request.trusted_cidrs
+            for f in self.forwards
+        )
+
+    def balancer_egress(self, nat_group_id: str) -> tuple[Rule, ...]:
+        """The load balancer's outbound rules: each node port to the instances (traffic and health checks)."""
+        return tuple(
+            Rule.tcp(f.port, nat_group_id, f"{self.cluster_id}: to the natfwd instances") for f in self.forwards
+        )
+
     def instance_policy(self) -> dict[str, object]:
-        """The instance role's own policy: the discovery reads, and the one artefact object (SSM is attached)."""
+        """The instance role's own policy: the discovery reads, and the one artefact object (SSM is attached).
+
+        ha adds what the box's user data does at boot and when natfwd fails: claim the cluster's Elastic IP and
+        report itself unhealthy to its group, both limited by the cluster's tag.
+        """
         statements: list[dict[str, object]] = [
             {
                 "Sid": "NatfwdDiscovery",
@@ -256,7 +330,39 @@ class Plan:
             statements.append(
                 {"Sid": "NatfwdArtefact", "Effect": "Allow", "Action": "s3:GetObject", "Resource": self.artefact.arn}
             )
+        if self.layout != "single":
+            statements += self._group_statements()
         return {"Version": "2012-10-17", "Statement": statements}
+
+    def _group_statements(self) -> list[dict[str, object]]:
+        # AssociateAddress is authorised on the Elastic IP, the instance and its network interface: the launch
+        # template tags all three, so one tag condition covers each of them (an untagged address is refused).
+        statements: list[dict[str, object]] = []
+        if self.layout == "ha":
+            statements += [
+                {
+                    "Sid": "NatfwdClaimAddress",
+                    "Effect": "Allow",
+                    "Action": "ec2:AssociateAddress",
+                    "Resource": [
+                        "arn:aws:ec2:*:*:elastic-ip/*",
+                        "arn:aws:ec2:*:*:instance/*",
+                        "arn:aws:ec2:*:*:network-interface/*",
+                    ],
+                    "Condition": {"StringEquals": {f"aws:ResourceTag/{TAG_CLUSTER}": self.cluster_id}},
+                },
+                {"Sid": "NatfwdFindAddress", "Effect": "Allow", "Action": "ec2:DescribeAddresses", "Resource": "*"},
+            ]
+        statements.append(
+            {
+                "Sid": "NatfwdReportHealth",
+                "Effect": "Allow",
+                "Action": "autoscaling:SetInstanceHealth",
+                "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{self.group_name}",
+                "Condition": {"StringEquals": {f"autoscaling:ResourceTag/{TAG_CLUSTER}": self.cluster_id}},
+            }
+        )
+        return statements
 
     @property
     def cluster_id(self) -> str:
@@ -316,11 +422,20 @@ def build(
     first_port = FIRST_PORT[cluster.engine]
     forwards = tuple(PortForward(first_port + index, node) for index, node in enumerate(cluster.nodes))
     cache_group = cluster.security_group_ids[0]
-    ingress = [
-        Rule.tcp(f.port, str(cidr), f"{request.cluster_id}: forward to node {f.node.node_id}")
-        for cidr in request.trusted_cidrs
-        for f in forwards
-    ]
+    if request.layout == "replicas":
+        # The load balancer's group admits the clients; the instances admit the node ports from that group only.
+        # AWS: a target whose security group references the NLB's accepts the NLB's health checks, and its
+        # traffic even with client IP preservation on (the packets keep the client's source address).
+        ingress = [
+            Rule.tcp(f.port, BALANCER_GROUP, f"{request.cluster_id}: load balancer to node {f.node.node_id}")
+            for f in forwards
+        ]
+    else:
+        ingress = [
+            Rule.tcp(f.port, str(cidr), f"{request.cluster_id}: forward to node {f.node.node_id}")
+            for cidr in request.trusted_cidrs
+            for f in forwards
+        ]
     if request.ssh:
         ingress += [Rule.tcp(SSH_PORT, str(cidr), f"{request.cluster_id}: SSH") for cidr in request.trusted_cidrs]
     egress = [Rule.tcp(port, cache_group, f"{request.cluster_id}: cache nodes") for port in cluster.node_ports]
@@ -355,9 +470,9 @@ def render(plan: Plan) -> str:
         f"natfwd provision plan for {cluster.engine} {kind} {plan.cluster_id!r} ({count} node{'s' * (count != 1)}) "
         f"in {plan.region}",
         f"  VPC             {plan.vpc_id}",
-        f"  subnet          {plan.subnet.subnet_id} ({plan.subnet.cidr}, {plan.subnet.availability_zone}), "
-        f"public via {plan.subnet.gateway_id}",
-        f"  instance        {request.instance_type} ({plan.architecture}), {plan.image_id} (Amazon Linux 2023), {key}",
+        *_subnet_lines(plan),
+        *([f"  layout          {LAYOUT_NOTES[plan.layout]}"] if plan.layout != "single" else []),
+        *_instance_lines(plan, key),
         f"  access          instance profile {plan.role_name}: SSM Session Manager, ElastiCache Describe"
         + (", the natfwd object" if plan.artefact else ""),
         f"  natfwd          mode {request.mode}{MODE_NOTES[request.mode]}, installs {plan.install_source}",
@@ -365,13 +480,16 @@ def render(plan: Plan) -> str:
     ]
     if plan.artefact is not None:
         lines.append(f"  storage         S3 bucket {plan.artefact.bucket} (private, encrypted), natfwd's sdist in it")
-    lines += [
-        "  Elastic IP      one for natfwd, associated with the instance",
-        "  forwards        (Elastic IP port -> node)",
-    ]
+    lines += _address_lines(plan)
     lines += [f"    {f.port:<5} -> {f.node.address}:{f.node.port}  node {f.node.node_id}" for f in plan.forwards]
+    if plan.layout == "replicas":
+        lines += _balancer_lines(plan)
     lines.append(f"  security group  {plan.name} in {plan.vpc_id}, with exactly these rules")
-    lines += [f"    {rule.render(inbound=True)}" for rule in plan.nat_ingress]
+    balancer_group = f"{plan.balancer_name} (NLB group)"
+    lines += [
+        f"    {rule.render(inbound=True, peer_name=balancer_group if rule.peer == BALANCER_GROUP else None)}"
+        for rule in plan.nat_ingress
+    ]
     lines += [f"    {rule.render(inbound=False)}" for rule in plan.nat_egress]
     lines.append("    (the default allow-all outbound rule is removed)")
     lines.append(f"  cache security group {plan.cache_security_group_id}")
@@ -379,3 +497,67 @@ def render(plan: Plan) -> str:
     tags = ", ".join(f"{k}={v}" for k, v in plan.tags("instance")[:2])
     lines.append(f"  tags            {tags} on every resource")
     return "\n".join(lines)
+
+
+LAYOUT_NOTES: dict[Layout, str] = {
+    "single": "single: one instance holding the Elastic IP",
+    "ha": "ha: an Auto Scaling group of one; a replacement claims the Elastic IP at boot",
+    "replicas": "replicas: instances behind an internet-facing Network Load Balancer",
+}
+
+
+def _subnet_lines(plan: Plan) -> list[str]:
+    lines = []
+    for index, subnet in enumerate(plan.subnets or (plan.subnet,)):
+        label = "subnet" if len(plan.subnets) <= 1 else ("subnets" if index == 0 else "")
+        lines.append(
+            f"  {label:<15} {subnet.subnet_id} ({subnet.cidr}, {subnet.availability_zone}), "
+            f"public via {subnet.gateway_id}"
+        )
+    return lines
+
+
+def _instance_lines(plan: Plan, key: str) -> list[str]:
+    request = plan.request
+    machine = f"{request.instance_type} ({plan.architecture}), {plan.image_id} (Amazon Linux 2023), {key}"
+    if plan.layout == "single":
+        return [f"  instance        {machine}"]
+    checks = (
+        "the load balancer's TCP checks (ELB)"
+        if plan.layout == "replicas"
+        else "EC2 status checks, and the box reports itself unhealthy when natfwd fails"
+    )
+    return [
+        f"  launch template {plan.group_name}: {machine}; IMDSv2 required, public IP for the first-boot install",
+        f"  Auto Scaling    group {plan.group_name}: min = max = desired = {plan.size}, over {', '.join(plan.zones)}",
+        f"  health          {checks}; {GRACE_S} s grace for the first-boot install",
+    ]
+
+
+def _address_lines(plan: Plan) -> list[str]:
+    if plan.layout == "single":
+        return [
+            "  Elastic IP      one for natfwd, associated with the instance",
+            "  forwards        (Elastic IP port -> node)",
+        ]
+    if plan.layout == "ha":
+        return [
+            "  Elastic IP      one for natfwd; the group's instance claims it at boot (natfwd claim-address)",
+            "  forwards        (Elastic IP port -> node)",
+        ]
+    return [
+        f"  Elastic IPs     one per zone for the load balancer ({', '.join(plan.zones)}); the first is public_address",
+        "  forwards        (load balancer port -> node, on every instance)",
+    ]
+
+
+def _balancer_lines(plan: Plan) -> list[str]:
+    lines = [
+        f"  load balancer   {plan.balancer_name}: network, internet-facing, in {', '.join(plan.zones)}",
+        "  listeners       (TCP port -> target group: the group's instances, TCP health checks, client IP kept)",
+    ]
+    lines += [f"    {f.port:<5} -> {target_group_name(plan.cluster_id, f.port)}" for f in plan.forwards]
+    lines.append(f"  NLB group       {plan.balancer_name} in {plan.vpc_id}, with exactly these rules")
+    lines += [f"    {rule.render(inbound=True)}" for rule in plan.balancer_ingress()]
+    lines += [f"    {rule.render(inbound=False, peer_name=plan.name)}" for rule in plan.balancer_egress("sg-new")]
+    return lines
