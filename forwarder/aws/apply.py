@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from forwarder.aws import userdata
+from forwarder.aws import layouts, userdata
 from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.destroy import destroy
+from forwarder.aws.fleet import user_data_diff
 from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
-from forwarder.aws.plan import SSM_POLICY_ARN, TAG_CLUSTER, Plan
+from forwarder.aws.plan import BALANCER_GROUP, SSM_POLICY_ARN, TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
 from forwarder.aws.settle import settle
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
@@ -50,10 +51,12 @@ class Changes:
     attach_ssm: bool = False
     create_profile: bool = False
     add_role_to_profile: bool = False
+    # ha and replicas: the template, the group, the load balancer (None for the single layout).
+    layout: layouts.GroupChanges | None = None
 
     @property
     def launch(self) -> bool:
-        return self.instance is None or bool(self.replace)
+        return self.layout is None and (self.instance is None or bool(self.replace))
 
     @property
     def empty(self) -> bool:
@@ -64,9 +67,10 @@ class Changes:
             or self.revoke_ingress
             or self.revoke_egress
             or self.cache_ports_missing
-            or self.address is None
+            or (self.address is None and (self.layout is None or self.layout.balancer is None))
             or self.launch
             or self.associate
+            or (self.layout is not None and not self.layout.empty)
             or self.create_bucket
             or self.upload
             or self.stale_keys
@@ -108,6 +112,12 @@ class Changes:
             lines += [f"  - {rule.render(inbound=False)}" for rule in self.revoke_egress]
         verb = "add" if self.cache_ports_missing else "keep"
         lines.append(f"{verb} the inbound rule from {plan.name} in {plan.cache_security_group_id}")
+        if self.layout is not None:
+            if self.layout.balancer is None:
+                address = self.address
+                kept = f"keep Elastic IP {address.public_ip} ({address.allocation_id})" if address else None
+                lines.append(kept or "allocate an Elastic IP (tagged; the group's instances claim it)")
+            return lines + self.layout.lines(plan)
         if self.address is None:
             lines.append("allocate an Elastic IP")
         else:
@@ -135,28 +145,15 @@ def _one(kind: str, found: tuple[object, ...], cluster_id: str) -> None:
         )
 
 
-_MAX_DIFF_LINES = 40
-
-
 def _replacement(plan: Plan, instance: Instance, user_data: str | None) -> tuple[str, ...]:
     """Why `instance` must be replaced to match the plan: one line per difference (empty: it matches)."""
     reasons: list[str] = []
     if instance.instance_type and instance.instance_type != plan.request.instance_type:
         reasons.append(f"- instance type {instance.instance_type}")
         reasons.append(f"+ instance type {plan.request.instance_type}")
-    if user_data is None or instance.user_data == user_data:
+    if user_data is None:
         return tuple(reasons)
-    old, new = instance.user_data.splitlines(), user_data.splitlines()
-    changed = [
-        line
-        for line in difflib.unified_diff(old, new, lineterm="", n=0)
-        if line[:1] in "+-" and not line.startswith(("+++", "---"))
-    ]
-    reasons.append("user data (natfwd's config, unit or bootstrap):")
-    reasons += [f"  {line[0]} {line[1:].strip()}" for line in changed[:_MAX_DIFF_LINES]]
-    if len(changed) > _MAX_DIFF_LINES:
-        reasons.append(f"  ... and {len(changed) - _MAX_DIFF_LINES} more changed lines")
-    return tuple(reasons)
+    return (*reasons, *user_data_diff(instance.user_data, user_data))
 
 
 def diff(plan: Plan, inventory: Inventory) -> Changes:
@@ -168,12 +165,19 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
     """
     cluster_id = plan.cluster_id
     again = f"run natfwd destroy --cluster-id {cluster_id} first to change it"
+    layouts.check_switch(plan, inventory)
+    standalone = inventory.standalone
+    own_addresses = tuple(a for a in inventory.addresses if not a.zone)
     _one("security group", inventory.groups, cluster_id)
-    _one("instance", inventory.instances, cluster_id)
-    _one("Elastic IP", inventory.addresses, cluster_id)
+    _one("instance", standalone, cluster_id)
+    _one("Elastic IP", own_addresses, cluster_id)
+    _one("Auto Scaling group", inventory.scaling_groups, cluster_id)
+    _one("launch template", inventory.templates, cluster_id)
     group = inventory.groups[0] if inventory.groups else None
-    instance = inventory.instances[0] if inventory.instances else None
-    address = inventory.addresses[0] if inventory.addresses else None
+    instance = standalone[0] if standalone else None
+    address = own_addresses[0] if own_addresses else None
+    if plan.layout != "single":
+        return _group_diff(plan, inventory, group, address, again)
     if group is not None and group.vpc_id != plan.vpc_id:
         raise Conflict(
             f"security group {group.group_id} is in {group.vpc_id}, not the cluster's {plan.vpc_id}; {again}"
@@ -192,36 +196,48 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
         replace = _replacement(plan, instance, wanted)
         if address is None:
             replace = (*replace, "a new Elastic IP (the old one is gone), so a new config")
+    shared = _shared(plan, inventory, group, plan.nat_ingress)
+    associate = instance is None or address is None or bool(replace) or address.instance_id != instance.instance_id
+    return dataclasses.replace(shared, address=address, instance=instance, associate=associate, replace=replace)
+
+
+def _shared(plan: Plan, inventory: Inventory, group: Group | None, ingress_wanted: tuple[Rule, ...]) -> Changes:
+    """The pieces every layout has: the instances' security group, the cache rule, the bucket, the role."""
     ingress = set(group.ingress) if group else set()
     egress = set(group.egress) if group else {DEFAULT_EGRESS}
     cache_present = {r.rule for r in inventory.references if r.group_id == plan.cache_security_group_id}
     cache_wanted = plan.cache_ingress(group.group_id if group else "sg-new")
-    cache_missing = tuple(r.from_port or 0 for r in cache_wanted if group is None or r not in cache_present)
-    artefact = plan.artefact
-    bucket = inventory.bucket
-    keys = bucket.keys if bucket is not None else ()
+    keys = inventory.bucket.keys if inventory.bucket is not None else ()
     role = inventory.role
-    wanted_policy = json.dumps(plan.instance_policy(), sort_keys=True)
     return Changes(
         group=group,
-        authorize_ingress=tuple(r for r in plan.nat_ingress if r not in ingress) if group else (),
+        authorize_ingress=tuple(r for r in ingress_wanted if r not in ingress) if group else (),
         authorize_egress=tuple(r for r in plan.nat_egress if r not in egress) if group else (),
-        revoke_ingress=tuple(r for r in sorted(ingress, key=repr) if r not in plan.nat_ingress),
+        revoke_ingress=tuple(r for r in sorted(ingress, key=repr) if r not in ingress_wanted),
         revoke_egress=tuple(r for r in sorted(egress, key=repr) if r not in plan.nat_egress) if group else (),
-        cache_ports_missing=cache_missing,
-        address=address,
-        instance=instance,
-        associate=instance is None or address is None or bool(replace) or address.instance_id != instance.instance_id,
-        replace=replace,
-        create_bucket=artefact is not None and bucket is None,
-        upload=artefact is not None and artefact.key not in keys,
-        stale_keys=tuple(k for k in keys if artefact is None or k != artefact.key),
+        cache_ports_missing=tuple(r.from_port or 0 for r in cache_wanted if group is None or r not in cache_present),
+        address=None,
+        instance=None,
+        associate=False,
+        create_bucket=plan.artefact is not None and inventory.bucket is None,
+        upload=plan.artefact is not None and plan.artefact.key not in keys,
+        stale_keys=tuple(k for k in keys if plan.artefact is None or k != plan.artefact.key),
         create_role=role is None or not role.exists,
-        put_policy=role is None or role.policy != wanted_policy,
+        put_policy=role is None or role.policy != json.dumps(plan.instance_policy(), sort_keys=True),
         attach_ssm=role is None or SSM_POLICY_ARN not in role.attached_policies,
         create_profile=role is None or not role.profile,
         add_role_to_profile=role is None or plan.role_name not in role.profile_roles,
     )
+
+
+def _group_diff(plan: Plan, inventory: Inventory, group: Group | None, address: Address | None, again: str) -> Changes:
+    members = {i.instance_id for i in inventory.instances}
+    if address is not None and address.instance_id and address.instance_id not in members:
+        raise Conflict(f"Elastic IP {address.public_ip} is associated with {address.instance_id}; {again}")
+    balancer_group = inventory.balancer_groups[0].group_id if inventory.balancer_groups else BALANCER_GROUP
+    shared = _shared(plan, inventory, group, plan.nat_ingress_with(balancer_group))
+    group_changes = layouts.diff(plan, inventory, group, address)
+    return dataclasses.replace(shared, address=address if plan.layout == "ha" else None, layout=group_changes)
 
 
 @dataclass(frozen=True, slots=True)
