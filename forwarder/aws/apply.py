@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from forwarder.aws import layouts, userdata
+from forwarder.aws import balancer, fleet, layouts, userdata
 from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.destroy import destroy
@@ -251,6 +251,7 @@ class Outcome:
     public_ip: str
     created: tuple[str, ...]
     replaced: str | None = None
+    group: layouts.Applied | None = None  # ha and replicas
 
 
 @dataclass
@@ -264,17 +265,34 @@ class _Created:
     references: list[Reference] = field(default_factory=list)
     bucket: Bucket | None = None
     role: Role | None = None
+    fleet: fleet.Made = field(default_factory=fleet.Made)
+    balancer: balancer.Made = field(default_factory=balancer.Made)
+    balancer_groups: list[Group] = field(default_factory=list)
 
     def inventory(self) -> Inventory:
+        made = self.balancer
         return Inventory(
             self.cluster_id,
             tuple(self.groups),
             tuple(self.instances),
-            tuple(self.addresses),
+            (*self.addresses, *(Address(a, ip, None, None, zone) for a, ip, zone in made.allocations)),
             tuple(self.references),
             self.bucket,
             self.role,
+            scaling_groups=tuple(
+                fleet.ScalingGroup(name, 0, (), "", 0, (), ()) for name in [self.fleet.group_name] if name
+            ),
+            templates=tuple(fleet.Template(t, t, 1, {}) for t in [self.fleet.template_id] if t),
+            listeners=tuple(balancer.Listener(arn, 0, "") for arn in made.listener_arns),
+            target_groups=tuple(balancer.TargetGroup(arn, arn, 0, True) for arn in made.target_group_arns),
+            balancers=tuple(
+                balancer.Balancer(made.balancer_arn, made.balancer_arn, "", ()) for _ in [1] if made.balancer_arn
+            ),
+            balancer_groups=tuple(self.balancer_groups),
         )
+
+    def lines(self) -> list[str]:
+        return self.inventory().lines()
 
 
 def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
@@ -284,15 +302,22 @@ def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
     return found[0]
 
 
-def _reconcile_group(client: AwsClient, plan: Plan, group_id: str, changes: Changes | None, timing: Timing) -> None:
+def _reconcile_group(
+    client: AwsClient,
+    plan: Plan,
+    group_id: str,
+    changes: Changes | None,
+    wanted_ingress: tuple[Rule, ...],
+    timing: Timing,
+) -> None:
     """Make the NAT group's rules exactly the planned ones (a new group: read AWS's defaults, then fix them)."""
     if changes is None:
         entry = settle(lambda: _describe_group(client, group_id), timing)
         ingress = set(from_permissions(entry.get("IpPermissions") or ()))
         egress = set(from_permissions(entry.get("IpPermissionsEgress") or ()))
-        revoke_in = [r for r in ingress if r not in plan.nat_ingress]
+        revoke_in = [r for r in ingress if r not in wanted_ingress]
         revoke_out = [r for r in egress if r not in plan.nat_egress]
-        add_in = [r for r in plan.nat_ingress if r not in ingress]
+        add_in = [r for r in wanted_ingress if r not in ingress]
         add_out = [r for r in plan.nat_egress if r not in egress]
     else:
         revoke_in, revoke_out = list(changes.revoke_ingress), list(changes.revoke_egress)
@@ -355,16 +380,30 @@ def _apply(
     made: list[str] = []
     _store_artefact(client, plan, changes, progress, created, made)
     _ensure_role(client, plan, changes, progress, timing, created, made)
+    ingress = plan.nat_ingress
+    if changes.layout is not None and changes.layout.balancer is not None:
+        # The load balancer's group first: the instances' rules name it.
+        balancer_group_id = balancer.ensure_group(
+            client, plan, changes.layout.balancer, timing, progress, created.balancer
+        )
+        ingress = plan.nat_ingress_with(balancer_group_id)
+        if created.balancer.group_id:
+            created.balancer_groups.append(Group(balancer_group_id, plan.vpc_id, (), ()))
     if changes.group is None:
         description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}"
         group_id = client.create_security_group(plan.name, description, plan.vpc_id, plan.tags("security-group"))
-        created.groups.append(Group(group_id, plan.vpc_id, (), ()))
+        created.groups.append(Group(group_id, plan.vpc_id, ingress, ()))
         made.append(f"security group {group_id}")
         progress(f"created security group {group_id}")
-        _reconcile_group(client, plan, group_id, None, timing)
+        _reconcile_group(client, plan, group_id, None, ingress, timing)
     else:
         group_id = changes.group.group_id
-        _reconcile_group(client, plan, group_id, changes, timing)
+        _reconcile_group(client, plan, group_id, changes, ingress, timing)
+    if created.balancer_groups:
+        # Its outbound rules will name the instances' group: a rollback revokes them before deleting either.
+        created.balancer_groups[0] = Group(
+            created.balancer_groups[0].group_id, plan.vpc_id, (), plan.balancer_egress(group_id)
+        )
 
     cache_group = plan.cache_security_group_id
     for rule in plan.cache_ingress(group_id):
@@ -375,6 +414,8 @@ def _apply(
             made.append(f"rule in {cache_group}")
             progress(f"let {group_id} into {cache_group} on tcp {rule.ports}")
 
+    if changes.layout is not None:
+        return _apply_group(client, plan, changes, changes.layout, group_id, progress, timing, created, made)
     if changes.address is None:
         allocation_id, public_ip = client.allocate_address(plan.tags("elastic-ip"))
         created.addresses.append(Address(allocation_id, public_ip, None, None))
@@ -402,11 +443,45 @@ def _apply(
         # Only now: the address has moved, and a failure before this point left the old instance serving.
         client.terminate_instances([replaced])
         progress(f"terminating the replaced instance {replaced}")
+    _delete_stale(client, plan, changes, progress)
+    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made), replaced)
+
+
+def _apply_group(
+    client: AwsClient,
+    plan: Plan,
+    changes: Changes,
+    group_changes: layouts.GroupChanges,
+    group_id: str,
+    progress: Progress,
+    timing: Timing,
+    created: _Created,
+    made: list[str],
+) -> Outcome:
+    address: tuple[str, str] | None = None
+    if plan.layout == "ha":
+        if changes.address is None:
+            address = client.allocate_address(plan.tags("elastic-ip"))
+            created.addresses.append(Address(address[0], address[1], None, None))
+            made.append(f"Elastic IP {address[1]}")
+            progress(f"allocated Elastic IP {address[1]}")
+        else:
+            address = changes.address.allocation_id, changes.address.public_ip
+    applied = layouts.apply_group(
+        client, plan, group_changes, group_id, address, created.balancer, created.fleet, timing, progress
+    )
+    made += [line for line in created.inventory().lines() if line not in made and not line.startswith("IAM")]
+    _delete_stale(client, plan, changes, progress)
+    allocation_id = address[0] if address else ""
+    first = applied.instance_ids[0] if applied.instance_ids else ""
+    return Outcome(plan, group_id, first, allocation_id, applied.public_ips[0], tuple(made), None, applied)
+
+
+def _delete_stale(client: AwsClient, plan: Plan, changes: Changes, progress: Progress) -> None:
     bucket = plan.artefact.bucket if plan.artefact is not None else None
     for key in changes.stale_keys:
         client.delete_object(bucket or artefact_bucket(client, plan.cluster_id), key)
         progress(f"deleted the previous natfwd object {key}")
-    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made), replaced)
 
 
 def artefact_bucket(client: AwsClient, cluster_id: str) -> str:

@@ -144,7 +144,7 @@ class BalancerChanges:
     def lines(self, plan: Plan) -> list[str]:
         lines = []
         if self.group is None:
-            lines.append(f"create security group {plan.balancer_name} for the load balancer with the rules above")
+            lines.append(f"create security group {plan.balancer_group_name} for the load balancer with the rules above")
         else:
             lines.append(f"keep the load balancer's security group {self.group.group_id}")
             lines += [f"  + {rule.render(inbound=True)}" for rule in self.authorize_ingress]
@@ -242,7 +242,7 @@ def ensure_group(
         return group_id
     description = f"natfwd load balancer for ElastiCache cluster {plan.cluster_id}"
     group_id = client.create_security_group(
-        plan.balancer_name, description, plan.vpc_id, plan.tags("load-balancer-security-group")
+        plan.balancer_group_name, description, plan.vpc_id, plan.tags("load-balancer-security-group")
     )
     made.group_id = group_id
     progress(f"created security group {group_id} for the load balancer")

@@ -12,7 +12,7 @@ from typing import TextIO
 from forwarder.aws import apply, destroy, inventory, plan, report, survey
 from forwarder.aws.client import AwsClient
 from forwarder.aws.waiter import Progress, Timing
-from forwarder.errors import NatfwdError, UsageError
+from forwarder.errors import NatfwdError
 
 
 def _progress(stderr: TextIO) -> Progress:
@@ -60,8 +60,6 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
         ha=args.ha,
         replicas=plan.parse_replicas(args.replicas),
     )
-    if request.layout != "single" and not args.dry_run:
-        raise UsageError(f"--{'ha' if request.layout == 'ha' else 'replicas'}: only --dry-run is built so far")
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     the_plan = survey.prepare(client, request)
     found = inventory.find(client, request.cluster_id)

@@ -219,6 +219,14 @@ def diff(
     return FleetChanges(template, reasons, group, group_reasons)
 
 
+@dataclass
+class Made:
+    """What converge created, for a rollback."""
+
+    template_id: str | None = None
+    group_name: str | None = None
+
+
 def converge(
     client: AwsClient,
     plan: Plan,
@@ -226,7 +234,7 @@ def converge(
     data: Mapping[str, Any],
     target_group_arns: Sequence[str],
     progress: Progress,
-    made: list[str],
+    made: Made,
 ) -> tuple[str, str]:
     """Create or update the template and the group; returns (template id, group name).
 
@@ -234,7 +242,7 @@ def converge(
     """
     if changes.template is None:
         template_id = client.create_launch_template(plan.group_name, data, plan.tags("launch-template"))
-        made.append(f"launch template {template_id}")
+        made.template_id = template_id
         progress(f"created launch template {template_id}")
     else:
         template_id = changes.template.template_id
@@ -253,7 +261,7 @@ def converge(
             target_group_arns=target_group_arns,
             tags=plan.tags("auto-scaling-group"),
         )
-        made.append(f"Auto Scaling group {plan.group_name}")
+        made.group_name = plan.group_name
         progress(f"created Auto Scaling group {plan.group_name} of {plan.size} over {', '.join(plan.zones)}")
     elif changes.group_reasons:
         client.update_auto_scaling_group(

@@ -122,14 +122,14 @@ def apply_group(
     nat_group_id: str,
     address: tuple[str, str] | None,
     balancer_made: balancer.Made,
+    fleet_made: fleet.Made,
     timing: Timing,
     progress: Progress,
-    made: list[str],
 ) -> Applied:
     """Create or converge the load balancer (replicas), the template and the group; under ha, put the Elastic IP
     (`address`: allocation id, public IP) on the group's instance and retire a single-layout instance.
 
-    Raises AwsError; what was created is in `made` (lines) and `balancer_made` (for a rollback).
+    Raises AwsError; what was created is in `balancer_made` and `fleet_made` (for a rollback).
     """
     applied = Applied()
     target_group_arns: tuple[str, ...] = ()
@@ -149,7 +149,7 @@ def apply_group(
         text = userdata.render(plan, address[1], allocation_id=address[0])
     data = fleet.template_data(plan, nat_group_id, text)
     applied.template_id, applied.group_name = fleet.converge(
-        client, plan, changes.fleet, data, target_group_arns, progress, made
+        client, plan, changes.fleet, data, target_group_arns, progress, fleet_made
     )
     old_members = changes.fleet.group.instance_ids if changes.fleet.group is not None else ()
     replaced: tuple[str, ...] = ()

@@ -274,6 +274,11 @@ class Plan:
         return balancer_name(self.cluster_id)
 
     @property
+    def balancer_group_name(self) -> str:
+        """The load balancer's security group (security group names are unique in a VPC)."""
+        return f"{self.name}-nlb"
+
+    @property
     def group_name(self) -> str:
         """The Auto Scaling group and its launch template (--ha, --replicas)."""
         return self.name
@@ -485,7 +490,7 @@ def render(plan: Plan) -> str:
     if plan.layout == "replicas":
         lines += _balancer_lines(plan)
     lines.append(f"  security group  {plan.name} in {plan.vpc_id}, with exactly these rules")
-    balancer_group = f"{plan.balancer_name} (NLB group)"
+    balancer_group = plan.balancer_group_name
     lines += [
         f"    {rule.render(inbound=True, peer_name=balancer_group if rule.peer == BALANCER_GROUP else None)}"
         for rule in plan.nat_ingress
@@ -557,7 +562,7 @@ def _balancer_lines(plan: Plan) -> list[str]:
         "  listeners       (TCP port -> target group: the group's instances, TCP health checks, client IP kept)",
     ]
     lines += [f"    {f.port:<5} -> {target_group_name(plan.cluster_id, f.port)}" for f in plan.forwards]
-    lines.append(f"  NLB group       {plan.balancer_name} in {plan.vpc_id}, with exactly these rules")
+    lines.append(f"  NLB group       {plan.balancer_group_name} in {plan.vpc_id}, with exactly these rules")
     lines += [f"    {rule.render(inbound=True)}" for rule in plan.balancer_ingress()]
     lines += [f"    {rule.render(inbound=False, peer_name=plan.name)}" for rule in plan.balancer_egress("sg-new")]
     return lines
