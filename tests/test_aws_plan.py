@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from awskit import EXAMPLE_PUBLIC_IP, EXAMPLE_SHA256, TRUSTED, example_plan
 
-from forwarder.aws import apply, destroy, plan, report, subnets, userdata
+from forwarder.aws import apply, destroy, plan, plantext, report, subnets, userdata
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.cluster import Cluster, NodeEndpoint, from_cache_cluster, from_replication_group
 from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
@@ -229,8 +229,8 @@ natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-ea
 
 
 def test_plan_text_is_exact() -> None:
-    assert plan.render(example_plan()) == EXPECTED_PLAN
-    assert plan.render(example_plan("kernel")) == EXPECTED_PLAN.replace(
+    assert plantext.render(example_plan()) == EXPECTED_PLAN
+    assert plantext.render(example_plan("kernel")) == EXPECTED_PLAN.replace(
         "mode userspace, ", "mode kernel (natfwd serve with data_path: kernel, nftables DNAT), "
     )
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from forwarder.aws import balancer, fleet, layouts, userdata
+from forwarder.aws import balancer, instancerole, layouts, userdata
 from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient, AwsError
+from forwarder.aws.created import Created
 from forwarder.aws.destroy import destroy
 from forwarder.aws.fleet import user_data_diff
-from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
+from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference
 from forwarder.aws.plan import BALANCER_GROUP, SSM_POLICY_ARN, TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
 from forwarder.aws.settle import settle
@@ -254,47 +255,6 @@ class Outcome:
     group: layouts.Applied | None = None  # ha and replicas
 
 
-@dataclass
-class _Created:
-    """What this run created, as an Inventory that destroy() can remove."""
-
-    cluster_id: str
-    groups: list[Group] = field(default_factory=list)
-    instances: list[Instance] = field(default_factory=list)
-    addresses: list[Address] = field(default_factory=list)
-    references: list[Reference] = field(default_factory=list)
-    bucket: Bucket | None = None
-    role: Role | None = None
-    fleet: fleet.Made = field(default_factory=fleet.Made)
-    balancer: balancer.Made = field(default_factory=balancer.Made)
-    balancer_groups: list[Group] = field(default_factory=list)
-
-    def inventory(self) -> Inventory:
-        made = self.balancer
-        return Inventory(
-            self.cluster_id,
-            tuple(self.groups),
-            tuple(self.instances),
-            (*self.addresses, *(Address(a, ip, None, None, zone) for a, ip, zone in made.allocations)),
-            tuple(self.references),
-            self.bucket,
-            self.role,
-            scaling_groups=tuple(
-                fleet.ScalingGroup(name, 0, (), "", 0, (), ()) for name in [self.fleet.group_name] if name
-            ),
-            templates=tuple(fleet.Template(t, t, 1, {}) for t in [self.fleet.template_id] if t),
-            listeners=tuple(balancer.Listener(arn, 0, "") for arn in made.listener_arns),
-            target_groups=tuple(balancer.TargetGroup(arn, arn, 0, True) for arn in made.target_group_arns),
-            balancers=tuple(
-                balancer.Balancer(made.balancer_arn, made.balancer_arn, "", ()) for _ in [1] if made.balancer_arn
-            ),
-            balancer_groups=tuple(self.balancer_groups),
-        )
-
-    def lines(self) -> list[str]:
-        return self.inventory().lines()
-
-
 def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
     found = client.describe_security_groups({"group-id": [group_id]})
     if not found:
@@ -353,7 +313,7 @@ def apply(
     """
     timing = timing or Timing()
     changes = diff(plan, inventory)
-    created = _Created(plan.cluster_id)
+    created = Created(plan.cluster_id)
     try:
         return _apply(client, plan, changes, progress, timing, created)
     except KeyboardInterrupt:
@@ -375,11 +335,11 @@ def apply(
 
 
 def _apply(
-    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, timing: Timing, created: _Created
+    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, timing: Timing, created: Created
 ) -> Outcome:
     made: list[str] = []
     _store_artefact(client, plan, changes, progress, created, made)
-    _ensure_role(client, plan, changes, progress, timing, created, made)
+    instancerole.ensure_role(client, plan, changes, progress, timing, created, made)
     ingress = plan.nat_ingress
     if changes.layout is not None and changes.layout.balancer is not None:
         # The load balancer's group first: the instances' rules name it.
@@ -455,7 +415,7 @@ def _apply_group(
     group_id: str,
     progress: Progress,
     timing: Timing,
-    created: _Created,
+    created: Created,
     made: list[str],
 ) -> Outcome:
     address: tuple[str, str] | None = None
@@ -513,7 +473,7 @@ def _run_instance(client: AwsClient, plan: Plan, group_id: str, public_ip: str, 
 
 
 def _store_artefact(
-    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, created: _Created, made: list[str]
+    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, created: Created, made: list[str]
 ) -> None:
     artefact = plan.artefact
     if artefact is None:
@@ -530,47 +490,3 @@ def _store_artefact(
         if created.bucket is not None:
             created.bucket = Bucket(artefact.bucket, (artefact.key,))
         progress(f"uploaded {artefact.url}")
-
-
-_TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
-    }
-)
-
-
-def _ensure_role(
-    client: AwsClient,
-    plan: Plan,
-    changes: Changes,
-    progress: Progress,
-    timing: Timing,
-    created: _Created,
-    made: list[str],
-) -> None:
-    name = plan.role_name
-    if changes.create_role:
-        description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}: SSM, discovery, its package"
-        client.create_role(name, _TRUST_POLICY, description, plan.tags("iam-role"))
-        created.role = Role(name, True, False, (), (), ())
-        made.append(f"IAM role {name}")
-        progress(f"created IAM role {name}")
-    if changes.put_policy:
-        client.put_role_policy(name, "natfwd", json.dumps(plan.instance_policy()))
-        if created.role is not None:
-            created.role = Role(name, True, False, (), ("natfwd",), ())
-    if changes.attach_ssm:
-        client.attach_role_policy(name, SSM_POLICY_ARN)
-        if created.role is not None:
-            created.role = Role(name, True, False, (), ("natfwd",), (SSM_POLICY_ARN,))
-    if changes.create_profile:
-        client.create_instance_profile(name, plan.tags("instance-profile"))
-        if created.role is not None:
-            created.role = Role(name, True, True, (), ("natfwd",), (SSM_POLICY_ARN,))
-        made.append(f"IAM instance profile {name}")
-        progress(f"created IAM instance profile {name}")
-    if changes.add_role_to_profile:
-        client.add_role_to_instance_profile(name, name)
-        if created.role is not None:
-            created.role = Role(name, True, True, (name,), ("natfwd",), (SSM_POLICY_ARN,))

@@ -9,7 +9,7 @@ import argparse
 import shlex
 from typing import TextIO
 
-from forwarder.aws import apply, destroy, inventory, plan, report, survey
+from forwarder.aws import apply, destroy, inventory, plan, plantext, report, survey
 from forwarder.aws.client import AwsClient
 from forwarder.aws.waiter import Progress, Timing
 from forwarder.errors import NatfwdError
@@ -64,7 +64,7 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     the_plan = survey.prepare(client, request)
     found = inventory.find(client, request.cluster_id)
     changes = apply.diff(the_plan, found)
-    print(plan.render(the_plan), file=stdout)
+    print(plantext.render(the_plan), file=stdout)
     print("changes:", file=stdout)
     print("\n".join(f"  {line}" for line in changes.lines(the_plan)), file=stdout, flush=True)
     if args.dry_run:
