@@ -349,3 +349,19 @@ def test_the_instance_policy_document_is_valid_json_for_each_layout(aws: Aws, wo
     assert "NatfwdClaimAddress" not in sids and "NatfwdReportHealth" in sids
     assert json.loads(json.dumps(document)) == document
     assert destroy(aws) == 0
+
+
+@pytest.mark.parametrize("flags", [("--ha",), ("--replicas", "2")])
+def test_a_failure_halfway_rolls_back_the_group_and_the_load_balancer(
+    aws: Aws, world: World, flags: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = everything(aws)
+    # moto checks key pairs, so creating the group (its first launch) fails after the template and, for
+    # --replicas, the load balancer exist.
+    assert provision(aws, *flags, "--key-name", "no-such-key", "--yes") == 1
+    err = capsys.readouterr().err
+    assert "rolled back what this run created: launch template lt-" in err
+    if flags != ("--ha",):
+        assert "listener TCP 11211, listener TCP 11212, listener TCP 11213, target group natfwd-mycluster-11211" in err
+        assert "Network Load Balancer natfwd-mycluster, Elastic IP" in err
+    assert everything(aws) == before

@@ -222,9 +222,9 @@ class Made:
 
     group_id: str | None = None
     allocations: list[tuple[str, str, str]] = field(default_factory=list)  # (allocation id, public IP, zone)
-    balancer_arn: str | None = None
-    target_group_arns: list[str] = field(default_factory=list)
-    listener_arns: list[str] = field(default_factory=list)
+    balancer: Balancer | None = None
+    target_groups: list[TargetGroup] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
 
 
 def ensure_group(
@@ -291,7 +291,7 @@ def converge(
             plan.balancer_name, mappings, group_id, plan.tags("load-balancer")
         )
         balancer_arn, dns_name = str(created["LoadBalancerArn"]), str(created.get("DNSName", ""))
-        made.balancer_arn = balancer_arn
+        made.balancer = Balancer(balancer_arn, plan.balancer_name, dns_name, ())
         progress(f"created Network Load Balancer {plan.balancer_name} ({dns_name})")
     else:
         balancer_arn, dns_name = changes.balancer.arn, changes.balancer.dns_name
@@ -300,13 +300,14 @@ def converge(
     for port in changes.create_ports:
         name = target_group_name(plan.cluster_id, port)
         arn = client.create_target_group(name, port, plan.vpc_id, plan.tags("target-group"))
-        made.target_group_arns.append(arn)
+        made.target_groups.append(TargetGroup(arn, name, port, True))
         client.set_target_group_attributes(arn, TARGET_ATTRIBUTES)
         arns[port] = arn
         progress(f"created target group {name}")
     for arn in changes.fix_attributes:
         client.set_target_group_attributes(arn, TARGET_ATTRIBUTES)
     for port in changes.listen_ports:
-        made.listener_arns.append(client.create_listener(balancer_arn, port, arns[port], plan.tags("load-balancer")))
+        listener_arn = client.create_listener(balancer_arn, port, arns[port], plan.tags("load-balancer"))
+        made.listeners.append(Listener(listener_arn, port, arns[port]))
         progress(f"created listener TCP {port}")
     return public_ips, tuple(arns[f.port] for f in plan.forwards), dns_name

@@ -37,11 +37,9 @@ class Created:
                 fleet.ScalingGroup(name, 0, (), "", 0, (), ()) for name in [self.fleet.group_name] if name
             ),
             templates=tuple(fleet.Template(t, t, 1, {}) for t in [self.fleet.template_id] if t),
-            listeners=tuple(balancer.Listener(arn, 0, "") for arn in made.listener_arns),
-            target_groups=tuple(balancer.TargetGroup(arn, arn, 0, True) for arn in made.target_group_arns),
-            balancers=tuple(
-                balancer.Balancer(made.balancer_arn, made.balancer_arn, "", ()) for _ in [1] if made.balancer_arn
-            ),
+            listeners=tuple(made.listeners),
+            target_groups=tuple(made.target_groups),
+            balancers=(made.balancer,) if made.balancer is not None else (),
             balancer_groups=tuple(self.balancer_groups),
         )
 

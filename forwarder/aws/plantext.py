@@ -27,7 +27,8 @@ def render(plan: Plan) -> str:
         *([f"  layout          {LAYOUT_NOTES[plan.layout]}"] if plan.layout != "single" else []),
         *_instance_lines(plan, key),
         f"  access          instance profile {plan.role_name}: SSM Session Manager, ElastiCache Describe"
-        + (", the natfwd object" if plan.artefact else ""),
+        + (", the natfwd object" if plan.artefact else "")
+        + ACCESS_NOTES[plan.layout],
         f"  natfwd          mode {request.mode}{MODE_NOTES[request.mode]}, installs {plan.install_source}",
         f"  clients         {', '.join(str(c) for c in request.trusted_cidrs)}",
     ]
@@ -52,6 +53,12 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+# What the instance role adds per layout (Plan.instance_policy), each limited to the cluster's tagged resources.
+ACCESS_NOTES: dict[Layout, str] = {
+    "single": "",
+    "ha": ", claim the cluster's Elastic IP, report its own health to the group",
+    "replicas": ", report its own health to the group",
+}
 LAYOUT_NOTES: dict[Layout, str] = {
     "single": "single: one instance holding the Elastic IP",
     "ha": "ha: an Auto Scaling group of one; a replacement claims the Elastic IP at boot",
