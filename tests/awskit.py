@@ -352,9 +352,12 @@ def example_plan(
     package: str | None = None,
     cidrs: tuple[str, ...] = (TRUSTED,),
     instance_type: str = "t4g.micro",
+    ha: bool = False,
+    replicas: int = 1,
 ) -> Plan:
     """The page's example: a 3-node Memcached cluster, the client 198.51.100.27, fixed AWS ids, natfwd shipped
-    through the cluster's bucket unless `package` is given, a key pair (so SSH) when `ssh`."""
+    through the cluster's bucket unless `package` is given, a key pair (so SSH) when `ssh`; `ha` or `replicas`
+    spread it over a second public subnet in us-east-1b."""
     nodes = tuple(
         NodeEndpoint(f"{n:04d}", f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com", 11211) for n in (1, 2, 3)
     )
@@ -366,10 +369,15 @@ def example_plan(
         instance_type=instance_type,
         key_name="mykey" if ssh else None,
         package=package,
+        ha=ha,
+        replicas=replicas,
     )
     subnet = Subnet("subnet-0public", "us-east-1a", "10.0.0.0/24", "igw-0gateway")
+    spread = (subnet,)
+    if request.layout != "single":
+        spread += (Subnet("subnet-0public2", "us-east-1b", "10.0.2.0/24", "igw-0gateway"),)
     artefact = None if package else EXAMPLE_ARTEFACT
-    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION, "arm64", artefact)
+    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION, "arm64", artefact, spread)
 
 
 def layout_snapshot(aws: Aws) -> dict[str, Any]:
