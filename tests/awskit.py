@@ -67,11 +67,41 @@ def _fix_moto_launch_template_versions() -> None:
     LaunchTemplate.create_version = fixed  # type: ignore[method-assign]
 
 
+# Every StartInstanceRefresh the stand-in below served: (group name, preferences).
+INSTANCE_REFRESHES: list[tuple[str, dict[str, Any]]] = []
+
+
+def _add_moto_instance_refresh() -> None:
+    """moto has no StartInstanceRefresh. This stand-in leaves what a finished refresh leaves: every instance of
+    the group replaced by one launched from the template's latest version (AWS does it one at a time, each
+    replacement healthy first); it records the request in INSTANCE_REFRESHES."""
+    import uuid
+
+    from moto.autoscaling.responses import AutoScalingResponse
+    from moto.core.responses import ActionResult
+
+    if hasattr(AutoScalingResponse, "start_instance_refresh"):
+        return
+
+    def start_instance_refresh(self: Any) -> Any:
+        params = self._get_params()
+        name = params["AutoScalingGroupName"]
+        backend = self.autoscaling_backend
+        group = backend.autoscaling_groups[name]
+        INSTANCE_REFRESHES.append((name, dict(params.get("Preferences") or {})))
+        for state in list(group.instance_states):
+            backend.terminate_instance(state.instance.id, should_decrement=False)
+        return ActionResult({"InstanceRefreshId": str(uuid.uuid4())})
+
+    AutoScalingResponse.start_instance_refresh = start_instance_refresh  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session", name="moto_url")
 def moto_server() -> Iterator[str]:
     """One moto server for the session, on a free loopback port; tests reset it (see `aws`)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     _fix_moto_launch_template_versions()
+    _add_moto_instance_refresh()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -11,6 +11,7 @@ import boto3
 import pytest
 import yaml
 from awskit import (
+    INSTANCE_REFRESHES,
     REGION,
     TRUSTED,
     Aws,
@@ -365,3 +366,34 @@ def test_a_failure_halfway_rolls_back_the_group_and_the_load_balancer(
         assert "listener TCP 11211, listener TCP 11212, listener TCP 11213, target group natfwd-mycluster-11211" in err
         assert "Network Load Balancer natfwd-mycluster, Elastic IP" in err
     assert everything(aws) == before
+
+
+def test_replicas_converge_a_client_change_in_place_and_refresh_the_instances(
+    aws: Aws, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert provision(aws, "--replicas", "2", "--yes") == 0
+    elbv2 = client(aws, "elbv2")
+    (balancer,) = elbv2.describe_load_balancers(Names=["natfwd-mycluster"])["LoadBalancers"]
+    (balancer_group_id,) = balancer["SecurityGroups"]
+    old = {i["InstanceId"] for i in the_group(aws)["Instances"]}
+    addresses = aws.ec2.describe_addresses(Filters=TAGGED)["Addresses"]
+    INSTANCE_REFRESHES.clear()
+    capsys.readouterr()
+
+    assert provision(aws, "--replicas", "2", "--yes", cidr="203.0.113.0/24") == 0
+    out = capsys.readouterr().out
+    assert "  + inbound   tcp 11211 from 203.0.113.0/24       mycluster: clients to node 0001" in out
+    assert "then an instance refresh replaces the instances one by one, each replacement healthy first" in out
+
+    # The load balancer, its group and its addresses stay; only the clients' rules changed.
+    (same,) = elbv2.describe_load_balancers(Names=["natfwd-mycluster"])["LoadBalancers"]
+    assert same["LoadBalancerArn"] == balancer["LoadBalancerArn"]
+    assert rules(aws, balancer_group_id)[0] == {Rule.tcp(port, "203.0.113.0/24") for port in PORTS}
+    assert aws.ec2.describe_addresses(Filters=TAGGED)["Addresses"] == addresses
+    # A template version with the new allowlist, rolled out by an instance refresh that never drops capacity.
+    version = latest_template(aws)
+    assert version["VersionNumber"] == 2
+    assert [str(c) for c in embedded_config(version["LaunchTemplateData"]).allowed_clients] == ["203.0.113.0/24"]
+    assert INSTANCE_REFRESHES == [("natfwd-mycluster", {"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200})]
+    assert not old & {i["InstanceId"] for i in the_group(aws)["Instances"]}
+    assert destroy(aws) == 0

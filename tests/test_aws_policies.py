@@ -246,11 +246,15 @@ def test_group_layouts_call_only_policy_actions(aws: Aws, recorded: set[str], la
     memcached_cluster(aws, world)
     common = ["--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION]
     assert cli.main(["provision", *common, "--trusted-cidr", TRUSTED, *layout, "--yes"]) == 0
-    # A client change adds a template version and rolls it out (the replicas' instance refresh is not in moto).
-    if layout == ("--ha",):
-        assert cli.main(["provision", *common, "--trusted-cidr", "203.0.113.0/24", *layout, "--yes"]) == 0
+    # A client change adds a template version and rolls it out (ha: a replacement; replicas: an instance refresh).
+    assert cli.main(["provision", *common, "--trusted-cidr", "203.0.113.0/24", *layout, "--yes"]) == 0
     assert cli.main(["destroy", *common, "--yes"]) == 0
-    assert as_actions(recorded) <= actions_of(load(PROVISION))
+    used = as_actions(recorded)
+    assert used <= actions_of(load(PROVISION))
+    rollout = (
+        "autoscaling:TerminateInstanceInAutoScalingGroup" if layout == ("--ha",) else "autoscaling:StartInstanceRefresh"
+    )
+    assert {rollout, "ec2:CreateLaunchTemplateVersion", "autoscaling:DeleteAutoScalingGroup"} <= used
 
 
 def test_discovery_calls_only_instance_policy_actions(aws: Aws, recorded: set[str]) -> None:
