@@ -178,6 +178,8 @@ def test_replicas_sit_behind_a_network_load_balancer(
     assert (balancer["Type"], balancer["Scheme"]) == ("network", "internet-facing")
     assert sorted(z["SubnetId"] for z in balancer["AvailabilityZones"]) == sorted(world.public_subnet_ids)
     (balancer_group_id,) = balancer["SecurityGroups"]
+    attributes = elbv2.describe_load_balancer_attributes(LoadBalancerArn=balancer["LoadBalancerArn"])["Attributes"]
+    assert {"Key": "load_balancing.cross_zone.enabled", "Value": "true"} in attributes
     (tag_set,) = elbv2.describe_tags(ResourceArns=[balancer["LoadBalancerArn"]])["TagDescriptions"]
     assert tags_of(tag_set)["natfwd:cluster-id"] == "mycluster"
 
@@ -334,7 +336,7 @@ def test_dry_run_shows_the_layout_and_creates_nothing(
     if flags == ("--ha",):
         assert "allocate an Elastic IP (tagged; the group's instances claim it)" in out
     else:
-        assert "load balancer   natfwd-mycluster: network, internet-facing, in us-east-1b, us-east-1c" in out
+        assert "load balancer   natfwd-mycluster: network, internet-facing, in us-east-1b, us-east-1c; cross" in out
         assert "    11212 -> natfwd-mycluster-11212" in out
         assert "allocate an Elastic IP for the load balancer in us-east-1c" in out
         assert "inbound   tcp 11211 from natfwd-mycluster-nlb" in out

@@ -720,7 +720,8 @@ def test_replicas_plan_text_names_the_load_balancer_its_listeners_and_both_group
     start = text.index("  load balancer")
     end = text.index("    outbound  tcp 11211 to   sg-0cache")
     assert text[start:end] == (
-        "  load balancer   natfwd-mycluster: network, internet-facing, in us-east-1a, us-east-1b\n"
+        "  load balancer   natfwd-mycluster: network, internet-facing, in us-east-1a, us-east-1b; cross-zone, so "
+        "each zone's address reaches every instance\n"
         "  listeners       (TCP port -> target group: the group's instances, TCP health checks, client IP kept)\n"
         "    11211 -> natfwd-mycluster-11211\n"
         "    11212 -> natfwd-mycluster-11212\n"

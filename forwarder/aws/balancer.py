@@ -14,6 +14,9 @@ from forwarder.errors import NatfwdError
 
 # Each instance sees the client's own address, so natfwd's allowlist still applies behind the load balancer.
 TARGET_ATTRIBUTES = {"preserve_client_ip.enabled": "true"}
+# Clients dial the zones' Elastic IPs directly, not the DNS name: each address must reach every healthy instance,
+# whichever zone it runs in (an NLB balances within the zone unless cross-zone is on).
+BALANCER_ATTRIBUTES = {"load_balancing.cross_zone.enabled": "true"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +25,7 @@ class Balancer:
     name: str
     dns_name: str
     subnet_ids: tuple[str, ...]
+    attributes_ok: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +79,14 @@ def find_balancers(client: AwsClient, cluster_id: str) -> tuple[Balancer, ...]:
                 name=str(entry["LoadBalancerName"]),
                 dns_name=str(entry.get("DNSName", "")),
                 subnet_ids=tuple(sorted(str(z["SubnetId"]) for z in zones)),
+                attributes_ok=_has(client.load_balancer_attributes(arn), BALANCER_ATTRIBUTES),
             )
         )
     return tuple(balancers)
+
+
+def _has(attributes: dict[str, str], wanted: dict[str, str]) -> bool:
+    return all(attributes.get(k) == v for k, v in wanted.items())
 
 
 def find_target_groups(client: AwsClient, cluster_id: str) -> tuple[TargetGroup, ...]:
@@ -91,8 +100,7 @@ def find_target_groups(client: AwsClient, cluster_id: str) -> tuple[TargetGroup,
         arn = str(entry["TargetGroupArn"])
         if tags.get(arn, {}).get(TAG_CLUSTER) != cluster_id:
             continue
-        attributes = client.target_group_attributes(arn)
-        ok = all(attributes.get(k) == v for k, v in TARGET_ATTRIBUTES.items())
+        ok = _has(client.target_group_attributes(arn), TARGET_ATTRIBUTES)
         groups.append(TargetGroup(arn, str(entry["TargetGroupName"]), int(entry["Port"]), ok))
     return tuple(sorted(groups, key=lambda t: t.port))
 
@@ -136,6 +144,7 @@ class BalancerChanges:
             or self.revoke_egress
             or self.allocate_zones
             or self.balancer is None
+            or not self.balancer.attributes_ok
             or self.create_ports
             or self.fix_attributes
             or self.listen_ports
@@ -158,6 +167,8 @@ class BalancerChanges:
             lines.append(f"create Network Load Balancer {plan.balancer_name} in {', '.join(plan.zones)}")
         else:
             lines.append(f"keep Network Load Balancer {self.balancer.name} ({self.balancer.dns_name})")
+            if not self.balancer.attributes_ok:
+                lines.append("  turn cross-zone load balancing on")
         for group in self.target_groups:
             fix = ": turn client IP preservation on" if group.arn in self.fix_attributes else ""
             lines.append(f"keep target group {group.name}{fix}")
@@ -295,6 +306,8 @@ def converge(
         progress(f"created Network Load Balancer {plan.balancer_name} ({dns_name})")
     else:
         balancer_arn, dns_name = changes.balancer.arn, changes.balancer.dns_name
+    if changes.balancer is None or not changes.balancer.attributes_ok:
+        client.set_load_balancer_attributes(balancer_arn, BALANCER_ATTRIBUTES)
 
     arns = {t.port: t.arn for t in changes.target_groups}
     for port in changes.create_ports:

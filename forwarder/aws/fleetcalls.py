@@ -181,6 +181,18 @@ class FleetCalls:
         balancer: dict[str, Any] = created["LoadBalancers"][0]
         return balancer
 
+    def load_balancer_attributes(self, arn: str) -> dict[str, str]:
+        found = self._call("elbv2", "DescribeLoadBalancerAttributes", LoadBalancerArn=arn)
+        return {str(a["Key"]): str(a["Value"]) for a in found.get("Attributes", [])}
+
+    def set_load_balancer_attributes(self, arn: str, attributes: Mapping[str, str]) -> None:
+        self._call(
+            "elbv2",
+            "ModifyLoadBalancerAttributes",
+            LoadBalancerArn=arn,
+            Attributes=[{"Key": k, "Value": v} for k, v in attributes.items()],
+        )
+
     def delete_load_balancer(self, arn: str) -> None:
         self._call("elbv2", "DeleteLoadBalancer", LoadBalancerArn=arn)
 

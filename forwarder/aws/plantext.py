@@ -113,7 +113,8 @@ def _address_lines(plan: Plan) -> list[str]:
 
 def _balancer_lines(plan: Plan) -> list[str]:
     lines = [
-        f"  load balancer   {plan.balancer_name}: network, internet-facing, in {', '.join(plan.zones)}",
+        f"  load balancer   {plan.balancer_name}: network, internet-facing, in {', '.join(plan.zones)}; "
+        "cross-zone, so each zone's address reaches every instance",
         "  listeners       (TCP port -> target group: the group's instances, TCP health checks, client IP kept)",
     ]
     lines += [f"    {f.port:<5} -> {target_group_name(plan.cluster_id, f.port)}" for f in plan.forwards]
