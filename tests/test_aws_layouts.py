@@ -399,3 +399,17 @@ def test_replicas_converge_a_client_change_in_place_and_refresh_the_instances(
     assert INSTANCE_REFRESHES == [("natfwd-mycluster", {"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200})]
     assert not old & {i["InstanceId"] for i in the_group(aws)["Instances"]}
     assert destroy(aws) == 0
+
+
+def test_replicas_resize_in_place(aws: Aws, world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    assert provision(aws, "--replicas", "2", "--yes") == 0
+    template = latest_template(aws)
+    capsys.readouterr()
+    assert provision(aws, "--replicas", "3", "--yes") == 0
+    out = capsys.readouterr().out
+    assert "update Auto Scaling group natfwd-mycluster in place\n    size 2 -> 3\n" in out
+    group = the_group(aws)
+    assert (group["MinSize"], group["MaxSize"], group["DesiredCapacity"], len(group["Instances"])) == (3, 3, 3, 3)
+    # The same template version: nothing the instances are launched with changed.
+    assert latest_template(aws)["VersionNumber"] == template["VersionNumber"] == 1
+    assert destroy(aws) == 0
