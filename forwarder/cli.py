@@ -341,12 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     provision.add_argument("--key-name", default=None, help="EC2 key pair for SSH; port 22 is opened only with it")
     provision.add_argument("--dry-run", action="store_true", help="print the plan and create nothing")
-    provision.add_argument(
+    layout = provision.add_mutually_exclusive_group()
+    layout.add_argument(
         "--ha",
         action="store_true",
         help="an Auto Scaling group of one over two or more zones; a replacement claims the Elastic IP",
     )
-    provision.add_argument(
+    layout.add_argument(
         "--replicas",
         type=int,
         default=None,

@@ -47,10 +47,61 @@ AWS_ENV = {
 _CLEARED = ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 
 
+def _fix_moto_launch_template_versions() -> None:
+    """moto wraps a template's UserData as its Base64EncodedString in CreateLaunchTemplate but not in
+    CreateLaunchTemplateVersion, and then fails (HTTP 500) launching from such a version. AWS treats both alike;
+    give moto's version the same wrapping (a fix of the stand-in AWS, not of natfwd)."""
+    from moto.ec2.models.launch_templates import LaunchTemplate
+    from moto.ec2.utils import parse_user_data
+
+    create_version = LaunchTemplate.create_version
+    if getattr(create_version, "natfwd_fixed", False):
+        return
+
+    def fixed(self: Any, data: dict[str, Any], description: str) -> Any:
+        if isinstance(data.get("UserData"), str):
+            data = {**data, "UserData": parse_user_data(data["UserData"])}
+        return create_version(self, data, description)
+
+    fixed.natfwd_fixed = True  # type: ignore[attr-defined]
+    LaunchTemplate.create_version = fixed  # type: ignore[method-assign]
+
+
+# Every StartInstanceRefresh the stand-in below served: (group name, preferences).
+INSTANCE_REFRESHES: list[tuple[str, dict[str, Any]]] = []
+
+
+def _add_moto_instance_refresh() -> None:
+    """moto has no StartInstanceRefresh. This stand-in leaves what a finished refresh leaves: every instance of
+    the group replaced by one launched from the template's latest version (AWS does it one at a time, each
+    replacement healthy first); it records the request in INSTANCE_REFRESHES."""
+    import uuid
+
+    from moto.autoscaling.responses import AutoScalingResponse
+    from moto.core.responses import ActionResult
+
+    if hasattr(AutoScalingResponse, "start_instance_refresh"):
+        return
+
+    def start_instance_refresh(self: Any) -> Any:
+        params = self._get_params()
+        name = params["AutoScalingGroupName"]
+        backend = self.autoscaling_backend
+        group = backend.autoscaling_groups[name]
+        INSTANCE_REFRESHES.append((name, dict(params.get("Preferences") or {})))
+        for state in list(group.instance_states):
+            backend.terminate_instance(state.instance.id, should_decrement=False)
+        return ActionResult({"InstanceRefreshId": str(uuid.uuid4())})
+
+    AutoScalingResponse.start_instance_refresh = start_instance_refresh  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session", name="moto_url")
 def moto_server() -> Iterator[str]:
     """One moto server for the session, on a free loopback port; tests reset it (see `aws`)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    _fix_moto_launch_template_versions()
+    _add_moto_instance_refresh()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -331,9 +382,12 @@ def example_plan(
     package: str | None = None,
     cidrs: tuple[str, ...] = (TRUSTED,),
     instance_type: str = "t4g.micro",
+    ha: bool = False,
+    replicas: int = 1,
 ) -> Plan:
     """The page's example: a 3-node Memcached cluster, the client 198.51.100.27, fixed AWS ids, natfwd shipped
-    through the cluster's bucket unless `package` is given, a key pair (so SSH) when `ssh`."""
+    through the cluster's bucket unless `package` is given, a key pair (so SSH) when `ssh`; `ha` or `replicas`
+    spread it over a second public subnet in us-east-1b."""
     nodes = tuple(
         NodeEndpoint(f"{n:04d}", f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com", 11211) for n in (1, 2, 3)
     )
@@ -345,7 +399,42 @@ def example_plan(
         instance_type=instance_type,
         key_name="mykey" if ssh else None,
         package=package,
+        ha=ha,
+        replicas=replicas,
     )
     subnet = Subnet("subnet-0public", "us-east-1a", "10.0.0.0/24", "igw-0gateway")
+    spread = (subnet,)
+    if request.layout != "single":
+        spread += (Subnet("subnet-0public2", "us-east-1b", "10.0.2.0/24", "igw-0gateway"),)
     artefact = None if package else EXAMPLE_ARTEFACT
-    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION, "arm64", artefact)
+    return build_plan(request, cluster, "vpc-0cache", subnet, "ami-0al2023", REGION, "arm64", artefact, spread)
+
+
+def layout_snapshot(aws: Aws) -> dict[str, Any]:
+    """The --ha and --replicas resources snapshot() does not cover: launch templates and their versions, Auto
+    Scaling groups, load balancers, target groups (with attributes) and listeners."""
+    autoscaling = boto3.client("autoscaling", endpoint_url=aws.url, region_name=REGION)
+    elbv2 = boto3.client("elbv2", endpoint_url=aws.url, region_name=REGION)
+    templates = aws.ec2.describe_launch_templates()["LaunchTemplates"]
+    versions = [
+        aws.ec2.describe_launch_template_versions(LaunchTemplateId=t["LaunchTemplateId"])["LaunchTemplateVersions"]
+        for t in templates
+    ]
+    balancers = elbv2.describe_load_balancers()["LoadBalancers"]
+    target_groups = elbv2.describe_target_groups()["TargetGroups"]
+    return _strip(
+        {
+            "launch_templates": templates,
+            "launch_template_versions": versions,
+            "auto_scaling_groups": autoscaling.describe_auto_scaling_groups()["AutoScalingGroups"],
+            "load_balancers": balancers,
+            "target_groups": target_groups,
+            "target_group_attributes": [
+                elbv2.describe_target_group_attributes(TargetGroupArn=t["TargetGroupArn"])["Attributes"]
+                for t in target_groups
+            ],
+            "listeners": [
+                elbv2.describe_listeners(LoadBalancerArn=b["LoadBalancerArn"])["Listeners"] for b in balancers
+            ],
+        }
+    )

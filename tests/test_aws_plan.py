@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from awskit import EXAMPLE_PUBLIC_IP, EXAMPLE_SHA256, TRUSTED, example_plan
 
-from forwarder.aws import apply, destroy, plan, report, subnets, userdata
+from forwarder.aws import apply, destroy, plan, plantext, report, subnets, userdata
 from forwarder.aws.client import AwsClient, AwsError
 from forwarder.aws.cluster import Cluster, NodeEndpoint, from_cache_cluster, from_replication_group
 from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
@@ -229,8 +229,8 @@ natfwd provision plan for memcached cache cluster 'mycluster' (3 nodes) in us-ea
 
 
 def test_plan_text_is_exact() -> None:
-    assert plan.render(example_plan()) == EXPECTED_PLAN
-    assert plan.render(example_plan("kernel")) == EXPECTED_PLAN.replace(
+    assert plantext.render(example_plan()) == EXPECTED_PLAN
+    assert plantext.render(example_plan("kernel")) == EXPECTED_PLAN.replace(
         "mode userspace, ", "mode kernel (natfwd serve with data_path: kernel, nftables DNAT), "
     )
 
@@ -710,3 +710,100 @@ def test_settle_waits_for_eventual_consistency() -> None:
     with pytest.raises(AwsError, match="still no"):
         apply.settle(never, timing)
     assert len(calls) == 5
+
+
+# -- the --ha and --replicas layouts -----------------------------------------------------------------------------
+
+
+def test_replicas_plan_text_names_the_load_balancer_its_listeners_and_both_groups_rules() -> None:
+    text = plantext.render(example_plan(ssh=False, replicas=2))
+    start = text.index("  load balancer")
+    end = text.index("    outbound  tcp 11211 to   sg-0cache")
+    assert text[start:end] == (
+        "  load balancer   natfwd-mycluster: network, internet-facing, in us-east-1a, us-east-1b; cross-zone, so "
+        "each zone's address reaches every instance\n"
+        "  listeners       (TCP port -> target group: the group's instances, TCP health checks, client IP kept)\n"
+        "    11211 -> natfwd-mycluster-11211\n"
+        "    11212 -> natfwd-mycluster-11212\n"
+        "    11213 -> natfwd-mycluster-11213\n"
+        "  NLB group       natfwd-mycluster-nlb in vpc-0cache, with exactly these rules\n"
+        "    inbound   tcp 11211 from 198.51.100.27/32     mycluster: clients to node 0001\n"
+        "    inbound   tcp 11212 from 198.51.100.27/32     mycluster: clients to node 0002\n"
+        "    inbound   tcp 11213 from 198.51.100.27/32     mycluster: clients to node 0003\n"
+        "    outbound  tcp 11211 to   natfwd-mycluster     mycluster: to the natfwd instances\n"
+        "    outbound  tcp 11212 to   natfwd-mycluster     mycluster: to the natfwd instances\n"
+        "    outbound  tcp 11213 to   natfwd-mycluster     mycluster: to the natfwd instances\n"
+        "  security group  natfwd-mycluster in vpc-0cache, with exactly these rules\n"
+        "    inbound   tcp 11211 from natfwd-mycluster-nlb mycluster: load balancer to node 0001\n"
+        "    inbound   tcp 11212 from natfwd-mycluster-nlb mycluster: load balancer to node 0002\n"
+        "    inbound   tcp 11213 from natfwd-mycluster-nlb mycluster: load balancer to node 0003\n"
+    )
+    assert "  Auto Scaling    group natfwd-mycluster: min = max = desired = 2, over us-east-1a, us-east-1b\n" in text
+    assert "  health          the load balancer's TCP checks (ELB); 600 s grace for the first-boot install\n" in text
+
+
+def test_ha_plan_text_shows_the_group_and_the_claimed_address() -> None:
+    text = plantext.render(example_plan(ha=True))
+    assert "  subnets         subnet-0public (10.0.0.0/24, us-east-1a), public via igw-0gateway\n" in text
+    assert "                  subnet-0public2 (10.0.2.0/24, us-east-1b), public via igw-0gateway\n" in text
+    assert "  Auto Scaling    group natfwd-mycluster: min = max = desired = 1, over us-east-1a, us-east-1b\n" in text
+    assert "  Elastic IP      one for natfwd; the group's instance claims it at boot (natfwd claim-address)\n" in text
+    assert "claim the cluster's Elastic IP, report its own health to the group\n" in text
+    # The instances still admit the clients directly (and SSH with a key pair), as in the single layout.
+    assert "    inbound   tcp 22    from 198.51.100.27/32     mycluster: SSH\n" in text
+    assert "load balancer" not in text
+
+
+def test_ha_instance_policy_claims_only_the_clusters_address_and_reports_only_to_its_group() -> None:
+    statements = example_plan(ha=True).instance_policy()["Statement"]
+    assert isinstance(statements, list)
+    by_sid = {s["Sid"]: s for s in statements}
+    assert by_sid["NatfwdClaimAddress"] == {
+        "Sid": "NatfwdClaimAddress",
+        "Effect": "Allow",
+        "Action": "ec2:AssociateAddress",
+        "Resource": [
+            "arn:aws:ec2:*:*:elastic-ip/*",
+            "arn:aws:ec2:*:*:instance/*",
+            "arn:aws:ec2:*:*:network-interface/*",
+        ],
+        "Condition": {"StringEquals": {"aws:ResourceTag/natfwd:cluster-id": "mycluster"}},
+    }
+    assert by_sid["NatfwdFindAddress"]["Action"] == "ec2:DescribeAddresses"
+    assert by_sid["NatfwdReportHealth"]["Condition"] == {
+        "StringEquals": {"autoscaling:ResourceTag/natfwd:cluster-id": "mycluster"}
+    }
+    assert set(by_sid) == {
+        "NatfwdDiscovery",
+        "NatfwdArtefact",
+        "NatfwdClaimAddress",
+        "NatfwdFindAddress",
+        "NatfwdReportHealth",
+    }
+    single = example_plan().instance_policy()["Statement"]
+    assert isinstance(single, list) and {s["Sid"] for s in single} == {"NatfwdDiscovery", "NatfwdArtefact"}
+
+
+def test_elastic_load_balancing_names_fit_32_characters() -> None:
+    assert plan.balancer_name("mycluster") == "natfwd-mycluster"
+    assert plan.target_group_name("mycluster", 11211) == "natfwd-mycluster-11211"
+    long_id = "a" * 64
+    names = {plan.balancer_name(long_id), plan.target_group_name(long_id, 6379), plan.target_group_name(long_id, 6380)}
+    assert len(names) == 3
+    assert all(len(name) <= 32 and re.fullmatch(r"[A-Za-z0-9-]+", name) for name in names)
+    assert plan.balancer_name("b" * 64) != plan.balancer_name(long_id)
+
+
+def test_a_template_version_is_needed_only_when_what_it_launches_changes() -> None:
+    from forwarder.aws import fleet
+
+    the_plan = example_plan(ha=True)
+    data = fleet.template_data(the_plan, "sg-0nat", userdata.render(the_plan, "203.0.113.73"))
+    assert fleet.template_changes(data, dict(data)) == ()
+    other = fleet.template_data(
+        example_plan(ha=True, instance_type="t3.micro"), "sg-0nat", userdata.render(the_plan, "203.0.113.9")
+    )
+    reasons = fleet.template_changes(data, other)
+    assert reasons[:2] == ("- instance type t4g.micro", "+ instance type t3.micro")
+    assert "user data (natfwd's config, unit or bootstrap):" in reasons
+    assert "  + public_address: 203.0.113.9" in reasons

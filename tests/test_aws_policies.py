@@ -18,8 +18,21 @@ from forwarder.aws.client import AwsClient
 
 PROVISION = REPO / "deploy" / "iam-provision-policy.json"
 INSTANCE = REPO / "deploy" / "iam-instance-policy.json"
-CLIENT_SOURCE = REPO / "forwarder" / "aws" / "client.py"
-DESTRUCTIVE = {"ec2:TerminateInstances", "ec2:DeleteSecurityGroup", "ec2:ReleaseAddress", "ec2:DisassociateAddress"}
+CLIENT_SOURCES = (REPO / "forwarder" / "aws" / "client.py", REPO / "forwarder" / "aws" / "fleetcalls.py")
+DESTRUCTIVE = {
+    "ec2:TerminateInstances",
+    "ec2:DeleteSecurityGroup",
+    "ec2:ReleaseAddress",
+    "ec2:DisassociateAddress",
+    "ec2:DeleteLaunchTemplate",
+    "autoscaling:DeleteAutoScalingGroup",
+    "autoscaling:TerminateInstanceInAutoScalingGroup",
+    "elasticloadbalancing:DeleteListener",
+    "elasticloadbalancing:DeleteLoadBalancer",
+    "elasticloadbalancing:DeleteTargetGroup",
+}
+# boto3's client name where IAM spells the service otherwise.
+IAM_SERVICE = {"elbv2": "elasticloadbalancing"}
 
 
 def load(path: Any) -> dict[str, Any]:
@@ -57,18 +70,26 @@ IMPLIED = {
     "iam:TagInstanceProfile",
     "s3:PutBucketOwnershipControls",
     "iam:PassRole",
+    "autoscaling:CreateOrUpdateTags",
+    "elasticloadbalancing:AddTags",
+    # The first Auto Scaling group and load balancer in an account create their service's linked role.
+    "iam:CreateServiceLinkedRole",
 }
 # Allowed to everyone, so never in a policy.
 ALWAYS_ALLOWED = {"sts:GetCallerIdentity"}
 
 
 def as_actions(operations: set[str]) -> set[str]:
-    return {IAM_ACTION.get(operation, operation) for operation in operations} - ALWAYS_ALLOWED
+    spelled = set()
+    for operation in operations:
+        service, name = operation.split(":")
+        spelled.add(f"{IAM_SERVICE.get(service, service)}:{name}")
+    return {IAM_ACTION.get(operation, operation) for operation in spelled} - ALWAYS_ALLOWED
 
 
-def calls_in_client() -> set[str]:
-    """Every `service:Operation` the one boto3 wrapper can call, read from its source."""
-    text = CLIENT_SOURCE.read_text()
+def calls_in_client(sources: tuple[Any, ...] = CLIENT_SOURCES) -> set[str]:
+    """Every `service:Operation` the one boto3 wrapper (and its fleet mixin) can call, read from their source."""
+    text = "".join(path.read_text() for path in sources)
     return {
         f"{service}:{operation}"
         for service, operation in re.findall(r'_(?:call|paginate)\(\s*"(\w+)",\s*"(\w+)"', text)
@@ -83,14 +104,15 @@ def test_policies_are_well_formed() -> None:
         assert len(sids) == len(set(sids))
         for statement, actions, _ in statements(document):
             assert statement["Effect"] == "Allow"
-            assert all(re.fullmatch(r"(ec2|elasticache|ssm|s3|iam):[A-Z][A-Za-z]+", action) for action in actions), (
-                actions
-            )
+            assert all(
+                re.fullmatch(r"(ec2|elasticache|ssm|s3|iam|autoscaling|elasticloadbalancing):[A-Z][A-Za-z]+", action)
+                for action in actions
+            ), actions
 
 
 def test_provision_policy_grants_exactly_what_the_client_calls() -> None:
     used = calls_in_client()
-    assert len(used) == 49  # the regex still finds every call
+    assert len(used) == 74  # the regex still finds every call
     assert actions_of(load(PROVISION)) == as_actions(used) | IMPLIED
 
 
@@ -102,7 +124,14 @@ def test_the_instance_role_is_only_ever_passed_to_ec2_and_holds_only_the_ssm_pol
     assert statements_by_sid["AttachOnlyTheSsmPolicy"]["Condition"] == {
         "ArnEquals": {"iam:PolicyARN": "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"}
     }
+    linked = statements_by_sid["ServiceLinkedRolesForGroupsAndLoadBalancers"]
+    assert linked["Action"] == "iam:CreateServiceLinkedRole"
+    assert linked["Condition"] == {
+        "StringEquals": {"iam:AWSServiceName": ["autoscaling.amazonaws.com", "elasticloadbalancing.amazonaws.com"]}
+    }
     for statement, actions, resources in statements(load(PROVISION)):
+        if statement["Sid"] == linked["Sid"]:
+            continue
         if any(a.startswith(("iam:", "s3:")) for a in actions):
             assert all(
                 r.split(":")[-1].split("/")[-1].startswith("natfwd-")
@@ -118,7 +147,8 @@ def test_destructive_actions_only_touch_natfwd_tagged_resources() -> None:
             if resources == ["arn:aws:ec2:*:*:network-interface/*"]:
                 assert action in ("ec2:AssociateAddress", "ec2:DisassociateAddress")
                 continue
-            assert statement["Condition"] == {"Null": {"aws:ResourceTag/natfwd:cluster-id": "false"}}, action
+            key = "autoscaling:ResourceTag" if action.startswith("autoscaling:") else "aws:ResourceTag"
+            assert statement["Condition"] == {"Null": {f"{key}/natfwd:cluster-id": "false"}}, action
 
 
 def test_tags_can_only_be_written_while_creating() -> None:
@@ -129,6 +159,7 @@ def test_tags_can_only_be_written_while_creating() -> None:
                 "AllocateAddress",
                 "AuthorizeSecurityGroupEgress",
                 "AuthorizeSecurityGroupIngress",
+                "CreateLaunchTemplate",
                 "CreateSecurityGroup",
                 "RunInstances",
             ]
@@ -136,11 +167,25 @@ def test_tags_can_only_be_written_while_creating() -> None:
     }
 
 
+# What each creating action makes; a statement allowing it on that resource must require the cluster tag.
+CREATES = {
+    "ec2:RunInstances": ("arn:aws:ec2:*:*:instance/*", "arn:aws:ec2:*:*:volume/*"),
+    "ec2:AllocateAddress": ("arn:aws:ec2:*:*:elastic-ip/*",),
+    "ec2:CreateLaunchTemplate": ("arn:aws:ec2:*:*:launch-template/*",),
+    "autoscaling:CreateAutoScalingGroup": ("arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/natfwd-*",),
+    "elasticloadbalancing:CreateLoadBalancer": ("arn:aws:elasticloadbalancing:*:*:loadbalancer/net/natfwd-*/*",),
+    "elasticloadbalancing:CreateTargetGroup": ("arn:aws:elasticloadbalancing:*:*:targetgroup/natfwd-*/*",),
+}
+
+
 def test_new_resources_must_carry_the_cluster_tag() -> None:
+    checked = set()
     for statement, actions, resources in statements(load(PROVISION)):
-        created = {"arn:aws:ec2:*:*:instance/*", "arn:aws:ec2:*:*:elastic-ip/*", "arn:aws:ec2:*:*:volume/*"}
-        if {"ec2:RunInstances", "ec2:AllocateAddress"} & set(actions) and created & set(resources):
-            assert statement["Condition"] == {"Null": {"aws:RequestTag/natfwd:cluster-id": "false"}}
+        for action in set(actions) & set(CREATES):
+            if set(CREATES[action]) & set(resources):
+                assert statement["Condition"] == {"Null": {"aws:RequestTag/natfwd:cluster-id": "false"}}, action
+                checked.add(action)
+    assert checked == set(CREATES)
 
 
 def test_instance_policy_is_exactly_the_discovery_reads() -> None:
@@ -188,8 +233,28 @@ def test_provision_and_destroy_call_only_policy_actions(aws: Aws, recorded: set[
     allowed = actions_of(load(PROVISION))
     used = as_actions(recorded)
     assert used <= allowed
-    # The run used all of it but what IMPLIED lists and the replication group lookup.
-    assert allowed - used == IMPLIED | {"elasticache:DescribeReplicationGroups"}
+    # The run used all of it but what IMPLIED lists, the replication group lookup and what only --ha and
+    # --replicas change (test_group_layouts_call_only_policy_actions covers those).
+    fleet_only = as_actions(calls_in_client(CLIENT_SOURCES[1:])) - used
+    assert fleet_only and all(a.startswith(("autoscaling:", "elasticloadbalancing:", "ec2:")) for a in fleet_only)
+    assert allowed - used - fleet_only == IMPLIED | {"elasticache:DescribeReplicationGroups"}
+
+
+@pytest.mark.parametrize("layout", [("--ha",), ("--replicas", "2")])
+def test_group_layouts_call_only_policy_actions(aws: Aws, recorded: set[str], layout: tuple[str, ...]) -> None:
+    world = build_world(aws, public_zones=("us-east-1b", "us-east-1c"))
+    memcached_cluster(aws, world)
+    common = ["--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION]
+    assert cli.main(["provision", *common, "--trusted-cidr", TRUSTED, *layout, "--yes"]) == 0
+    # A client change adds a template version and rolls it out (ha: a replacement; replicas: an instance refresh).
+    assert cli.main(["provision", *common, "--trusted-cidr", "203.0.113.0/24", *layout, "--yes"]) == 0
+    assert cli.main(["destroy", *common, "--yes"]) == 0
+    used = as_actions(recorded)
+    assert used <= actions_of(load(PROVISION))
+    rollout = (
+        "autoscaling:TerminateInstanceInAutoScalingGroup" if layout == ("--ha",) else "autoscaling:StartInstanceRefresh"
+    )
+    assert {rollout, "ec2:CreateLaunchTemplateVersion", "autoscaling:DeleteAutoScalingGroup"} <= used
 
 
 def test_discovery_calls_only_instance_policy_actions(aws: Aws, recorded: set[str]) -> None:

@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
-from forwarder.aws import userdata
+from forwarder.aws import balancer, instancerole, layouts, userdata
 from forwarder.aws.artefact import bucket_name
 from forwarder.aws.client import AwsClient, AwsError
+from forwarder.aws.created import Created
 from forwarder.aws.destroy import destroy
-from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference, Role
-from forwarder.aws.plan import SSM_POLICY_ARN, TAG_CLUSTER, Plan
+from forwarder.aws.fleet import user_data_diff
+from forwarder.aws.inventory import Address, Bucket, Group, Instance, Inventory, Reference
+from forwarder.aws.plan import BALANCER_GROUP, SSM_POLICY_ARN, TAG_CLUSTER, Plan
 from forwarder.aws.rules import DEFAULT_EGRESS, Rule, from_permissions, to_permission
+from forwarder.aws.settle import settle
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 from forwarder.errors import NatfwdError
-
-T = TypeVar("T")
-
-# EC2 is eventually consistent: a resource created a moment ago can still be "not found" for a few seconds.
-_NOT_YET = {"InvalidGroup.NotFound", "InvalidInstanceID.NotFound", "InvalidAllocationID.NotFound"}
-_SETTLE_ATTEMPTS = 5
-
-
-def settle(call: Callable[[], T], timing: Timing) -> T:
-    """Run `call`, retrying while AWS does not see a just-created resource yet (backoff 1, 2, 4, 8 s at most)."""
-    for attempt in range(_SETTLE_ATTEMPTS):
-        try:
-            return call()
-        except AwsError as exc:
-            if exc.code not in _NOT_YET or attempt == _SETTLE_ATTEMPTS - 1:
-                raise
-            timing.sleep(min(timing.poll_s, 2.0**attempt))
-    raise AssertionError("unreachable")
 
 
 class Conflict(NatfwdError):
@@ -68,10 +52,12 @@ class Changes:
     attach_ssm: bool = False
     create_profile: bool = False
     add_role_to_profile: bool = False
+    # ha and replicas: the template, the group, the load balancer (None for the single layout).
+    layout: layouts.GroupChanges | None = None
 
     @property
     def launch(self) -> bool:
-        return self.instance is None or bool(self.replace)
+        return self.layout is None and (self.instance is None or bool(self.replace))
 
     @property
     def empty(self) -> bool:
@@ -82,9 +68,10 @@ class Changes:
             or self.revoke_ingress
             or self.revoke_egress
             or self.cache_ports_missing
-            or self.address is None
+            or (self.address is None and (self.layout is None or self.layout.balancer is None))
             or self.launch
             or self.associate
+            or (self.layout is not None and not self.layout.empty)
             or self.create_bucket
             or self.upload
             or self.stale_keys
@@ -126,6 +113,12 @@ class Changes:
             lines += [f"  - {rule.render(inbound=False)}" for rule in self.revoke_egress]
         verb = "add" if self.cache_ports_missing else "keep"
         lines.append(f"{verb} the inbound rule from {plan.name} in {plan.cache_security_group_id}")
+        if self.layout is not None:
+            if self.layout.balancer is None:
+                address = self.address
+                kept = f"keep Elastic IP {address.public_ip} ({address.allocation_id})" if address else None
+                lines.append(kept or "allocate an Elastic IP (tagged; the group's instances claim it)")
+            return lines + self.layout.lines(plan)
         if self.address is None:
             lines.append("allocate an Elastic IP")
         else:
@@ -153,28 +146,15 @@ def _one(kind: str, found: tuple[object, ...], cluster_id: str) -> None:
         )
 
 
-_MAX_DIFF_LINES = 40
-
-
 def _replacement(plan: Plan, instance: Instance, user_data: str | None) -> tuple[str, ...]:
     """Why `instance` must be replaced to match the plan: one line per difference (empty: it matches)."""
     reasons: list[str] = []
     if instance.instance_type and instance.instance_type != plan.request.instance_type:
         reasons.append(f"- instance type {instance.instance_type}")
         reasons.append(f"+ instance type {plan.request.instance_type}")
-    if user_data is None or instance.user_data == user_data:
+    if user_data is None:
         return tuple(reasons)
-    old, new = instance.user_data.splitlines(), user_data.splitlines()
-    changed = [
-        line
-        for line in difflib.unified_diff(old, new, lineterm="", n=0)
-        if line[:1] in "+-" and not line.startswith(("+++", "---"))
-    ]
-    reasons.append("user data (natfwd's config, unit or bootstrap):")
-    reasons += [f"  {line[0]} {line[1:].strip()}" for line in changed[:_MAX_DIFF_LINES]]
-    if len(changed) > _MAX_DIFF_LINES:
-        reasons.append(f"  ... and {len(changed) - _MAX_DIFF_LINES} more changed lines")
-    return tuple(reasons)
+    return (*reasons, *user_data_diff(instance.user_data, user_data))
 
 
 def diff(plan: Plan, inventory: Inventory) -> Changes:
@@ -186,12 +166,19 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
     """
     cluster_id = plan.cluster_id
     again = f"run natfwd destroy --cluster-id {cluster_id} first to change it"
+    layouts.check_switch(plan, inventory)
+    standalone = inventory.standalone
+    own_addresses = tuple(a for a in inventory.addresses if not a.zone)
     _one("security group", inventory.groups, cluster_id)
-    _one("instance", inventory.instances, cluster_id)
-    _one("Elastic IP", inventory.addresses, cluster_id)
+    _one("instance", standalone, cluster_id)
+    _one("Elastic IP", own_addresses, cluster_id)
+    _one("Auto Scaling group", inventory.scaling_groups, cluster_id)
+    _one("launch template", inventory.templates, cluster_id)
     group = inventory.groups[0] if inventory.groups else None
-    instance = inventory.instances[0] if inventory.instances else None
-    address = inventory.addresses[0] if inventory.addresses else None
+    instance = standalone[0] if standalone else None
+    address = own_addresses[0] if own_addresses else None
+    if plan.layout != "single":
+        return _group_diff(plan, inventory, group, address, again)
     if group is not None and group.vpc_id != plan.vpc_id:
         raise Conflict(
             f"security group {group.group_id} is in {group.vpc_id}, not the cluster's {plan.vpc_id}; {again}"
@@ -210,36 +197,48 @@ def diff(plan: Plan, inventory: Inventory) -> Changes:
         replace = _replacement(plan, instance, wanted)
         if address is None:
             replace = (*replace, "a new Elastic IP (the old one is gone), so a new config")
+    shared = _shared(plan, inventory, group, plan.nat_ingress)
+    associate = instance is None or address is None or bool(replace) or address.instance_id != instance.instance_id
+    return dataclasses.replace(shared, address=address, instance=instance, associate=associate, replace=replace)
+
+
+def _shared(plan: Plan, inventory: Inventory, group: Group | None, ingress_wanted: tuple[Rule, ...]) -> Changes:
+    """The pieces every layout has: the instances' security group, the cache rule, the bucket, the role."""
     ingress = set(group.ingress) if group else set()
     egress = set(group.egress) if group else {DEFAULT_EGRESS}
     cache_present = {r.rule for r in inventory.references if r.group_id == plan.cache_security_group_id}
     cache_wanted = plan.cache_ingress(group.group_id if group else "sg-new")
-    cache_missing = tuple(r.from_port or 0 for r in cache_wanted if group is None or r not in cache_present)
-    artefact = plan.artefact
-    bucket = inventory.bucket
-    keys = bucket.keys if bucket is not None else ()
+    keys = inventory.bucket.keys if inventory.bucket is not None else ()
     role = inventory.role
-    wanted_policy = json.dumps(plan.instance_policy(), sort_keys=True)
     return Changes(
         group=group,
-        authorize_ingress=tuple(r for r in plan.nat_ingress if r not in ingress) if group else (),
+        authorize_ingress=tuple(r for r in ingress_wanted if r not in ingress) if group else (),
         authorize_egress=tuple(r for r in plan.nat_egress if r not in egress) if group else (),
-        revoke_ingress=tuple(r for r in sorted(ingress, key=repr) if r not in plan.nat_ingress),
+        revoke_ingress=tuple(r for r in sorted(ingress, key=repr) if r not in ingress_wanted),
         revoke_egress=tuple(r for r in sorted(egress, key=repr) if r not in plan.nat_egress) if group else (),
-        cache_ports_missing=cache_missing,
-        address=address,
-        instance=instance,
-        associate=instance is None or address is None or bool(replace) or address.instance_id != instance.instance_id,
-        replace=replace,
-        create_bucket=artefact is not None and bucket is None,
-        upload=artefact is not None and artefact.key not in keys,
-        stale_keys=tuple(k for k in keys if artefact is None or k != artefact.key),
+        cache_ports_missing=tuple(r.from_port or 0 for r in cache_wanted if group is None or r not in cache_present),
+        address=None,
+        instance=None,
+        associate=False,
+        create_bucket=plan.artefact is not None and inventory.bucket is None,
+        upload=plan.artefact is not None and plan.artefact.key not in keys,
+        stale_keys=tuple(k for k in keys if plan.artefact is None or k != plan.artefact.key),
         create_role=role is None or not role.exists,
-        put_policy=role is None or role.policy != wanted_policy,
+        put_policy=role is None or role.policy != json.dumps(plan.instance_policy(), sort_keys=True),
         attach_ssm=role is None or SSM_POLICY_ARN not in role.attached_policies,
         create_profile=role is None or not role.profile,
         add_role_to_profile=role is None or plan.role_name not in role.profile_roles,
     )
+
+
+def _group_diff(plan: Plan, inventory: Inventory, group: Group | None, address: Address | None, again: str) -> Changes:
+    members = {i.instance_id for i in inventory.instances}
+    if address is not None and address.instance_id and address.instance_id not in members:
+        raise Conflict(f"Elastic IP {address.public_ip} is associated with {address.instance_id}; {again}")
+    balancer_group = inventory.balancer_groups[0].group_id if inventory.balancer_groups else BALANCER_GROUP
+    shared = _shared(plan, inventory, group, plan.nat_ingress_with(balancer_group))
+    group_changes = layouts.diff(plan, inventory, group, address)
+    return dataclasses.replace(shared, address=address if plan.layout == "ha" else None, layout=group_changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,30 +252,7 @@ class Outcome:
     public_ip: str
     created: tuple[str, ...]
     replaced: str | None = None
-
-
-@dataclass
-class _Created:
-    """What this run created, as an Inventory that destroy() can remove."""
-
-    cluster_id: str
-    groups: list[Group] = field(default_factory=list)
-    instances: list[Instance] = field(default_factory=list)
-    addresses: list[Address] = field(default_factory=list)
-    references: list[Reference] = field(default_factory=list)
-    bucket: Bucket | None = None
-    role: Role | None = None
-
-    def inventory(self) -> Inventory:
-        return Inventory(
-            self.cluster_id,
-            tuple(self.groups),
-            tuple(self.instances),
-            tuple(self.addresses),
-            tuple(self.references),
-            self.bucket,
-            self.role,
-        )
+    group: layouts.Applied | None = None  # ha and replicas
 
 
 def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
@@ -286,15 +262,22 @@ def _describe_group(client: AwsClient, group_id: str) -> dict[str, Any]:
     return found[0]
 
 
-def _reconcile_group(client: AwsClient, plan: Plan, group_id: str, changes: Changes | None, timing: Timing) -> None:
+def _reconcile_group(
+    client: AwsClient,
+    plan: Plan,
+    group_id: str,
+    changes: Changes | None,
+    wanted_ingress: tuple[Rule, ...],
+    timing: Timing,
+) -> None:
     """Make the NAT group's rules exactly the planned ones (a new group: read AWS's defaults, then fix them)."""
     if changes is None:
         entry = settle(lambda: _describe_group(client, group_id), timing)
         ingress = set(from_permissions(entry.get("IpPermissions") or ()))
         egress = set(from_permissions(entry.get("IpPermissionsEgress") or ()))
-        revoke_in = [r for r in ingress if r not in plan.nat_ingress]
+        revoke_in = [r for r in ingress if r not in wanted_ingress]
         revoke_out = [r for r in egress if r not in plan.nat_egress]
-        add_in = [r for r in plan.nat_ingress if r not in ingress]
+        add_in = [r for r in wanted_ingress if r not in ingress]
         add_out = [r for r in plan.nat_egress if r not in egress]
     else:
         revoke_in, revoke_out = list(changes.revoke_ingress), list(changes.revoke_egress)
@@ -330,7 +313,7 @@ def apply(
     """
     timing = timing or Timing()
     changes = diff(plan, inventory)
-    created = _Created(plan.cluster_id)
+    created = Created(plan.cluster_id)
     try:
         return _apply(client, plan, changes, progress, timing, created)
     except KeyboardInterrupt:
@@ -352,21 +335,35 @@ def apply(
 
 
 def _apply(
-    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, timing: Timing, created: _Created
+    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, timing: Timing, created: Created
 ) -> Outcome:
     made: list[str] = []
     _store_artefact(client, plan, changes, progress, created, made)
-    _ensure_role(client, plan, changes, progress, timing, created, made)
+    instancerole.ensure_role(client, plan, changes, progress, timing, created, made)
+    ingress = plan.nat_ingress
+    if changes.layout is not None and changes.layout.balancer is not None:
+        # The load balancer's group first: the instances' rules name it.
+        balancer_group_id = balancer.ensure_group(
+            client, plan, changes.layout.balancer, timing, progress, created.balancer
+        )
+        ingress = plan.nat_ingress_with(balancer_group_id)
+        if created.balancer.group_id:
+            created.balancer_groups.append(Group(balancer_group_id, plan.vpc_id, (), ()))
     if changes.group is None:
         description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}"
         group_id = client.create_security_group(plan.name, description, plan.vpc_id, plan.tags("security-group"))
-        created.groups.append(Group(group_id, plan.vpc_id, (), ()))
+        created.groups.append(Group(group_id, plan.vpc_id, ingress, ()))
         made.append(f"security group {group_id}")
         progress(f"created security group {group_id}")
-        _reconcile_group(client, plan, group_id, None, timing)
+        _reconcile_group(client, plan, group_id, None, ingress, timing)
     else:
         group_id = changes.group.group_id
-        _reconcile_group(client, plan, group_id, changes, timing)
+        _reconcile_group(client, plan, group_id, changes, ingress, timing)
+    if created.balancer_groups:
+        # Its outbound rules will name the instances' group: a rollback revokes them before deleting either.
+        created.balancer_groups[0] = Group(
+            created.balancer_groups[0].group_id, plan.vpc_id, (), plan.balancer_egress(group_id)
+        )
 
     cache_group = plan.cache_security_group_id
     for rule in plan.cache_ingress(group_id):
@@ -377,6 +374,8 @@ def _apply(
             made.append(f"rule in {cache_group}")
             progress(f"let {group_id} into {cache_group} on tcp {rule.ports}")
 
+    if changes.layout is not None:
+        return _apply_group(client, plan, changes, changes.layout, group_id, progress, timing, created, made)
     if changes.address is None:
         allocation_id, public_ip = client.allocate_address(plan.tags("elastic-ip"))
         created.addresses.append(Address(allocation_id, public_ip, None, None))
@@ -404,11 +403,45 @@ def _apply(
         # Only now: the address has moved, and a failure before this point left the old instance serving.
         client.terminate_instances([replaced])
         progress(f"terminating the replaced instance {replaced}")
+    _delete_stale(client, plan, changes, progress)
+    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made), replaced)
+
+
+def _apply_group(
+    client: AwsClient,
+    plan: Plan,
+    changes: Changes,
+    group_changes: layouts.GroupChanges,
+    group_id: str,
+    progress: Progress,
+    timing: Timing,
+    created: Created,
+    made: list[str],
+) -> Outcome:
+    address: tuple[str, str] | None = None
+    if plan.layout == "ha":
+        if changes.address is None:
+            address = client.allocate_address(plan.tags("elastic-ip"))
+            created.addresses.append(Address(address[0], address[1], None, None))
+            made.append(f"Elastic IP {address[1]}")
+            progress(f"allocated Elastic IP {address[1]}")
+        else:
+            address = changes.address.allocation_id, changes.address.public_ip
+    applied = layouts.apply_group(
+        client, plan, group_changes, group_id, address, created.balancer, created.fleet, timing, progress
+    )
+    made += [line for line in created.inventory().lines() if line not in made and not line.startswith("IAM")]
+    _delete_stale(client, plan, changes, progress)
+    allocation_id = address[0] if address else ""
+    first = applied.instance_ids[0] if applied.instance_ids else ""
+    return Outcome(plan, group_id, first, allocation_id, applied.public_ips[0], tuple(made), None, applied)
+
+
+def _delete_stale(client: AwsClient, plan: Plan, changes: Changes, progress: Progress) -> None:
     bucket = plan.artefact.bucket if plan.artefact is not None else None
     for key in changes.stale_keys:
         client.delete_object(bucket or artefact_bucket(client, plan.cluster_id), key)
         progress(f"deleted the previous natfwd object {key}")
-    return Outcome(plan, group_id, instance_id, allocation_id, public_ip, tuple(made), replaced)
 
 
 def artefact_bucket(client: AwsClient, cluster_id: str) -> str:
@@ -440,7 +473,7 @@ def _run_instance(client: AwsClient, plan: Plan, group_id: str, public_ip: str, 
 
 
 def _store_artefact(
-    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, created: _Created, made: list[str]
+    client: AwsClient, plan: Plan, changes: Changes, progress: Progress, created: Created, made: list[str]
 ) -> None:
     artefact = plan.artefact
     if artefact is None:
@@ -457,47 +490,3 @@ def _store_artefact(
         if created.bucket is not None:
             created.bucket = Bucket(artefact.bucket, (artefact.key,))
         progress(f"uploaded {artefact.url}")
-
-
-_TRUST_POLICY = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
-    }
-)
-
-
-def _ensure_role(
-    client: AwsClient,
-    plan: Plan,
-    changes: Changes,
-    progress: Progress,
-    timing: Timing,
-    created: _Created,
-    made: list[str],
-) -> None:
-    name = plan.role_name
-    if changes.create_role:
-        description = f"natfwd NAT instance for ElastiCache cluster {plan.cluster_id}: SSM, discovery, its package"
-        client.create_role(name, _TRUST_POLICY, description, plan.tags("iam-role"))
-        created.role = Role(name, True, False, (), (), ())
-        made.append(f"IAM role {name}")
-        progress(f"created IAM role {name}")
-    if changes.put_policy:
-        client.put_role_policy(name, "natfwd", json.dumps(plan.instance_policy()))
-        if created.role is not None:
-            created.role = Role(name, True, False, (), ("natfwd",), ())
-    if changes.attach_ssm:
-        client.attach_role_policy(name, SSM_POLICY_ARN)
-        if created.role is not None:
-            created.role = Role(name, True, False, (), ("natfwd",), (SSM_POLICY_ARN,))
-    if changes.create_profile:
-        client.create_instance_profile(name, plan.tags("instance-profile"))
-        if created.role is not None:
-            created.role = Role(name, True, True, (), ("natfwd",), (SSM_POLICY_ARN,))
-        made.append(f"IAM instance profile {name}")
-        progress(f"created IAM instance profile {name}")
-    if changes.add_role_to_profile:
-        client.add_role_to_instance_profile(name, name)
-        if created.role is not None:
-            created.role = Role(name, True, True, (name,), ("natfwd",), (SSM_POLICY_ARN,))

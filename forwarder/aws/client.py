@@ -1,4 +1,4 @@
-"""The one typed wrapper over boto3 (EC2, ElastiCache, SSM, S3, IAM, STS): every AWS call natfwd makes, with errors made readable.
+"""The one typed wrapper over boto3 (EC2, ElastiCache, SSM, S3, IAM, STS; fleetcalls.py adds Auto Scaling and ELBv2): every AWS call natfwd makes, with errors made readable.
 
 boto3 is imported here only, and only when a client is created, so `natfwd serve` never loads it.
 Every call goes through `_call` or `_paginate` with the service and the API operation name spelled as in IAM
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from forwarder.aws.fleetcalls import FleetCalls
 from forwarder.errors import NatfwdError, UsageError
 
 Tags = Sequence[tuple[str, str]]
@@ -39,8 +40,8 @@ def _tag_spec(resource_type: str, tags: Tags) -> list[dict[str, Any]]:
     return [{"ResourceType": resource_type, "Tags": _tag_list(tags)}]
 
 
-class AwsClient:
-    """EC2, ElastiCache, SSM, S3, IAM and STS clients for one region; methods return the API's plain dicts.
+class AwsClient(FleetCalls):
+    """EC2, ElastiCache, SSM, S3, IAM, STS, Auto Scaling and ELBv2 clients for one region; methods return the API's plain dicts.
 
     Every method raises AwsError (a NatfwdError, exit 1) with the operation, the AWS error code and a hint.
     """
@@ -82,7 +83,7 @@ class AwsClient:
         )
         clients = {
             name: session.client(name, endpoint_url=endpoint_url, config=settings)
-            for name in ("ec2", "elasticache", "ssm", "s3", "iam", "sts")
+            for name in ("ec2", "elasticache", "ssm", "s3", "iam", "sts", "autoscaling", "elbv2")
         }
         return cls(clients, resolved, endpoint_url, botocore.exceptions)
 

@@ -9,7 +9,7 @@ import argparse
 import shlex
 from typing import TextIO
 
-from forwarder.aws import apply, destroy, inventory, plan, report, survey
+from forwarder.aws import apply, destroy, inventory, plan, plantext, report, survey
 from forwarder.aws.client import AwsClient
 from forwarder.aws.waiter import Progress, Timing
 from forwarder.errors import NatfwdError, UsageError
@@ -62,13 +62,11 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     )
     if args.output == "cloudformation":
         return _template(args, request, stdout, stderr)
-    if request.layout != "single" and not args.dry_run:
-        raise UsageError(f"--{'ha' if request.layout == 'ha' else 'replicas'}: only --dry-run is built so far")
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     the_plan = survey.prepare(client, request)
     found = inventory.find(client, request.cluster_id)
     changes = apply.diff(the_plan, found)
-    print(plan.render(the_plan), file=stdout)
+    print(plantext.render(the_plan), file=stdout)
     print("changes:", file=stdout)
     print("\n".join(f"  {line}" for line in changes.lines(the_plan)), file=stdout, flush=True)
     if args.dry_run:

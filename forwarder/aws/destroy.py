@@ -1,11 +1,14 @@
-"""Remove natfwd's resources in dependency order: instance, Elastic IP, cache rule, NAT group, bucket, role."""
+"""Remove natfwd's resources in dependency order: Auto Scaling group, launch template, instance, listeners,
+target groups, load balancer, Elastic IPs, cache rule, security groups, bucket, role."""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 
 from forwarder.aws.client import AwsClient, AwsError
-from forwarder.aws.inventory import Bucket, Inventory, Role
+from forwarder.aws.inventory import Bucket, Group, Inventory, Role
 from forwarder.aws.rules import Rule, to_permission
 from forwarder.aws.waiter import Progress, Timing, wait_for_instances
 
@@ -20,7 +23,14 @@ _GONE = {
     "NoSuchBucket",
     "NoSuchKey",
     "404",
+    "InvalidLaunchTemplateId.NotFound",
+    "LoadBalancerNotFound",
+    "TargetGroupNotFound",
+    "ListenerNotFound",
+    "ValidationError",  # Auto Scaling's word for a group that is already gone
 }
+# A load balancer's Elastic IP stays in use until its network interfaces are gone, a little after the NLB.
+_IN_USE = {"InvalidIPAddress.InUse", "DependencyViolation", "ResourceInUse"}
 
 
 def render(inventory: Inventory, region: str) -> str:
@@ -43,16 +53,8 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
     """
     timing = timing or Timing()
     removed: list[str] = []
-    instance_ids = [i.instance_id for i in inventory.instances]
-    if instance_ids:
-        progress(f"terminating instance {', '.join(instance_ids)}")
-        try:
-            client.terminate_instances(instance_ids)
-        except AwsError as exc:
-            _ignore_gone(exc)
-        # The instance's network interface holds the security group until it is gone.
-        wait_for_instances(client, instance_ids, "terminated", progress, timing)
-        removed += [f"instance {iid}" for iid in instance_ids]
+    removed += _remove_instances(client, inventory, progress, timing)
+    removed += _remove_balancer(client, inventory, progress, timing)
     for address in inventory.addresses:
         progress(f"releasing Elastic IP {address.public_ip}")
         try:
@@ -60,10 +62,7 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
                 client.disassociate_address(address.association_id)
         except AwsError as exc:
             _ignore_gone(exc)
-        try:
-            client.release_address(address.allocation_id)
-        except AwsError as exc:
-            _ignore_gone(exc)
+        _retry_in_use(partial(client.release_address, address.allocation_id), progress, timing)
         removed.append(f"Elastic IP {address.public_ip} ({address.allocation_id})")
     by_group: dict[str, list[Rule]] = defaultdict(list)
     for reference in inventory.references:
@@ -76,7 +75,8 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
             except AwsError as exc:
                 _ignore_gone(exc)
             removed.append(f"rule in {group_id}: inbound {rule.protocol} {rule.ports} from {rule.peer}")
-    for group in inventory.groups:
+    _untangle(client, inventory.groups, inventory.balancer_groups)
+    for group in (*inventory.groups, *inventory.balancer_groups):
         progress(f"deleting security group {group.group_id}")
         _delete_group(client, group.group_id, progress, timing)
         removed.append(f"security group {group.group_id}")
@@ -140,4 +140,96 @@ def _delete_group(client: AwsClient, group_id: str, progress: Progress, timing: 
             if exc.code != "DependencyViolation" or timing.clock() - start >= timing.timeout_s:
                 raise
         progress(f"security group {group_id} is still in use; retrying")
+        timing.sleep(timing.poll_s)
+
+
+def _remove_instances(client: AwsClient, inventory: Inventory, progress: Progress, timing: Timing) -> list[str]:
+    """The groups (force-deleted with their instances), their templates, and the single layout's instance."""
+    removed: list[str] = []
+    for group in inventory.scaling_groups:
+        progress(f"deleting Auto Scaling group {group.name} and its instances")
+        try:
+            client.delete_auto_scaling_group(group.name)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        removed.append(f"Auto Scaling group {group.name}")
+    standalone = [i.instance_id for i in inventory.instances if not i.group]
+    if standalone:
+        progress(f"terminating instance {', '.join(standalone)}")
+        try:
+            client.terminate_instances(standalone)
+        except AwsError as exc:
+            _ignore_gone(exc)
+    members = {i.instance_id for i in inventory.instances if i.group}
+    members.update(iid for group in inventory.scaling_groups for iid in group.instance_ids)
+    # The instances' network interfaces hold the security group, and a template in use by a group cannot go.
+    wait_for_instances(client, sorted({*standalone, *members}), "terminated", progress, timing)
+    removed += [f"instance {iid}" for iid in standalone]
+    for template in inventory.templates:
+        progress(f"deleting launch template {template.template_id}")
+        try:
+            client.delete_launch_template(template.template_id)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        removed.append(f"launch template {template.template_id}")
+    return removed
+
+
+def _remove_balancer(client: AwsClient, inventory: Inventory, progress: Progress, timing: Timing) -> list[str]:
+    """Listeners, then target groups (no longer in use), then the load balancer, waiting until it is gone."""
+    removed: list[str] = []
+    for listener in inventory.listeners:
+        try:
+            client.delete_listener(listener.arn)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        removed.append(f"listener TCP {listener.port}")
+    for group in inventory.target_groups:
+        progress(f"deleting target group {group.name}")
+        _retry_in_use(partial(client.delete_target_group, group.arn), progress, timing)
+        removed.append(f"target group {group.name}")
+    for balancer in inventory.balancers:
+        progress(f"deleting Network Load Balancer {balancer.name}")
+        try:
+            client.delete_load_balancer(balancer.arn)
+        except AwsError as exc:
+            _ignore_gone(exc)
+        start = timing.clock()
+        while client.describe_load_balancers([balancer.name]):
+            if timing.clock() - start >= timing.timeout_s:
+                raise AwsError(f"gave up after {timing.timeout_s:.0f} s waiting for {balancer.name} to be deleted")
+            progress(f"waiting for load balancer {balancer.name} to be deleted")
+            timing.sleep(timing.poll_s)
+        removed.append(f"Network Load Balancer {balancer.name}")
+    return removed
+
+
+def _untangle(client: AwsClient, groups: tuple[Group, ...], balancer_groups: tuple[Group, ...]) -> None:
+    """Drop the rules by which the instances' and the load balancer's groups name each other: a group that another
+    group's rule references cannot be deleted."""
+    ids = {g.group_id for g in (*groups, *balancer_groups)}
+    for group in (*groups, *balancer_groups):
+        inbound = [to_permission(r) for r in group.ingress if r.peer in ids]
+        outbound = [to_permission(r) for r in group.egress if r.peer in ids]
+        try:
+            if inbound:
+                client.revoke_ingress(group.group_id, inbound)
+            if outbound:
+                client.revoke_egress(group.group_id, outbound)
+        except AwsError as exc:
+            _ignore_gone(exc)
+
+
+def _retry_in_use(call: Callable[[], None], progress: Progress, timing: Timing) -> None:
+    start = timing.clock()
+    while True:
+        try:
+            call()
+            return
+        except AwsError as exc:
+            if exc.code in _GONE:
+                return
+            if exc.code not in _IN_USE or timing.clock() - start >= timing.timeout_s:
+                raise
+        progress("still in use; retrying")
         timing.sleep(timing.poll_s)

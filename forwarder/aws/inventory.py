@@ -1,4 +1,5 @@
-"""Find what provision created for a cluster, by its tags: group, instance, Elastic IP, cache rules, bucket, role."""
+"""Find what provision created for a cluster, by its tags: groups, instances, Elastic IPs, cache rules, bucket, role,
+and for --ha/--replicas the launch template, Auto Scaling group and load balancer pieces."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from forwarder.aws import balancer, fleet
 from forwarder.aws.artefact import bucket_name
+from forwarder.aws.balancer import Balancer, Listener, TargetGroup
 from forwarder.aws.client import AwsClient
-from forwarder.aws.plan import TAG_CLUSTER, TAG_MODE
+from forwarder.aws.fleet import ScalingGroup, Template
+from forwarder.aws.plan import TAG_CLUSTER, TAG_MODE, TAG_ROLE, TAG_ZONE
 from forwarder.aws.rules import Rule, from_permissions
 
 # Instances in these states are gone, or going; they no longer count as provisioned.
@@ -37,6 +41,7 @@ class Instance:
     mode: str
     instance_type: str = ""
     user_data: str = ""
+    group: str = ""  # the Auto Scaling group that launched it ("" for the single layout's instance)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +50,7 @@ class Address:
     public_ip: str
     association_id: str | None
     instance_id: str | None
+    zone: str = ""  # the load balancer's zone it serves ("": the instance's Elastic IP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +93,62 @@ class Inventory:
     references: tuple[Reference, ...] = field(default=())
     bucket: Bucket | None = None
     role: Role | None = None
+    scaling_groups: tuple[ScalingGroup, ...] = ()
+    templates: tuple[Template, ...] = ()
+    listeners: tuple[Listener, ...] = ()
+    target_groups: tuple[TargetGroup, ...] = ()
+    balancers: tuple[Balancer, ...] = ()
+    # The load balancer's security group (the instances' is in `groups`).
+    balancer_groups: tuple[Group, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.groups or self.instances or self.addresses or self.references or self.bucket or self.role)
+        return not (
+            self.groups
+            or self.instances
+            or self.addresses
+            or self.references
+            or self.bucket
+            or self.role
+            or self.scaling_groups
+            or self.templates
+            or self.listeners
+            or self.target_groups
+            or self.balancers
+            or self.balancer_groups
+        )
+
+    @property
+    def standalone(self) -> tuple[Instance, ...]:
+        """The instances no Auto Scaling group launched (the single layout's)."""
+        return tuple(i for i in self.instances if not i.group)
+
+    @property
+    def layout(self) -> str | None:
+        """The layout of what exists: "single", "ha", "replicas", or None when there is no instance or group."""
+        if self.balancers or self.target_groups:
+            return "replicas"
+        if self.scaling_groups or self.templates:
+            return "ha"
+        return "single" if self.standalone else None
 
     def lines(self) -> list[str]:
         """One line per resource, in the order destroy removes them."""
-        lines = [f"instance {i.instance_id} ({i.state})" for i in self.instances]
+        lines = [
+            f"Auto Scaling group {g.name} and its instances ({', '.join(g.instance_ids) or 'none'})"
+            for g in self.scaling_groups
+        ]
+        lines += [f"launch template {t.template_id} ({t.name})" for t in self.templates]
+        lines += [f"instance {i.instance_id} ({i.state})" for i in self.instances if not i.group]
+        lines += [f"listener TCP {listener.port}" for listener in self.listeners]
+        lines += [f"target group {t.name}" for t in self.target_groups]
+        lines += [f"Network Load Balancer {b.name}" for b in self.balancers]
         lines += [f"Elastic IP {a.public_ip} ({a.allocation_id})" for a in self.addresses]
         lines += [
             f"rule in {r.group_id}: inbound {r.rule.protocol} {r.rule.ports} from {r.rule.peer}"
             for r in self.references
         ]
-        lines += [f"security group {g.group_id} (in {g.vpc_id})" for g in self.groups]
+        lines += [f"security group {g.group_id} (in {g.vpc_id})" for g in (*self.groups, *self.balancer_groups)]
         if self.bucket is not None:
             count = len(self.bucket.keys)
             lines.append(f"S3 bucket {self.bucket.name} and its {count} object{'s' * (count != 1)}")
@@ -150,16 +198,17 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
     """Everything tagged natfwd:cluster-id=<cluster_id> in the client's region (terminated instances excluded),
     any inbound rule elsewhere that references the NAT security group, the bucket and the role. Raises AwsError."""
     tagged = {f"tag:{TAG_CLUSTER}": [cluster_id]}
-    groups = []
+    groups: list[Group] = []
+    balancer_groups: list[Group] = []
     for entry in client.describe_security_groups(tagged):
-        groups.append(
-            Group(
-                group_id=str(entry["GroupId"]),
-                vpc_id=str(entry.get("VpcId", "")),
-                ingress=tuple(from_permissions(entry.get("IpPermissions") or ())),
-                egress=tuple(from_permissions(entry.get("IpPermissionsEgress") or ())),
-            )
+        found = Group(
+            group_id=str(entry["GroupId"]),
+            vpc_id=str(entry.get("VpcId", "")),
+            ingress=tuple(from_permissions(entry.get("IpPermissions") or ())),
+            egress=tuple(from_permissions(entry.get("IpPermissionsEgress") or ())),
         )
+        is_balancer = _tags(entry).get(TAG_ROLE) == "load-balancer-security-group"
+        (balancer_groups if is_balancer else groups).append(found)
     instances = [
         Instance(
             instance_id=str(entry["InstanceId"]),
@@ -168,6 +217,7 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
             mode=_tags(entry).get(TAG_MODE, ""),
             instance_type=str(entry.get("InstanceType", "")),
             user_data=client.instance_user_data(str(entry["InstanceId"])),
+            group=_tags(entry).get(fleet.TAG_GROUP, ""),
         )
         for entry in client.describe_instances(tagged)
         if entry["State"]["Name"] not in _GONE
@@ -178,11 +228,13 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
             public_ip=str(entry.get("PublicIp", "")),
             association_id=entry.get("AssociationId") or None,
             instance_id=entry.get("InstanceId") or None,
+            zone=_tags(entry).get(TAG_ZONE, ""),
         )
         for entry in client.describe_addresses(tagged)
     ]
+    balancers = balancer.find_balancers(client, cluster_id)
     references = []
-    group_ids = [g.group_id for g in groups]
+    group_ids = [g.group_id for g in (*groups, *balancer_groups)]
     if group_ids:
         for entry in client.describe_security_groups({"ip-permission.group-id": group_ids}):
             if entry["GroupId"] in group_ids:
@@ -198,4 +250,10 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
         references=tuple(references),
         bucket=find_bucket(client, cluster_id),
         role=find_role(client, cluster_id),
+        scaling_groups=fleet.find_groups(client, cluster_id),
+        templates=fleet.find_templates(client, cluster_id),
+        listeners=balancer.find_listeners(client, balancers),
+        target_groups=balancer.find_target_groups(client, cluster_id),
+        balancers=balancers,
+        balancer_groups=tuple(sorted(balancer_groups, key=lambda g: g.group_id)),
     )

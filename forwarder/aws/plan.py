@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ AMI_PARAMETER_PREFIX = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-d
 TAG_CLUSTER = "natfwd:cluster-id"
 TAG_ROLE = "natfwd:role"
 TAG_MODE = "natfwd:mode"
+# On the load balancer's Elastic IPs: the zone each one serves (an NLB takes one address per zone, for good).
+TAG_ZONE = "natfwd:zone"
 # What the plan says about each mode: both run natfwd serve under natfwd.service.
 MODE_NOTES: dict[Mode, str] = {
     "userspace": "",
@@ -59,6 +62,30 @@ SSM_POLICY_ARN = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 MIN_ZONES = 2
 # A Network Load Balancer's listeners per load balancer are capped at 50 by AWS; natfwd needs one per node port.
 MAX_REPLICAS = 20
+# Seconds a new group instance is spared health checks: first boot installs natfwd (dnf, pip, building the C
+# extensions) before it listens, so neither the load balancer's TCP checks nor the box's own report count yet.
+GRACE_S = 600
+# Stands for the load balancer's security group in the planned instance rules until that group exists.
+BALANCER_GROUP = "sg-load-balancer"
+# Elastic Load Balancing names: at most 32 letters, digits and hyphens.
+_ELB_NAME_MAX = 32
+
+
+def _elb_name(cluster_id: str, suffix: str = "") -> str:
+    name = f"natfwd-{cluster_id}{suffix}"
+    if len(name) <= _ELB_NAME_MAX:
+        return name
+    return f"natfwd-{hashlib.sha256(cluster_id.encode()).hexdigest()[:12]}{suffix}"
+
+
+def balancer_name(cluster_id: str) -> str:
+    """The Network Load Balancer's name (a digest of the id when the id is too long for ELB's 32 characters)."""
+    return _elb_name(cluster_id)
+
+
+def target_group_name(cluster_id: str, port: int) -> str:
+    """The target group of one node port."""
+    return _elb_name(cluster_id, f"-{port}")
 
 
 def ami_parameter(architecture: Architecture) -> str:
@@ -242,8 +269,60 @@ class Plan:
             return f"natfwd {__version__} as built here (sdist, sha256 {self.artefact.sha256[:16]}...)"
         return str(self.request.package)
 
+    @property
+    def balancer_name(self) -> str:
+        return balancer_name(self.cluster_id)
+
+    @property
+    def balancer_group_name(self) -> str:
+        """The load balancer's security group (security group names are unique in a VPC)."""
+        return f"{self.name}-nlb"
+
+    @property
+    def group_name(self) -> str:
+        """The Auto Scaling group and its launch template (--ha, --replicas)."""
+        return self.name
+
+    @property
+    def size(self) -> int:
+        """How many instances the Auto Scaling group keeps."""
+        return self.request.replicas
+
+    @property
+    def health_check_type(self) -> str:
+        """replicas: the load balancer's TCP checks replace an instance; ha: EC2 status checks plus the box's own
+        SetInstanceHealth report (written by its user data)."""
+        return "ELB" if self.layout == "replicas" else "EC2"
+
+    def nat_ingress_with(self, balancer_group_id: str) -> tuple[Rule, ...]:
+        """The instances' inbound rules, with the load balancer's security group id filled in (replicas)."""
+        return tuple(
+            Rule(r.protocol, r.from_port, r.to_port, balancer_group_id, r.description)
+            if r.peer == BALANCER_GROUP
+            else r
+            for r in self.nat_ingress
+        )
+
+    def balancer_ingress(self) -> tuple[Rule, ...]:
+        """The load balancer's inbound rules: each node port from each trusted CIDR, nothing else."""
+        return tuple(
+            Rule.tcp(f.port, str(cidr), f"{self.cluster_id}: clients to node {f.node.node_id}")
+            for cidr in self.request.trusted_cidrs
+            for f in self.forwards
+        )
+
+    def balancer_egress(self, nat_group_id: str) -> tuple[Rule, ...]:
+        """The load balancer's outbound rules: each node port to the instances (traffic and health checks)."""
+        return tuple(
+            Rule.tcp(f.port, nat_group_id, f"{self.cluster_id}: to the natfwd instances") for f in self.forwards
+        )
+
     def instance_policy(self) -> dict[str, object]:
-        """The instance role's own policy: the discovery reads, and the one artefact object (SSM is attached)."""
+        """The instance role's own policy: the discovery reads, and the one artefact object (SSM is attached).
+
+        ha adds what the box's user data does at boot and when natfwd fails: claim the cluster's Elastic IP and
+        report itself unhealthy to its group, both limited by the cluster's tag.
+        """
         statements: list[dict[str, object]] = [
             {
                 "Sid": "NatfwdDiscovery",
@@ -256,7 +335,39 @@ class Plan:
             statements.append(
                 {"Sid": "NatfwdArtefact", "Effect": "Allow", "Action": "s3:GetObject", "Resource": self.artefact.arn}
             )
+        if self.layout != "single":
+            statements += self._group_statements()
         return {"Version": "2012-10-17", "Statement": statements}
+
+    def _group_statements(self) -> list[dict[str, object]]:
+        # AssociateAddress is authorised on the Elastic IP, the instance and its network interface: the launch
+        # template tags all three, so one tag condition covers each of them (an untagged address is refused).
+        statements: list[dict[str, object]] = []
+        if self.layout == "ha":
+            statements += [
+                {
+                    "Sid": "NatfwdClaimAddress",
+                    "Effect": "Allow",
+                    "Action": "ec2:AssociateAddress",
+                    "Resource": [
+                        "arn:aws:ec2:*:*:elastic-ip/*",
+                        "arn:aws:ec2:*:*:instance/*",
+                        "arn:aws:ec2:*:*:network-interface/*",
+                    ],
+                    "Condition": {"StringEquals": {f"aws:ResourceTag/{TAG_CLUSTER}": self.cluster_id}},
+                },
+                {"Sid": "NatfwdFindAddress", "Effect": "Allow", "Action": "ec2:DescribeAddresses", "Resource": "*"},
+            ]
+        statements.append(
+            {
+                "Sid": "NatfwdReportHealth",
+                "Effect": "Allow",
+                "Action": "autoscaling:SetInstanceHealth",
+                "Resource": f"arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/{self.group_name}",
+                "Condition": {"StringEquals": {f"autoscaling:ResourceTag/{TAG_CLUSTER}": self.cluster_id}},
+            }
+        )
+        return statements
 
     @property
     def cluster_id(self) -> str:
@@ -316,11 +427,20 @@ def build(
     first_port = FIRST_PORT[cluster.engine]
     forwards = tuple(PortForward(first_port + index, node) for index, node in enumerate(cluster.nodes))
     cache_group = cluster.security_group_ids[0]
-    ingress = [
-        Rule.tcp(f.port, str(cidr), f"{request.cluster_id}: forward to node {f.node.node_id}")
-        for cidr in request.trusted_cidrs
-        for f in forwards
-    ]
+    if request.layout == "replicas":
+        # The load balancer's group admits the clients; the instances admit the node ports from that group only.
+        # AWS: a target whose security group references the NLB's accepts the NLB's health checks, and its
+        # traffic even with client IP preservation on (the packets keep the client's source address).
+        ingress = [
+            Rule.tcp(f.port, BALANCER_GROUP, f"{request.cluster_id}: load balancer to node {f.node.node_id}")
+            for f in forwards
+        ]
+    else:
+        ingress = [
+            Rule.tcp(f.port, str(cidr), f"{request.cluster_id}: forward to node {f.node.node_id}")
+            for cidr in request.trusted_cidrs
+            for f in forwards
+        ]
     if request.ssh:
         ingress += [Rule.tcp(SSH_PORT, str(cidr), f"{request.cluster_id}: SSH") for cidr in request.trusted_cidrs]
     egress = [Rule.tcp(port, cache_group, f"{request.cluster_id}: cache nodes") for port in cluster.node_ports]
@@ -342,40 +462,3 @@ def build(
         artefact=artefact,
         subnets=spread or (subnet,),
     )
-
-
-def render(plan: Plan) -> str:
-    """The plan as the text provision prints before acting (no trailing newline)."""
-    request = plan.request
-    cluster = plan.cluster
-    kind = "cache cluster" if cluster.kind == "cache-cluster" else "replication group"
-    count = len(cluster.nodes)
-    key = f"key pair {request.key_name}" if request.key_name else "no key pair"
-    lines = [
-        f"natfwd provision plan for {cluster.engine} {kind} {plan.cluster_id!r} ({count} node{'s' * (count != 1)}) "
-        f"in {plan.region}",
-        f"  VPC             {plan.vpc_id}",
-        f"  subnet          {plan.subnet.subnet_id} ({plan.subnet.cidr}, {plan.subnet.availability_zone}), "
-        f"public via {plan.subnet.gateway_id}",
-        f"  instance        {request.instance_type} ({plan.architecture}), {plan.image_id} (Amazon Linux 2023), {key}",
-        f"  access          instance profile {plan.role_name}: SSM Session Manager, ElastiCache Describe"
-        + (", the natfwd object" if plan.artefact else ""),
-        f"  natfwd          mode {request.mode}{MODE_NOTES[request.mode]}, installs {plan.install_source}",
-        f"  clients         {', '.join(str(c) for c in request.trusted_cidrs)}",
-    ]
-    if plan.artefact is not None:
-        lines.append(f"  storage         S3 bucket {plan.artefact.bucket} (private, encrypted), natfwd's sdist in it")
-    lines += [
-        "  Elastic IP      one for natfwd, associated with the instance",
-        "  forwards        (Elastic IP port -> node)",
-    ]
-    lines += [f"    {f.port:<5} -> {f.node.address}:{f.node.port}  node {f.node.node_id}" for f in plan.forwards]
-    lines.append(f"  security group  {plan.name} in {plan.vpc_id}, with exactly these rules")
-    lines += [f"    {rule.render(inbound=True)}" for rule in plan.nat_ingress]
-    lines += [f"    {rule.render(inbound=False)}" for rule in plan.nat_egress]
-    lines.append("    (the default allow-all outbound rule is removed)")
-    lines.append(f"  cache security group {plan.cache_security_group_id}")
-    lines += [f"    {rule.render(inbound=True, peer_name=plan.name)}" for rule in plan.cache_ingress("sg-new")]
-    tags = ", ".join(f"{k}={v}" for k, v in plan.tags("instance")[:2])
-    lines.append(f"  tags            {tags} on every resource")
-    return "\n".join(lines)

@@ -160,8 +160,11 @@ def _file(path: str, permissions: str, content: str) -> str:
 
 
 def render(plan: Plan, public_ip: str, allocation_id: str | None = None) -> str:
-    """The complete #cloud-config user data for the NAT instance of `plan`, whose Elastic IP is `public_ip`."""
-    del allocation_id  # helper "claim" gives it a meaning (ha: claim-address at boot); unused on this branch
+    """The complete #cloud-config user data for the NAT instance of `plan`, whose Elastic IP is `public_ip`.
+
+    `allocation_id` (--ha): the Elastic IP the instance claims at boot (helper "claim" renders that step).
+    """
+    del allocation_id  # placeholder signature on this branch; the claim-address step is merged from "claim"
     packages = ["python3.11", "python3.11-pip"]
     if plan.request.mode == "kernel":
         # nft for serve's table; conntrack for natfwd_connections_active (/proc/net/nf_conntrack is root-only).
