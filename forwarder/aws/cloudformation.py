@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import yaml
 
 from forwarder.aws import userdata
-from forwarder.aws.plan import SSM_POLICY_ARN, Plan, Role
+from forwarder.aws.balancer import BALANCER_ATTRIBUTES, TARGET_ATTRIBUTES
+from forwarder.aws.fleetcalls import HEALTH_CHECK_INTERVAL_S, UNHEALTHY_CHECKS
+from forwarder.aws.plan import (
+    BALANCER_GROUP,
+    GRACE_S,
+    SSM_POLICY_ARN,
+    Plan,
+    Role,
+    balancer_name,
+    target_group_name,
+)
 from forwarder.aws.rules import Rule
 from forwarder.errors import UsageError
 
@@ -42,13 +51,6 @@ _TRUST_POLICY: dict[str, Any] = {
 }
 # IMDSv2 only, as provision launches its instances.
 _METADATA_OPTIONS = {"HttpTokens": "required", "HttpEndpoint": "enabled"}
-# How long a new instance has before a failed health check counts: its first boot installs packages and builds
-# natfwd's C extensions, minutes on a micro instance.
-_HEALTH_CHECK_GRACE_S = 600
-# How long a replica being replaced keeps its open connections before the load balancer drops them.
-_DEREGISTRATION_DELAY_S = 30
-# AWS caps load balancer and target group names at 32 characters.
-_LB_NAME_MAX = 32
 
 
 def _tags(plan: Plan, role: Role) -> list[dict[str, str]]:
@@ -80,16 +82,6 @@ def _rule(rule: Rule, inbound: bool, peer: Any = None) -> dict[str, Any]:
     if rule.description:
         entry["Description"] = rule.description
     return entry
-
-
-def _lb_name(plan: Plan, suffix: str = "") -> str:
-    """A load balancer or target group name: at most 32 characters, unique per cluster (a long cluster id is cut
-    and a digest of it added, as names are unique in the region), never starting or ending with a hyphen."""
-    name = plan.name + suffix
-    if len(name) > _LB_NAME_MAX:
-        digest = hashlib.sha256(plan.cluster_id.encode()).hexdigest()[:8]
-        name = plan.name[: _LB_NAME_MAX - len(suffix) - len(digest) - 1].rstrip("-") + f"-{digest}{suffix}"
-    return name
 
 
 def user_data(plan: Plan, public_ip: str, allocation_id: str | None = None) -> dict[str, Any]:
@@ -234,9 +226,7 @@ def _ha(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     resources[LAUNCH_TEMPLATE] = _launch_template(plan, data)
     # Each instance claims the address at boot (natfwd claim-address), so nothing associates it here; the group
     # replaces an instance whose health the box itself reports (SetInstanceHealth) or EC2 reports.
-    resources[GROUP] = _auto_scaling_group(
-        plan, 1, {"HealthCheckType": "EC2", "HealthCheckGracePeriod": _HEALTH_CHECK_GRACE_S}
-    )
+    resources[GROUP] = _auto_scaling_group(plan, 1, {"HealthCheckType": "EC2", "HealthCheckGracePeriod": GRACE_S})
     outputs = {
         "PublicAddress": {"Description": "the Elastic IP clients dial", "Value": _ref(ADDRESS)},
         "AllocationId": {
@@ -259,22 +249,22 @@ def _replicas(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     # Node ports are admitted from the load balancer's group only (its health checks come from there too), by
     # separate rules: the load balancer's group names this one in its egress, and inline both ways is a cycle.
     # SSH, when there is a key pair, comes straight from the trusted networks.
-    resources = _shared(plan, [_rule(rule, inbound=True) for rule in plan.nat_ingress if rule.from_port not in ports])
-    to_nat = [Rule.tcp(port, "sg-nat", f"{plan.cluster_id}: to natfwd") for port in ports]
+    from_balancer = [rule for rule in plan.nat_ingress if rule.peer == BALANCER_GROUP]
+    inline = [_rule(rule, inbound=True) for rule in plan.nat_ingress if rule.peer != BALANCER_GROUP]
+    resources = _shared(plan, inline)
     resources[BALANCER_SECURITY_GROUP] = {
         "Type": "AWS::EC2::SecurityGroup",
         "Properties": {
-            "GroupName": f"{plan.name}-lb",
+            "GroupName": plan.balancer_group_name,
             "GroupDescription": f"natfwd load balancer for ElastiCache cluster {plan.cluster_id}",
             "VpcId": plan.vpc_id,
-            "SecurityGroupIngress": [_rule(r, inbound=True) for r in plan.nat_ingress if r.from_port in ports],
-            "SecurityGroupEgress": [_rule(r, False, _group_id(SECURITY_GROUP)) for r in to_nat],
+            "SecurityGroupIngress": [_rule(r, inbound=True) for r in plan.balancer_ingress()],
+            "SecurityGroupEgress": [_rule(r, False, _group_id(SECURITY_GROUP)) for r in plan.balancer_egress("sg-nat")],
             "Tags": _tags(plan, "load-balancer-security-group"),
         },
     }
-    for port in ports:
-        rule = Rule.tcp(port, "sg-lb", f"{plan.cluster_id}: load balancer to natfwd")
-        resources[f"NatIngress{port}"] = {
+    for rule in from_balancer:
+        resources[f"NatIngress{rule.from_port}"] = {
             "Type": "AWS::EC2::SecurityGroupIngress",
             "Properties": {
                 "GroupId": _group_id(SECURITY_GROUP),
@@ -290,12 +280,13 @@ def _replicas(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     resources[BALANCER] = {
         "Type": "AWS::ElasticLoadBalancingV2::LoadBalancer",
         "Properties": {
-            "Name": _lb_name(plan),
+            "Name": balancer_name(plan.cluster_id),
             "Type": "network",
             "Scheme": "internet-facing",
             "IpAddressType": "ipv4",
             "SecurityGroups": [_group_id(BALANCER_SECURITY_GROUP)],
             "SubnetMappings": mappings,
+            "LoadBalancerAttributes": [{"Key": k, "Value": v} for k, v in BALANCER_ATTRIBUTES.items()],
             "Tags": _tags(plan, "load-balancer"),
         },
     }
@@ -306,18 +297,18 @@ def _replicas(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
         resources[target] = {
             "Type": "AWS::ElasticLoadBalancingV2::TargetGroup",
             "Properties": {
-                "Name": _lb_name(plan, f"-{port}"),
+                "Name": target_group_name(plan.cluster_id, port),
                 "Protocol": "TCP",
                 "Port": port,
                 "VpcId": plan.vpc_id,
                 "TargetType": "instance",
                 "HealthCheckProtocol": "TCP",
                 "HealthCheckPort": "traffic-port",
-                "TargetGroupAttributes": [
-                    # natfwd's own allowlist sees the client's address, not the load balancer's.
-                    {"Key": "preserve_client_ip.enabled", "Value": "true"},
-                    {"Key": "deregistration_delay.timeout_seconds", "Value": str(_DEREGISTRATION_DELAY_S)},
-                ],
+                "HealthCheckIntervalSeconds": HEALTH_CHECK_INTERVAL_S,
+                "HealthyThresholdCount": UNHEALTHY_CHECKS,
+                "UnhealthyThresholdCount": UNHEALTHY_CHECKS,
+                # natfwd's own allowlist sees the client's address, not the load balancer's.
+                "TargetGroupAttributes": [{"Key": k, "Value": v} for k, v in TARGET_ATTRIBUTES.items()],
                 "Tags": _tags(plan, "target-group"),
             },
         }
@@ -332,7 +323,7 @@ def _replicas(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
         }
     first = _balancer_address(0)
     resources[LAUNCH_TEMPLATE] = _launch_template(plan, user_data(plan, f"${{{first}}}"))
-    extra = {"TargetGroupARNs": groups, "HealthCheckType": "ELB", "HealthCheckGracePeriod": _HEALTH_CHECK_GRACE_S}
+    extra = {"TargetGroupARNs": groups, "HealthCheckType": "ELB", "HealthCheckGracePeriod": GRACE_S}
     resources[GROUP] = _auto_scaling_group(plan, plan.request.replicas, extra)
     resources[GROUP]["DependsOn"] = [f"Listener{port}" for port in ports]
     addresses = [_ref(_balancer_address(index)) for index in range(len(plan.subnets))]

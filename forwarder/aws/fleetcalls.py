@@ -10,6 +10,11 @@ import base64
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+# The load balancer's TCP checks on each node port: a target is out after UNHEALTHY_CHECKS failures
+# HEALTH_CHECK_INTERVAL_S apart, and back in after as many successes.
+HEALTH_CHECK_INTERVAL_S = 10
+UNHEALTHY_CHECKS = 3
+
 Tags = Sequence[tuple[str, str]]
 Filters = Mapping[str, Sequence[str]]
 
@@ -211,9 +216,9 @@ class FleetCalls:
             TargetType="instance",
             HealthCheckProtocol="TCP",
             HealthCheckPort="traffic-port",
-            HealthCheckIntervalSeconds=10,
-            HealthyThresholdCount=3,
-            UnhealthyThresholdCount=3,
+            HealthCheckIntervalSeconds=HEALTH_CHECK_INTERVAL_S,
+            HealthyThresholdCount=UNHEALTHY_CHECKS,
+            UnhealthyThresholdCount=UNHEALTHY_CHECKS,
             Tags=_tag_list(tags),
         )
         return str(created["TargetGroups"][0]["TargetGroupArn"])
