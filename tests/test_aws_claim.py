@@ -1,22 +1,34 @@
 """natfwd claim-address against a real moto server: an explicit instance, this instance through an IMDSv2 stand-in,
-idempotence, the failover of an Auto Scaling group of one, and the errors; AWS's throttling is retried."""
+idempotence, the failover of an Auto Scaling group of one, and the errors; AWS's throttling is retried. Then the
+box's side, run for real: the --ha bootstrap claims the address before natfwd starts, and natfwd-health reports a
+dead natfwd (not a dead cache node) to the group through the real AWS CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
+import os
+import shutil
+import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
-from awskit import REGION, Aws, build_world, natfwd_cli
+from awskit import EXAMPLE_PUBLIC_IP, REGION, REPO, Aws, build_world, example_plan, natfwd_cli
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
+from conftest import free_port, free_ports, wait_port, write_config
 
+from forwarder.aws import userdata
 from forwarder.aws.claim import IMDS_URL_ENV
+from forwarder.aws.plan import Plan, PortForward
 
 REPLACEMENT_TIMEOUT_S = 60.0  # only stops a hang: moto launches the replacement at once
 
@@ -177,25 +189,43 @@ def test_a_second_claim_changes_nothing(aws: Aws, subnet: str) -> None:
     assert holder(aws, allocation_id) == before
 
 
-def test_a_replacement_takes_the_address_from_its_dead_predecessor(aws: Aws) -> None:
+@dataclass
+class Group:
+    """An Auto Scaling group of one in moto, made with boto3 directly (as provision --ha would make it)."""
+
+    autoscaling: Any
+    name: str = "natfwd-c"
+
+    def members(self) -> list[str]:
+        groups = self.autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[self.name])
+        return [i["InstanceId"] for i in groups["AutoScalingGroups"][0]["Instances"]]
+
+    def health(self, instance_id: str) -> str:
+        found = self.autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])
+        status: str = found["AutoScalingInstances"][0]["HealthStatus"]
+        return status
+
+
+def group_of_one(aws: Aws) -> Group:
     world = build_world(aws, public_zones=("us-east-1b", "us-east-1c"))
-    autoscaling = boto3.client("autoscaling", endpoint_url=aws.url, region_name=REGION)
+    group = Group(boto3.client("autoscaling", endpoint_url=aws.url, region_name=REGION))
     template = aws.ec2.create_launch_template(
-        LaunchTemplateName="natfwd-c", LaunchTemplateData={"ImageId": image_id(aws), "InstanceType": "t4g.micro"}
+        LaunchTemplateName=group.name, LaunchTemplateData={"ImageId": image_id(aws), "InstanceType": "t4g.micro"}
     )["LaunchTemplate"]["LaunchTemplateId"]
-    autoscaling.create_auto_scaling_group(
-        AutoScalingGroupName="natfwd-c",
+    group.autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=group.name,
         LaunchTemplate={"LaunchTemplateId": template, "Version": "$Latest"},
         MinSize=1,
         MaxSize=1,
         DesiredCapacity=1,
         VPCZoneIdentifier=",".join(world.public_subnet_ids),
     )
+    return group
 
-    def members() -> list[str]:
-        (group,) = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["natfwd-c"])["AutoScalingGroups"]
-        return [i["InstanceId"] for i in group["Instances"]]
 
+def test_a_replacement_takes_the_address_from_its_dead_predecessor(aws: Aws) -> None:
+    group = group_of_one(aws)
+    autoscaling, members = group.autoscaling, group.members
     (first,) = members()
     allocation_id, public_ip = address(aws)
     code, out, _ = claim(aws, "--allocation-id", allocation_id, "--instance-id", first)
@@ -366,3 +396,161 @@ def test_access_denied_is_one_clear_line(aws: Aws, subnet: str, front: Front) ->
     )
     assert front.seen == 1  # a denial is not retried
     assert holder(aws, allocation_id) == (None, None)
+
+
+# -- the box: the --ha bootstrap and natfwd-health, run for real against moto and the IMDSv2 stand-in ---------------
+
+AWS_CLI = shutil.which("aws")
+
+
+def ha_plan(ports: list[int]) -> Plan:
+    plan = example_plan()
+    forwards = tuple(PortForward(port, plan.forwards[0].node) for port in ports)
+    return dataclasses.replace(plan, request=dataclasses.replace(plan.request, ha=True), forwards=forwards)
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@dataclass
+class Box:
+    """Stand-ins for the box's tools in `root`/bin: `ip` reports ens5; `systemctl` logs its arguments to
+    systemctl.log and answers `is-active` by whether the pid in natfwd.pid is alive; `natfwd` runs this checkout
+    (except `check`, which would probe the cache). `aws`, `curl` and `ss` are the real ones."""
+
+    root: Path
+    env: dict[str, str]
+
+    def run(self, script: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=self.env, timeout=300)
+
+    def systemctl(self) -> list[str]:
+        log = self.root / "systemctl.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+
+@pytest.fixture
+def box(aws: Aws, imds: Imds, tmp_path: Path) -> Box:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "ip", "#!/bin/sh\necho 'default via 10.0.0.1 dev ens5 proto dhcp src 10.0.0.10 metric 512'\n")
+    _executable(
+        bin_dir / "systemctl",
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n'
+        f'[ "$1" != is-active ] || kill -0 "$(cat {tmp_path}/natfwd.pid 2>/dev/null)" 2>/dev/null\n',
+    )
+    _executable(
+        bin_dir / "natfwd",
+        f'#!/bin/sh\n[ "$1" = check ] && exit 1\nPYTHONPATH={REPO} exec {sys.executable} -m forwarder "$@"\n',
+    )
+    env = aws.cli_env()
+    # The instance role as far as the box can tell: boto3 and the AWS CLI both take moto as AWS.
+    env.update({"AWS_ENDPOINT_URL": aws.url, IMDS_URL_ENV: imds.url})
+    env["PATH"] = os.pathsep.join(filter(None, [str(bin_dir), os.path.dirname(AWS_CLI or ""), env["PATH"]]))
+    (tmp_path / "etc").mkdir()
+    return Box(tmp_path, env)
+
+
+def bootstrap(box: Box, plan: Plan, allocation_id: str) -> str:
+    """The --ha bootstrap from the interface step on (the venv and pip steps need the network), on box paths."""
+    (box.root / "etc" / "natfwd.yaml").write_text(userdata.render_config(plan, EXAMPLE_PUBLIC_IP))
+    script = userdata.render_bootstrap(plan, allocation_id)
+    body = script[script.index("iface=") :]
+    body = body.replace("/opt/natfwd/bin/natfwd", str(box.root / "bin" / "natfwd"))
+    return "set -eu\n" + body.replace("/etc/natfwd/", f"{box.root}/etc/")
+
+
+def test_the_ha_bootstrap_claims_the_address_then_starts_natfwd(aws: Aws, subnet: str, imds: Imds, box: Box) -> None:
+    imds.instance_id = instance(aws, subnet)
+    allocation_id, public_ip = address(aws)
+    done = box.run(bootstrap(box, ha_plan([11211, 11212, 11213]), allocation_id))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"claimed {public_ip} ({allocation_id}) for {imds.instance_id} (was not associated)\n"
+    assert holder(aws, allocation_id)[0] == imds.instance_id
+    assert box.systemctl() == ["daemon-reload", "enable --now natfwd.service", "enable --now natfwd-health.timer"]
+    assert ("GET", "/latest/meta-data/instance-id", 200) in imds.requests
+
+
+def test_an_ha_box_that_cannot_claim_gives_up_and_leaves_it_to_the_health_check(
+    aws: Aws, subnet: str, imds: Imds, box: Box
+) -> None:
+    imds.instance_id = instance(aws, subnet)
+    script = bootstrap(box, ha_plan([11211]), "eipalloc-0123456789abcdef0")
+    # Two tries, no pause, instead of 30 tries 10 s apart.
+    tries, pause = f"-ge {userdata.CLAIM_ATTEMPTS} ]", f"sleep {userdata.CLAIM_PAUSE_S}\n"
+    assert script.count(tries) == 1 and script.count(pause) == 1
+    done = box.run(script.replace(tries, "-ge 2 ]").replace(pause, "sleep 0\n"))
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    unknown = "natfwd: error: no Elastic IP with allocation id eipalloc-0123456789abcdef0 in us-east-1; check"
+    assert sum(line.startswith(unknown) for line in lines) == 2, done.stderr
+    assert lines[-1] == "natfwd: could not claim the Elastic IP; natfwd-health will report this instance unhealthy"
+    # natfwd never started; the health check did, and it will find natfwd down.
+    assert box.systemctl() == ["daemon-reload", "enable --now natfwd-health.timer"]
+
+
+@pytest.mark.skipif(AWS_CLI is None, reason="needs the AWS CLI (aws), as on Amazon Linux")
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (Debian package iproute2)")
+def test_health_reports_a_dead_natfwd_and_not_a_dead_cache_node(aws: Aws, imds: Imds, box: Box) -> None:
+    group = group_of_one(aws)
+    (imds.instance_id,) = group.members()
+    ports = free_ports(2)
+    state = box.root / "failures"
+    script = userdata.render_health(ha_plan(ports)).replace(userdata.HEALTH_STATE_PATH, str(state))
+    assert str(state) in script
+    # natfwd serving both ports; its cache node is down (nothing listens on the target).
+    config = write_config(box.root / "natfwd.yaml", [(port, f"127.0.0.1:{free_port()}") for port in ports])
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "serve", "--config", str(config)],
+        env=aws.cli_env(), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for port in ports:
+            wait_port("127.0.0.1", port, process=serve)
+        (box.root / "natfwd.pid").write_text(str(serve.pid))
+        for _ in range(userdata.HEALTH_FAILURES + 1):
+            done = box.run(script)
+            assert (done.returncode, done.stderr) == (0, "")
+        assert state.read_text() == "0\n"
+        assert group.health(imds.instance_id) == "Healthy"
+    finally:
+        serve.kill()
+        serve.wait(timeout=30)
+
+    # natfwd down: the first failed checks are only counted; the last one reports the instance.
+    for failures in range(1, userdata.HEALTH_FAILURES):
+        done = box.run(script)
+        assert done.returncode == 0, done.stderr
+        assert f"natfwd is down ({failures} failed checks in a row" in done.stderr
+        assert group.health(imds.instance_id) == "Healthy"
+    assert imds.requests == []
+    done = box.run(script)
+    assert done.returncode == 0, done.stderr
+    assert f"reporting {imds.instance_id} Unhealthy to its Auto Scaling group" in done.stderr
+    assert group.health(imds.instance_id) == "Unhealthy"
+    assert imds.requests == [("PUT", "/latest/api/token", 200), ("GET", "/latest/meta-data/instance-id", 200)]
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (Debian package iproute2)")
+def test_health_counts_a_lost_listener_and_forgets_failures_once_natfwd_is_back(imds: Imds, box: Box) -> None:
+    ports = free_ports(2)
+    state = box.root / "failures"
+    script = userdata.render_health(ha_plan(ports)).replace(userdata.HEALTH_STATE_PATH, str(state))
+    (box.root / "natfwd.pid").write_text(str(os.getpid()))  # natfwd.service "active"
+    import socket
+
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", ports[0]))
+        first.listen()
+        # One of the two listeners: the service is active but a forward is not served.
+        done = box.run(script)
+        assert "natfwd is down (1 failed checks in a row" in done.stderr
+        with socket.socket() as second:
+            second.bind(("127.0.0.1", ports[1]))
+            second.listen()
+            done = box.run(script)
+            assert (done.returncode, done.stderr) == (0, "")
+    assert state.read_text() == "0\n"
+    assert imds.requests == []
