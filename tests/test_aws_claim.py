@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from awskit import EXAMPLE_PUBLIC_IP, REGION, REPO, Aws, build_world, example_pl
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
 from conftest import free_port, free_ports, wait_port, write_config
+from imdskit import Imds, serving_imds
 
 from forwarder.aws import userdata
 from forwarder.aws.claim import IMDS_URL_ENV
@@ -33,66 +34,10 @@ from forwarder.aws.plan import Plan, PortForward
 REPLACEMENT_TIMEOUT_S = 60.0  # only stops a hang: moto launches the replacement at once
 
 
-# -- an IMDSv2 stand-in: a session token from PUT, and only GETs that present it are answered -------------------
-
-
-@dataclass
-class Imds:
-    url: str
-    instance_id: str = ""
-    region: str = REGION
-    token: str = "natfwd-test-token"
-    requests: list[tuple[str, str, int]] = field(default_factory=list)
-
-
-class _ImdsHandler(http.server.BaseHTTPRequestHandler):
-    imds: Imds
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: str = "") -> None:
-        self.imds.requests.append((self.command, self.path, status))
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_PUT(self) -> None:
-        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-            self._answer(200, self.imds.token)
-        else:
-            self._answer(400)
-
-    def do_GET(self) -> None:
-        # IMDSv2 only, as `HttpTokens: required` makes it: no token, no answer.
-        if self.headers.get("X-aws-ec2-metadata-token") != self.imds.token:
-            self._answer(401)
-            return
-        answers = {
-            "/latest/meta-data/instance-id": self.imds.instance_id,
-            "/latest/meta-data/placement/region": self.imds.region,
-        }
-        if self.path in answers:
-            self._answer(200, answers[self.path])
-        else:
-            self._answer(404)
-
-
 @pytest.fixture
 def imds() -> Iterator[Imds]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImdsHandler)
-    state = Imds(f"http://127.0.0.1:{server.server_address[1]}")
-    server.RequestHandlerClass = type("Handler", (_ImdsHandler,), {"imds": state})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_imds() as state:
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_the_imds_stand_in_refuses_imdsv1(imds: Imds) -> None:
