@@ -174,6 +174,16 @@ def test_ha_claims_the_address_before_natfwd_starts() -> None:
     assert script.index("systemctl daemon-reload\n") < script.index(claim)
     assert script.index(claim) < script.index("systemctl enable --now natfwd.service\n")
     assert f'if [ "$tries" -ge {userdata.CLAIM_ATTEMPTS} ]; then\n' in script
+    # claim-address needs boto3: natfwd's aws extra, or boto3 beside a --package.
+    sdist = "/opt/natfwd/dist/natfwd-0.1.0.tar.gz"
+    assert f"--disable-pip-version-check '{sdist}[aws]'\n" in script
+    with_package = dataclasses.replace(layout_plan("ha"), artefact=None)
+    with_package = dataclasses.replace(
+        with_package, request=dataclasses.replace(with_package.request, package="natfwd==0.1.0")
+    )
+    assert " natfwd==0.1.0 'boto3>=1.28'\n" in userdata.render_bootstrap(with_package, ALLOCATION_ID)
+    for layout in ("single", "replicas"):
+        assert "boto3" not in userdata.render_bootstrap(layout_plan(layout), ALLOCATION_ID)
     # The other layouts claim nothing: a single instance gets its address from provision, replicas use the NLB's.
     for layout in ("single", "replicas"):
         assert "claim-address" not in userdata.render(layout_plan(layout), EXAMPLE_PUBLIC_IP, ALLOCATION_ID)

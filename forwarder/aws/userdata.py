@@ -156,16 +156,18 @@ def render_config(plan: Plan, public_ip: str) -> str:
 def _install_lines(plan: Plan) -> list[str]:
     """Fetch natfwd from the cluster's bucket with the instance role, check its sha256, install it."""
     pip = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check"
+    # --ha: claim-address calls EC2 with boto3, natfwd's aws extra.
+    ha = plan.layout == "ha"
     artefact = plan.artefact
     if artefact is None:
-        return [f"{pip} {shlex.quote(str(plan.request.package))}"]
+        return [f"{pip} {shlex.quote(str(plan.request.package))}" + (" 'boto3>=1.28'" if ha else "")]
     path = f"{DIST_DIR}/{artefact.filename}"
     return [
         "# natfwd as provision built it, read with the instance role; installed only if its sha256 matches.",
         f"mkdir -p {DIST_DIR}",
         f"aws s3 cp --only-show-errors --region {plan.region} {artefact.url} {path}",
         f'echo "{artefact.sha256}  {path}" | sha256sum --check --strict',
-        f"{pip} {path}",
+        f"{pip} {shlex.quote(path + '[aws]') if ha else path}",
     ]
 
 
