@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -272,10 +272,12 @@ class Front:
     status: int = 503
     errors: int = 0
     seen: int = 0
+    actions: list[str] = field(default_factory=list)  # the EC2 API operations that reached moto
 
 
 @pytest.fixture
 def front(aws: Aws) -> Iterator[Front]:
+    import urllib.parse
     import urllib.request
 
     state: Front
@@ -294,6 +296,7 @@ def front(aws: Aws) -> Iterator[Front]:
                 ).encode()
                 status = state.status
             else:
+                state.actions += urllib.parse.parse_qs(body.decode())["Action"]
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 request = urllib.request.Request(aws.url + self.path, data=body, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=30) as answer:
@@ -499,3 +502,35 @@ def test_health_counts_a_lost_listener_and_forgets_failures_once_natfwd_is_back(
             assert (done.returncode, done.stderr) == (0, "")
     assert state.read_text() == "0\n"
     assert imds.requests == []
+
+
+def test_the_api_calls_a_claim_makes(aws: Aws, subnet: str, front: Front) -> None:
+    """DescribeAddresses, then AssociateAddress only when the address is elsewhere: what the instance role needs."""
+    instance_id = instance(aws, subnet)
+    allocation_id, _ = address(aws)
+    args = [
+        "claim-address",
+        "--endpoint-url",
+        front.url,
+        "--allocation-id",
+        allocation_id,
+        "--instance-id",
+        instance_id,
+    ]
+    assert natfwd_cli(aws, *args).returncode == 0
+    assert front.actions == ["DescribeAddresses", "AssociateAddress"]
+    front.actions.clear()
+    done = natfwd_cli(aws, *args)
+    assert done.returncode == 0 and done.stdout.startswith("already claimed:")
+    assert front.actions == ["DescribeAddresses"]  # no write when the address is already here
+
+
+def test_an_address_on_a_bare_network_interface_is_taken_too(aws: Aws, subnet: str) -> None:
+    instance_id = instance(aws, subnet)
+    allocation_id, public_ip = address(aws)
+    eni = aws.ec2.create_network_interface(SubnetId=subnet)["NetworkInterface"]["NetworkInterfaceId"]
+    aws.ec2.associate_address(AllocationId=allocation_id, NetworkInterfaceId=eni)
+    code, out, err = claim(aws, "--allocation-id", allocation_id, "--instance-id", instance_id)
+    assert (code, err) == (0, "")
+    assert out == f"claimed {public_ip} ({allocation_id}) for {instance_id} (was on {eni})\n"
+    assert holder(aws, allocation_id)[0] == instance_id

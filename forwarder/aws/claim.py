@@ -31,7 +31,7 @@ _DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "Au
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """What claim() found and did: `previous` is the instance that held the address (None: nobody)."""
+    """What claim() found and did: `previous` held the address (an instance, else a network interface; None: nobody)."""
 
     public_ip: str
     allocation_id: str
@@ -185,7 +185,8 @@ def claim(ec2: _Ec2, allocation_id: str, instance_id: str) -> Claim:
     """
     address = ec2.address(allocation_id)
     public_ip = str(address.get("PublicIp", "?"))
-    holder = address.get("InstanceId") or None
+    # An address can also sit on a network interface of no instance (or of one that is gone).
+    holder = address.get("InstanceId") or address.get("NetworkInterfaceId") or None
     if holder == instance_id:
         return Claim(public_ip, allocation_id, instance_id, holder, changed=False)
     ec2.associate(allocation_id, instance_id)
