@@ -26,6 +26,7 @@ from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
 from conftest import free_port, free_ports, wait_port, write_config
 from imdskit import Imds, serving_imds
+from labkit import root, unique_name
 
 from forwarder.aws import userdata
 from forwarder.aws.claim import IMDS_URL_ENV
@@ -349,6 +350,7 @@ def test_access_denied_is_one_clear_line(aws: Aws, subnet: str, front: Front) ->
 # -- the box: the --ha bootstrap and natfwd-health, run for real against moto and the IMDSv2 stand-in ---------------
 
 AWS_CLI = shutil.which("aws")
+IP = shutil.which("ip") or "/usr/sbin/ip"
 
 
 def ha_plan(ports: list[int]) -> Plan:
@@ -534,3 +536,36 @@ def test_an_address_on_a_bare_network_interface_is_taken_too(aws: Aws, subnet: s
     assert (code, err) == (0, "")
     assert out == f"claimed {public_ip} ({allocation_id}) for {instance_id} (was on {eni})\n"
     assert holder(aws, allocation_id)[0] == instance_id
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A network namespace of its own (no interfaces up, no route anywhere), deleted afterwards."""
+    name = f"{unique_name('hc')}-nat"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (Debian package nftables)")
+@root
+def test_kernel_health_looks_for_serves_nftables_table(imds: Imds, box: Box, namespace: str) -> None:
+    plan = ha_plan([11211])
+    plan = dataclasses.replace(plan, request=dataclasses.replace(plan.request, mode="kernel"))
+    state = box.root / "failures"
+    script = userdata.render_health(plan).replace(userdata.HEALTH_STATE_PATH, str(state))
+    (box.root / "natfwd.pid").write_text(str(os.getpid()))  # natfwd.service "active"
+
+    def check() -> subprocess.CompletedProcess[str]:
+        # IP, not `ip`: the box's PATH has the stand-in first.
+        return subprocess.run([IP, "netns", "exec", namespace, "sh", "-c", script], capture_output=True,
+                              text=True, env=box.env, timeout=60)  # fmt: skip
+
+    # No listener on 11211, as on the kernel path; without serve's table, natfwd is down.
+    assert "natfwd is down (1 failed checks in a row" in check().stderr
+    subprocess.run(["ip", "netns", "exec", namespace, "nft", "add", "table", "inet", "natfwd_serve"], check=True)
+    done = check()
+    assert (done.returncode, done.stderr) == (0, "")
+    assert state.read_text() == "0\n"
