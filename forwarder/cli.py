@@ -147,6 +147,13 @@ def _cmd_destroy(args: argparse.Namespace) -> int:
     return commands.destroy_resources(args, sys.stdin, sys.stdout, sys.stderr)
 
 
+def _cmd_claim_address(args: argparse.Namespace) -> int:
+    from forwarder.aws import claim
+
+    print(claim.run(args.allocation_id, args.instance_id, args.region, args.endpoint_url).describe())
+    return EXIT_OK
+
+
 def _cmd_completion(args: argparse.Namespace) -> int:
     from argcomplete.shell_integration import shellcode
 
@@ -200,6 +207,10 @@ examples:
     "destroy": """\
 examples:
   natfwd destroy --cluster-id mycluster --region us-east-1""",
+    "claim-address": """\
+examples:
+  natfwd claim-address --allocation-id eipalloc-0123456789abcdef0 --region us-east-1   # on the instance
+  natfwd claim-address --allocation-id eipalloc-0123456789abcdef0 --instance-id i-0123456789abcdef0""",
     "completion": """\
 examples:
   source <(natfwd completion bash)                       # this shell; add it to ~/.bashrc to keep it
@@ -380,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Remove everything provision created for a cluster, found by its tags, in dependency order.",
         parents=[aws_common],
     )
+
+    claim = command(
+        "claim-address",
+        _cmd_claim_address,
+        "Associate an Elastic IP with this instance, taking it from any other; what an --ha instance runs at boot.",
+        "Associate an Elastic IP with this instance (its id from IMDSv2 unless --instance-id), taking it from any "
+        "other instance. Idempotent: an address already here is left alone.",
+    )
+    claim.add_argument("--allocation-id", required=True, metavar="ID", help="the Elastic IP's allocation id")
+    claim.add_argument(
+        "--instance-id", default=None, metavar="ID", help="the instance (default: this one, from IMDSv2)"
+    )
+    claim.add_argument(
+        "--region", default=None, help="AWS region (default: the AWS config's, else this instance's from IMDSv2)"
+    )
+    claim.add_argument("--endpoint-url", default=None, metavar="URL", help="any AWS-compatible endpoint")
 
     completion = command(
         "completion",

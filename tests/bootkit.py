@@ -4,10 +4,11 @@
 (`ip netns exec NAT unshare --mount --propagation private`): it lays writable overlays on /etc, /opt and /usr/local
 whose upper layers live in a tmpfs under ROOT, so nothing the box writes reaches this host's files, then does what
 cloud-init does with ROOT/user-data: packages (through the dnf stand-in), write_files, runcmd.
-`python bootkit.py systemctl ARGS` is the systemctl the box sees: `enable --now UNIT` reads the unit and its drop-ins
+`python bootkit.py systemctl ARGS` is the systemctl the box sees: `enable --now NAME.service` reads the unit and its drop-ins
 (UNIT.d/*.conf), runs each ExecStartPre (as root: the box has no sandbox to step out of for `+`), then starts
 ExecStart as systemd would for Type=notify (LoadCredential= copies into $CREDENTIALS_DIRECTORY, $NOTIFY_SOCKET,
-waiting for READY=1), records its pid in ROOT/service.pid and leaves it running; other commands are only recorded.
+waiting for READY=1), records its pid in ROOT/service.pid and leaves it running; other commands (a timer's
+`enable --now` too) are only recorded.
 The service keeps only the capabilities of CapabilityBoundingSet (still uid 0: the stand-in has no DynamicUser), and
 ProtectKernelTunables=yes makes /proc/sys read-only for it alone, so a missing capability or sysctl step fails here
 as it would under systemd.
@@ -124,7 +125,7 @@ def _exec_start_pre(root: Path, unit: dict[str, list[str]]) -> int:
 
 def systemctl(root: Path, args: list[str]) -> int:
     _record(root, ["systemctl", *args])
-    if args[:2] != ["enable", "--now"]:
+    if args[:2] != ["enable", "--now"] or not args[2].endswith(".service"):
         return 0
     unit = _unit(Path("/etc/systemd/system") / args[2])
     assert unit["Type"] == ["notify"], unit.get("Type")

@@ -21,10 +21,14 @@ import pytest
 from awskit import REGION, TRUSTED, Aws, build_world, memcached_cluster, node_name
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
+from imdskit import serving_imds
 from labkit import ROOT_MARKS, memcached_client, running_lab
 from moto.server import ThreadedMotoServer
 
 from forwarder import cli, iptables, kernelpath, netns
+from forwarder.aws import survey, userdata
+from forwarder.aws.claim import IMDS_URL_ENV
+from forwarder.aws.plan import ProvisionRequest, parse_trusted_cidrs
 from forwarder.lab import CLIENT_ADDRESS, PUBLIC_ADDRESS, PUBLIC_INTERFACE, Lab
 
 HERE = Path(__file__).resolve().parent
@@ -84,8 +88,11 @@ def _stubs(root: Path) -> Path:
     return stubs
 
 
-def boot(lab: Lab, root: Path, text: str, endpoint: str, hosts: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run the user data in the lab's NAT namespace, in a private mount namespace (see bootkit.py)."""
+def boot(
+    lab: Lab, root: Path, text: str, endpoint: str, hosts: dict[str, str], more_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the user data in the lab's NAT namespace, in a private mount namespace (see bootkit.py); `more_env` is
+    added to the box's environment."""
     (root / "user-data").write_text(text)
     (root / "hosts").write_text(
         "127.0.0.1 localhost\n" + "".join(f"{address} {name}\n" for name, address in hosts.items())
@@ -107,6 +114,7 @@ def boot(lab: Lab, root: Path, text: str, endpoint: str, hosts: dict[str, str]) 
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "PIP_DEFAULT_TIMEOUT": "5",
     }
+    env.update(more_env or {})
     for name in ("PIP_FIND_LINKS", "PIP_CERT", "PYENV_ROOT", "PYENV_VERSION"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -237,6 +245,57 @@ def test_a_tampered_artefact_is_not_installed(
     assert "FAILED" in done.stdout + done.stderr  # sha256sum --check
     assert not any(line.startswith("systemctl") for line in (root / "commands.log").read_text().splitlines())
     assert not (root / "service.pid").exists()
+
+
+@booted
+def test_an_ha_instance_boots_claims_the_address_and_serves_in_the_lab(
+    aws: Aws, lab: Lab, moto_in_nat: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ha's user data: the box takes the Elastic IP from the instance holding it (through IMDSv2 and moto), then
+    starts natfwd and its health timer. provision (single) made the bucket, the artefact and that other instance."""
+    world = build_world(aws, public_zones=("us-east-1b", "us-east-1c"))
+    names = memcached_cluster(aws, world)
+    assert cli.main(["provision", "--cluster-id", "mycluster", "--trusted-cidr", TRUSTED, "--yes",
+                     "--endpoint-url", aws.url, "--region", REGION]) == 0  # fmt: skip
+    capsys.readouterr()
+    predecessor = only_instance(aws)
+    (eip,) = aws.ec2.describe_addresses(Filters=[{"Name": "tag:natfwd:cluster-id", "Values": ["mycluster"]}])[
+        "Addresses"
+    ]
+    assert eip["InstanceId"] == predecessor["InstanceId"]
+    request = ProvisionRequest(cluster_id="mycluster", trusted_cidrs=parse_trusted_cidrs([TRUSTED]), ha=True)
+    plan = survey.prepare(aws.client, request)
+    text = userdata.render(plan, PUBLIC_ADDRESS, eip["AllocationId"])
+    successor = aws.ec2.run_instances(
+        ImageId=predecessor["ImageId"], InstanceType="t4g.micro", MinCount=1, MaxCount=1,
+        SubnetId=world.public_subnet_ids[1],
+    )["Instances"][0]["InstanceId"]  # fmt: skip
+    root = tmp_path / "box"
+    root.mkdir()
+    hosts = {name: node.address for name, node in zip(names, lab.nodes, strict=True)}
+    try:
+        with serving_imds(lab.nat) as imds:
+            imds.instance_id = successor
+            done = boot(lab, root, text, moto_in_nat, hosts, {IMDS_URL_ENV: imds.url})
+        service_log = (root / "service.log").read_text() if (root / "service.log").exists() else ""
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:] + service_log[-3000:]
+        claimed = (
+            f"claimed {eip['PublicIp']} ({eip['AllocationId']}) for {successor} (was on {predecessor['InstanceId']})"
+        )
+        assert claimed in done.stdout.splitlines()
+        assert ("GET", "/latest/meta-data/instance-id", 200) in imds.requests
+        (moved,) = aws.ec2.describe_addresses(AllocationIds=[eip["AllocationId"]])["Addresses"]
+        assert moved["InstanceId"] == successor
+        commands = (root / "commands.log").read_text().splitlines()
+        started = commands.index("systemctl enable --now natfwd.service")
+        assert commands[started + 1 :].count("systemctl enable --now natfwd-health.timer") == 1
+        assert "notify READY=1 STATUS=serving" in commands
+        for index, node in enumerate(lab.nodes):
+            with memcached_client(PUBLIC_ADDRESS, node.public_port, lab.client) as client:
+                client.set("boot-ha", f"node{index}")
+                assert client.get("boot-ha") == f"node{index}".encode()
+    finally:
+        _kill_service(root)
 
 
 @pytest.mark.skipif(shutil.which("cloud-init") is None, reason="needs cloud-init (Debian package cloud-init)")

@@ -16,10 +16,12 @@ from awskit import EXAMPLE_PUBLIC_IP, EXAMPLE_SHA256, REPO, TRUSTED, example_pla
 
 from forwarder import config
 from forwarder.aws import userdata
-from forwarder.aws.plan import PortForward, parse_package
+from forwarder.aws.plan import Plan, PortForward, parse_package
 from forwarder.errors import UsageError
 
 EXAMPLE = REPO / "deploy" / "cloud-init.example.yaml"
+HA_EXAMPLE = REPO / "deploy" / "cloud-init-ha.example.yaml"
+ALLOCATION_ID = "eipalloc-0123456789abcdef0"
 UNIT = REPO / "deploy" / "natfwd.service"
 DROP_IN = REPO / "deploy" / "natfwd.service.d" / "kernel-path.conf"
 NODES = [f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com" for n in (1, 2, 3)]
@@ -66,6 +68,20 @@ def test_example_in_deploy_is_in_sync() -> None:
     python -c "import awskit; from forwarder.aws import userdata; print(userdata.render(awskit.example_plan(),
     awskit.EXAMPLE_PUBLIC_IP), end='')" > ../deploy/cloud-init.example.yaml"""
     assert EXAMPLE.read_text() == userdata.render(example_plan(), EXAMPLE_PUBLIC_IP)
+
+
+def layout_plan(layout: str, mode: str = "userspace") -> Plan:
+    """The example plan in another layout: the user data does not depend on the zones or the load balancer."""
+    plan = example_plan(mode)
+    request = dataclasses.replace(plan.request, ha=layout == "ha", replicas=2 if layout == "replicas" else 1)
+    return dataclasses.replace(plan, request=request)
+
+
+def test_ha_example_in_deploy_is_in_sync() -> None:
+    """deploy/cloud-init-ha.example.yaml is this exact rendering; regenerate it from tests/ with
+    python -c "import test_aws_userdata as t; from forwarder.aws import userdata; print(userdata.render(
+    t.layout_plan('ha'), t.EXAMPLE_PUBLIC_IP, t.ALLOCATION_ID), end='')" > ../deploy/cloud-init-ha.example.yaml"""
+    assert HA_EXAMPLE.read_text() == userdata.render(layout_plan("ha"), EXAMPLE_PUBLIC_IP, ALLOCATION_ID)
 
 
 def test_userspace_user_data_is_cloud_config() -> None:
@@ -126,6 +142,74 @@ def test_user_data_fits_the_ec2_limit_for_a_large_cluster() -> None:
     plan = example_plan()
     many = tuple(PortForward(11211 + n, plan.forwards[0].node) for n in range(40))
     text = userdata.render(dataclasses.replace(plan, forwards=many), EXAMPLE_PUBLIC_IP)
+    assert len(text.encode()) < 16384  # EC2 rejects user data over 16 KB
+
+
+HEALTH_FILES = [userdata.HEALTH_PATH, userdata.HEALTH_SERVICE_PATH, userdata.HEALTH_TIMER_PATH]
+
+
+@pytest.mark.parametrize("layout", ["ha", "replicas"])
+def test_a_group_member_runs_the_health_check(layout: str) -> None:
+    text = userdata.render(layout_plan(layout), EXAMPLE_PUBLIC_IP, ALLOCATION_ID if layout == "ha" else None)
+    files = files_of(text)
+    assert list(files) == [userdata.CONFIG_PATH, userdata.UNIT_PATH, *HEALTH_FILES, userdata.BOOTSTRAP_PATH]
+    assert files[userdata.HEALTH_PATH]["permissions"] == "0755"
+    assert files[userdata.HEALTH_PATH]["content"] == userdata.render_health(layout_plan(layout))
+    assert files[userdata.HEALTH_SERVICE_PATH]["content"] == userdata.HEALTH_SERVICE
+    assert files[userdata.HEALTH_TIMER_PATH]["content"] == userdata.HEALTH_TIMER
+    # The same config as the single layout: the address is the Elastic IP (ha) or the load balancer's (replicas).
+    assert files[userdata.CONFIG_PATH]["content"] == EXPECTED_CONFIG
+    script = files[userdata.BOOTSTRAP_PATH]["content"]
+    # The health check starts after natfwd: the last line.
+    assert script.endswith("systemctl enable --now natfwd.service\nsystemctl enable --now natfwd-health.timer\n")
+    health = files[userdata.HEALTH_PATH]["content"]
+    assert "for port in 11211 11212 11213; do\n" in health
+    assert 'set-instance-health --region us-east-1 --instance-id "$instance" --health-status Unhealthy' in health
+    assert f'[ "$failures" -ge {userdata.HEALTH_FAILURES} ] || exit 0\n' in health
+
+
+def test_ha_claims_the_address_before_natfwd_starts() -> None:
+    script = userdata.render_bootstrap(layout_plan("ha"), ALLOCATION_ID)
+    claim = f"until /opt/natfwd/bin/natfwd claim-address --allocation-id {ALLOCATION_ID} --region us-east-1; do\n"
+    assert script.index("systemctl daemon-reload\n") < script.index(claim)
+    assert script.index(claim) < script.index("systemctl enable --now natfwd.service\n")
+    assert f'if [ "$tries" -ge {userdata.CLAIM_ATTEMPTS} ]; then\n' in script
+    # claim-address needs boto3: natfwd's aws extra, or boto3 beside a --package.
+    sdist = "/opt/natfwd/dist/natfwd-0.1.0.tar.gz"
+    assert f"--disable-pip-version-check '{sdist}[aws]'\n" in script
+    with_package = dataclasses.replace(layout_plan("ha"), artefact=None)
+    with_package = dataclasses.replace(
+        with_package, request=dataclasses.replace(with_package.request, package="natfwd==0.1.0")
+    )
+    assert " natfwd==0.1.0 'boto3>=1.28'\n" in userdata.render_bootstrap(with_package, ALLOCATION_ID)
+    for layout in ("single", "replicas"):
+        assert "boto3" not in userdata.render_bootstrap(layout_plan(layout), ALLOCATION_ID)
+    # The other layouts claim nothing: a single instance gets its address from provision, replicas use the NLB's.
+    for layout in ("single", "replicas"):
+        assert "claim-address" not in userdata.render(layout_plan(layout), EXAMPLE_PUBLIC_IP, ALLOCATION_ID)
+
+
+def test_ha_needs_the_allocation_id() -> None:
+    with pytest.raises(ValueError, match="allocation_id"):
+        userdata.render(layout_plan("ha"), EXAMPLE_PUBLIC_IP)
+
+
+def test_the_single_layout_has_no_health_check() -> None:
+    text = userdata.render(example_plan(), EXAMPLE_PUBLIC_IP)
+    assert "natfwd-health" not in text and "claim-address" not in text
+
+
+def test_kernel_health_check_looks_for_serves_table() -> None:
+    health = userdata.render_health(layout_plan("ha", "kernel"))
+    assert "    nft list table inet natfwd_serve >/dev/null 2>&1 || return 1\n" in health
+    assert "ss -Hlnt" not in health
+
+
+@pytest.mark.parametrize("layout", ["ha", "replicas"])
+def test_group_user_data_fits_the_ec2_limit_for_a_large_cluster(layout: str) -> None:
+    plan = layout_plan(layout)
+    many = tuple(PortForward(11211 + n, plan.forwards[0].node) for n in range(40))
+    text = userdata.render(dataclasses.replace(plan, forwards=many), EXAMPLE_PUBLIC_IP, ALLOCATION_ID)
     assert len(text.encode()) < 16384  # EC2 rejects user data over 16 KB
 
 
@@ -207,8 +291,13 @@ def _run_after_install(script: str, sandbox: Path) -> subprocess.CompletedProces
 
 
 def test_bootstrap_scripts_are_valid_sh() -> None:
+    scripts = []
     for mode in ("userspace", "kernel"):
-        script = userdata.render_bootstrap(example_plan(mode))
+        scripts.append(userdata.render_bootstrap(example_plan(mode)))
+        for layout in ("ha", "replicas"):
+            scripts.append(userdata.render_bootstrap(layout_plan(layout, mode), ALLOCATION_ID))
+            scripts.append(userdata.render_health(layout_plan(layout, mode)))
+    for script in scripts:
         assert script.startswith("#!/bin/sh\n")
         done = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, timeout=10)
         assert done.returncode == 0, done.stderr
@@ -300,6 +389,17 @@ def test_unit_passes_systemd_analyze(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian package systemd)")
+def test_health_units_pass_systemd_analyze(tmp_path: Path) -> None:
+    (tmp_path / "natfwd-health.service").write_text(userdata.HEALTH_SERVICE.replace(userdata.HEALTH_PATH, "/bin/true"))
+    (tmp_path / "natfwd-health.timer").write_text(userdata.HEALTH_TIMER)
+    units = [str(tmp_path / "natfwd-health.service"), str(tmp_path / "natfwd-health.timer")]
+    done = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # natfwd.service is not here: the only complaint allowed is that After= names a unit it cannot find.
+    assert all("natfwd.service" in line for line in done.stderr.splitlines()), done.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian package systemd)")
 def test_unit_with_kernel_drop_in_passes_systemd_analyze(tmp_path: Path) -> None:
     unit = tmp_path / "natfwd.service"
     unit.write_text(userdata.SYSTEMD_UNIT.replace(f"{userdata.VENV}/bin/natfwd", "/bin/true"))
@@ -320,3 +420,15 @@ def test_unit_with_kernel_drop_in_passes_systemd_analyze(tmp_path: Path) -> None
         timeout=60,
     )
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("cloud-init") is None, reason="needs cloud-init (Debian package cloud-init)")
+@pytest.mark.parametrize("layout", ["ha", "replicas"])
+def test_group_user_data_passes_cloud_init_schema(tmp_path: Path, layout: str) -> None:
+    path = tmp_path / "user-data"
+    path.write_text(userdata.render(layout_plan(layout), EXAMPLE_PUBLIC_IP, ALLOCATION_ID))
+    done = subprocess.run(
+        ["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("Valid cloud-config:")

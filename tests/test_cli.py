@@ -17,7 +17,7 @@ from conftest import free_port, wait_port, write_config
 from forwarder import cli, config
 
 NATFWD = [sys.executable, "-m", "forwarder"]
-COMMANDS = ("serve", "emit-iptables", "check", "lab", "provision", "destroy", "completion")
+COMMANDS = ("serve", "emit-iptables", "check", "lab", "provision", "destroy", "claim-address", "completion")
 
 
 def natfwd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

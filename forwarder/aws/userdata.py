@@ -2,7 +2,9 @@
 
 The systemd unit text and its kernel-path drop-in live here so the package can ship them; deploy/natfwd.service
 and deploy/natfwd.service.d/kernel-path.conf are copies that a test keeps equal, and
-deploy/cloud-init.example.yaml is a rendered example that a test keeps in sync.
+deploy/cloud-init.example.yaml (and cloud-init-ha.example.yaml, for --ha) are rendered examples that a test keeps in
+sync. In an Auto Scaling group (--ha, --replicas) the box also runs a health check that reports it unhealthy to
+the group when natfwd stays down, and with --ha it claims the Elastic IP before natfwd starts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shlex
 import textwrap
 
 from forwarder.aws.plan import Plan
+from forwarder.iptables import SERVE_TABLE
 
 CONFIG_PATH = "/etc/natfwd/natfwd.yaml"
 UNIT_PATH = "/etc/systemd/system/natfwd.service"
@@ -19,6 +22,18 @@ KERNEL_DROP_IN_PATH = "/etc/systemd/system/natfwd.service.d/kernel-path.conf"
 VENV = "/opt/natfwd"
 DIST_DIR = "/opt/natfwd/dist"
 METRICS_LISTEN = "127.0.0.1:9108"
+HEALTH_PATH = "/usr/local/sbin/natfwd-health"
+HEALTH_SERVICE_PATH = "/etc/systemd/system/natfwd-health.service"
+HEALTH_TIMER_PATH = "/etc/systemd/system/natfwd-health.timer"
+HEALTH_STATE_PATH = "/run/natfwd-health.failures"
+# The health check runs every HEALTH_PERIOD_S; HEALTH_FAILURES checks failed in a row mark the instance
+# unhealthy, so natfwd down is reported after (HEALTH_FAILURES - 1) to HEALTH_FAILURES periods: 60 to 90 s. One
+# failed check is not enough: a restart by systemd (RestartSec=2) can be caught in the middle.
+HEALTH_PERIOD_S = 30
+HEALTH_FAILURES = 3
+# --ha: claim-address is tried this many times, CLAIM_PAUSE_S apart (about 5 minutes), before the box gives up.
+CLAIM_ATTEMPTS = 30
+CLAIM_PAUSE_S = 10
 
 SYSTEMD_UNIT = """\
 [Unit]
@@ -87,6 +102,30 @@ ExecStartPre=+/usr/sbin/sysctl -qw net.ipv4.ip_forward=1
 """
 
 
+HEALTH_SERVICE = """\
+[Unit]
+Description=natfwd health check: report this instance unhealthy to its Auto Scaling group when natfwd stays down
+After=natfwd.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/natfwd-health
+"""
+
+HEALTH_TIMER = f"""\
+[Unit]
+Description=natfwd health check every {HEALTH_PERIOD_S} s (natfwd-health.service)
+
+[Timer]
+OnActiveSec={HEALTH_PERIOD_S}s
+OnUnitActiveSec={HEALTH_PERIOD_S}s
+AccuracySec=1s
+
+[Install]
+WantedBy=timers.target
+"""
+
+
 def render_config(plan: Plan, public_ip: str) -> str:
     """The natfwd YAML config for this cluster: one forward per node, targets are the node endpoint names."""
     lines = [
@@ -117,21 +156,108 @@ def render_config(plan: Plan, public_ip: str) -> str:
 def _install_lines(plan: Plan) -> list[str]:
     """Fetch natfwd from the cluster's bucket with the instance role, check its sha256, install it."""
     pip = f"{VENV}/bin/pip install --no-cache-dir --disable-pip-version-check"
+    # --ha: claim-address calls EC2 with boto3, natfwd's aws extra.
+    ha = plan.layout == "ha"
     artefact = plan.artefact
     if artefact is None:
-        return [f"{pip} {shlex.quote(str(plan.request.package))}"]
+        return [f"{pip} {shlex.quote(str(plan.request.package))}" + (" 'boto3>=1.28'" if ha else "")]
     path = f"{DIST_DIR}/{artefact.filename}"
     return [
         "# natfwd as provision built it, read with the instance role; installed only if its sha256 matches.",
         f"mkdir -p {DIST_DIR}",
         f"aws s3 cp --only-show-errors --region {plan.region} {artefact.url} {path}",
         f'echo "{artefact.sha256}  {path}" | sha256sum --check --strict',
-        f"{pip} {path}",
+        f"{pip} {shlex.quote(path + '[aws]') if ha else path}",
     ]
 
 
-def render_bootstrap(plan: Plan) -> str:
-    """The first-boot shell script: install natfwd in a venv, fix the interface name, then start natfwd.service."""
+def render_health(plan: Plan) -> str:
+    """The health check natfwd-health.timer runs: after HEALTH_FAILURES failed checks in a row, it reports this
+    instance Unhealthy to its Auto Scaling group (SetInstanceHealth), which replaces it.
+
+    A check fails when natfwd.service is not active, or when natfwd's data path is gone: a forward's listener
+    (userspace) or serve's nftables table (kernel). A cache node that is down does not fail it: a new NAT box would
+    not bring the node back, and every box would be replaced in turn.
+    """
+    if plan.request.mode == "kernel":
+        data_path = [
+            "    # The kernel forwards: serve's own nftables table must be there.",
+            f"    nft list table inet {SERVE_TABLE} >/dev/null 2>&1 || return 1",
+        ]
+    else:
+        ports = " ".join(str(forward.port) for forward in plan.forwards)
+        data_path = [
+            "    # Every forward's listener is bound (checked without connecting: a probe from here would be refused by",
+            "    # the allowlist and counted in natfwd_connections_rejected_total).",
+            f"    for port in {ports}; do",
+            '        ss -Hlnt "sport = :$port" | grep -q LISTEN || return 1',
+            "    done",
+        ]
+    token_header = "X-aws-ec2-metadata-token"
+    lines = [
+        "#!/bin/sh",
+        f"# natfwd health check for cluster {plan.cluster_id}, run every {HEALTH_PERIOD_S} s by natfwd-health.timer. "
+        f"After {HEALTH_FAILURES} failed",
+        "# checks in a row it reports this instance Unhealthy to its Auto Scaling group, which replaces it. systemd",
+        "# restarts a crashed natfwd itself (Restart=always); this is for a natfwd that cannot come back.",
+        "set -u",
+        f"state={HEALTH_STATE_PATH}",
+        "# NATFWD_IMDS_URL: for tests only, a stand-in for the instance metadata service.",
+        'imds="${NATFWD_IMDS_URL:-http://169.254.169.254}"',
+        "",
+        "healthy() {",
+        "    systemctl is-active --quiet natfwd.service || return 1",
+        *data_path,
+        "}",
+        "",
+        "if healthy; then",
+        '    echo 0 > "$state"',
+        "    exit 0",
+        "fi",
+        'failures=$(( $(cat "$state" 2>/dev/null || echo 0) + 1 ))',
+        'echo "$failures" > "$state"',
+        f'echo "natfwd-health: natfwd is down ($failures failed checks in a row, unhealthy at {HEALTH_FAILURES})" >&2',
+        f'[ "$failures" -ge {HEALTH_FAILURES} ] || exit 0',
+        "# IMDSv2: a session token first, then the instance id.",
+        f"token=$(curl -fsS --noproxy '*' --max-time 2 -X PUT -H '{token_header}-ttl-seconds: 300' "
+        '"$imds/latest/api/token") || exit 1',
+        f"instance=$(curl -fsS --noproxy '*' --max-time 2 -H \"{token_header}: $token\" "
+        '"$imds/latest/meta-data/instance-id") || exit 1',
+        'echo "natfwd-health: reporting $instance Unhealthy to its Auto Scaling group" >&2',
+        f'exec aws autoscaling set-instance-health --region {plan.region} --instance-id "$instance" '
+        "--health-status Unhealthy",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _claim_lines(plan: Plan, allocation_id: str) -> list[str]:
+    """--ha: take the Elastic IP (from a dead predecessor, if any) before natfwd starts, retried for a while."""
+    claim = f"{VENV}/bin/natfwd claim-address --allocation-id {shlex.quote(allocation_id)} --region {plan.region}"
+    return [
+        "# The Elastic IP clients allow-list, taken from the instance this one replaces. Retried: the old association",
+        "# and the role's credentials can lag. Without it the box is useless: after the last try the health check is",
+        "# started without natfwd, so it reports this instance unhealthy and the group replaces it.",
+        "tries=0",
+        f"until {claim}; do",
+        "    tries=$((tries + 1))",
+        f'    if [ "$tries" -ge {CLAIM_ATTEMPTS} ]; then',
+        "        echo 'natfwd: could not claim the Elastic IP; natfwd-health will report this instance unhealthy' >&2",
+        "        systemctl enable --now natfwd-health.timer",
+        "        exit 1",
+        "    fi",
+        f"    sleep {CLAIM_PAUSE_S}",
+        "done",
+    ]
+
+
+def render_bootstrap(plan: Plan, allocation_id: str | None = None) -> str:
+    """The first-boot shell script: install natfwd in a venv, fix the interface name, then start natfwd.service.
+
+    With --ha (which needs `allocation_id`) it claims the Elastic IP first; in an Auto Scaling group it then
+    starts the health check. Raises ValueError for the ha layout without an allocation id.
+    """
+    if plan.layout == "ha" and allocation_id is None:
+        raise ValueError("the ha layout's user data needs the Elastic IP's allocation_id")
     lines = [
         "#!/bin/sh",
         f"# natfwd first-boot setup for ElastiCache cluster {plan.cluster_id} (mode {plan.request.mode}).",
@@ -145,8 +271,12 @@ def render_bootstrap(plan: Plan) -> str:
         "# The page's step 3: every node must answer from here (logged; a node still starting is not fatal).",
         f"{VENV}/bin/natfwd check --config {CONFIG_PATH} --direct || echo 'natfwd: some nodes did not answer yet' >&2",
         "systemctl daemon-reload",
-        "systemctl enable --now natfwd.service",
     ]
+    if allocation_id is not None and plan.layout == "ha":
+        lines += _claim_lines(plan, allocation_id)
+    lines.append("systemctl enable --now natfwd.service")
+    if plan.layout != "single":
+        lines.append("systemctl enable --now natfwd-health.timer")
     return "\n".join(lines) + "\n"
 
 
@@ -162,9 +292,8 @@ def _file(path: str, permissions: str, content: str) -> str:
 def render(plan: Plan, public_ip: str, allocation_id: str | None = None) -> str:
     """The complete #cloud-config user data for the NAT instance of `plan`, whose Elastic IP is `public_ip`.
 
-    `allocation_id` (--ha): the Elastic IP the instance claims at boot (helper "claim" renders that step).
+    The ha layout needs `allocation_id`, the Elastic IP each instance claims at boot (ValueError without it).
     """
-    del allocation_id  # placeholder signature on this branch; the claim-address step is merged from "claim"
     packages = ["python3.11", "python3.11-pip"]
     if plan.request.mode == "kernel":
         # nft for serve's table; conntrack for natfwd_connections_active (/proc/net/nf_conntrack is root-only).
@@ -188,8 +317,14 @@ def render(plan: Plan, public_ip: str, allocation_id: str | None = None) -> str:
     parts.append(_file(UNIT_PATH, "0644", SYSTEMD_UNIT))
     if plan.request.mode == "kernel":
         parts.append(_file(KERNEL_DROP_IN_PATH, "0644", KERNEL_DROP_IN))
+    if plan.layout != "single":
+        parts += [
+            _file(HEALTH_PATH, "0755", render_health(plan)),
+            _file(HEALTH_SERVICE_PATH, "0644", HEALTH_SERVICE),
+            _file(HEALTH_TIMER_PATH, "0644", HEALTH_TIMER),
+        ]
     parts += [
-        _file(BOOTSTRAP_PATH, "0755", render_bootstrap(plan)),
+        _file(BOOTSTRAP_PATH, "0755", render_bootstrap(plan, allocation_id)),
         "runcmd:\n",
         f"  - [{BOOTSTRAP_PATH}]\n",
     ]
