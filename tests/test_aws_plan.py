@@ -798,10 +798,13 @@ def test_a_template_version_is_needed_only_when_what_it_launches_changes() -> No
     from forwarder.aws import fleet
 
     the_plan = example_plan(ha=True)
-    data = fleet.template_data(the_plan, "sg-0nat", userdata.render(the_plan, "203.0.113.73"))
+    claim = "eipalloc-0123456789abcdef0"
+    data = fleet.template_data(the_plan, "sg-0nat", userdata.render(the_plan, "203.0.113.73", allocation_id=claim))
     assert fleet.template_changes(data, dict(data)) == ()
     other = fleet.template_data(
-        example_plan(ha=True, instance_type="t3.micro"), "sg-0nat", userdata.render(the_plan, "203.0.113.9")
+        example_plan(ha=True, instance_type="t3.micro"),
+        "sg-0nat",
+        userdata.render(the_plan, "203.0.113.9", allocation_id=claim),
     )
     reasons = fleet.template_changes(data, other)
     assert reasons[:2] == ("- instance type t4g.micro", "+ instance type t3.micro")
