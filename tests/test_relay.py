@@ -1,4 +1,5 @@
-"""The relay in-process, on both the stdlib loop and uvloop: byte integrity, backpressure, half-close."""
+"""The relay in-process, on both the stdlib loop and uvloop and on both plain paths (direct: no transports; and the
+transports): byte integrity, backpressure, half-close."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from conftest import free_port, wait_for_async
 from relaykit import LOOPS, Firehose, LateReply, check_the_node_is_held_back, echo, run, sink, worker_for
 
 from forwarder import connection, relay
+
+
+@pytest.fixture(autouse=True, params=["direct", "transports"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The plain path the test's connections take."""
+    path: str = request.param
+    monkeypatch.setattr(connection, "DIRECT", path == "direct")
+    return path
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -175,6 +184,21 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
         await original(self, *args)
 
     monkeypatch.setattr(connection.ClientHalf, "_connect", slow)
+    direct = connection.DirectClient.connect
+
+    def slow_direct(self: connection.DirectClient, *args: Any) -> None:
+        # As connect does while the node connection is pending: the client watched, the timer as `expiry`.
+        loop = self.state.loop
+        loop.add_reader(self.sock.fileno(), self._read_early)
+        self.watching = True
+
+        def late() -> None:
+            self.expiry = None
+            direct(self, *args)
+
+        self.expiry = loop.call_later(delay_s, late)
+
+    monkeypatch.setattr(connection.DirectClient, "connect", slow_direct)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
