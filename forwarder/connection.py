@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from forwarder import accesslog, rawmode, sockets
 from forwarder import config as config_mod
 from forwarder.mux import MuxPool, Prepare, Session, new_pool
+from forwarder.poller import Poller
 from forwarder.rawmode import RAW_AFTER_READS, PyRaw
 from forwarder.relay import EARLY_LIMIT, Half
 from forwarder.resources import Resources
@@ -48,12 +49,13 @@ class ConnectionState:
     The worker owns it and sets `loop` when it starts, `draining` when it drains, `upstream_ssl` on reload.
     """
 
-    __slots__ = ("loop", "pool", "metrics", "upstream_ssl", "active", "draining", "idle", "refusals")
+    __slots__ = ("loop", "poller", "pool", "metrics", "upstream_ssl", "active", "draining", "idle", "refusals")
 
     def __init__(self, pool: Resources, metrics: Metrics, upstream_ssl: ssl.SSLContext | None) -> None:
         # Set by the worker's start(). Per connection, asyncio.get_running_loop() costs a getpid() system call
         # (Python 3.11 checks for a fork), and connection setup needs the loop several times.
         self.loop: asyncio.AbstractEventLoop
+        self.poller: Poller  # set by the worker's start() too: the sockets of connections without transports
         self.pool = pool
         self.metrics = metrics
         self.upstream_ssl = upstream_ssl
@@ -486,22 +488,22 @@ class PlainRoute:
         self.node_address: tuple[str, int] | None = None
 
     def _direct_to(self, target: config_mod.Target) -> tuple[str, int] | None:
-        """The node's socket address when `target` is an IP literal, else None."""
-        if target is not self.target:
-            self.target = target
-            try:
-                ip = ipaddress.ip_address(target.host)
-            except ValueError:
-                self.node_address = None
-            else:
-                self.node_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-                self.node_address = (target.host, target.port)
+        """The node's socket address when `target` (the route's, new since the last connection) is an IP literal,
+        else None."""
+        self.target = target
+        try:
+            ip = ipaddress.ip_address(target.host)
+        except ValueError:
+            self.node_address = None
+        else:
+            self.node_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            self.node_address = (target.host, target.port)
         return self.node_address
 
     def accepted(self, fd: int, address: Any) -> None:
         state = self.state
         route = self.route
-        node_address = self._direct_to(route.target)
+        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
         if (
             not DIRECT
             or node_address is None
@@ -513,9 +515,9 @@ class PlainRoute:
             return
         # _socket.socket is the C type under socket.socket: no Python __init__ per connection.
         sock = _socket.socket(self.family, _SOCK_STREAM, 0, fd)
-        try:
-            sock.getpeername()
-        except OSError:  # the client reset while queued for accept: gone, not refused
+        # A client that reset while queued for accept is gone, not refused. Its socket's pending error says so, for
+        # less than getpeername(), whose address Python would format only to be dropped.
+        if sock.getsockopt(*_SO_ERROR):
             sock.close()
             state.reject(route, "reset", "")
             return
@@ -548,7 +550,7 @@ class DirectClient(ClientHalf):
     """A plain forward's client with no transport on either side: a non-blocking connect watched with add_writer,
     then raw mode (PyRaw, handed to the C relay thread when the connection gets busy) from the first byte.
 
-    The kernel holds the client's first bytes until the node is connected: nothing is read before then.
+    While the node connection is being made, the client's bytes are held (up to EARLY_LIMIT) and a reset drops it.
     """
 
     __slots__ = ("sock", "expiry", "watching")
@@ -585,13 +587,14 @@ class DirectClient(ClientHalf):
         if error == 0:
             self.connected()
         elif error == _EINPROGRESS:
-            loop = self.state.loop
-            loop.add_writer(node_sock.fileno(), self.connected)
+            state = self.state
+            poller = state.poller
+            poller.add_writer(node_sock.fileno(), self.connected)
             # Watch the client meanwhile: one that resets is dropped at once, and the connect with it. raw mode's
             # reader replaces this one later, so watching costs no extra registration.
-            loop.add_reader(self.sock.fileno(), self._read_early)
+            poller.add_reader(self.sock.fileno(), self._read_early)
             self.watching = True
-            self.expiry = loop.call_later(self.route.config.connect_timeout_s, self._connect_expired)
+            self.expiry = state.loop.call_later(self.route.config.connect_timeout_s, self._connect_expired)
         else:
             self._node_failed(self.target, OSError(error, os.strerror(error)))
 
@@ -615,7 +618,7 @@ class DirectClient(ClientHalf):
                 return
         # An EOF (it stays readable: raw mode reads it again and passes it on), or enough held: stop watching.
         self.watching = False
-        self.state.loop.remove_reader(self.sock.fileno())
+        self.state.poller.remove_reader(self.sock.fileno())
 
     def connected(self) -> None:
         node = self.peer
@@ -626,15 +629,16 @@ class DirectClient(ClientHalf):
         if self.expiry is not None:
             self.expiry.cancel()
             self.expiry = None
-            loop.remove_writer(node_sock.fileno())
+            state.poller.remove_writer(node_sock.fileno())
         error = node_sock.getsockopt(*_SO_ERROR)
         if error:
             self._node_failed(self.target, OSError(error, os.strerror(error)))
             return
         state.metrics.upstream_connect.observe(loop.time() - self.started)
         handoff = RAW_AFTER_READS if rawmode.CRELAY is not None else 0
-        raw = self.raw = PyRaw(self, loop, self.sock, node_sock, duplicate=False, handoff=handoff)
-        node.raw = PyRaw(node, loop, node_sock, self.sock, duplicate=False, handoff=handoff)
+        poller = state.poller
+        raw = self.raw = PyRaw(self, poller, self.sock, node_sock, duplicate=False, handoff=handoff)
+        node.raw = PyRaw(node, poller, node_sock, self.sock, duplicate=False, handoff=handoff)
         self.reads_left = node.reads_left = -1  # raw already
         node.raw.start()
         early = self.early
@@ -657,7 +661,7 @@ class DirectClient(ClientHalf):
         self.expiry = None
         node = self.peer
         assert isinstance(node, DirectNode)
-        self.state.loop.remove_writer(node.sock.fileno())
+        self.state.poller.remove_writer(node.sock.fileno())
         if self._client_gone():  # it left while we waited: nothing failed that concerns it
             self.ended = accesslog.CLIENT_RESET
             self.abort()
@@ -731,18 +735,24 @@ class DirectClient(ClientHalf):
             self.expiry = None
             node = self.peer
             if isinstance(node, DirectNode) and node.sock is not None:
-                self.state.loop.remove_writer(node.sock.fileno())
+                self.state.poller.remove_writer(node.sock.fileno())
         if self.watching:
             self.watching = False
-            self.state.loop.remove_reader(self.sock.fileno())
+            self.state.poller.remove_reader(self.sock.fileno())
         if self.link is not None or self.raw is not None:
+            poller = self.state.poller
+            for half in (self, self.peer):
+                raw = half.raw if half is not None else None
+                if raw is not None:
+                    # PyRaw.stop closes the socket, which takes it out of the epoll set: no epoll_ctl to do that.
+                    poller.forget(raw.fd, raw.out_fd)
+                    raw.reading = raw.writing = False
             self.stop_raw()  # PyRaw.stop closes the sockets, Link.stop the thread's
-        else:
-            self.sock.close()
-            node = self.peer
-            if isinstance(node, DirectNode) and node.sock is not None:
-                node.sock.close()
+        # Closing again is a no-op for a socket closed above or detached for the relay thread.
+        self.sock.close()
         node = self.peer
+        if isinstance(node, DirectNode) and node.sock is not None:
+            node.sock.close()
         if node is not None:
             node.closed = True
         if self.accounted:
@@ -762,6 +772,10 @@ class DirectNode(NodeHalf):
     def raw_close(self) -> None:
         if self.peer is not None:
             self.peer.abort()
+
+    def to_thread(self) -> None:
+        if self.peer is not None:
+            self.peer.to_thread()
 
     def raw_failed(self) -> None:
         client = self.peer

@@ -21,6 +21,7 @@ import socket
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from forwarder import extensions, sockets
+from forwarder.poller import Watcher
 from forwarder.resources import Resources
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ class PyRaw:
     def __init__(
         self,
         half: RawHalf,
-        loop: asyncio.AbstractEventLoop,
+        loop: Watcher,
         sock: socket.socket,
         out: socket.socket,
         *,

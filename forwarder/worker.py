@@ -17,6 +17,7 @@ from forwarder.acceptor import PlainListener, TlsListener
 from forwarder.connection import ConnectionState, PlainRoute, Route, connection_factory
 from forwarder.errors import NatfwdError, bind_error
 from forwarder.kernelpath import KernelPath
+from forwarder.poller import Poller
 from forwarder.resources import BUFFER_SIZE, Resources
 from forwarder.rewriting import NodeMap, RateLimitedWarning, all_forwards, rewriter_factory
 from forwarder.tracking import Tracker
@@ -225,6 +226,7 @@ class Worker:
 
     async def start(self) -> None:
         self.loop = self.state.loop = asyncio.get_running_loop()
+        self.state.poller = Poller(self.loop)
         gc.set_threshold(GC_YOUNG_THRESHOLD)
         self.config = await self.tracker.prepare(self.config)
         if self.kernel is not None:
@@ -404,6 +406,7 @@ class Worker:
         if self.kernel is not None:
             await self.kernel.stop()
         self.pool.close(self.loop)
+        self.state.poller.close()
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""

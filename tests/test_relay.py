@@ -189,7 +189,7 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
     def slow_direct(self: connection.DirectClient, *args: Any) -> None:
         # As connect does while the node connection is pending: the client watched, the timer as `expiry`.
         loop = self.state.loop
-        loop.add_reader(self.sock.fileno(), self._read_early)
+        self.state.poller.add_reader(self.sock.fileno(), self._read_early)
         self.watching = True
 
         def late() -> None:
