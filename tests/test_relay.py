@@ -250,3 +250,50 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
         server_.close()
 
     run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_target_named_by_dns_is_relayed_through_the_transports(loop_name: str) -> None:
+    """Only the loop resolves a name without blocking: such a forward keeps the transports (ClientHalf), and relays
+    as a direct one does."""
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        port = free_port()
+        forwards = [{"port": port, "target": f"localhost:{target}"}]
+        async with worker_for(target, forwards=forwards) as (worker, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"version\r\n"
+            (conn,) = worker.routes[port].connections
+            assert type(conn) is connection.ClientHalf
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            writer.close()
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone")
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_plain_forward_to_an_ip_has_no_transports(loop_name: str, relay_path: str) -> None:
+    """The default plain path: a DirectClient, its bytes counted as the transports' would be."""
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"version\r\n"
+            (conn,) = worker.routes[port].connections
+            assert isinstance(conn, connection.DirectClient) == (relay_path == "direct")
+            assert conn.transport is None or relay_path == "transports"
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            writer.close()
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone")
+            assert (conn.seen_to_node, conn.seen_to_client) == (9, 9)  # what the byte counters were given
+        server_.close()
+
+    run(loop_name, main)
