@@ -556,10 +556,35 @@ class DirectClient(ClientHalf):
     __slots__ = ("sock", "expiry", "watching")
 
     def __init__(self, state: ConnectionState, route: Route, sock: Any, client_ip: str) -> None:
-        super().__init__(state, route)
-        self.sock = sock
-        self.client_ip = client_ip
+        # Every slot of Half and ClientHalf, set here rather than through two super().__init__ calls: this runs once
+        # per connection.
+        self.transport = None
+        self.peer = None
+        self.pool = state.pool
+        self.view = None
+        self.nbytes = 0
+        self.eof = False
+        self.reading_paused = False
+        self.closed = False
+        self.on_closed = None
+        self.early = None
+        self.raw = None
+        self.reads_left = -1  # raw from the start
+        self.link = None
+        self.link_first = False
+        self.state = state
+        self.route = route
+        self.connect_task = None
+        self.connect_expired = False
+        self.seen_to_node = 0
+        self.seen_to_client = 0
+        self.idle_s = 0.0
         self.accounted = True
+        self.client_ip = client_ip
+        self.started = 0.0
+        self.target = route.target
+        self.ended = ""
+        self.sock = sock
         self.expiry: asyncio.TimerHandle | None = None  # the connect timeout, while connecting
         self.watching = False  # _read_early is the client's reader
 
@@ -635,11 +660,11 @@ class DirectClient(ClientHalf):
             self._node_failed(self.target, OSError(error, os.strerror(error)))
             return
         state.metrics.upstream_connect.observe(loop.time() - self.started)
-        handoff = RAW_AFTER_READS if rawmode.CRELAY is not None else 0
+        # Busy connections are offered to the C relay thread; without it, that is where natfwd says so, once.
+        handoff = RAW_AFTER_READS
         poller = state.poller
         raw = self.raw = PyRaw(self, poller, self.sock, node_sock, duplicate=False, handoff=handoff)
         node.raw = PyRaw(node, poller, node_sock, self.sock, duplicate=False, handoff=handoff)
-        self.reads_left = node.reads_left = -1  # raw already
         node.raw.start()
         early = self.early
         if early is not None:
@@ -766,7 +791,21 @@ class DirectNode(NodeHalf):
     __slots__ = ("sock",)
 
     def __init__(self, pool: Resources) -> None:
-        super().__init__(pool)
+        # Every slot of Half, set here rather than through super().__init__: this runs once per connection.
+        self.transport = None
+        self.peer = None
+        self.pool = pool
+        self.view = None
+        self.nbytes = 0
+        self.eof = False
+        self.reading_paused = False
+        self.closed = False
+        self.on_closed = None
+        self.early = None
+        self.raw = None
+        self.reads_left = -1  # raw from the start
+        self.link = None
+        self.link_first = False
         self.sock: Any = None
 
     def raw_close(self) -> None:

@@ -289,6 +289,9 @@ def test_a_plain_forward_to_an_ip_has_no_transports(loop_name: str, relay_path: 
             (conn,) = worker.routes[port].connections
             assert isinstance(conn, connection.DirectClient) == (relay_path == "direct")
             assert conn.transport is None or relay_path == "transports"
+            for half in (conn, conn.peer):  # the direct halves set every slot in __init__ without super(): all of them
+                slots = {name for cls in type(half).__mro__ for name in getattr(cls, "__slots__", ())}
+                assert [name for name in slots if not hasattr(half, name)] == []
             writer.write_eof()
             assert await asyncio.wait_for(reader.read(-1), 10) == b""
             writer.close()
