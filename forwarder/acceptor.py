@@ -1,4 +1,4 @@
-"""A TLS listener that accepts by itself, so a client is admitted on the bare socket before any TLS byte is read."""
+"""Listeners that accept by themselves: plain forwards in batches, TLS ones admitting a client before any TLS byte."""
 
 from __future__ import annotations
 
@@ -18,6 +18,55 @@ ACCEPT_BATCH = 64
 ACCEPT_BACKOFF_S = 0.1
 # Errors about the one connection being accepted (it was reset, or a firewall refused it): just take the next.
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+class PlainListener:
+    """Accepts on `sock` up to ACCEPT_BATCH connections per readiness callback, as HAProxy's accept loop does, and
+    hands each one's descriptor and address to `accepted`, which owns the descriptor from then on.
+
+    No transport, protocol or task is made here: a plain forward's connection needs none of them to be relayed.
+    """
+
+    def __init__(self, sock: socket.socket, backlog: int, accepted: Callable[[int, Any], None]) -> None:
+        self.sock = sock
+        self.accepted = accepted
+        self.loop = asyncio.get_running_loop()
+        self.resume: asyncio.TimerHandle | None = None
+        # Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once here, not per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.listen(backlog)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        # The bare accept4(): socket.accept() wraps each descriptor in Python code.
+        accept = self.sock._accept  # type: ignore[attr-defined]
+        accepted = self.accepted
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                log.warning("accept failed, pausing accepts", extra={"error": str(exc), "pause_s": ACCEPT_BACKOFF_S})
+                self.loop.remove_reader(self.sock.fileno())
+                self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
+                return
+            accepted(fd, address)
+
+    def _resume(self) -> None:
+        self.resume = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop accepting; connections already accepted live on."""
+        if self.resume is not None:
+            self.resume.cancel()
+            self.resume = None
+        elif self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class TlsListener:

@@ -21,6 +21,7 @@ import socket
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from forwarder import extensions, sockets
+from forwarder.poller import Watcher
 from forwarder.resources import Resources
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class RawHalf(Protocol):
     def raw_eof(self) -> None: ...  # our side sent EOF
     def raw_failed(self) -> None: ...  # a socket error: drop both sides
     def raw_close(self) -> None: ...  # both directions done: close both sides
+    def to_thread(self) -> None: ...  # busy enough for the C relay thread (PyRaw's `handoff`)
 
 
 def eligible(half: RawHalf, peer: RawHalf) -> bool:
@@ -213,9 +215,18 @@ class PyRaw:
     """
 
     __slots__ = ("half", "pool", "loop", "sock", "out", "fd", "out_fd", "tail", "pipe", "in_pipe", "reading",
-                 "writing", "pipes", "copying", "small_splices", "chunk")  # fmt: skip
+                 "writing", "pipes", "copying", "small_splices", "chunk", "duplicate", "handoff")  # fmt: skip
 
-    def __init__(self, half: RawHalf, loop: asyncio.AbstractEventLoop, sock: socket.socket, out: socket.socket) -> None:
+    def __init__(
+        self,
+        half: RawHalf,
+        loop: Watcher,
+        sock: socket.socket,
+        out: socket.socket,
+        *,
+        duplicate: bool = True,
+        handoff: int = 0,
+    ) -> None:
         self.half = half
         self.pool = half.pool
         self.loop = loop
@@ -231,7 +242,12 @@ class PyRaw:
         self.pipes = self.pool.pipes  # looked up once: each attribute hop on the hot path costs like a bytecode
         self.copying = True
         self.small_splices = 0  # splices in a row that moved less than BULK_MIN
-        self.chunk = splice_chunk(out)
+        self.chunk = 0  # splice_chunk(out), asked for (a system call) at the first splice: most never splice
+        # `sock` is a duplicate (reserved with reserve_fds) or, for a connection that never had transports, the
+        # connection's own socket.
+        self.duplicate = duplicate
+        # Reads until the connection is offered to the C relay thread (half.to_thread); 0: never.
+        self.handoff = handoff
 
     def start(self) -> None:
         self.reading = True
@@ -268,9 +284,15 @@ class PyRaw:
         elif nbytes == COPY_READ and self.pool.can_splice:
             self.copying = False  # a full read: more is probably queued, and it is bulk
             self.splice_chunks()
+        elif self.handoff:
+            self.handoff -= 1
+            if not self.handoff:
+                self.half.to_thread()
 
     def splice_chunks(self) -> None:
         pipes = self.pipes
+        if not self.chunk:
+            self.chunk = splice_chunk(self.out)
         # A full chunk means more is probably queued: keep splicing instead of going back through epoll for each
         # chunk, up to SPLICE_BURST chunks so one bulk connection cannot starve the others.
         for _ in range(SPLICE_BURST):
@@ -396,4 +418,16 @@ class PyRaw:
         if self.fd >= 0:
             self.sock.close()  # our duplicate of this half's socket; the peer's raw closes the other one
             self.fd = -1
-            pool.release_fds(1)
+            if self.duplicate:
+                pool.release_fds(1)
+
+    def quiet(self) -> bool:
+        """Nothing waits to be sent: the direction can change hands without a gap."""
+        return self.tail is None and self.pipe is None and not self.writing
+
+    def release(self) -> socket.socket:
+        """Unregister and hand our socket (not a duplicate) over to the caller, who closes it from now on."""
+        self.stop_reading()
+        sock = self.sock
+        self.fd = -1
+        return sock

@@ -177,6 +177,9 @@ class Half(asyncio.BufferedProtocol):
         if self.peer is not None:
             self.peer.abort()
 
+    def to_thread(self) -> None:
+        """PyRaw's handoff to the C relay thread: used by connections that never had transports (DirectClient)."""
+
     def sync_counts(self) -> None:
         """Bring both halves' byte counts up to date while the relay thread moves their bytes (metrics, idle)."""
         link = self.link

@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from forwarder import accesslog, notify, tls
 from forwarder import config as config_mod
-from forwarder.acceptor import TlsListener
-from forwarder.connection import ConnectionState, Route, connection_factory
+from forwarder.acceptor import PlainListener, TlsListener
+from forwarder.connection import ConnectionState, PlainRoute, Route, connection_factory
 from forwarder.errors import NatfwdError, bind_error
 from forwarder.kernelpath import KernelPath
+from forwarder.poller import Poller
 from forwarder.resources import BUFFER_SIZE, Resources
 from forwarder.rewriting import NodeMap, RateLimitedWarning, all_forwards, rewriter_factory
 from forwarder.tracking import Tracker
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from forwarder.metrics import Metrics
 
 log = logging.getLogger("natfwd.server")
-Listener = asyncio.Server | TlsListener  # both stop accepting on close() and leave live connections alone
+Listener = PlainListener | TlsListener  # both stop accepting on close() and leave live connections alone
 
 LISTEN_BACKLOG = 4096
 # Objects allocated between young-generation collections (CPython's default is 700). Each collection walks every
@@ -134,7 +135,7 @@ class Worker:
                 for conn in list(route.connections):
                     before = conn.seen_to_node + conn.seen_to_client
                     self.state.account(conn)
-                    if conn.seen_to_node + conn.seen_to_client != before or conn.connect_task is not None:
+                    if conn.seen_to_node + conn.seen_to_client != before or conn.connecting:
                         conn.idle_s = 0.0
                         continue
                     conn.idle_s += interval
@@ -167,7 +168,6 @@ class Worker:
 
     async def _open(self, forwards: tuple[config_mod.Forward, ...], cfg: config_mod.Config) -> dict[int, Listener]:
         """Bind every forward or none: on any failure the ones already opened are closed again."""
-        loop = asyncio.get_running_loop()
         opened: dict[int, Listener] = {}
         try:
             for forward in forwards:
@@ -177,9 +177,7 @@ class Worker:
                     route.rewriter = rewriter_factory(cfg, forward.port, self.nodes, self.warn)
                 sock = self._bind(cfg.listen_address, forward.port)
                 if self.server_ssl is None:
-                    opened[forward.port] = await loop.create_server(
-                        connection_factory(self.state, route), sock=sock, backlog=LISTEN_BACKLOG
-                    )
+                    opened[forward.port] = self._plain_listener(route, sock)
                 else:
                     opened[forward.port] = self._tls_listener(route, sock, self.server_ssl, cfg.connect_timeout_s)
                 self.routes.setdefault(forward.port, route)
@@ -188,6 +186,13 @@ class Worker:
                 server.close()
             raise
         return opened
+
+    def _plain_listener(self, route: Route, sock: socket.socket) -> Listener:
+        try:
+            return PlainListener(sock, LISTEN_BACKLOG, PlainRoute(self.state, route, sock.family, self.spawn).accepted)
+        except OSError as exc:
+            sock.close()
+            raise bind_error(self.config.listen_address, route.port, exc) from exc
 
     def _tls_listener(self, route: Route, sock: socket.socket, context: ssl.SSLContext, timeout_s: float) -> Listener:
         # The allowlist is checked before the handshake, so a client outside it costs no TLS work (connection_made
@@ -221,6 +226,7 @@ class Worker:
 
     async def start(self) -> None:
         self.loop = self.state.loop = asyncio.get_running_loop()
+        self.state.poller = Poller(self.loop)
         gc.set_threshold(GC_YOUNG_THRESHOLD)
         self.config = await self.tracker.prepare(self.config)
         if self.kernel is not None:
@@ -400,6 +406,7 @@ class Worker:
         if self.kernel is not None:
             await self.kernel.stop()
         self.pool.close(self.loop)
+        self.state.poller.close()
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""

@@ -1,4 +1,5 @@
-"""The relay in-process, on both the stdlib loop and uvloop: byte integrity, backpressure, half-close."""
+"""The relay in-process, on both the stdlib loop and uvloop and on both plain paths (direct: no transports; and the
+transports): byte integrity, backpressure, half-close."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from conftest import free_port, wait_for_async
 from relaykit import LOOPS, Firehose, LateReply, check_the_node_is_held_back, echo, run, sink, worker_for
 
 from forwarder import connection, relay
+
+
+@pytest.fixture(autouse=True, params=["direct", "transports"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The plain path the test's connections take."""
+    path: str = request.param
+    monkeypatch.setattr(connection, "DIRECT", path == "direct")
+    return path
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -175,6 +184,21 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
         await original(self, *args)
 
     monkeypatch.setattr(connection.ClientHalf, "_connect", slow)
+    direct = connection.DirectClient.connect
+
+    def slow_direct(self: connection.DirectClient, *args: Any) -> None:
+        # As connect does while the node connection is pending: the client watched, the timer as `expiry`.
+        loop = self.state.loop
+        self.state.poller.add_reader(self.sock.fileno(), self._read_early)
+        self.watching = True
+
+        def late() -> None:
+            self.expiry = None
+            direct(self, *args)
+
+        self.expiry = loop.call_later(delay_s, late)
+
+    monkeypatch.setattr(connection.DirectClient, "connect", slow_direct)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -223,6 +247,56 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
             await wait_for_async(lambda: worker.active == 0, "the reset client to be dropped", timeout_s=1.0)
             await asyncio.sleep(2.2)  # past the slow connect: it was cancelled, so the node never sees it
             assert not reached
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_target_named_by_dns_is_relayed_through_the_transports(loop_name: str) -> None:
+    """Only the loop resolves a name without blocking: such a forward keeps the transports (ClientHalf), and relays
+    as a direct one does."""
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        port = free_port()
+        forwards = [{"port": port, "target": f"localhost:{target}"}]
+        async with worker_for(target, forwards=forwards) as (worker, _):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"version\r\n"
+            (conn,) = worker.routes[port].connections
+            assert type(conn) is connection.ClientHalf
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            writer.close()
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone")
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_plain_forward_to_an_ip_has_no_transports(loop_name: str, relay_path: str) -> None:
+    """The default plain path: a DirectClient, its bytes counted as the transports' would be."""
+
+    async def main() -> None:
+        server_, target = await sink(echo)
+        async with worker_for(target) as (worker, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            assert await asyncio.wait_for(reader.readexactly(9), 10) == b"version\r\n"
+            (conn,) = worker.routes[port].connections
+            assert isinstance(conn, connection.DirectClient) == (relay_path == "direct")
+            assert conn.transport is None or relay_path == "transports"
+            for half in (conn, conn.peer):  # the direct halves set every slot in __init__ without super(): all of them
+                slots = {name for cls in type(half).__mro__ for name in getattr(cls, "__slots__", ())}
+                assert [name for name in slots if not hasattr(half, name)] == []
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(-1), 10) == b""
+            writer.close()
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone")
+            assert (conn.seen_to_node, conn.seen_to_client) == (9, 9)  # what the byte counters were given
         server_.close()
 
     run(loop_name, main)

@@ -1,6 +1,9 @@
 """Raw mode (the relay owning socket duplicates: read/write for small messages, splice through pooled pipes for bulk)
 on both loops and in both implementations (the C relay thread, and PyRaw in Python), and when it must not apply.
-Tests that look inside PyRaw run in Python only; tests/test_crelay.py has the thread's own."""
+Tests that look inside PyRaw run in Python only; tests/test_crelay.py has the thread's own.
+
+Every test runs on both plain paths: `direct` (no transports: raw mode from the first byte, connection.DirectClient)
+and `transports` (raw mode once a connection is busy, from socket duplicates)."""
 
 from __future__ import annotations
 
@@ -36,7 +39,15 @@ from relaykit import (
 )
 from tlskit import CA
 
-from forwarder import rawmode, resources
+from forwarder import connection, rawmode, resources
+
+
+@pytest.fixture(autouse=True, params=["direct", "transports"])
+def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The plain path the test's connections take."""
+    path: str = request.param
+    monkeypatch.setattr(connection, "DIRECT", path == "direct")
+    return path
 
 
 def open_fds() -> int:
@@ -232,10 +243,12 @@ def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 @pytest.mark.parametrize("mode", ["transport", "copy", "c-copy"])
-def test_tiny_buffers_stay_intact(loop_name: str, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tiny_buffers_stay_intact(loop_name: str, mode: str, relay_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """7-byte buffers and reads against 1 MB each way: through the transports for the whole connection (no
     descriptors to spare for raw mode), or in raw mode without splice, partial sends and all (the relay thread
     without pipes: its reads stay 16 KiB)."""
+    if mode == "transport" and relay_path == "direct":
+        pytest.skip("a direct connection has no transports")
     if mode == "copy":
         use_raw("python", monkeypatch)
         no_splice(monkeypatch)
