@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from forwarder import accesslog, notify, tls
 from forwarder import config as config_mod
 from forwarder.acceptor import PlainListener, TlsListener
-from forwarder.connection import ConnectionState, PlainRoute, Route, connection_factory
+from forwarder.connection import ConnectionState, Route, connection_factory
+from forwarder.direct import PlainRoute
 from forwarder.errors import NatfwdError, bind_error
 from forwarder.kernelpath import KernelPath
 from forwarder.poller import Poller

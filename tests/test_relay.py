@@ -14,14 +14,14 @@ import pytest
 from conftest import free_port, wait_for_async
 from relaykit import LOOPS, Firehose, LateReply, check_the_node_is_held_back, echo, run, sink, worker_for
 
-from forwarder import connection, relay
+from forwarder import connection, direct, relay
 
 
 @pytest.fixture(autouse=True, params=["direct", "transports"])
 def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The plain path the test's connections take."""
     path: str = request.param
-    monkeypatch.setattr(connection, "DIRECT", path == "direct")
+    monkeypatch.setattr(direct, "DIRECT", path == "direct")
     return path
 
 
@@ -184,9 +184,9 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
         await original(self, *args)
 
     monkeypatch.setattr(connection.ClientHalf, "_connect", slow)
-    direct = connection.DirectClient.connect
+    direct_connect = direct.DirectClient.connect
 
-    def slow_direct(self: connection.DirectClient, *args: Any) -> None:
+    def slow_direct(self: direct.DirectClient, *args: Any) -> None:
         # As connect does while the node connection is pending: the client watched, the timer as `expiry`.
         loop = self.state.loop
         self.state.poller.add_reader(self.sock.fileno(), self._read_early)
@@ -194,11 +194,11 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
 
         def late() -> None:
             self.expiry = None
-            direct(self, *args)
+            direct_connect(self, *args)
 
         self.expiry = loop.call_later(delay_s, late)
 
-    monkeypatch.setattr(connection.DirectClient, "connect", slow_direct)
+    monkeypatch.setattr(direct.DirectClient, "connect", slow_direct)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -287,7 +287,7 @@ def test_a_plain_forward_to_an_ip_has_no_transports(loop_name: str, relay_path: 
             writer.write(b"version\r\n")
             assert await asyncio.wait_for(reader.readexactly(9), 10) == b"version\r\n"
             (conn,) = worker.routes[port].connections
-            assert isinstance(conn, connection.DirectClient) == (relay_path == "direct")
+            assert isinstance(conn, direct.DirectClient) == (relay_path == "direct")
             assert conn.transport is None or relay_path == "transports"
             for half in (conn, conn.peer):  # the direct halves set every slot in __init__ without super(): all of them
                 slots = {name for cls in type(half).__mro__ for name in getattr(cls, "__slots__", ())}

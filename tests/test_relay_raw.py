@@ -2,7 +2,7 @@
 on both loops and in both implementations (the C relay thread, and PyRaw in Python), and when it must not apply.
 Tests that look inside PyRaw run in Python only; tests/test_crelay.py has the thread's own.
 
-Every test runs on both plain paths: `direct` (no transports: raw mode from the first byte, connection.DirectClient)
+Every test runs on both plain paths: `direct` (no transports: raw mode from the first byte, direct.DirectClient)
 and `transports` (raw mode once a connection is busy, from socket duplicates)."""
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ from relaykit import (
 )
 from tlskit import CA
 
-from forwarder import connection, rawmode, resources
+from forwarder import direct, rawmode, resources
 
 
 @pytest.fixture(autouse=True, params=["direct", "transports"])
 def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The plain path the test's connections take."""
     path: str = request.param
-    monkeypatch.setattr(connection, "DIRECT", path == "direct")
+    monkeypatch.setattr(direct, "DIRECT", path == "direct")
     return path
 
 

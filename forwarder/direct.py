@@ -1,0 +1,396 @@
+"""Plain forwards without transports: batched admission, a non-blocking connect, raw mode from the first byte."""
+
+from __future__ import annotations
+
+import _socket
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from forwarder import accesslog, rawmode, sockets
+from forwarder import config as config_mod
+from forwarder.connection import ClientHalf, ConnectionState, NodeHalf, Route, connection_factory
+from forwarder.rawmode import RAW_AFTER_READS, PyRaw
+from forwarder.relay import EARLY_LIMIT
+from forwarder.resources import Resources
+
+log = logging.getLogger("natfwd.server")
+
+DIRECT = True  # tests set this to False to run plain forwards through the transports (ClientHalf)
+_SOCK_STREAM = socket.SOCK_STREAM
+_NODE_TYPE = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # non-blocking from socket(): no ioctl
+_TCP_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_SO_ERROR = (socket.SOL_SOCKET, socket.SO_ERROR)
+_EINPROGRESS = errno.EINPROGRESS
+EARLY_DRAIN_READS = 4  # at most 256 KiB read and dropped from a client whose node connection failed
+
+
+class PlainRoute:
+    """A plain listener's accepted connections (acceptor.PlainListener): admitted and relayed without transports.
+
+    A forward that needs a transport at this moment (rewriting, multiplexing, upstream TLS, or a target named by
+    DNS, which only the loop resolves without blocking) gets one: the socket is handed to the loop as
+    `create_server` would have, and ClientHalf admits it as before.
+    """
+
+    __slots__ = ("state", "route", "family", "factory", "spawn", "target", "node_family", "node_address")
+
+    def __init__(
+        self,
+        state: ConnectionState,
+        route: Route,
+        family: int,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.state = state
+        self.route = route
+        self.family = family
+        self.factory = connection_factory(state, route)
+        self.spawn = spawn
+        self.target: config_mod.Target | None = None  # the target node_address was worked out for
+        self.node_family = 0
+        self.node_address: tuple[str, int] | None = None
+
+    def _direct_to(self, target: config_mod.Target) -> tuple[str, int] | None:
+        """The node's socket address when `target` (the route's, new since the last connection) is an IP literal,
+        else None."""
+        self.target = target
+        try:
+            ip = ipaddress.ip_address(target.host)
+        except ValueError:
+            self.node_address = None
+        else:
+            self.node_family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            self.node_address = (target.host, target.port)
+        return self.node_address
+
+    def accepted(self, fd: int, address: Any) -> None:
+        state = self.state
+        route = self.route
+        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
+        if (
+            not DIRECT
+            or node_address is None
+            or route.rewriter is not None
+            or route.config.multiplex
+            or state.upstream_ssl
+        ):
+            self.spawn(self._with_transport(socket.socket(self.family, _SOCK_STREAM, 0, fd)))
+            return
+        # _socket.socket is the C type under socket.socket: no Python __init__ per connection.
+        sock = _socket.socket(self.family, _SOCK_STREAM, 0, fd)
+        # A client that reset while queued for accept is gone, not refused. Its socket's pending error says so, for
+        # less than getpeername(), whose address Python would format only to be dropped.
+        if sock.getsockopt(*_SO_ERROR):
+            sock.close()
+            state.reject(route, "reset", "")
+            return
+        client_ip: str = address[0]
+        if not route.config.is_allowed(client_ip):
+            sock.close()
+            state.reject(route, "not_allowed", client_ip)
+            return
+        if state.active >= route.config.max_connections:
+            sock.close()
+            state.reject(route, "limit", client_ip)
+            return
+        if state.draining:
+            sock.close()
+            state.reject(route, "draining", client_ip)
+            return
+        sock.setblocking(False)
+        conn = DirectClient(state, route, sock, client_ip)
+        state.opened(conn)
+        conn.connect(self.node_family, node_address)
+
+    async def _with_transport(self, sock: socket.socket) -> None:
+        try:
+            await self.state.loop.connect_accepted_socket(self.factory, sock)
+        except OSError:  # the client left before its transport was made: nothing was admitted yet
+            sock.close()
+
+
+class DirectClient(ClientHalf):
+    """A plain forward's client with no transport on either side: a non-blocking connect watched with add_writer,
+    then raw mode (PyRaw, handed to the C relay thread when the connection gets busy) from the first byte.
+
+    While the node connection is being made, the client's bytes are held (up to EARLY_LIMIT) and a reset drops it.
+    """
+
+    __slots__ = ("sock", "expiry", "watching")
+
+    def __init__(self, state: ConnectionState, route: Route, sock: Any, client_ip: str) -> None:
+        # Every slot of Half and ClientHalf, set here rather than through two super().__init__ calls: this runs once
+        # per connection.
+        self.transport = None
+        self.peer = None
+        self.pool = state.pool
+        self.view = None
+        self.nbytes = 0
+        self.eof = False
+        self.reading_paused = False
+        self.closed = False
+        self.on_closed = None
+        self.early = None
+        self.raw = None
+        self.reads_left = -1  # raw from the start
+        self.link = None
+        self.link_first = False
+        self.state = state
+        self.route = route
+        self.connect_task = None
+        self.connect_expired = False
+        self.seen_to_node = 0
+        self.seen_to_client = 0
+        self.idle_s = 0.0
+        self.accounted = True
+        self.client_ip = client_ip
+        self.started = 0.0
+        self.target = route.target
+        self.ended = ""
+        self.sock = sock
+        self.expiry: asyncio.TimerHandle | None = None  # the connect timeout, while connecting
+        self.watching = False  # _read_early is the client's reader
+
+    @property
+    def connecting(self) -> bool:
+        return self.expiry is not None
+
+    def connect(self, family: int, address: tuple[str, int]) -> None:
+        """Start the node connection; `connected` runs once it is made (or failed)."""
+        node = DirectNode(self.state.pool)
+        self.peer = node
+        node.peer = self
+        try:
+            node_sock = _socket.socket(family, _NODE_TYPE)
+        except OSError as exc:  # no descriptor to spare
+            self._node_failed(self.target, exc)
+            return
+        node.sock = node_sock
+        try:
+            node_sock.setsockopt(*_TCP_NODELAY)
+            error = node_sock.connect_ex(address)
+        except OSError as exc:
+            self._node_failed(self.target, exc)
+            return
+        if error == 0:
+            self.connected()
+        elif error == _EINPROGRESS:
+            state = self.state
+            poller = state.poller
+            poller.add_writer(node_sock.fileno(), self.connected)
+            # Watch the client meanwhile: one that resets is dropped at once, and the connect with it. raw mode's
+            # reader replaces this one later, so watching costs no extra registration.
+            poller.add_reader(self.sock.fileno(), self._read_early)
+            self.watching = True
+            self.expiry = state.loop.call_later(self.route.config.connect_timeout_s, self._connect_expired)
+        else:
+            self._node_failed(self.target, OSError(error, os.strerror(error)))
+
+    def _read_early(self) -> None:
+        """While connecting: keep what the client sends (up to EARLY_LIMIT), and drop it if it resets."""
+        try:
+            data = self.sock.recv(rawmode.COPY_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.ended = accesslog.CLIENT_RESET
+            self.abort()
+            return
+        if data:
+            self.nbytes += len(data)
+            if self.early is None:
+                self.early = bytearray(data)
+            else:
+                self.early += data
+            if len(self.early) < EARLY_LIMIT:
+                return
+        # An EOF (it stays readable: raw mode reads it again and passes it on), or enough held: stop watching.
+        self.watching = False
+        self.state.poller.remove_reader(self.sock.fileno())
+
+    def connected(self) -> None:
+        node = self.peer
+        assert isinstance(node, DirectNode)
+        node_sock = node.sock
+        state = self.state
+        loop = state.loop
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+            state.poller.remove_writer(node_sock.fileno())
+        error = node_sock.getsockopt(*_SO_ERROR)
+        if error:
+            self._node_failed(self.target, OSError(error, os.strerror(error)))
+            return
+        state.metrics.upstream_connect.observe(loop.time() - self.started)
+        # Busy connections are offered to the C relay thread; without it, that is where natfwd says so, once.
+        handoff = RAW_AFTER_READS
+        poller = state.poller
+        raw = self.raw = PyRaw(self, poller, self.sock, node_sock, duplicate=False, handoff=handoff)
+        node.raw = PyRaw(node, poller, node_sock, self.sock, duplicate=False, handoff=handoff)
+        node.raw.start()
+        early = self.early
+        if early is not None:
+            self.early = None
+            data = bytes(early)
+            sent = sockets.write(raw.out_fd, data, raw.failed)
+            if sent < 0:
+                return
+            if sent < len(data):
+                raw.tail = memoryview(data)[sent:]
+                raw.reading = self.watching  # so that waiting for the node stops our reader
+                self.watching = False
+                raw.wait_writable()
+                return
+        self.watching = False
+        raw.start()  # replaces _read_early as the client's reader
+
+    def _connect_expired(self) -> None:
+        self.expiry = None
+        node = self.peer
+        assert isinstance(node, DirectNode)
+        self.state.poller.remove_writer(node.sock.fileno())
+        if self._client_gone():  # it left while we waited: nothing failed that concerns it
+            self.ended = accesslog.CLIENT_RESET
+            self.abort()
+            return
+        self._node_failed(self.target, TimeoutError())
+
+    def _client_gone(self) -> bool:
+        """The client reset while its node connection was being made (nothing watches it until then)."""
+        try:
+            return bool(self.sock.getsockopt(*_SO_ERROR))  # the reset's error, even with its bytes still unread
+        except OSError:
+            return True
+
+    def _node_failed(self, target: config_mod.Target, exc: BaseException) -> None:
+        self.state.connect_failed("node connection failed", self.route.port, target, exc, client=self.client_ip)
+        self.ended = accesslog.CONNECT_FAILED
+        # Read what the client sent meanwhile: closing a socket with unread bytes sends a reset instead of a FIN.
+        for _ in range(EARLY_DRAIN_READS):
+            try:
+                if not self.sock.recv(65536):
+                    break
+            except OSError:
+                break
+        self.abort()
+
+    def to_thread(self) -> None:
+        """Hand both sockets to the C relay thread, when nothing waits in either direction."""
+        node = self.peer
+        mine = self.raw
+        if node is None or mine is None or node.raw is None or self.link is not None:
+            return
+        theirs = node.raw
+        pool = self.pool
+        if not (mine.quiet() and theirs.quiet()) or not pool.reserve_fds(2):  # unlink releases two
+            return
+        thread = rawmode._relay_thread(pool, self.state.loop)
+        if thread is None:
+            pool.release_fds(2)
+            return
+        try:
+            link = thread.add(mine.fd, theirs.fd, self.nbytes, node.nbytes)
+        except (OSError, MemoryError):
+            pool.release_fds(2)
+            return
+        self.raw = node.raw = None
+        mine.release().detach()  # the descriptors are the thread's now: Link.stop closes them
+        theirs.release().detach()
+        self.link = node.link = link
+        self.link_first = True
+        node.link_first = False
+        pool.link(link, self)
+
+    def raw_eof(self) -> None:
+        self.ended = self.ended or (accesslog.NODE_CLOSED if self.peer is not None and self.peer.eof else "")
+        super().raw_eof()
+
+    def raw_close(self) -> None:
+        self.abort()
+
+    def raw_failed(self) -> None:
+        self.ended = self.ended or (accesslog.CLIENT_CLOSED if self.eof else accesslog.CLIENT_RESET)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close both sides now (raw mode's end, a failure, idle timeout, drain); safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.expiry is not None:  # still connecting
+            self.expiry.cancel()
+            self.expiry = None
+            node = self.peer
+            if isinstance(node, DirectNode) and node.sock is not None:
+                self.state.poller.remove_writer(node.sock.fileno())
+        if self.watching:
+            self.watching = False
+            self.state.poller.remove_reader(self.sock.fileno())
+        if self.link is not None or self.raw is not None:
+            poller = self.state.poller
+            for half in (self, self.peer):
+                raw = half.raw if half is not None else None
+                if raw is not None:
+                    # PyRaw.stop closes the socket, which takes it out of the epoll set: no epoll_ctl to do that.
+                    poller.forget(raw.fd, raw.out_fd)
+                    raw.reading = raw.writing = False
+            self.stop_raw()  # PyRaw.stop closes the sockets, Link.stop the thread's
+        # Closing again is a no-op for a socket closed above or detached for the relay thread.
+        self.sock.close()
+        node = self.peer
+        if isinstance(node, DirectNode) and node.sock is not None:
+            node.sock.close()
+        if node is not None:
+            node.closed = True
+        if self.accounted:
+            self.accounted = False
+            self.state.finished(self)
+
+
+class DirectNode(NodeHalf):
+    """The node side of a DirectClient: its socket; closing either side closes the connection."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, pool: Resources) -> None:
+        # Every slot of Half, set here rather than through super().__init__: this runs once per connection.
+        self.transport = None
+        self.peer = None
+        self.pool = pool
+        self.view = None
+        self.nbytes = 0
+        self.eof = False
+        self.reading_paused = False
+        self.closed = False
+        self.on_closed = None
+        self.early = None
+        self.raw = None
+        self.reads_left = -1  # raw from the start
+        self.link = None
+        self.link_first = False
+        self.sock: Any = None
+
+    def raw_close(self) -> None:
+        if self.peer is not None:
+            self.peer.abort()
+
+    def to_thread(self) -> None:
+        if self.peer is not None:
+            self.peer.to_thread()
+
+    def raw_failed(self) -> None:
+        client = self.peer
+        if isinstance(client, DirectClient):
+            client.ended = client.ended or accesslog.NODE_CLOSED
+            client.abort()
+
+    def abort(self) -> None:
+        if self.peer is not None:
+            self.peer.abort()
