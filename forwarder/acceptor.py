@@ -20,40 +20,24 @@ ACCEPT_BACKOFF_S = 0.1
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
-class PlainListener:
-    """Accepts on `sock` up to ACCEPT_BATCH connections per readiness callback, as HAProxy's accept loop does, and
-    hands each one's descriptor and address to `accepted`, which owns the descriptor from then on.
+class _Listener:
+    """What both listeners share: watching `sock`, pausing after an accept error, resuming, closing."""
 
-    No transport, protocol or task is made here: a plain forward's connection needs none of them to be relayed.
-    """
-
-    def __init__(self, sock: socket.socket, backlog: int, accepted: Callable[[int, Any], None]) -> None:
+    def __init__(self, sock: socket.socket, backlog: int) -> None:
         self.sock = sock
-        self.accepted = accepted
         self.loop = asyncio.get_running_loop()
         self.resume: asyncio.TimerHandle | None = None
-        # Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once here, not per connection.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(backlog)
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        # The bare accept4(): socket.accept() wraps each descriptor in Python code.
-        accept = self.sock._accept  # type: ignore[attr-defined]
-        accepted = self.accepted
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, address = accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _CLIENT_GONE:
-                    continue
-                log.warning("accept failed, pausing accepts", extra={"error": str(exc), "pause_s": ACCEPT_BACKOFF_S})
-                self.loop.remove_reader(self.sock.fileno())
-                self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
-                return
-            accepted(fd, address)
+        raise NotImplementedError
+
+    def _pause(self, exc: OSError) -> None:
+        # EMFILE, ENFILE, ENOBUFS...: the client waits in the backlog until connections had a chance to close.
+        log.warning("accept failed, pausing accepts", extra={"error": str(exc), "pause_s": ACCEPT_BACKOFF_S})
+        self.loop.remove_reader(self.sock.fileno())
+        self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
 
     def _resume(self) -> None:
         self.resume = None
@@ -69,7 +53,37 @@ class PlainListener:
         self.sock.close()
 
 
-class TlsListener:
+class PlainListener(_Listener):
+    """Accepts on `sock` up to ACCEPT_BATCH connections per readiness callback, as HAProxy's accept loop does, and
+    hands each one's descriptor and address to `accepted`, which owns the descriptor from then on.
+
+    No transport, protocol or task is made here: a plain forward's connection needs none of them to be relayed.
+    """
+
+    def __init__(self, sock: socket.socket, backlog: int, accepted: Callable[[int, Any], None]) -> None:
+        self.accepted = accepted
+        # Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once here, not per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, backlog)
+
+    def _accept(self) -> None:
+        # The bare accept4(): socket.accept() wraps each descriptor in Python code.
+        accept = self.sock._accept  # type: ignore[attr-defined]
+        accepted = self.accepted
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, address = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                self._pause(exc)
+                return
+            accepted(fd, address)
+
+
+class TlsListener(_Listener):
     """Accepts on `sock`, asks `admit(client_ip)` first, and only then hands the socket to the TLS handshake.
 
     `loop.create_server(ssl=...)` reads the ClientHello before our protocol exists, so every client, allowed or not,
@@ -89,7 +103,6 @@ class TlsListener:
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         gone: Callable[[str], None] | None = None,
     ) -> None:
-        self.sock = sock
         self.protocol_factory = protocol_factory
         self.context = context
         self.handshake_timeout_s = handshake_timeout_s
@@ -97,10 +110,7 @@ class TlsListener:
         self.failed = failed
         self.spawn = spawn
         self.gone = gone
-        self.loop = asyncio.get_running_loop()
-        self.resume: asyncio.TimerHandle | None = None
-        sock.listen(backlog)
-        self.loop.add_reader(sock.fileno(), self._accept)
+        super().__init__(sock, backlog)
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -111,10 +121,7 @@ class TlsListener:
             except OSError as exc:
                 if exc.errno in _CLIENT_GONE:
                     continue
-                # EMFILE, ENFILE, ENOBUFS...: the client waits in the backlog until connections had a chance to close.
-                log.warning("accept failed, pausing accepts", extra={"error": str(exc), "pause_s": ACCEPT_BACKOFF_S})
-                self.loop.remove_reader(self.sock.fileno())
-                self.resume = self.loop.call_later(ACCEPT_BACKOFF_S, self._resume)
+                self._pause(exc)
                 return
             client_ip = str(address[0])
             try:
@@ -138,16 +145,3 @@ class TlsListener:
         except Exception as exc:  # whatever ends one client's handshake concerns that client only
             # The loop owns `conn` from the call on and has closed it: closing it here could close a reused fd.
             self.failed(client_ip, str(exc) or type(exc).__name__)
-
-    def _resume(self) -> None:
-        self.resume = None
-        self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def close(self) -> None:
-        """Stop accepting; connections already handed over live on."""
-        if self.resume is not None:
-            self.resume.cancel()
-            self.resume = None
-        elif self.sock.fileno() >= 0:
-            self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
