@@ -62,17 +62,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
+def running(server: http.server.HTTPServer) -> Iterator[None]:
+    """`server` answering from a thread until the block ends; then stopped and closed."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
 def serving_imds(namespace: str | None = None) -> Iterator[Imds]:
     """The stand-in on 127.0.0.1 of this host, or of network namespace `namespace`; stopped on exit."""
     with netns.entered(namespace) if namespace else contextlib.nullcontext():  # the socket is born there
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     state = Imds(f"http://127.0.0.1:{server.server_address[1]}")
     server.RequestHandlerClass = type("Handler", (_Handler,), {"imds": state})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)

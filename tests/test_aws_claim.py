@@ -12,7 +12,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from awskit import EXAMPLE_PUBLIC_IP, REGION, REPO, Aws, build_world, example_pl
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
 from conftest import free_port, free_ports, wait_port, write_config
-from imdskit import Imds, serving_imds
+from imdskit import Imds, running, serving_imds
 from labkit import root, unique_name
 
 from forwarder.aws import userdata
@@ -309,14 +308,8 @@ def front(aws: Aws) -> Iterator[Front]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state = Front(f"http://127.0.0.1:{server.server_address[1]}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def test_throttling_is_retried(aws: Aws, subnet: str, front: Front) -> None:
