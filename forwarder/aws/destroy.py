@@ -3,8 +3,9 @@ target groups, load balancer, Elastic IPs, cache rule, security groups, bucket, 
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 from forwarder.aws.client import AwsClient, AwsError
@@ -40,9 +41,14 @@ def render(inventory: Inventory, region: str) -> str:
     return "\n".join(lines)
 
 
-def _ignore_gone(exc: AwsError) -> None:
-    if exc.code not in _GONE:
-        raise exc
+@contextlib.contextmanager
+def _gone_ok() -> Iterator[None]:
+    """Deleting what is already gone (another run, or AWS itself, removed it) is success."""
+    try:
+        yield
+    except AwsError as exc:
+        if exc.code not in _GONE:
+            raise
 
 
 def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing: Timing | None = None) -> list[str]:
@@ -57,11 +63,9 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
     removed += _remove_balancer(client, inventory, progress, timing)
     for address in inventory.addresses:
         progress(f"releasing Elastic IP {address.public_ip}")
-        try:
+        with _gone_ok():
             if address.association_id:
                 client.disassociate_address(address.association_id)
-        except AwsError as exc:
-            _ignore_gone(exc)
         _retry_in_use(partial(client.release_address, address.allocation_id), progress, timing)
         removed.append(f"Elastic IP {address.public_ip} ({address.allocation_id})")
     by_group: dict[str, list[Rule]] = defaultdict(list)
@@ -70,10 +74,8 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
     for group_id, group_rules in by_group.items():
         progress(f"revoking the NAT instance's access in {group_id}")
         for rule in group_rules:
-            try:
+            with _gone_ok():
                 client.revoke_ingress(group_id, [to_permission(rule)])
-            except AwsError as exc:
-                _ignore_gone(exc)
             removed.append(f"rule in {group_id}: inbound {rule.protocol} {rule.ports} from {rule.peer}")
     _untangle(client, inventory.groups, inventory.balancer_groups)
     for group in (*inventory.groups, *inventory.balancer_groups):
@@ -89,13 +91,11 @@ def destroy(client: AwsClient, inventory: Inventory, progress: Progress, timing:
 
 def _delete_bucket(client: AwsClient, bucket: Bucket, progress: Progress) -> list[str]:
     progress(f"deleting S3 bucket {bucket.name}")
-    try:
+    with _gone_ok():
         # Listed again: an object uploaded after the inventory was taken would keep the bucket from going.
         for key in sorted(set(bucket.keys) | set(client.list_objects(bucket.name))):
             client.delete_object(bucket.name, key)
         client.delete_bucket(bucket.name)
-    except AwsError as exc:
-        _ignore_gone(exc)
     return [f"S3 bucket {bucket.name}"]
 
 
@@ -104,25 +104,19 @@ def _delete_role(client: AwsClient, role: Role, progress: Progress) -> list[str]
     if role.profile:
         progress(f"deleting IAM instance profile {role.name}")
         for name in role.profile_roles:
-            try:
+            with _gone_ok():
                 client.remove_role_from_instance_profile(role.name, name)
-            except AwsError as exc:
-                _ignore_gone(exc)
-        try:
+        with _gone_ok():
             client.delete_instance_profile(role.name)
-        except AwsError as exc:
-            _ignore_gone(exc)
         removed.append(f"IAM instance profile {role.name}")
     if role.exists:
         progress(f"deleting IAM role {role.name}")
-        try:
+        with _gone_ok():
             for arn in role.attached_policies:
                 client.detach_role_policy(role.name, arn)
             for name in role.inline_policies:
                 client.delete_role_policy(role.name, name)
             client.delete_role(role.name)
-        except AwsError as exc:
-            _ignore_gone(exc)
         removed.append(f"IAM role {role.name}")
     return removed
 
@@ -148,18 +142,14 @@ def _remove_instances(client: AwsClient, inventory: Inventory, progress: Progres
     removed: list[str] = []
     for group in inventory.scaling_groups:
         progress(f"deleting Auto Scaling group {group.name} and its instances")
-        try:
+        with _gone_ok():
             client.delete_auto_scaling_group(group.name)
-        except AwsError as exc:
-            _ignore_gone(exc)
         removed.append(f"Auto Scaling group {group.name}")
     standalone = [i.instance_id for i in inventory.instances if not i.group]
     if standalone:
         progress(f"terminating instance {', '.join(standalone)}")
-        try:
+        with _gone_ok():
             client.terminate_instances(standalone)
-        except AwsError as exc:
-            _ignore_gone(exc)
     members = {i.instance_id for i in inventory.instances if i.group}
     members.update(iid for group in inventory.scaling_groups for iid in group.instance_ids)
     # The instances' network interfaces hold the security group, and a template in use by a group cannot go.
@@ -167,10 +157,8 @@ def _remove_instances(client: AwsClient, inventory: Inventory, progress: Progres
     removed += [f"instance {iid}" for iid in standalone]
     for template in inventory.templates:
         progress(f"deleting launch template {template.template_id}")
-        try:
+        with _gone_ok():
             client.delete_launch_template(template.template_id)
-        except AwsError as exc:
-            _ignore_gone(exc)
         removed.append(f"launch template {template.template_id}")
     return removed
 
@@ -179,10 +167,8 @@ def _remove_balancer(client: AwsClient, inventory: Inventory, progress: Progress
     """Listeners, then target groups (no longer in use), then the load balancer, waiting until it is gone."""
     removed: list[str] = []
     for listener in inventory.listeners:
-        try:
+        with _gone_ok():
             client.delete_listener(listener.arn)
-        except AwsError as exc:
-            _ignore_gone(exc)
         removed.append(f"listener TCP {listener.port}")
     for group in inventory.target_groups:
         progress(f"deleting target group {group.name}")
@@ -190,10 +176,8 @@ def _remove_balancer(client: AwsClient, inventory: Inventory, progress: Progress
         removed.append(f"target group {group.name}")
     for balancer in inventory.balancers:
         progress(f"deleting Network Load Balancer {balancer.name}")
-        try:
+        with _gone_ok():
             client.delete_load_balancer(balancer.arn)
-        except AwsError as exc:
-            _ignore_gone(exc)
         start = timing.clock()
         while client.describe_load_balancers([balancer.name]):
             if timing.clock() - start >= timing.timeout_s:
@@ -211,13 +195,11 @@ def _untangle(client: AwsClient, groups: tuple[Group, ...], balancer_groups: tup
     for group in (*groups, *balancer_groups):
         inbound = [to_permission(r) for r in group.ingress if r.peer in ids]
         outbound = [to_permission(r) for r in group.egress if r.peer in ids]
-        try:
+        with _gone_ok():
             if inbound:
                 client.revoke_ingress(group.group_id, inbound)
             if outbound:
                 client.revoke_egress(group.group_id, outbound)
-        except AwsError as exc:
-            _ignore_gone(exc)
 
 
 def _retry_in_use(call: Callable[[], None], progress: Progress, timing: Timing) -> None:
