@@ -411,11 +411,17 @@ class Worker:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""
-        await self.start()
         loop = asyncio.get_running_loop()
+        # Before start: a signal that lands once a port is listening, but before start returns, must not kill the
+        # process with its default action. SIGTERM then drains as usual; SIGHUP reloads once start is done.
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        early_reload: list[None] = []
+        loop.add_signal_handler(signal.SIGHUP, early_reload.append, None)
+        await self.start()
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload()))
+        if early_reload:
+            self.spawn(self.reload())
         if on_ready is not None:
             on_ready()
         await self.stopping.wait()
