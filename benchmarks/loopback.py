@@ -28,6 +28,7 @@ from benchmarks import cpu
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 KINDS = ("natfwd", "natfwd-py", "haproxy", "natfwd-mux", "natfwd-mux-py")  # -py: NATFWD_NO_EXTENSIONS=1
+BASE = "-base"  # a natfwd kind with this suffix runs the checkout given with --against
 # redis-benchmark arguments per load: the lab's loads (benchmarks/loads.py), on loopback.
 LOADS = {
     "new": ["-t", "get", "-c", "50", "-k", "0"],
@@ -93,22 +94,28 @@ def haproxy_config(port: int, node_port: int) -> str:
     )
 
 
-def start(kind: str, node_port: int, workdir: Path, root: Path = REPO) -> tuple[subprocess.Popen[bytes], int]:
+def start(
+    kind: str, node_port: int, workdir: Path, root: Path = REPO, against: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
+    if kind.endswith(BASE):
+        assert against is not None
+        root = against
+        kind = kind.removesuffix(BASE)
     if kind == "haproxy":
         cfg = workdir / "haproxy.cfg"
         cfg.write_text(haproxy_config(port, node_port))
         argv = ["haproxy", "-db", "-f", str(cfg)]
         env = None
     else:
-        cfg = workdir / f"{kind}.yaml"
+        cfg = workdir / f"{kind}-{port}.yaml"
         cfg.write_text(natfwd_config(port, node_port, multiplex=kind.startswith("natfwd-mux")))
         argv = [sys.executable, "-m", "forwarder", "serve", "--config", str(cfg)]
         env = dict(os.environ, PYTHONPATH=str(root))
         env.pop("NATFWD_NO_EXTENSIONS", None)
         if kind.endswith("-py"):
             env["NATFWD_NO_EXTENSIONS"] = "1"
-    with open(workdir / f"{kind}.log", "ab") as log:  # the child keeps its own copy
+    with open(workdir / f"{kind}-{port}.log", "ab") as log:  # the child keeps its own copy
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     wait_port(port, process)
     return process, port
@@ -162,6 +169,7 @@ def run(
     trace: bool,
     say: Callable[[str], None],
     root: Path = REPO,
+    against: Path | None = None,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="natfwd-loopback-") as tmp:
         workdir = Path(tmp)
@@ -176,7 +184,7 @@ def run(
             subprocess.run(["redis-benchmark", "-h", HOST, "-p", str(node_port), "-t", "set", "-n", "10", "-q"],
                            capture_output=True, check=True)  # fmt: skip
             for kind in kinds:
-                started[kind] = start(kind, node_port, workdir, root)
+                started[kind] = start(kind, node_port, workdir, root, against)
                 bench(started[kind][1], load, max(100, count // 10))  # warm-up
             results: dict[str, list[Result]] = {kind: [] for kind in kinds}
             for round_no in range(rounds):
@@ -197,10 +205,17 @@ def run(
                 per = ", ".join(f"{r.us_per_request:.1f}" for r in runs)
                 rate = statistics.median(r.rate for r in runs)
                 say(f"| {kind} | {total:.1f} ({user:.1f}) | {per} | {rate:.0f} |")
-            for base_kind in ("haproxy", "natfwd", "natfwd-mux"):
+            for base_kind in ("haproxy", "natfwd", "natfwd-mux", *(k for k in kinds if k.endswith(BASE))):
                 base = results.get(base_kind)
                 for kind, runs in results.items():
-                    if base is None or kind == base_kind or (base_kind != "haproxy" and kind != f"{base_kind}-py"):
+                    if kind.endswith(BASE) and not base_kind.endswith(BASE):
+                        continue
+                    compared = (
+                        kind == f"{base_kind}-py"
+                        or (base_kind.endswith(BASE) and kind == base_kind.removesuffix(BASE))
+                        or (base_kind == "haproxy")
+                    )
+                    if base is None or kind == base_kind or not compared:
                         continue
                     cost = [r.us_per_request / b.us_per_request for r, b in zip(runs, base, strict=True)]
                     faster = [r.rate / b.rate for r, b in zip(runs, base, strict=True)]
@@ -236,13 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS[:3]), help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--strace", action="store_true", help="also count each proxy's system calls per request")
     parser.add_argument("--root", type=Path, default=REPO, help="the natfwd checkout to run (C extensions built)")
+    parser.add_argument("--against", type=Path, help=f"another checkout, run by the natfwd kinds ending in {BASE}")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k.removesuffix(BASE) not in KINDS or k == "haproxy" + BASE]
     if unknown or args.requests < 100 or args.rounds < 1:
         print(f"python -m benchmarks.loopback: error: bad --kinds {unknown} or --requests/--rounds", file=sys.stderr)
         return 2
-    run(kinds, args.load, args.requests, args.rounds, args.strace, lambda line: print(line, flush=True), args.root)
+    if any(k.endswith(BASE) for k in kinds) and args.against is None:
+        print(f"python -m benchmarks.loopback: error: kinds ending in {BASE} need --against CHECKOUT", file=sys.stderr)
+        return 2
+    run(kinds, args.load, args.requests, args.rounds, args.strace, lambda line: print(line, flush=True), args.root,
+        args.against)  # fmt: skip
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, cast
 
 from forwarder import accesslog, sockets
 from forwarder import config as config_mod
+from forwarder.deadlines import Deadlines
 from forwarder.mux import MuxPool, Prepare, Session, new_pool
 from forwarder.poller import Poller
 from forwarder.relay import Half
@@ -45,13 +46,15 @@ class ConnectionState:
     The worker owns it and sets `loop` when it starts, `draining` when it drains, `upstream_ssl` on reload.
     """
 
-    __slots__ = ("loop", "poller", "pool", "metrics", "upstream_ssl", "active", "draining", "idle", "refusals")
+    __slots__ = ("loop", "poller", "deadlines", "pool", "metrics", "upstream_ssl", "active", "draining", "idle",
+                 "refusals")  # fmt: skip
 
     def __init__(self, pool: Resources, metrics: Metrics, upstream_ssl: ssl.SSLContext | None) -> None:
         # Set by the worker's start(). Per connection, asyncio.get_running_loop() costs a getpid() system call
         # (Python 3.11 checks for a fork), and connection setup needs the loop several times.
         self.loop: asyncio.AbstractEventLoop
         self.poller: Poller  # set by the worker's start() too: the sockets of connections without transports
+        self.deadlines: Deadlines  # and their connect timeouts
         self.pool = pool
         self.metrics = metrics
         self.upstream_ssl = upstream_ssl

@@ -11,6 +11,7 @@ _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+FAILED = select.EPOLLERR | select.EPOLLHUP  # in `events` for a connect that failed
 EVENTS_PER_WAKEUP = 256  # the rest wait for the next loop iteration (level-triggered), so timers and others run
 
 
@@ -31,7 +32,7 @@ class Poller:
     Callbacks run from the loop's reader callback, level-triggered as the loop's would be.
     """
 
-    __slots__ = ("epoll", "masks", "readers", "writers", "loop")
+    __slots__ = ("epoll", "masks", "readers", "writers", "loop", "events")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.epoll = select.epoll()
@@ -39,6 +40,9 @@ class Poller:
         self.readers: dict[int, Callable[[], None]] = {}
         self.writers: dict[int, Callable[[], None]] = {}
         self.loop = loop
+        # The events of the writer callback being run: a connect watched with add_writer needs no SO_ERROR system
+        # call to learn that it succeeded unless they include FAILED.
+        self.events = 0
         loop.add_reader(self.epoll.fileno(), self.dispatch)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -57,18 +61,23 @@ class Poller:
         if self.writers.pop(fd, None) is not None:
             self._watch(fd, self.masks.get(fd, 0) & ~_OUT)
 
-    def forget(self, fd: int, out_fd: int) -> None:
-        """Drop a raw direction's callbacks (its reader on `fd`, its writer on `out_fd`) without an epoll_ctl: for a
-        socket about to be closed, which leaves the epoll set by itself (no other descriptor refers to it)."""
-        masks = self.masks
-        if self.readers.pop(fd, None) is not None:
-            mask = masks.pop(fd, 0) & ~_IN
-            if mask:
-                masks[fd] = mask
-        if self.writers.pop(out_fd, None) is not None:
-            mask = masks.pop(out_fd, 0) & ~_OUT
-            if mask:
-                masks[out_fd] = mask
+    def writer_to_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Replace the writer of `fd`, its only callback (a connect), by a reader: one epoll_ctl instead of two."""
+        del self.writers[fd]
+        self.readers[fd] = callback
+        self.masks[fd] = _IN
+        self.epoll.modify(fd, _IN)
+
+    def replace_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """A new reader for `fd`, which has one: no epoll_ctl."""
+        self.readers[fd] = callback
+
+    def closing(self, fd: int) -> None:
+        """`fd` is about to be closed, which takes it out of the epoll set (no other descriptor refers to its
+        socket): drop its callbacks without an epoll_ctl."""
+        if self.masks.pop(fd, 0):
+            self.readers.pop(fd, None)
+            self.writers.pop(fd, None)
 
     def _watch(self, fd: int, mask: int) -> None:
         masks = self.masks
@@ -98,6 +107,7 @@ class Poller:
             if events & _WRITE_EVENTS:
                 writer = writers.get(fd)
                 if writer is not None:
+                    self.events = events
                     writer()
 
     def close(self) -> None:

@@ -54,8 +54,10 @@ def _no_splice(*args: object, **kwargs: object) -> int:
 
 
 _splice = getattr(os, "splice", _no_splice)  # Linux, Python 3.10+
-_read = sockets.read
 _write = sockets.write
+_os_read = os.read
+_os_write = os.write
+_AGAIN = (BlockingIOError, InterruptedError)
 
 CRELAY = extensions.load("_crelay")  # tests set this to None to run raw mode in Python
 
@@ -266,17 +268,25 @@ class PyRaw:
             self.splice_chunks()
             return
         # One read and one write per message, as HAProxy does: for a small message that is less CPU than two
-        # splices through a pipe.
-        data = _read(self.fd, COPY_READ, self.failed)
-        if data is None:
+        # splices through a pipe. sockets.read and sockets.write, inlined: this runs for every message.
+        try:
+            data = _os_read(self.fd, COPY_READ)
+        except _AGAIN:
+            return
+        except OSError:
+            self.half.raw_failed()
             return
         nbytes = len(data)
         if not nbytes:
             self.half.raw_eof()
             return
         self.half.nbytes += nbytes
-        sent = _write(self.out_fd, data, self.failed)
-        if sent < 0:
+        try:
+            sent = _os_write(self.out_fd, data)
+        except _AGAIN:
+            sent = 0
+        except OSError:
+            self.half.raw_failed()
             return
         if sent != nbytes:
             self.tail = memoryview(data)[sent:]

@@ -15,6 +15,7 @@ from forwarder import accesslog, notify, tls
 from forwarder import config as config_mod
 from forwarder.acceptor import PlainListener, TlsListener
 from forwarder.connection import ConnectionState, Route, connection_factory
+from forwarder.deadlines import Deadlines
 from forwarder.direct import PlainRoute
 from forwarder.errors import NatfwdError, bind_error
 from forwarder.kernelpath import KernelPath
@@ -228,6 +229,7 @@ class Worker:
     async def start(self) -> None:
         self.loop = self.state.loop = asyncio.get_running_loop()
         self.state.poller = Poller(self.loop)
+        self.state.deadlines = Deadlines(self.loop)
         gc.set_threshold(GC_YOUNG_THRESHOLD)
         self.config = await self.tracker.prepare(self.config)
         if self.kernel is not None:
@@ -408,6 +410,7 @@ class Worker:
             await self.kernel.stop()
         self.pool.close(self.loop)
         self.state.poller.close()
+        self.state.deadlines.close()
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Serve until SIGTERM/SIGINT, reloading on SIGHUP; then drain. Raises NatfwdError if a port cannot be bound."""

@@ -196,7 +196,7 @@ def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
             self.expiry = None
             direct_connect(self, *args)
 
-        self.expiry = loop.call_later(delay_s, late)
+        self.expiry = self.state.deadlines.add(loop.time(), delay_s, late)
 
     monkeypatch.setattr(direct.DirectClient, "connect", slow_direct)
 
