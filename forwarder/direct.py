@@ -9,15 +9,15 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
-from forwarder import accesslog, rawmode, sockets
+from forwarder import accesslog, rawmode
 from forwarder import config as config_mod
 from forwarder.connection import ClientHalf, ConnectionState, NodeHalf, Route, connection_factory
 from forwarder.deadlines import Entry
 from forwarder.poller import FAILED
-from forwarder.rawmode import RAW_AFTER_READS, PyRaw
-from forwarder.relay import EARLY_LIMIT
+from forwarder.rawmode import COPY_READ, RAW_AFTER_READS, PyRaw
+from forwarder.relay import EARLY_LIMIT, Half
 from forwarder.resources import Resources
 
 log = logging.getLogger("natfwd.server")
@@ -28,6 +28,9 @@ _NODE_TYPE = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # non-blo
 _TCP_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _SO_ERROR = (socket.SOL_SOCKET, socket.SO_ERROR)
 _EINPROGRESS = errno.EINPROGRESS
+_AGAIN = (BlockingIOError, InterruptedError)
+_os_read = os.read
+_os_write = os.write
 EARLY_DRAIN_READS = 4  # at most 256 KiB read and dropped from a client whose node connection failed
 
 
@@ -118,12 +121,17 @@ class PlainRoute:
 
 class DirectClient(ClientHalf):
     """A plain forward's client with no transport on either side: a non-blocking connect watched with add_writer,
-    then raw mode (PyRaw, handed to the C relay thread when the connection gets busy) from the first byte.
+    then the bytes relayed from the first one without transports.
 
     While the node connection is being made, the client's bytes are held (up to EARLY_LIMIT) and a reset drops it.
+    Then both directions start in lean copy mode: this object's own reader callbacks, one read and one write per
+    message, as PyRaw.readable does, with no PyRaw objects. Most connections (a request or a few, then close)
+    never leave it. The first write the peer's socket does not take whole, or a read that fills COPY_READ (bulk),
+    hands both directions to PyRaw, which keeps the unsent rest and applies backpressure, or splices; after
+    RAW_AFTER_READS messages the connection is offered to the C relay thread (to_thread).
     """
 
-    __slots__ = ("sock", "expiry", "watching")
+    __slots__ = ("sock", "expiry", "watching", "fd", "node_fd", "lean_reads")
 
     def __init__(self, state: ConnectionState, route: Route, sock: Any, client_ip: str) -> None:
         # Every slot of Half and ClientHalf, set here rather than through two super().__init__ calls: this runs once
@@ -157,6 +165,9 @@ class DirectClient(ClientHalf):
         self.sock = sock
         self.expiry: Entry | None = None  # the connect timeout, while connecting
         self.watching = False  # _read_early is the client's reader
+        self.fd: int = sock.fileno()
+        self.node_fd = -1
+        self.lean_reads = RAW_AFTER_READS  # messages until the connection is offered to the C relay thread
 
     @property
     def connecting(self) -> bool:
@@ -221,48 +232,122 @@ class DirectClient(ClientHalf):
         node_sock = node.sock
         state = self.state
         poller = state.poller
+        node_fd = self.node_fd = node_sock.fileno()
         expiry = self.expiry
-        watched = False
         if expiry is not None:  # connect_ex said EINPROGRESS: the poller's writer callback called us
-            watched = True
             expiry[1] = None  # Deadlines.cancel, inlined: this runs once per connection
             self.expiry = None
             # A connect that failed sets EPOLLERR; one that succeeded needs no SO_ERROR system call to say so.
             if poller.events & FAILED:
                 error = node_sock.getsockopt(*_SO_ERROR)
                 if error:
-                    poller.remove_writer(node_sock.fileno())
+                    poller.remove_writer(node_fd)
                     self._node_failed(self.target, OSError(error, os.strerror(error)))
                     return
+            poller.writer_to_reader(node_fd, self._from_node)
+        else:
+            poller.add_reader(node_fd, self._from_node)
         state.metrics.upstream_connect.observe(state.loop.time() - self.started)
-        # Busy connections are offered to the C relay thread; without it, that is where natfwd says so, once.
-        handoff = RAW_AFTER_READS
-        raw = self.raw = PyRaw(self, poller, self.sock, node_sock, duplicate=False, handoff=handoff)
-        node_raw = node.raw = PyRaw(node, poller, node_sock, self.sock, duplicate=False, handoff=handoff)
-        if watched:
-            node_raw.reading = True
-            poller.writer_to_reader(node_raw.fd, node_raw.readable)
-        else:
-            node_raw.start()
-        early = self.early
-        if early is not None:
-            self.early = None
-            data = bytes(early)
-            sent = sockets.write(raw.out_fd, data, raw.failed)
-            if sent < 0:
-                return
-            if sent < len(data):
-                raw.tail = memoryview(data)[sent:]
-                raw.reading = self.watching  # so that waiting for the node stops our reader
-                self.watching = False
-                raw.wait_writable()
-                return
-        if self.watching:  # raw mode's reader replaces _read_early, with no epoll_ctl
+        if self.watching:  # the lean reader replaces _read_early, with no epoll_ctl
             self.watching = False
-            raw.reading = True
-            poller.replace_reader(raw.fd, raw.readable)
+            poller.replace_reader(self.fd, self._from_client)
+        else:  # _read_early stopped at an EOF (which stays readable) or at EARLY_LIMIT
+            poller.add_reader(self.fd, self._from_client)
+        early = self.early
+        if early is not None:  # counted in nbytes as it arrived
+            self.early = None
+            self._send(self, bytes(early), node_fd)
+
+    # --- lean copy mode ---------------------------------------------------------------------------------------
+    def _from_client(self) -> None:
+        try:
+            data = _os_read(self.fd, COPY_READ)
+        except _AGAIN:
+            return
+        except OSError:
+            self.raw_failed()
+            return
+        if data:
+            self.nbytes += len(data)
+            self._send(self, data, self.node_fd)
         else:
-            raw.start()
+            self._lean_eof(self, self.fd)
+
+    def _from_node(self) -> None:
+        node = self.peer
+        assert node is not None
+        try:
+            data = _os_read(self.node_fd, COPY_READ)
+        except _AGAIN:
+            return
+        except OSError:
+            node.raw_failed()
+            return
+        if data:
+            node.nbytes += len(data)
+            self._send(node, data, self.fd)
+        else:
+            self._lean_eof(node, self.node_fd)
+
+    def _send(self, half: Half, data: bytes, out_fd: int) -> None:
+        """Write what `half`'s side sent to the other socket; PyRaw takes over unless it all went, and was small."""
+        nbytes = len(data)
+        try:
+            sent = _os_write(out_fd, data)
+        except _AGAIN:
+            sent = 0
+        except OSError:
+            half.raw_failed()
+            return
+        if sent == nbytes and nbytes != COPY_READ:
+            left = self.lean_reads - 1
+            self.lean_reads = left
+            if not left:
+                self.to_thread()
+            return
+        self._to_pyraw(half, data, sent)
+
+    def _lean_eof(self, half: Half, fd: int) -> None:
+        """`half`'s side sent EOF: pass it on (half-close); once both directions are done, close both.
+
+        Closing takes a socket out of the epoll set: the last EOF of a connection costs no epoll_ctl.
+        """
+        half.eof = True
+        peer = half.peer
+        assert peer is not None
+        if half is self:
+            self.ended = self.ended or (accesslog.NODE_CLOSED if peer.eof else "")
+        if peer.eof or peer.closed:
+            self.abort()
+            return
+        self.state.poller.remove_reader(fd)
+        out = self.sock if half is not self else cast(DirectNode, peer).sock
+        try:
+            out.shutdown(socket.SHUT_WR)
+        except OSError:
+            half.raw_failed()
+
+    def _to_pyraw(self, half: Half, data: bytes, sent: int) -> None:
+        """Hand both directions to PyRaw, for good: `half`'s peer socket did not take all of `data` (PyRaw keeps
+        the rest and stops reading until it does), or `data` filled COPY_READ (more is probably queued: PyRaw
+        splices it)."""
+        node = self.peer
+        assert isinstance(node, DirectNode)
+        poller = self.state.poller
+        handoff = max(self.lean_reads, 0)
+        raw = self.raw = PyRaw(self, poller, self.sock, node.sock, duplicate=False, handoff=handoff)
+        node_raw = node.raw = PyRaw(node, poller, node.sock, self.sock, duplicate=False, handoff=handoff)
+        for direction, reader in ((raw, self), (node_raw, node)):
+            if not reader.eof:  # after an EOF the socket is no longer watched
+                direction.reading = True
+                poller.replace_reader(direction.fd, direction.readable)
+        mine = raw if half is self else node_raw
+        if sent < len(data):
+            mine.tail = memoryview(data)[sent:]
+            mine.wait_writable()
+        elif self.pool.can_splice:
+            mine.copying = False
+            mine.splice_chunks()
 
     def _connect_expired(self) -> None:
         self.expiry = None
@@ -297,25 +382,39 @@ class DirectClient(ClientHalf):
     def to_thread(self) -> None:
         """Hand both sockets to the C relay thread, when nothing waits in either direction."""
         node = self.peer
-        mine = self.raw
-        if node is None or mine is None or node.raw is None or self.link is not None:
+        if node is None or self.link is not None or self.closed:
             return
+        mine = self.raw
         theirs = node.raw
+        lean = mine is None and theirs is None
+        # From PyRaw only when nothing waits to be sent (lean copy mode never holds bytes).
+        if not lean and (mine is None or theirs is None or not (mine.quiet() and theirs.quiet())):
+            return
         pool = self.pool
-        if not (mine.quiet() and theirs.quiet()) or not pool.reserve_fds(2):  # unlink releases two
+        if not pool.reserve_fds(2):  # unlink releases two
             return
         thread = rawmode._relay_thread(pool, self.state.loop)
         if thread is None:
             pool.release_fds(2)
             return
         try:
-            link = thread.add(mine.fd, theirs.fd, self.nbytes, node.nbytes)
+            link = thread.add(self.fd, self.node_fd, self.nbytes, node.nbytes)
         except (OSError, MemoryError):
             pool.release_fds(2)
             return
-        self.raw = node.raw = None
-        mine.release().detach()  # the descriptors are the thread's now: Link.stop closes them
-        theirs.release().detach()
+        # The descriptors are the thread's now (Link.stop closes them): ours stop watching them, and forget them.
+        if lean:
+            poller = self.state.poller
+            poller.remove_reader(self.fd)
+            poller.remove_reader(self.node_fd)
+            self.sock.detach()
+            assert isinstance(node, DirectNode)
+            node.sock.detach()
+        else:
+            assert mine is not None and theirs is not None
+            self.raw = node.raw = None
+            mine.release().detach()
+            theirs.release().detach()
         self.link = node.link = link
         self.link_first = True
         node.link_first = False

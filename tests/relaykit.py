@@ -38,8 +38,17 @@ def use_raw(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def is_raw(half: Half | None) -> bool:
-    """Whether the half's bytes bypass its transport: in _Raw, or in the relay thread."""
-    return half is not None and (half.raw is not None or half.link is not None)
+    """Whether the half's bytes bypass its transport: in PyRaw, in the relay thread, or in a direct connection's
+    lean copy mode (direct.DirectClient), which has no transport at all."""
+    return half is not None and (half.raw is not None or half.link is not None or half.transport is None)
+
+
+def copying(half: Half | None) -> bool:
+    """Whether the half's direction copies (read and write) rather than splices: PyRaw in copy mode, or a direct
+    connection's lean copy mode."""
+    if half is None or half.link is not None:
+        return False
+    return half.raw.copying if half.raw is not None else half.transport is None
 
 
 def held_back(half: Half | None) -> bool:

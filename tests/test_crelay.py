@@ -368,7 +368,7 @@ def test_a_thread_that_cannot_start_leaves_raw_mode_in_python(monkeypatch: pytes
             for _ in range(2):
                 reader, writer = await busy_connection(port)
                 conn = only_connection(worker)
-                assert conn.raw is not None and conn.link is None, "raw mode should fall back to Python"
+                assert is_raw(conn) and conn.link is None, "raw mode should fall back to Python"
                 writer.close()
                 await wait_for_async(lambda: worker.active == 0, "the connection to close")
             assert NoThreads.starts == 1, "a thread that failed to start is not retried for every connection"
@@ -393,7 +393,7 @@ def test_without_the_extension_natfwd_warns_once_unless_turned_off(
         async with worker_for(target) as (worker, port):
             for _ in range(2):
                 _reader, writer = await busy_connection(port)
-                assert only_connection(worker).raw is not None
+                assert is_raw(only_connection(worker))
                 writer.close()
                 await wait_for_async(lambda: worker.active == 0, "the connection to close")
         server.close()
