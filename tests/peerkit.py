@@ -18,8 +18,10 @@ from conftest import IN_CI, Node, free_port, require_binary, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The peer suites read these; natfwd's own pytest must not hand them its options or plugins.
+# The peer suites read these; natfwd's own pytest must not hand them its options or plugins, nor tell them they run
+# in a pytest-xdist worker (PYTEST_XDIST_WORKER and the like).
 _SCRUBBED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONWARNINGS", "PYTEST_CURRENT_TEST", "PYTEST_VERSION")
+_SCRUBBED_ENV_PREFIX = "PYTEST_XDIST_"
 
 
 def fetch_suites() -> dict[str, Path]:
@@ -118,7 +120,11 @@ def run_suite(suite: Path, args: list[str], out: Path, name: str, deadline_s: fl
     """
     out.mkdir(parents=True, exist_ok=True)
     report, log = out / f"{name}.xml", out / f"{name}.log"
-    env = {key: value for key, value in os.environ.items() if key not in _SCRUBBED_ENV}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_ENV_PREFIX)
+    }
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--junit-xml", str(report), *args]
     cut_off = False
     with open(log, "w") as log_file:
