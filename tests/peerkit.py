@@ -4,13 +4,15 @@ junit reports."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,28 @@ class PeerRun:
 
     def having(self, outcome: str) -> set[str]:
         return {test for test, seen in self.outcomes.items() if seen == outcome}
+
+
+def once_per_run(name: str, tmp_path_factory: pytest.TempPathFactory, run: Callable[[Path], PeerRun]) -> PeerRun:
+    """`run(directory)` once for the whole test run, however many pytest-xdist workers ask for it.
+
+    The first worker to ask runs it while holding a lock in the run's temporary directory (its workers' common
+    parent) and leaves the result there; the others wait for the lock and read it. A run that fails leaves nothing,
+    so the next one to ask tries again (and fails in its turn).
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return run(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / f"peer-{name}"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = shared / "result.json"
+        if result.exists():
+            saved = json.loads(result.read_text())
+            return PeerRun(saved["outcomes"], saved["messages"], Path(saved["log"]), saved["cut_off"])
+        done = run(shared)
+        result.write_text(json.dumps({**asdict(done), "log": str(done.log)}))
+        return done
 
 
 def read_junit(report: Path, log: Path, cut_off: bool) -> PeerRun:
