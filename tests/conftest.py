@@ -89,6 +89,13 @@ def free_run(count: int, host: str = "127.0.0.1") -> int:
     return _PORTS.take(host, count, ())
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, tests marked `long` go first: workers take tests in this order, and one of these
+    started near the end would leave the others idle while it finishes."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def _timed_out(what: str, timeout_s: float, detail: Callable[[], str] | None) -> AssertionError:
     more = f"\n{detail()}" if detail is not None else ""
     return AssertionError(f"timed out after {timeout_s} s waiting for {what}{more}")
