@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import shutil
@@ -87,6 +88,31 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def free_run(count: int, host: str = "127.0.0.1") -> int:
     """The first of `count` consecutive free TCP ports on `host` (see `free_port`)."""
     return _PORTS.take(host, count, ())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """In a pytest-xdist worker, a test marked `exclusive` runs (setup to teardown) while no other worker runs one.
+
+    Every test holds a shared lock on a file in the run's temporary directory (the workers' common parent); an
+    exclusive one takes it exclusively. Before either, a test passes a turnstile that a waiting exclusive test holds,
+    so tests that start later queue behind it instead of keeping the shared lock taken forever.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return (yield)
+    shared = Path(item.config.option.basetemp).parent
+    with open(shared / "exclusive.turnstile", "a") as turnstile, open(shared / "exclusive.lock", "a") as lock:
+        exclusive = item.get_closest_marker("exclusive") is not None
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
