@@ -43,6 +43,14 @@ REDIS_PY_DESELECT = [
     "tests/test_connection.py::TestConnection::test_retry_connect_on_timeout_error",  # localhost:6379
     "--deselect",
     "tests/test_pubsub.py::TestPubSubRedisDown",  # expects nothing on localhost:6390
+    # A race in the test itself, whatever is between it and the server: its reader thread holds a lock while blocked
+    # in listen() with nothing left to read, and the main thread must take that lock in the reader's 10 ms sleep. On a
+    # loaded machine it can miss it; then both wait until the suite's timeout ends the whole run. The get_message
+    # variants of the same reconnects stay.
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubAutoReconnect::test_reconnect_socket_error[listen]",
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubAutoReconnect::test_reconnect_disconnect[listen]",
 ]
 # Each run names the suite's own pytest config: found by walking up, it could otherwise be natfwd's (.peer-suites/
 # is inside natfwd's tree), whose filterwarnings=error the suites are not written for.
