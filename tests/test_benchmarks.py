@@ -654,8 +654,10 @@ def test_strace_summary_gives_calls_per_system_call() -> None:
 def test_the_loopback_tool_measures_natfwd_and_haproxy_per_request() -> None:
     for tool in ("redis-server", "redis-benchmark", "haproxy"):
         require_binary(tool)
+    # Enough requests that even haproxy's CPU time spans several of /proc's clock ticks: with a few hundred it could
+    # read as 0 ticks, and the tool divides by it.
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loopback", "--requests", "300", "--rounds", "1", "--kinds",
+        [sys.executable, "-m", "benchmarks.loopback", "--requests", "3000", "--rounds", "1", "--kinds",
          "natfwd,natfwd-py,haproxy"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
