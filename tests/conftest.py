@@ -1,4 +1,5 @@
-"""Shared fixtures and the one copy of the test waits: real cache servers on loopback, free ports, polling, configs."""
+"""Shared fixtures and the one copy of the test waits: real cache servers on loopback, free ports, polling, configs, and
+how pytest-xdist workers share the machine (their own ports, long tests first, exclusive tests alone)."""
 
 from __future__ import annotations
 
