@@ -96,10 +96,37 @@ def _add_moto_instance_refresh() -> None:
     AutoScalingResponse.start_instance_refresh = start_instance_refresh  # type: ignore[attr-defined]
 
 
+def _share_botocore_models() -> None:
+    """Every botocore session in this process reads the service models (ec2's alone is megabytes of JSON) through
+    one loader, so each is parsed once, not once per session: natfwd's AwsClient.create opens a session with eight
+    clients each time provision, destroy or a test asks for one. Clients of one session already share what the
+    loader returns; this widens that to the process. It changes what is parsed how often, not what any call sends."""
+    import botocore.loaders
+    import botocore.session
+
+    register = botocore.session.Session._register_data_loader
+    if getattr(register, "natfwd_shared", False):
+        return
+    loaders: dict[str | None, Any] = {}
+
+    def shared(self: Any) -> None:
+        def loader() -> Any:
+            path = self.get_config_variable("data_path")
+            if path not in loaders:
+                loaders[path] = botocore.loaders.create_loader(path)
+            return loaders[path]
+
+        self._components.lazy_register_component("data_loader", loader)
+
+    shared.natfwd_shared = True  # type: ignore[attr-defined]
+    botocore.session.Session._register_data_loader = shared  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session", name="moto_url")
 def moto_server() -> Iterator[str]:
     """One moto server for the session, on a free loopback port; tests reset it (see `aws`)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    _share_botocore_models()
     _fix_moto_launch_template_versions()
     _add_moto_instance_refresh()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -1,9 +1,12 @@
-"""Shared fixtures and the one copy of the test waits: real cache servers on loopback, free ports, polling, configs."""
+"""Shared fixtures and the one copy of the test waits: real cache servers on loopback, free ports, polling, configs, and
+how pytest-xdist workers share the machine (their own ports, long tests first, exclusive tests alone)."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,21 +24,103 @@ if TYPE_CHECKING:
 IN_CI = os.environ.get("CI") == "true"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on `host` that nothing listens on right now."""
-    return free_ports(1, host)[0]
+# Servers the tests start get their ports from here. The range lies below the kernel's ephemeral ports (32768 and up),
+# so no client socket's automatic port takes one between the test choosing it and the server binding it, and each
+# pytest-xdist worker walks a slice of its own, so no two workers are handed the same port. Ports at and above the
+# range's end are never handed out: a redis cluster bus port (the port + 10000) lands there.
+PORT_RANGE = range(20000, 30000)
+CLUSTER_BUS_OFFSET = 10000
+
+
+def _worker_slice() -> range:
+    """This process's share of PORT_RANGE: the whole of it without pytest-xdist, one slice per worker with it."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    size = len(PORT_RANGE) // count
+    return range(PORT_RANGE.start + index * size, PORT_RANGE.start + (index + 1) * size)
+
+
+class _Ports:
+    """Hands out the ports of one slice in turn, from a random start (a concurrent run of the suite starts elsewhere),
+    so a port comes round again only after the whole slice: long after its last server's TIME_WAIT."""
+
+    def __init__(self, ports: range) -> None:
+        self.ports = ports
+        self.next = random.randrange(ports.start, ports.stop)
+
+    def take(self, host: str, width: int, offsets: tuple[int, ...]) -> int:
+        """The first of `width` consecutive ports that, like each port + an offset in `offsets`, bind on `host` now."""
+        for _ in range(len(self.ports)):
+            first = self.next
+            if first + width > self.ports.stop:
+                first = self.ports.start
+            self.next = first + width if first + width < self.ports.stop else self.ports.start
+            wanted = [port + offset for port in range(first, first + width) for offset in (0, *offsets)]
+            if all(_binds(host, port) for port in wanted):
+                return first
+        raise RuntimeError(f"no {width} free consecutive TCP ports on {host} in {self.ports}")
+
+
+def _binds(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+_PORTS = _Ports(_worker_slice())
+
+
+def free_port(host: str = "127.0.0.1", *, cluster_bus: bool = False) -> int:
+    """A TCP port on `host` that nothing listens on right now, and that no other test in this run is handed.
+
+    With `cluster_bus`, its redis cluster bus port (+10000) is free too.
+    """
+    return _PORTS.take(host, 1, (CLUSTER_BUS_OFFSET,) if cluster_bus else ())
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free TCP ports on `host` (held open together, so none repeats)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """`count` distinct free TCP ports on `host` (see `free_port`)."""
+    return [free_port(host) for _ in range(count)]
+
+
+def free_run(count: int, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free TCP ports on `host` (see `free_port`)."""
+    return _PORTS.take(host, count, ())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """In a pytest-xdist worker, a test marked `exclusive` runs (setup to teardown) while no other worker runs one.
+
+    Every test holds a shared lock on a file in the run's temporary directory (the workers' common parent); an
+    exclusive one takes it exclusively. Before either, a test passes a turnstile that a waiting exclusive test holds,
+    so tests that start later queue behind it instead of keeping the shared lock taken forever.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return (yield)
+    shared = Path(item.config.option.basetemp).parent
+    with open(shared / "exclusive.turnstile", "a") as turnstile, open(shared / "exclusive.lock", "a") as lock:
+        exclusive = item.get_closest_marker("exclusive") is not None
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if exclusive:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, tests marked `long` go first: workers take tests in this order, and one of these
+    started near the end would leave the others idle while it finishes."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def _timed_out(what: str, timeout_s: float, detail: Callable[[], str] | None) -> AssertionError:

@@ -4,13 +4,15 @@ junit reports."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,10 @@ from conftest import IN_CI, Node, free_port, require_binary, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The peer suites read these; natfwd's own pytest must not hand them its options or plugins.
+# The peer suites read these; natfwd's own pytest must not hand them its options or plugins, nor tell them they run
+# in a pytest-xdist worker (PYTEST_XDIST_WORKER and the like).
 _SCRUBBED_ENV = ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONWARNINGS", "PYTEST_CURRENT_TEST", "PYTEST_VERSION")
+_SCRUBBED_ENV_PREFIX = "PYTEST_XDIST_"
 
 
 def fetch_suites() -> dict[str, Path]:
@@ -92,6 +96,28 @@ class PeerRun:
         return {test for test, seen in self.outcomes.items() if seen == outcome}
 
 
+def once_per_run(name: str, tmp_path_factory: pytest.TempPathFactory, run: Callable[[Path], PeerRun]) -> PeerRun:
+    """`run(directory)` once for the whole test run, however many pytest-xdist workers ask for it.
+
+    The first worker to ask runs it while holding a lock in the run's temporary directory (its workers' common
+    parent) and leaves the result there; the others wait for the lock and read it. A run that fails leaves nothing,
+    so the next one to ask tries again (and fails in its turn).
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return run(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / f"peer-{name}"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = shared / "result.json"
+        if result.exists():
+            saved = json.loads(result.read_text())
+            return PeerRun(saved["outcomes"], saved["messages"], Path(saved["log"]), saved["cut_off"])
+        done = run(shared)
+        result.write_text(json.dumps({**asdict(done), "log": str(done.log)}))
+        return done
+
+
 def read_junit(report: Path, log: Path, cut_off: bool) -> PeerRun:
     outcomes: dict[str, str] = {}
     messages: dict[str, str] = {}
@@ -118,7 +144,11 @@ def run_suite(suite: Path, args: list[str], out: Path, name: str, deadline_s: fl
     """
     out.mkdir(parents=True, exist_ok=True)
     report, log = out / f"{name}.xml", out / f"{name}.log"
-    env = {key: value for key, value in os.environ.items() if key not in _SCRUBBED_ENV}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in _SCRUBBED_ENV and not key.startswith(_SCRUBBED_ENV_PREFIX)
+    }
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--junit-xml", str(report), *args]
     cut_off = False
     with open(log, "w") as log_file:

@@ -154,6 +154,7 @@ def booted(test: F) -> F:
 
 
 @booted
+@pytest.mark.long
 @pytest.mark.parametrize("mode", ["userspace", "kernel"])
 def test_the_provisioned_instance_boots_and_serves_in_the_lab(
     aws: Aws, lab: Lab, moto_in_nat: str, tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
@@ -248,6 +249,7 @@ def test_a_tampered_artefact_is_not_installed(
 
 
 @booted
+@pytest.mark.long
 def test_an_ha_instance_boots_claims_the_address_and_serves_in_the_lab(
     aws: Aws, lab: Lab, moto_in_nat: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

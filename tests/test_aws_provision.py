@@ -6,7 +6,6 @@ import base64
 import hashlib
 import io
 import re
-import socket
 import tarfile
 from typing import Any
 
@@ -27,6 +26,7 @@ from awskit import (
 )
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
+from conftest import free_port
 
 from forwarder import cli, config
 from forwarder.aws.client import AwsClient, AwsError
@@ -459,9 +459,7 @@ def test_cli_without_credentials_exits_1_with_hint(aws: Aws, world: World) -> No
 
 
 def test_cli_unreachable_endpoint_exits_1_with_hint(aws: Aws) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()
     url = f"http://127.0.0.1:{closed_port}"
     done = natfwd_cli(aws, "destroy", "--cluster-id", "mycluster", "--endpoint-url", url, "--yes")
     assert done.returncode == 1

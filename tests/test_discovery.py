@@ -18,7 +18,7 @@ import pytest
 from awskit import ACCOUNT, REGION, REPO, Aws, build_world, memcached_cluster
 from awskit import aws_account as aws_account  # fixture "aws"
 from awskit import moto_server as moto_server  # fixture "moto_url"
-from conftest import free_port, wait_for
+from conftest import free_port, free_run, wait_for
 from labkit import memcached_server, root
 from pymemcache.client.base import Client
 from servekit import serving
@@ -129,21 +129,6 @@ def refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
-
-
-def free_run(count: int) -> int:
-    """A first port with `count` consecutive free loopback ports."""
-    for _ in range(50):
-        first = random.randrange(20000, 32000)  # below the ephemeral range, so no client socket takes one meanwhile
-        try:
-            for port in range(first, first + count):
-                with socket.socket() as sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # natfwd binds with it too
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError("no run of free ports")
 
 
 def three_node_cluster(aws: Aws, stack: ExitStack, spare: int = 0) -> dict[str, int]:

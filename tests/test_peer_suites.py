@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Node, free_port, write_config
-from peerkit import PeerRun, fetch_suites, memcached_node, redis_node, run_suite
+from peerkit import PeerRun, fetch_suites, memcached_node, once_per_run, redis_node, run_suite
 from servekit import serving
 
 # What runs of redis-py's suite: the modules whose tests talk to one standalone Redis the most, picked by value per
@@ -43,6 +43,14 @@ REDIS_PY_DESELECT = [
     "tests/test_connection.py::TestConnection::test_retry_connect_on_timeout_error",  # localhost:6379
     "--deselect",
     "tests/test_pubsub.py::TestPubSubRedisDown",  # expects nothing on localhost:6390
+    # A race in the test itself, whatever is between it and the server: its reader thread holds a lock while blocked
+    # in listen() with nothing left to read, and the main thread must take that lock in the reader's 10 ms sleep. On a
+    # loaded machine it can miss it; then both wait until the suite's timeout ends the whole run. The get_message
+    # variants of the same reconnects stay.
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubAutoReconnect::test_reconnect_socket_error[listen]",
+    "--deselect",
+    "tests/test_pubsub.py::TestPubSubAutoReconnect::test_reconnect_disconnect[listen]",
 ]
 # Each run names the suite's own pytest config: found by walking up, it could otherwise be natfwd's (.peer-suites/
 # is inside natfwd's tree), whose filterwarnings=error the suites are not written for.
@@ -87,18 +95,24 @@ def pymemcache(suites: dict[str, Path], port: int, out: Path, name: str) -> Peer
     return run_suite(suites["pymemcache"], args, out, name, PEER_DEADLINE_S)
 
 
+# The runs against the node itself are the same for every test here: one each per test run, even when pytest-xdist
+# hands the tests that compare against them to several workers.
 @pytest.fixture(scope="module")
 def redis_py_direct(suites: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> PeerRun:
-    out = tmp_path_factory.mktemp("redis-py")
-    with redis_node(out / "node") as node:
-        return complete(redis_py(suites, node.port, out, "direct"))
+    def direct(out: Path) -> PeerRun:
+        with redis_node(out / "node") as node:
+            return complete(redis_py(suites, node.port, out, "direct"))
+
+    return once_per_run("redis-py", tmp_path_factory, direct)
 
 
 @pytest.fixture(scope="module")
 def pymemcache_direct(suites: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> PeerRun:
-    out = tmp_path_factory.mktemp("pymemcache")
-    with memcached_node() as node:
-        return complete(pymemcache(suites, node.port, out, "direct"))
+    def direct(out: Path) -> PeerRun:
+        with memcached_node() as node:
+            return complete(pymemcache(suites, node.port, out, "direct"))
+
+    return once_per_run("pymemcache", tmp_path_factory, direct)
 
 
 def complete(direct: PeerRun) -> PeerRun:
@@ -148,6 +162,7 @@ MEMCACHED_NATFWD = [
 ]
 
 
+@pytest.mark.long
 @pytest.mark.timeout(3 * PEER_DEADLINE_S)
 @pytest.mark.parametrize("multiplex", MULTIPLEX)
 def test_redis_py_suite_passes_through_natfwd(

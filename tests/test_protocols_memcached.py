@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import round_trip
+from conftest import free_port, round_trip
 from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols.memcached import (
@@ -377,9 +377,7 @@ def test_fuzz_corrupted_input_never_raises_and_never_invents_bytes() -> None:
 
 @pytest.fixture
 def memcached_port() -> Iterator[int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen(
         ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-u", "nobody", "-m", "16"],
         stdout=subprocess.DEVNULL,

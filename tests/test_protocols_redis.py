@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from rewritekit import corrupted, random_cuts, random_pipeline, run_connection
 
 from forwarder.protocols import resp
@@ -562,25 +563,6 @@ def test_fuzz_corrupted_input_never_raises_and_never_invents_bytes() -> None:
 # -- real cluster: capture reply bytes from redis-server --cluster-enabled ----------------------------------------
 
 
-def free_cluster_port(rng: random.Random) -> int:
-    """A loopback port whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = rng.randrange(20000, 29000)
-        sockets = []
-        try:
-            for candidate in (port, port + 10000):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", candidate))
-            return port
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port pair on 127.0.0.1")
-
-
 def talk(port: int, request: bytes, expected_replies: int) -> bytes:
     """Send pipelined commands, read until `expected_replies` complete top-level replies arrived."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -604,13 +586,12 @@ def talk(port: int, request: bytes, expected_replies: int) -> bytes:
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     """Three masters with hostnames announced, joined with redis-cli --cluster create, all on 127.0.0.1."""
-    rng = random.Random()
     ports: list[int] = []
     processes: list[subprocess.Popen[bytes]] = []
     base: Path = tmp_path_factory.mktemp("redis-cluster")
     try:
         for index in range(3):
-            port = free_cluster_port(rng)
+            port = free_port(cluster_bus=True)
             ports.append(port)
             directory = base / str(port)
             directory.mkdir()
