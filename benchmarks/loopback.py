@@ -217,7 +217,9 @@ def run(
                     )
                     if base is None or kind == base_kind or not compared:
                         continue
-                    cost = [r.us_per_request / b.us_per_request for r, b in zip(runs, base, strict=True)]
+                    # A few hundred requests can take less than one tick of /proc's CPU clock: no ratio then.
+                    cost = [r.us_per_request / b.us_per_request if b.us_per_request else float("nan")
+                            for r, b in zip(runs, base, strict=True)]  # fmt: skip
                     faster = [r.rate / b.rate for r, b in zip(runs, base, strict=True)]
                     say(f"{kind} over {base_kind}, paired medians: CPU per request {statistics.median(cost):.2f}, "
                         f"rate {statistics.median(faster):.2f}")  # fmt: skip

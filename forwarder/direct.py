@@ -91,21 +91,21 @@ class PlainRoute:
         # A client that reset while queued for accept is gone, not refused. Its socket's pending error says so, for
         # less than getpeername(), whose address Python would format only to be dropped.
         if sock.getsockopt(*_SO_ERROR):
+            state.reject(route, "reset", "")  # counted before the client sees the close: a scrape then agrees with it
             sock.close()
-            state.reject(route, "reset", "")
             return
         client_ip: str = address[0]
         if not route.config.is_allowed(client_ip):
-            sock.close()
             state.reject(route, "not_allowed", client_ip)
+            sock.close()
             return
         if state.active >= route.config.max_connections:
-            sock.close()
             state.reject(route, "limit", client_ip)
+            sock.close()
             return
         if state.draining:
-            sock.close()
             state.reject(route, "draining", client_ip)
+            sock.close()
             return
         sock.setblocking(False)
         conn = DirectClient(state, route, sock, client_ip)
