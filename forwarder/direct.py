@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any
 
 from forwarder import accesslog, rawmode
 from forwarder import config as config_mod
@@ -271,7 +271,7 @@ class DirectClient(ClientHalf):
             self.nbytes += len(data)
             self._send(self, data, self.node_fd)
         else:
-            self._lean_eof(self, self.fd)
+            self.eof_from(self)
 
     def _from_node(self) -> None:
         node = self.peer
@@ -287,7 +287,7 @@ class DirectClient(ClientHalf):
             node.nbytes += len(data)
             self._send(node, data, self.fd)
         else:
-            self._lean_eof(node, self.node_fd)
+            self.eof_from(node)
 
     def _send(self, half: Half, data: bytes, out_fd: int) -> None:
         """Write what `half`'s side sent to the other socket; PyRaw takes over unless it all went, and was small."""
@@ -307,23 +307,28 @@ class DirectClient(ClientHalf):
             return
         self._to_pyraw(half, data, sent)
 
-    def _lean_eof(self, half: Half, fd: int) -> None:
-        """`half`'s side sent EOF: pass it on (half-close); once both directions are done, close both.
+    def eof_from(self, half: Half) -> None:
+        """`half`'s side sent EOF (lean copy mode, or PyRaw's raw_eof): pass it on (half-close); once both
+        directions are done, close both.
 
         Closing takes a socket out of the epoll set: the last EOF of a connection costs no epoll_ctl.
         """
         half.eof = True
-        peer = half.peer
-        assert peer is not None
+        node = self.peer
+        assert isinstance(node, DirectNode)
+        other: Half = node if half is self else self
         if half is self:
-            self.ended = self.ended or (accesslog.NODE_CLOSED if peer.eof else "")
-        if peer.eof or peer.closed:
+            self.ended = self.ended or (accesslog.NODE_CLOSED if node.eof else "")
+        if other.eof or other.closed:
             self.abort()
             return
-        self.state.poller.remove_reader(fd)
-        out = self.sock if half is not self else cast(DirectNode, peer).sock
+        raw = half.raw
+        if raw is not None:
+            raw.stop_reading()
+        else:
+            self.state.poller.remove_reader(self.fd if half is self else self.node_fd)
         try:
-            out.shutdown(socket.SHUT_WR)
+            (node.sock if half is self else self.sock).shutdown(socket.SHUT_WR)
         except OSError:
             half.raw_failed()
 
@@ -421,8 +426,7 @@ class DirectClient(ClientHalf):
         pool.link(link, self)
 
     def raw_eof(self) -> None:
-        self.ended = self.ended or (accesslog.NODE_CLOSED if self.peer is not None and self.peer.eof else "")
-        _raw_eof(self)
+        self.eof_from(self)
 
     def raw_close(self) -> None:
         self.abort()
@@ -495,7 +499,8 @@ class DirectNode(NodeHalf):
             self.peer.abort()
 
     def raw_eof(self) -> None:
-        _raw_eof(self)
+        if isinstance(self.peer, DirectClient):
+            self.peer.eof_from(self)
 
     def to_thread(self) -> None:
         if self.peer is not None:
@@ -510,20 +515,3 @@ class DirectNode(NodeHalf):
     def abort(self) -> None:
         if self.peer is not None:
             self.peer.abort()
-
-
-def _raw_eof(half: DirectClient | DirectNode) -> None:
-    """Raw mode: `half`'s side sent EOF. Pass it on (half-close); once both directions are done, close both.
-
-    Half.raw_eof, without the epoll_ctl that stops reading a socket about to be closed (closing takes it out of the
-    epoll set): the last EOF of a connection costs one system call fewer.
-    """
-    half.eof = True
-    peer = half.peer
-    raw = half.raw
-    assert peer is not None and raw is not None
-    if peer.eof or peer.closed:
-        half.abort()
-        return
-    raw.stop_reading()
-    raw.shutdown_peer()
