@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from forwarder import accesslog, rawmode
+from forwarder import accesslog, rawmode, sockets
 from forwarder import config as config_mod
 from forwarder.connection import ClientHalf, ConnectionState, NodeHalf, Route, connection_factory
 from forwarder.deadlines import Entry
@@ -28,7 +28,7 @@ _NODE_TYPE = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # non-blo
 _TCP_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _SO_ERROR = (socket.SOL_SOCKET, socket.SO_ERROR)
 _EINPROGRESS = errno.EINPROGRESS
-_AGAIN = (BlockingIOError, InterruptedError)
+_AGAIN = sockets.AGAIN
 _os_read = os.read
 _os_write = os.write
 EARLY_DRAIN_READS = 4  # at most 256 KiB read and dropped from a client whose node connection failed

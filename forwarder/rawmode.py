@@ -57,7 +57,7 @@ _splice = getattr(os, "splice", _no_splice)  # Linux, Python 3.10+
 _write = sockets.write
 _os_read = os.read
 _os_write = os.write
-_AGAIN = (BlockingIOError, InterruptedError)
+_AGAIN = sockets.AGAIN
 
 CRELAY = extensions.load("_crelay")  # tests set this to None to run raw mode in Python
 

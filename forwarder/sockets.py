@@ -10,7 +10,7 @@ from typing import Any
 
 # The would-block family: nothing to read, or no room to write, right now. Both are OSError subclasses, so they
 # must be caught before OSError, which means the connection failed.
-_AGAIN = (BlockingIOError, InterruptedError)
+AGAIN = (BlockingIOError, InterruptedError)  # a non-blocking call found nothing to do: not an error
 _read = os.read
 _write = os.write
 
@@ -51,7 +51,7 @@ def read(fd: int, size: int, failed: Callable[[OSError], object]) -> bytes | Non
     when the connection failed, after calling `failed(exc)`."""
     try:
         return _read(fd, size)
-    except _AGAIN:
+    except AGAIN:
         return None
     except OSError as exc:
         failed(exc)
@@ -63,7 +63,7 @@ def write(fd: int, data: bytes | bytearray | memoryview, failed: Callable[[OSErr
     after calling `failed(exc)`."""
     try:
         return _write(fd, data)
-    except _AGAIN:
+    except AGAIN:
         return 0
     except OSError as exc:
         failed(exc)
