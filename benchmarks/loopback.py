@@ -116,7 +116,10 @@ def start(
         if kind.endswith("-py"):
             env["NATFWD_NO_EXTENSIONS"] = "1"
     with open(workdir / f"{kind}-{port}.log", "ab") as log:  # the child keeps its own copy
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # cwd=root: `python -m` puts the working directory first on sys.path, before PYTHONPATH.
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root
+        )
     wait_port(port, process)
     return process, port
 

@@ -13,6 +13,13 @@
  * (a malloc'd tail, or bytes in our pipe) and that direction stops reading. An EOF is passed on with
  * shutdown(SHUT_WR); once both directions saw one, or on any error, the connection is done and Python closes it.
  *
+ * An inline relay (Relay(threaded=False)) is the same machine without the thread: Python runs it from its event loop
+ * (Relay.run, when the epoll set Relay.fileno() turns readable), and it takes a connection from its node connect on
+ * (Relay.connect): the connect's completion, every byte, both EOFs and the end are handled here, and Python hears of
+ * them in Relay.run's reports (REPORT_*). That is direct.InlineClient, DirectClient's lean copy mode with no Python
+ * call per event; a connection that stays busy is reported (REPORT_BUSY) and moves to the thread (Relay.adopt).
+ * With the GIL held throughout, an inline relay never needs its lock, and frees a stopped pair at once.
+ *
  * Locking: one mutex per relay. The thread holds it while it handles what one epoll_wait returned; Python holds it
  * in add, stop and counts. A stopped pair's memory goes to a graveyard the thread frees after its current batch, so
  * an event fetched before the stop never points at freed memory.
@@ -31,7 +38,10 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <arpa/inet.h>
+#include <netdb.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Kept equal to rawmode.py's and resources.py's (the module exposes them; tests/test_crelay.py compares). */
@@ -45,8 +55,10 @@
 #define MAX_EVENTS 128
 #define SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
 
-enum { RUNNING, DONE, DEAD };
+enum { RUNNING, CONNECTING, DONE, DEAD };
 enum { STEP_OK, STEP_FAILED };
+/* What Relay.run() reports per link (Relay.done() keeps only DONE and FAILED, as failed=False/True). */
+enum { REPORT_DONE, REPORT_FAILED, REPORT_CONNECTED, REPORT_CONNECT_FAILED, REPORT_BUSY };
 
 typedef struct Pair Pair;
 typedef struct Relay Relay;
@@ -77,6 +89,10 @@ struct Pair {
     Dir dirs[2];
     int state;
     int failed;
+    int failed_side; /* the socket whose error ended it (0 or 1), -1 if neither */
+    int first_eof;   /* the direction that saw EOF first, -1 before any */
+    int handoff;     /* messages until REPORT_BUSY (inline relays), 0: never */
+    int64_t started_ns; /* when the connect began (Relay.connect) */
     Pair *next_dead;
 };
 
@@ -85,13 +101,15 @@ struct Relay {
     pthread_mutex_t lock;
     pthread_t thread;
     int thread_running;
+    int threaded; /* 0: an inline relay, run by Python from its event loop (Relay.run) */
+    int open;
     int epfd, notify_fd, wake_fd;
     int closing;
-    uint64_t next_id;
     size_t live; /* pairs added and not stopped */
-    /* Finished pairs Python has not collected: their ids and whether they failed. */
+    /* Reports Python has not collected: link id, REPORT_* and a value (see Relay.run). */
     uint64_t *done_ids;
-    char *done_failed;
+    char *done_kind;
+    int64_t *done_value;
     size_t ndone, done_cap;
     Pair *graveyard;
     int pipes[PIPE_POOL_LIMIT][2]; /* empty pipes */
@@ -111,6 +129,55 @@ typedef struct {
 
 static PyTypeObject RelayType;
 static PyTypeObject LinkType;
+
+/* Link ids are unique across relays: a link moved from an inline relay to the thread (Relay.adopt) keeps its id. */
+static uint64_t next_link_id = 1;
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void report(Relay *r, Pair *p, int kind, int64_t value)
+{
+    r->done_ids[r->ndone] = p->id;
+    r->done_kind[r->ndone] = (char)kind;
+    r->done_value[r->ndone] = value;
+    r->ndone++;
+}
+
+/* Room for every report that can come before Python collects them (three per inline link: CONNECTED, BUSY and
+ * the end), so handling an event never allocates. 0, or -1 without memory. */
+static int reserve_reports(Relay *r, size_t pairs)
+{
+    size_t need = (r->live + pairs) * 3 + r->ndone;
+    if (need <= r->done_cap)
+        return 0;
+    size_t cap = need * 2;
+    uint64_t *ids = realloc(r->done_ids, cap * sizeof *ids);
+    if (ids == NULL)
+        return -1;
+    r->done_ids = ids;
+    char *kinds = realloc(r->done_kind, cap);
+    if (kinds == NULL)
+        return -1;
+    r->done_kind = kinds;
+    int64_t *values = realloc(r->done_value, cap * sizeof *values);
+    if (values == NULL)
+        return -1;
+    r->done_value = values;
+    r->done_cap = cap;
+    return 0;
+}
+
+static int failed_at(Pair *p, int side)
+{
+    if (p->failed_side < 0)
+        p->failed_side = side;
+    return STEP_FAILED;
+}
 
 /* The most one splice moves: a whole number of the packets TCP makes of it on the socket it writes. TCP's size goal
  * for one (GSO) packet is gso_max_size - 1 - MAX_TCP_HEADER (65536 - 1 - 320 on x86_64) rounded down to the MSS, so
@@ -182,6 +249,11 @@ static int pending(const Dir *d) { return d->tail != NULL || d->in_pipe != 0; }
 /* Register each socket for what its two directions wait for: reading it, and writing the other one's bytes to it. */
 static void update_masks(Pair *p)
 {
+    if (p->state == CONNECTING) { /* only the node's socket (fds[1]), until its connect is done */
+        set_mask(p, 0, 0);
+        set_mask(p, 1, EPOLLOUT);
+        return;
+    }
     for (int i = 0; i < 2; i++) {
         Dir *in = &p->dirs[i], *out = &p->dirs[1 - i];
         uint32_t mask = 0;
@@ -217,11 +289,15 @@ static void finish(Pair *p, int failed)
         return;
     p->state = DONE;
     p->failed = failed;
-    update_masks(p); /* unregisters both */
+    /* An inline relay's owner stops the link (closing both sockets, which takes them out of the epoll set) before
+     * the next epoll_wait: no epoll_ctl. The thread's may wait for Python, so it unregisters both. */
+    if (r->threaded)
+        update_masks(p);
     release(p);
-    r->done_ids[r->ndone] = p->id;
-    r->done_failed[r->ndone] = (char)failed;
-    r->ndone++;
+    if (failed)
+        report(r, p, REPORT_FAILED, p->failed_side);
+    else
+        report(r, p, REPORT_DONE, p->first_eof);
 }
 
 /* Our side of direction `i` sent EOF: pass it on at once (the second one too, rather than wait for Python to
@@ -229,8 +305,12 @@ static void finish(Pair *p, int failed)
 static int on_eof(Pair *p, int i)
 {
     p->dirs[i].eof = 1;
+    if (p->first_eof < 0)
+        p->first_eof = i;
+    else if (!p->relay->threaded)
+        return STEP_OK; /* the second: its owner closes both sockets at once, which says as much */
     if (shutdown(p->fds[1 - i], SHUT_WR) < 0)
-        return STEP_FAILED;
+        return failed_at(p, 1 - i);
     return STEP_OK;
 }
 
@@ -242,7 +322,7 @@ static int flush(Pair *p, int i)
     if (d->tail != NULL) {
         ssize_t sent = send(out, d->tail + d->tail_off, d->tail_len - d->tail_off, MSG_NOSIGNAL);
         if (sent < 0)
-            return (errno == EAGAIN || errno == EINTR) ? STEP_OK : STEP_FAILED;
+            return (errno == EAGAIN || errno == EINTR) ? STEP_OK : failed_at(p, 1 - i);
         d->tail_off += (size_t)sent;
         if (d->tail_off < d->tail_len)
             return STEP_OK;
@@ -252,7 +332,7 @@ static int flush(Pair *p, int i)
     while (d->in_pipe) {
         ssize_t sent = splice(d->pipe_r, NULL, out, NULL, d->in_pipe, SPLICE_FLAGS);
         if (sent < 0)
-            return (errno == EAGAIN || errno == EINTR) ? STEP_OK : STEP_FAILED;
+            return (errno == EAGAIN || errno == EINTR) ? STEP_OK : failed_at(p, 1 - i);
         d->in_pipe -= (size_t)sent;
     }
     if (d->pipe_r >= 0) {
@@ -267,6 +347,8 @@ static int splice_chunks(Pair *p, int i)
     Relay *r = p->relay;
     Dir *d = &p->dirs[i];
     int in = p->fds[i], out = p->fds[1 - i];
+    if (d->chunk == 0) /* on first use: most connections never splice, and this is a system call */
+        d->chunk = splice_chunk(out);
     for (int burst = 0; burst < SPLICE_BURST; burst++) {
         int pr, pw;
         if (!take_pipe(r, &pr, &pw)) {
@@ -284,7 +366,7 @@ static int splice_chunks(Pair *p, int i)
                 d->copying = 1;
                 return STEP_OK;
             }
-            return STEP_FAILED;
+            return failed_at(p, i);
         }
         if (n == 0) {
             give_pipe(r, pr, pw, 1);
@@ -295,7 +377,7 @@ static int splice_chunks(Pair *p, int i)
         if (sent < 0) {
             if (errno != EAGAIN && errno != EINTR) {
                 give_pipe(r, pr, pw, 0);
-                return STEP_FAILED;
+                return failed_at(p, 1 - i);
             }
             sent = 0;
         }
@@ -330,14 +412,16 @@ static int readable(Pair *p, int i)
         return splice_chunks(p, i);
     ssize_t n = read(p->fds[i], r->buf, COPY_READ);
     if (n < 0)
-        return (errno == EAGAIN || errno == EINTR) ? STEP_OK : STEP_FAILED;
+        return (errno == EAGAIN || errno == EINTR) ? STEP_OK : failed_at(p, i);
     if (n == 0)
         return on_eof(p, i);
     d->nbytes += (uint64_t)n;
+    if (p->handoff && --p->handoff == 0)
+        report(r, p, REPORT_BUSY, 0);
     ssize_t sent = send(p->fds[1 - i], r->buf, (size_t)n, MSG_NOSIGNAL);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EINTR)
-            return STEP_FAILED;
+            return failed_at(p, 1 - i);
         sent = 0;
     }
     if (sent < n) {
@@ -354,9 +438,38 @@ static int readable(Pair *p, int i)
     return STEP_OK;
 }
 
+/* The node's connect (Relay.connect) is done: relay from now on, or report why it failed. As the Python path does,
+ * SO_ERROR is read only when epoll flags an error. */
+static void connect_done(Pair *p, uint32_t events)
+{
+    Relay *r = p->relay;
+    int err = 0;
+    if (events & (EPOLLERR | EPOLLHUP)) {
+        socklen_t len = sizeof err;
+        if (getsockopt(p->fds[1], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+    }
+    if (err) {
+        p->state = DONE;
+        set_mask(p, 1, 0); /* the owner reads the client before it closes both: no level-triggered repeats */
+        report(r, p, REPORT_CONNECT_FAILED, err);
+        return;
+    }
+    p->state = RUNNING;
+    report(r, p, REPORT_CONNECTED, now_ns() - p->started_ns);
+    update_masks(p);
+    if (p->failed)
+        finish(p, 1);
+}
+
 static void handle(Pair *p, int i, uint32_t events)
 {
     int step = STEP_OK;
+    if (p->state == CONNECTING) {
+        if (i == 1)
+            connect_done(p, events);
+        return;
+    }
     Dir *out = &p->dirs[1 - i]; /* the direction that writes to this socket */
     if ((events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) && pending(out))
         step = flush(p, 1 - i);
@@ -388,6 +501,7 @@ static void *run(void *arg)
             Side *side = events[k].data.ptr;
             if (side == NULL || side->pair->state != RUNNING)
                 continue; /* the wake-up eventfd, or a pair Python stopped since epoll_wait returned */
+            /* (No pair here is CONNECTING: only inline relays connect.) */
             handle(side->pair, side->index, events[k].events);
         }
         while (r->graveyard != NULL) {
@@ -409,6 +523,7 @@ static void *run(void *arg)
 
 static void relay_stop_thread(Relay *r)
 {
+    r->open = 0;
     if (!r->thread_running)
         return;
     pthread_mutex_lock(&r->lock);
@@ -430,9 +545,9 @@ static void relay_stop_thread(Relay *r)
 
 static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"pipe_limit", NULL};
-    int pipe_limit = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &pipe_limit))
+    static char *kwlist[] = {"pipe_limit", "threaded", NULL};
+    int pipe_limit = 0, threaded = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|p", kwlist, &pipe_limit, &threaded))
         return NULL;
     if (pipe_limit < 0) {
         PyErr_SetString(PyExc_ValueError, "pipe_limit must be >= 0");
@@ -444,12 +559,20 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     r->epfd = r->notify_fd = r->wake_fd = -1;
     r->pipe_limit = pipe_limit;
     r->can_splice = 1;
-    r->next_id = 1;
+    r->threaded = threaded;
     pthread_mutex_init(&r->lock, NULL);
     r->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (r->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(r);
+        return NULL;
+    }
+    r->open = 1;
+    if (!threaded)
+        return (PyObject *)r;
     r->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (r->epfd < 0 || r->notify_fd < 0 || r->wake_fd < 0) {
+    if (r->notify_fd < 0 || r->wake_fd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(r);
         return NULL;
@@ -492,20 +615,19 @@ static void Relay_dealloc(Relay *r)
     if (r->wake_fd >= 0)
         close(r->wake_fd);
     free(r->done_ids);
-    free(r->done_failed);
+    free(r->done_kind);
+    free(r->done_value);
     pthread_mutex_destroy(&r->lock);
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
-static PyObject *Relay_fileno(Relay *r, PyObject *unused) { return PyLong_FromLong(r->notify_fd); }
+static PyObject *Relay_fileno(Relay *r, PyObject *unused) { return PyLong_FromLong(r->threaded ? r->notify_fd : r->epfd); }
 
-static PyObject *Relay_add(Relay *r, PyObject *args)
+/* A Link for a new pair of fd0 and fd1 in `state` (RUNNING or CONNECTING), registered; NULL with an exception set,
+ * and then neither descriptor is the relay's. */
+static Link *new_link(Relay *r, int fd0, int fd1, unsigned long long count0, unsigned long long count1, int state)
 {
-    int fd0, fd1;
-    unsigned long long count0 = 0, count1 = 0;
-    if (!PyArg_ParseTuple(args, "ii|KK", &fd0, &fd1, &count0, &count1))
-        return NULL;
-    if (!r->thread_running) {
+    if (!r->open) {
         PyErr_SetString(PyExc_RuntimeError, "the relay is closed");
         return NULL;
     }
@@ -516,61 +638,50 @@ static PyObject *Relay_add(Relay *r, PyObject *args)
     Link *link = PyObject_New(Link, &LinkType);
     if (link == NULL)
         return NULL;
+    link->relay = NULL;
+    link->pair = NULL;
     Pair *p = calloc(1, sizeof *p);
     if (p == NULL) {
-        link->relay = NULL;
-        link->pair = NULL;
         Py_DECREF(link);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
     Py_INCREF(r);
     link->relay = r;
     p->relay = r;
     p->fds[0] = fd0;
     p->fds[1] = fd1;
+    p->failed_side = p->first_eof = -1;
     for (int i = 0; i < 2; i++) {
         p->sides[i].pair = p;
         p->sides[i].index = i;
         p->dirs[i].pipe_r = p->dirs[i].pipe_w = -1;
         p->dirs[i].copying = 1;
-        p->dirs[i].chunk = splice_chunk(p->fds[1 - i]);
     }
     p->dirs[0].nbytes = count0;
     p->dirs[1].nbytes = count1;
     pthread_mutex_lock(&r->lock);
-    /* Room for every report that can come before Python collects them, so the thread never allocates. */
-    size_t need = r->live + r->ndone + 1;
-    if (need > r->done_cap) {
-        size_t cap = need * 2;
-        uint64_t *ids = realloc(r->done_ids, cap * sizeof *ids);
-        if (ids != NULL)
-            r->done_ids = ids;
-        char *flags = ids == NULL ? NULL : realloc(r->done_failed, cap);
-        if (flags != NULL)
-            r->done_failed = flags;
-        if (ids == NULL || flags == NULL) {
-            pthread_mutex_unlock(&r->lock);
-            free(p);
-            link->pair = NULL;
-            Py_DECREF(link);
-            return PyErr_NoMemory();
-        }
-        r->done_cap = cap;
+    if (reserve_reports(r, 1) < 0) {
+        pthread_mutex_unlock(&r->lock);
+        free(p);
+        Py_DECREF(link);
+        PyErr_NoMemory();
+        return NULL;
     }
-    p->id = r->next_id++;
-    p->state = RUNNING;
+    p->id = next_link_id++;
+    p->state = state;
     update_masks(p);
     int failed = p->failed;
     if (failed) {
         p->state = DONE;
-        update_masks(p);
-    }
-    if (!failed)
+        for (int i = 0; i < 2; i++)
+            set_mask(p, i, 0);
+    } else {
         r->live++;
+    }
     pthread_mutex_unlock(&r->lock);
     if (failed) {
         free(p);
-        link->pair = NULL;
         Py_DECREF(link);
         PyErr_SetString(PyExc_OSError, "epoll_ctl refused a descriptor");
         return NULL;
@@ -579,32 +690,177 @@ static PyObject *Relay_add(Relay *r, PyObject *args)
     link->id = p->id;
     link->final[0] = count0;
     link->final[1] = count1;
+    return link;
+}
+
+static PyObject *Relay_add(Relay *r, PyObject *args)
+{
+    int fd0, fd1;
+    unsigned long long count0 = 0, count1 = 0;
+    if (!PyArg_ParseTuple(args, "ii|KK", &fd0, &fd1, &count0, &count1))
+        return NULL;
+    Link *link = new_link(r, fd0, fd1, count0, count1, RUNNING);
+    if (link == NULL)
+        return NULL;
     return (PyObject *)link; /* fds are ours now: Link.stop closes them */
+}
+
+/* Relay.connect(fd, family, host, port, handoff): connect a new non-blocking socket to (host, port) and relay
+ * between `fd` (fd0, the client's) and it (fd1) once connected. Inline relays only. */
+static PyObject *Relay_connect(Relay *r, PyObject *args)
+{
+    int fd, family, port, handoff = 0;
+    const char *host;
+    if (!PyArg_ParseTuple(args, "iisi|i", &fd, &family, &host, &port, &handoff))
+        return NULL;
+    if (r->threaded) {
+        PyErr_SetString(PyExc_RuntimeError, "connect() is for inline relays (threaded=False)");
+        return NULL;
+    }
+    struct sockaddr_storage addr;
+    socklen_t addr_len;
+    memset(&addr, 0, sizeof addr);
+    if (family == AF_INET) {
+        struct sockaddr_in *in = (struct sockaddr_in *)&addr;
+        in->sin_family = AF_INET;
+        in->sin_port = htons((uint16_t)port);
+        addr_len = sizeof *in;
+        if (inet_pton(AF_INET, host, &in->sin_addr) != 1)
+            family = -1;
+    } else if (family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&addr;
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        addr_len = sizeof *in6;
+        if (inet_pton(AF_INET6, host, &in6->sin6_addr) != 1)
+            family = -1;
+    } else {
+        family = -1;
+    }
+    if (family < 0 || port < 0 || port > 65535) {
+        PyErr_Format(PyExc_ValueError, "not an IP address and port: %s %d", host, port);
+        return NULL;
+    }
+    int node = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (node < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int one = 1, state = RUNNING;
+    int64_t started = now_ns();
+    if (setsockopt(node, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        state = -1;
+    else if (connect(node, (struct sockaddr *)&addr, addr_len) < 0)
+        state = errno == EINPROGRESS ? CONNECTING : -1;
+    if (state < 0) {
+        int err = errno;
+        close(node);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Link *link = new_link(r, fd, node, 0, 0, state);
+    if (link == NULL) {
+        close(node);
+        return NULL;
+    }
+    Pair *p = link->pair;
+    p->started_ns = started;
+    p->handoff = handoff;
+    return (PyObject *)link;
+}
+
+static PyObject *reports(Relay *r, int detailed)
+{
+    PyObject *list = PyList_New((Py_ssize_t)r->ndone);
+    if (list == NULL)
+        return NULL;
+    for (size_t k = 0; k < r->ndone; k++) {
+        PyObject *item;
+        if (detailed)
+            item = Py_BuildValue("(KiL)", (unsigned long long)r->done_ids[k], (int)r->done_kind[k],
+                                 (long long)r->done_value[k]);
+        else
+            item = Py_BuildValue("(KO)", (unsigned long long)r->done_ids[k],
+                                 r->done_kind[k] == REPORT_FAILED ? Py_True : Py_False);
+        if (item == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)k, item);
+    }
+    r->ndone = 0;
+    return list;
 }
 
 static PyObject *Relay_done(Relay *r, PyObject *unused)
 {
     uint64_t value;
-    ssize_t ignored = read(r->notify_fd, &value, sizeof value); /* re-arms the eventfd */
-    (void)ignored;
-    pthread_mutex_lock(&r->lock);
-    size_t n = r->ndone;
-    PyObject *list = PyList_New((Py_ssize_t)n);
-    if (list != NULL) {
-        for (size_t k = 0; k < n; k++) {
-            PyObject *item = Py_BuildValue("(KO)", (unsigned long long)r->done_ids[k],
-                                           r->done_failed[k] ? Py_True : Py_False);
-            if (item == NULL) {
-                Py_CLEAR(list);
-                break;
-            }
-            PyList_SET_ITEM(list, (Py_ssize_t)k, item);
-        }
-        if (list != NULL)
-            r->ndone = 0;
+    if (r->threaded) {
+        ssize_t ignored = read(r->notify_fd, &value, sizeof value); /* re-arms the eventfd */
+        (void)ignored;
     }
+    pthread_mutex_lock(&r->lock);
+    PyObject *list = reports(r, 0);
     pthread_mutex_unlock(&r->lock);
     return list;
+}
+
+/* An inline relay's turn: handle what epoll has for it now, and return what happened since the last call. The
+ * GIL stays held: this is a few system calls per event, and Python has nothing else to run meanwhile. */
+static PyObject *Relay_run(Relay *r, PyObject *unused)
+{
+    if (r->threaded) {
+        PyErr_SetString(PyExc_RuntimeError, "run() is for inline relays (threaded=False); the thread runs itself");
+        return NULL;
+    }
+    struct epoll_event events[MAX_EVENTS];
+    int n = r->open ? epoll_wait(r->epfd, events, MAX_EVENTS, 0) : 0;
+    for (int k = 0; k < n; k++) {
+        Pair *p = ((Side *)events[k].data.ptr)->pair;
+        if (p->state == RUNNING || p->state == CONNECTING)
+            handle(p, ((Side *)events[k].data.ptr)->index, events[k].events);
+    }
+    return reports(r, 1);
+}
+
+/* Relay.adopt(link): take a running link of an inline relay into this thread's, when nothing of it waits to be
+ * sent (no tail, no pipe). True if taken; the id stays. */
+static PyObject *Relay_adopt(Relay *r, PyObject *arg)
+{
+    if (!PyObject_TypeCheck(arg, &LinkType)) {
+        PyErr_SetString(PyExc_TypeError, "adopt() takes a Link");
+        return NULL;
+    }
+    Link *link = (Link *)arg;
+    Pair *p = link->pair;
+    Relay *old = link->relay;
+    if (!r->threaded || !r->open || p == NULL || old == r || old->threaded || p->state != RUNNING || p->failed)
+        Py_RETURN_FALSE;
+    for (int i = 0; i < 2; i++)
+        if (pending(&p->dirs[i]) || p->dirs[i].pipe_r >= 0)
+            Py_RETURN_FALSE;
+    pthread_mutex_lock(&r->lock);
+    if (reserve_reports(r, 1) < 0) {
+        pthread_mutex_unlock(&r->lock);
+        return PyErr_NoMemory();
+    }
+    for (int i = 0; i < 2; i++)
+        set_mask(p, i, 0); /* out of the inline relay's epoll set, with p->relay still the old one */
+    old->live--;
+    p->relay = r;
+    p->handoff = 0;
+    p->failed = 0;
+    r->live++;
+    update_masks(p);
+    if (p->failed) {
+        finish(p, 1);
+        uint64_t one = 1;
+        ssize_t ignored = write(r->notify_fd, &one, sizeof one);
+        (void)ignored;
+    }
+    pthread_mutex_unlock(&r->lock);
+    Py_INCREF(r);
+    link->relay = r;
+    Py_DECREF(old);
+    Py_RETURN_TRUE;
 }
 
 static PyObject *Relay_stats(Relay *r, PyObject *unused)
@@ -623,9 +879,17 @@ static PyObject *Relay_close(Relay *r, PyObject *unused)
 }
 
 static PyMethodDef Relay_methods[] = {
-    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS, "The eventfd that turns readable when connections finish."},
+    {"fileno", (PyCFunction)Relay_fileno, METH_NOARGS,
+     "Threaded: an eventfd that turns readable when connections finish. Inline: the epoll set Relay.run() serves."},
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
      "add(fd0, fd1, count0=0, count1=0) -> Link: relay between two sockets; the descriptors become the relay's."},
+    {"connect", (PyCFunction)Relay_connect, METH_VARARGS,
+     "connect(fd, family, host, port, handoff=0) -> Link: connect to (host, port) and relay between fd and that "
+     "socket once connected (inline relays); fd becomes the relay's, unless this raises."},
+    {"run", (PyCFunction)Relay_run, METH_NOARGS,
+     "Inline relays: handle what is ready now; [(id, kind, value)] of what happened since the last call."},
+    {"adopt", (PyCFunction)Relay_adopt, METH_O,
+     "adopt(link) -> bool: move a quiet link of an inline relay into this thread's."},
     {"done", (PyCFunction)Relay_done, METH_NOARGS, "[(id, failed)] of connections finished since the last call."},
     {"stats", (PyCFunction)Relay_stats, METH_NOARGS, "Pipes open and pooled, and whether splice still works."},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "Stop the thread (links must be stopped by their owners)."},
@@ -636,7 +900,8 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "forwarder._crelay.Relay",
     .tp_basicsize = sizeof(Relay),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Relay(pipe_limit): a thread moving bytes between pairs of sockets.",
+    .tp_doc = "Relay(pipe_limit, threaded=True): a thread (or, inline, the caller's Relay.run()) moving bytes "
+              "between pairs of sockets.",
     .tp_new = Relay_new,
     .tp_dealloc = (destructor)Relay_dealloc,
     .tp_methods = Relay_methods,
@@ -653,9 +918,12 @@ static void link_stop(Link *link)
     pthread_mutex_lock(&r->lock);
     link->final[0] = p->dirs[0].nbytes;
     link->final[1] = p->dirs[1].nbytes;
-    if (p->state == RUNNING)
+    if (p->state == RUNNING || p->state == CONNECTING)
         p->state = DONE;
-    update_masks(p); /* unregisters both */
+    if (r->threaded)
+        update_masks(p); /* unregisters both */
+    else
+        p->masks[0] = p->masks[1] = 0; /* closing them below takes them out of the epoll set */
     release(p);
     close(p->fds[0]);
     close(p->fds[1]);
@@ -697,7 +965,15 @@ static PyObject *Link_state(Link *link, PyObject *unused)
     pthread_mutex_lock(&link->relay->lock);
     int state = p->state, failed = p->failed;
     pthread_mutex_unlock(&link->relay->lock);
-    return PyUnicode_FromString(state == RUNNING ? "running" : failed ? "failed" : "done");
+    return PyUnicode_FromString(state == RUNNING      ? "running"
+                                : state == CONNECTING ? "connecting"
+                                : failed              ? "failed"
+                                                      : "done");
+}
+
+static PyObject *Link_get_connecting(Link *link, void *unused)
+{
+    return PyBool_FromLong(link->pair != NULL && link->pair->state == CONNECTING);
 }
 
 static size_t unsent(const Dir *d) { return (d->tail ? d->tail_len - d->tail_off : 0) + d->in_pipe; }
@@ -734,7 +1010,8 @@ static PyMethodDef Link_methods[] = {
 };
 
 static PyGetSetDef Link_getset[] = {
-    {"id", (getter)Link_get_id, NULL, "The id Relay.done() reports.", NULL},
+    {"id", (getter)Link_get_id, NULL, "The id Relay.done() and Relay.run() report.", NULL},
+    {"connecting", (getter)Link_get_connecting, NULL, "Whether Relay.connect's connect is still under way.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -758,7 +1035,47 @@ static PyObject *module_splice_chunk(PyObject *self, PyObject *arg)
     return PyLong_FromSize_t(splice_chunk(fd));
 }
 
+/* accept(listen_fd) -> (fd, ip, error) or None when none is queued: socket.accept() for direct connections, with
+ * what they need done in the same call. The socket is non-blocking and close-on-exec from accept4() (CPython's
+ * asks for close-on-exec only, so setblocking() costs an ioctl), `error` is its pending SO_ERROR (non-zero: it
+ * reset while queued), and no socket object is made (CPython's validates the descriptor with getsockname()). */
+static PyObject *module_accept(PyObject *self, PyObject *arg)
+{
+    int lfd = PyObject_AsFileDescriptor(arg);
+    if (lfd < 0)
+        return NULL;
+    struct sockaddr_storage addr;
+    socklen_t len = sizeof addr;
+    int fd = accept4(lfd, (struct sockaddr *)&addr, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    int err = 0;
+    socklen_t err_len = sizeof err;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &err_len) < 0)
+        err = errno;
+    char ip[NI_MAXHOST];
+    int ok;
+    if (addr.ss_family == AF_INET) /* as CPython formats it, for less than getnameinfo() costs */
+        ok = inet_ntop(AF_INET, &((struct sockaddr_in *)&addr)->sin_addr, ip, sizeof ip) != NULL;
+    else /* IPv6 as CPython does: with the scope of a link-local address */
+        ok = getnameinfo((struct sockaddr *)&addr, len, ip, sizeof ip, NULL, 0, NI_NUMERICHOST) == 0;
+    if (!ok) {
+        close(fd);
+        PyErr_SetString(PyExc_OSError, "accept: the peer's address could not be formatted");
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(isi)", fd, ip, err);
+    if (result == NULL)
+        close(fd);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"accept", module_accept, METH_O,
+     "accept(listen_fd) -> (fd, ip, error) or None: accept4() non-blocking, and the socket's pending error."},
     {"splice_chunk", module_splice_chunk, METH_O, "The most one splice moves for a direction that writes this socket."},
     {NULL, NULL, 0, NULL},
 };

@@ -57,16 +57,31 @@ class PlainListener(_Listener):
     """Accepts on `sock` up to ACCEPT_BATCH connections per readiness callback, as HAProxy's accept loop does, and
     hands each one's descriptor and address to `accepted`, which owns the descriptor from then on.
 
+    With `c_accept` (the C extension's accept: a non-blocking descriptor, the client's IP and its pending error),
+    each one goes to `c_accepted(fd, ip, error)` instead.
+
     No transport, protocol or task is made here: a plain forward's connection needs none of them to be relayed.
     """
 
-    def __init__(self, sock: socket.socket, backlog: int, accepted: Callable[[int, Any], None]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        backlog: int,
+        accepted: Callable[[int, Any], None],
+        c_accept: Callable[[int], tuple[int, str, int] | None] | None = None,
+        c_accepted: Callable[[int, str, int], None] | None = None,
+    ) -> None:
         self.accepted = accepted
+        self.c_accept = c_accept
+        self.c_accepted = c_accepted
         # Accepted sockets inherit TCP_NODELAY from the listening socket (Linux): set once here, not per connection.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().__init__(sock, backlog)
 
     def _accept(self) -> None:
+        if self.c_accept is not None:
+            self._c_accept()
+            return
         # The bare accept4(): socket.accept() wraps each descriptor in Python code.
         accept = self.sock._accept  # type: ignore[attr-defined]
         accepted = self.accepted
@@ -81,6 +96,23 @@ class PlainListener(_Listener):
                 self._pause(exc)
                 return
             accepted(fd, address)
+
+    def _c_accept(self) -> None:
+        accept = self.c_accept
+        accepted = self.c_accepted
+        assert accept is not None and accepted is not None
+        fd = self.sock.fileno()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                new = accept(fd)
+            except OSError as exc:
+                if exc.errno in _CLIENT_GONE:
+                    continue
+                self._pause(exc)
+                return
+            if new is None:
+                return
+            accepted(*new)
 
 
 class TlsListener(_Listener):

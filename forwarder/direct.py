@@ -23,6 +23,7 @@ from forwarder.resources import Resources
 log = logging.getLogger("natfwd.server")
 
 DIRECT = True  # tests set this to False to run plain forwards through the transports (ClientHalf)
+INLINE = True  # tests set this to False to run direct connections in Python (DirectClient) with the C relay built
 _SOCK_STREAM = socket.SOCK_STREAM
 _NODE_TYPE = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # non-blocking from socket(): no ioctl
 _TCP_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -31,6 +32,7 @@ _EINPROGRESS = errno.EINPROGRESS
 _AGAIN = sockets.AGAIN
 _os_read = os.read
 _os_write = os.write
+_os_close = os.close
 EARLY_DRAIN_READS = 4  # at most 256 KiB read and dropped from a client whose node connection failed
 
 
@@ -73,6 +75,49 @@ class PlainRoute:
             self.node_address = (target.host, target.port)
         return self.node_address
 
+    def c_accepted(self, fd: int, client_ip: str, error: int) -> None:
+        """A connection from the C extension's accept (acceptor.PlainListener): relayed by the inline C relay, with
+        no socket object; `accepted` takes the ones that need more."""
+        state = self.state
+        route = self.route
+        if error:  # it reset while queued for accept: gone, not refused (and SO_ERROR, read, is clear now)
+            state.reject(route, "reset", "")
+            _os_close(fd)
+            return
+        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
+        pool = state.pool
+        if (
+            not DIRECT
+            or node_address is None
+            or route.rewriter is not None
+            or route.config.multiplex
+            or state.upstream_ssl
+            or (pool.inline is None and rawmode.inline_relay(pool, state.loop) is None)
+        ):
+            self.accepted(fd, (client_ip,))
+            return
+        if self._refused(client_ip):
+            _os_close(fd)
+            return
+        conn = InlineClient(state, route, None, fd, client_ip)
+        state.opened(conn)
+        conn.connect(self.node_family, node_address)
+
+    def _refused(self, client_ip: str) -> bool:
+        """Count a connection the allowlist, the limit or a drain refuses, and say so."""
+        state = self.state
+        route = self.route
+        if not route.config.is_allowed(client_ip):
+            state.reject(route, "not_allowed", client_ip)
+            return True
+        if state.active >= route.config.max_connections:
+            state.reject(route, "limit", client_ip)
+            return True
+        if state.draining:
+            state.reject(route, "draining", client_ip)
+            return True
+        return False
+
     def accepted(self, fd: int, address: Any) -> None:
         state = self.state
         route = self.route
@@ -95,20 +140,15 @@ class PlainRoute:
             sock.close()
             return
         client_ip: str = address[0]
-        if not route.config.is_allowed(client_ip):
-            state.reject(route, "not_allowed", client_ip)
-            sock.close()
-            return
-        if state.active >= route.config.max_connections:
-            state.reject(route, "limit", client_ip)
-            sock.close()
-            return
-        if state.draining:
-            state.reject(route, "draining", client_ip)
+        if self._refused(client_ip):
             sock.close()
             return
         sock.setblocking(False)
-        conn = DirectClient(state, route, sock, client_ip)
+        pool = state.pool
+        if pool.inline is not None or (INLINE and rawmode.inline_relay(pool, state.loop) is not None):
+            conn: DirectClient = InlineClient(state, route, sock, fd, client_ip)
+        else:
+            conn = DirectClient(state, route, sock, fd, client_ip)
         state.opened(conn)
         conn.connect(self.node_family, node_address)
 
@@ -133,7 +173,7 @@ class DirectClient(ClientHalf):
 
     __slots__ = ("sock", "expiry", "watching", "fd", "node_fd", "lean_reads")
 
-    def __init__(self, state: ConnectionState, route: Route, sock: Any, client_ip: str) -> None:
+    def __init__(self, state: ConnectionState, route: Route, sock: Any, fd: int, client_ip: str) -> None:
         # Every slot of Half and ClientHalf, set here rather than through two super().__init__ calls: this runs once
         # per connection.
         self.transport = None
@@ -165,7 +205,7 @@ class DirectClient(ClientHalf):
         self.sock = sock
         self.expiry: Entry | None = None  # the connect timeout, while connecting
         self.watching = False  # _read_early is the client's reader
-        self.fd: int = sock.fileno()
+        self.fd = fd
         self.node_fd = -1
         self.lean_reads = RAW_AFTER_READS  # messages until the connection is offered to the C relay thread
 
@@ -378,7 +418,7 @@ class DirectClient(ClientHalf):
         # Read what the client sent meanwhile: closing a socket with unread bytes sends a reset instead of a FIN.
         for _ in range(EARLY_DRAIN_READS):
             try:
-                if not self.sock.recv(65536):
+                if not _os_read(self.fd, 65536):
                     break
             except OSError:
                 break
@@ -515,3 +555,127 @@ class DirectNode(NodeHalf):
     def abort(self) -> None:
         if self.peer is not None:
             self.peer.abort()
+
+
+class InlineClient(DirectClient):
+    """A direct connection relayed by the inline C relay (forwarder/_crelay.c, `Relay(threaded=False)`) from its
+    node connect on: the connect's completion, every byte, the EOFs and the end are handled in C, in this thread,
+    with no Python call; Python keeps admission, the connect timeout, byte counts (Link.counts) and the end's
+    accounting, and hears of the rest through Resources.run_inline.
+
+    It is DirectClient's lean copy mode with the Python taken out of each event; DirectClient remains the reference,
+    and what runs without the C extensions. Two differences: the client is not watched while the connect is under
+    way (the kernel holds its bytes; a reset is seen once connected, or at the connect timeout), and after
+    RAW_AFTER_READS messages the connection moves to the relay thread (Relay.adopt) rather than from PyRaw.
+    """
+
+    __slots__ = ("in_thread",)
+
+    def connect(self, family: int, address: tuple[str, int]) -> None:
+        self.in_thread = False  # moved to the relay thread (Relay.adopt): its descriptors count in the budget
+        state = self.state
+        node = DirectNode(state.pool)
+        self.peer = node
+        node.peer = self
+        relay = state.pool.inline
+        assert relay is not None
+        try:
+            link = relay.connect(self.fd, family, address[0], address[1], RAW_AFTER_READS)
+        except OSError as exc:  # the client's socket is still ours
+            self._node_failed(self.target, exc)
+            return
+        if self.sock is not None:  # (none from the C extension's accept)
+            self.sock.detach()  # the relay's now: Link.stop closes it
+        self.link = node.link = link
+        self.link_first = True
+        state.pool.inline_links[link.id] = self
+        if link.connecting:
+            self.expiry = state.deadlines.add(self.started, self.route.config.connect_timeout_s, self._connect_expired)
+        else:
+            state.metrics.upstream_connect.observe(state.loop.time() - self.started)
+
+    def link_connected(self, connect_ns: int) -> None:
+        expiry = self.expiry
+        if expiry is not None:
+            expiry[1] = None  # Deadlines.cancel, inlined: this runs once per connection
+            self.expiry = None
+        self.state.metrics.upstream_connect.observe(connect_ns / 1e9)
+
+    def link_connect_failed(self, error: int) -> None:
+        self._node_failed(self.target, OSError(error, os.strerror(error)))
+
+    def link_busy(self) -> None:
+        self.to_thread()
+
+    def link_ended(self, failed: bool, side: int) -> None:
+        if not failed:
+            if side == 1:  # the node's EOF came first
+                self.ended = self.ended or accesslog.NODE_CLOSED
+        elif side == 1:
+            self.ended = self.ended or accesslog.NODE_CLOSED
+        else:
+            self.ended = self.ended or accesslog.CLIENT_RESET
+        self.abort()
+
+    def _connect_expired(self) -> None:
+        self.expiry = None
+        if self._client_gone():  # it left while we waited: nothing failed that concerns it
+            self.ended = accesslog.CLIENT_RESET
+            self.abort()
+            return
+        self._node_failed(self.target, TimeoutError())
+
+    def _client_gone(self) -> bool:
+        sock = _socket.socket(fileno=self.fd)  # a view of the relay's descriptor, let go below
+        try:
+            return bool(sock.getsockopt(*_SO_ERROR))
+        except OSError:
+            return True
+        finally:
+            sock.detach()
+
+    def to_thread(self) -> None:
+        """Move the connection from the inline relay to the relay thread, if it is quiet (nothing waits)."""
+        link = self.link
+        if link is None or self.closed:
+            return
+        pool = self.pool
+        if not pool.reserve_fds(2):  # unlink releases two, as for DirectClient.to_thread
+            return
+        thread = rawmode._relay_thread(pool, self.state.loop)
+        if thread is None or not thread.adopt(link):
+            pool.release_fds(2)
+            return
+        del pool.inline_links[link.id]
+        self.in_thread = True
+        pool.link(link, self)
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        expiry = self.expiry
+        if expiry is not None:  # still connecting
+            expiry[1] = None  # Deadlines.cancel, inlined
+            self.expiry = None
+        node = self.peer
+        link = self.link
+        if link is not None:
+            self.take_counts(link.stop())  # closes both sockets
+            self.link = None
+            if self.in_thread:
+                self.pool.unlink(link)
+            else:
+                self.pool.inline_links.pop(link.id, None)
+        elif self.sock is not None:  # the node connect failed before the relay took the client's socket
+            self.sock.close()
+        else:
+            _os_close(self.fd)
+        if node is not None:
+            node.closed = True
+            node.link = None
+        if self.accounted:
+            self.accounted = False
+            self.state.finished(self)
+        if node is not None:
+            node.peer = None  # no cycle left: both halves are freed now, not by the garbage collector

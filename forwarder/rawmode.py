@@ -197,6 +197,13 @@ def start(
     peer.raw.start()
 
 
+def inline_relay(pool: Resources, loop: asyncio.AbstractEventLoop) -> Relay | None:
+    """The loop's inline C relay (direct.InlineClient), or None without the C extension."""
+    if CRELAY is None:
+        return None
+    return pool.inline_relay(loop, CRELAY.Relay)
+
+
 def _relay_thread(pool: Resources, loop: asyncio.AbstractEventLoop) -> Relay | None:
     if CRELAY is None:
         extensions.warn_missing(log, "raw mode", "about 3 us more per request")

@@ -19,6 +19,9 @@ BUFFER_SIZE = 64 * 1024
 POOL_LIMIT = 1024  # free buffers kept for reuse
 PIPE_POOL_LIMIT = 16  # empty pipes kept for reuse; a pipe is two descriptors
 RELAY_PIPES = 32  # pipes the C relay thread may hold (64 descriptors, reserved when it starts)
+INLINE_PIPES = 16  # pipes the inline C relay may hold (32 descriptors, reserved when it starts)
+# What Relay.run() reports (forwarder/_crelay.c's REPORT_*).
+REPORT_DONE, REPORT_FAILED, REPORT_CONNECTED, REPORT_CONNECT_FAILED, REPORT_BUSY = range(5)
 CAN_SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
 
 
@@ -27,6 +30,15 @@ class LinkOwner(Protocol):
 
     def raw_close(self) -> None: ...  # both directions done
     def raw_failed(self) -> None: ...  # a socket error
+
+
+class InlineOwner(Protocol):
+    """What the inline relay's reports reach: the client half of a connection it relays (direct.InlineClient)."""
+
+    def link_connected(self, connect_ns: int) -> None: ...
+    def link_connect_failed(self, error: int) -> None: ...
+    def link_busy(self) -> None: ...
+    def link_ended(self, failed: bool, side: int) -> None: ...
 
 
 class Resources:
@@ -39,7 +51,7 @@ class Resources:
     """
 
     __slots__ = ("free", "size", "pipes", "extra_fds", "fd_budget", "reserved_fds", "can_splice", "thread",
-                 "thread_fds", "links", "no_thread")  # fmt: skip
+                 "thread_fds", "links", "no_thread", "inline", "inline_fds", "inline_links", "no_inline")  # fmt: skip
 
     def __init__(self, size: int = BUFFER_SIZE) -> None:
         self.size = size
@@ -55,6 +67,10 @@ class Resources:
         self.thread_fds = 0  # descriptors reserved for the thread's pipes
         self.links: dict[int, LinkOwner] = {}  # the thread's connections by link id: the half whose socket is fd0
         self.no_thread = False  # the thread could not start once: raw mode stays in Python, no retry per connection
+        self.inline: Relay | None = None  # the inline C relay (direct.InlineClient), started by the first connection
+        self.inline_fds = 0  # descriptors reserved for its pipes
+        self.inline_links: dict[int, InlineOwner] = {}  # its connections by link id
+        self.no_inline = False  # it could not start once: plain connections stay in Python
 
     # --- buffers ----------------------------------------------------------------------------------------------
     def take(self) -> memoryview:
@@ -133,6 +149,45 @@ class Resources:
             self.thread = thread
         return self.thread
 
+    def inline_relay(self, loop: asyncio.AbstractEventLoop, start: Callable[..., Relay]) -> Relay | None:
+        """This loop's inline relay, made with `start(pipe_limit, threaded=False)` on first use; None when it could
+        not be."""
+        if self.inline is None and not self.no_inline:
+            pipes = INLINE_PIPES if self.reserve_fds(2 * INLINE_PIPES) else 0
+            try:
+                relay = start(pipes, threaded=False)
+            except OSError as exc:
+                self.release_fds(2 * pipes)
+                self.no_inline = True
+                log.warning("no inline relay, plain connections stay in Python", extra={"error": str(exc)})
+                return None
+            self.inline_fds = 2 * pipes
+            loop.add_reader(relay.fileno(), self.run_inline)
+            self.inline = relay
+        return self.inline
+
+    def run_inline(self) -> None:
+        """The inline relay's turn, from the loop: it moves what is ready, and its reports reach their owners."""
+        assert self.inline is not None
+        links = self.inline_links
+        for link_id, kind, value in self.inline.run():
+            if kind == REPORT_CONNECTED:
+                owner = links.get(link_id)
+                if owner is not None:
+                    owner.link_connected(value)
+            elif kind == REPORT_BUSY:
+                owner = links.get(link_id)
+                if owner is not None:
+                    owner.link_busy()
+            else:
+                owner = links.pop(link_id, None)
+                if owner is None:
+                    continue  # stopped from this side meanwhile (an abort, a drain)
+                if kind == REPORT_CONNECT_FAILED:
+                    owner.link_connect_failed(value)
+                else:
+                    owner.link_ended(kind == REPORT_FAILED, value)
+
     def link(self, link: Link, owner: LinkOwner) -> None:
         """The thread moves a connection's bytes now; `owner` hears when it is done."""
         self.links[link.id] = owner
@@ -155,7 +210,14 @@ class Resources:
                 owner.raw_close()
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Stop the relay thread; its connections were closed before (drain)."""
+        """Stop the relay thread and the inline relay; their connections were closed before (drain)."""
+        inline = self.inline
+        if inline is not None:
+            self.inline = None
+            loop.remove_reader(inline.fileno())
+            inline.close()
+            self.release_fds(self.inline_fds)
+            self.inline_fds = 0
         thread = self.thread
         if thread is not None:
             self.thread = None

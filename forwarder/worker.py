@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from forwarder import accesslog, notify, tls
+from forwarder import accesslog, direct, notify, rawmode, tls
 from forwarder import config as config_mod
 from forwarder.acceptor import PlainListener, TlsListener
 from forwarder.connection import ConnectionState, Route, connection_factory
@@ -191,7 +191,11 @@ class Worker:
 
     def _plain_listener(self, route: Route, sock: socket.socket) -> Listener:
         try:
-            return PlainListener(sock, LISTEN_BACKLOG, PlainRoute(self.state, route, sock.family, self.spawn).accepted)
+            plain = PlainRoute(self.state, route, sock.family, self.spawn)
+            c_accept = getattr(rawmode.CRELAY, "accept", None) if direct.INLINE else None
+            if c_accept is not None:  # made now, not by the first client: its descriptors are there from the start
+                rawmode.inline_relay(self.pool, self.loop)
+            return PlainListener(sock, LISTEN_BACKLOG, plain.accepted, c_accept, plain.c_accepted)
         except OSError as exc:
             sock.close()
             raise bind_error(self.config.listen_address, route.port, exc) from exc

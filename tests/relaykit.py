@@ -13,7 +13,7 @@ import uvloop
 from conftest import IN_CI, free_port
 from prometheus_client import CollectorRegistry
 
-from forwarder import config, rawmode
+from forwarder import config, direct, rawmode
 from forwarder.connection import ClientHalf
 from forwarder.metrics import Metrics
 from forwarder.relay import Half
@@ -35,6 +35,19 @@ def use_raw(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         if IN_CI:
             pytest.fail(f"{why}: CI must test the C relay")
         pytest.skip(why)
+
+
+PATHS = ["inline", "direct", "transports"]  # a plain forward's three paths (set_path)
+
+
+def set_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inline`: no transports, the inline C relay from the connect on (direct.InlineClient; skipped, or a failure
+    in CI, without the extension); `direct`: no transports, in Python (direct.DirectClient); `transports`: the
+    loop's transports (connection.ClientHalf)."""
+    if path == "inline" and rawmode.CRELAY is None:
+        use_raw("c", monkeypatch)
+    monkeypatch.setattr(direct, "DIRECT", path != "transports")
+    monkeypatch.setattr(direct, "INLINE", path == "inline")
 
 
 def is_raw(half: Half | None) -> bool:
@@ -61,8 +74,9 @@ def held_back(half: Half | None) -> bool:
 
 
 def idle_fds(pool: Resources) -> int:
-    """The descriptors raw mode keeps with no raw connection left: pooled pipes, and the thread's reservation."""
-    return 2 * len(pool.pipes) + pool.thread_fds
+    """The descriptors raw mode keeps with no raw connection left: pooled pipes, and the thread's and the inline
+    relay's reservations."""
+    return 2 * len(pool.pipes) + pool.thread_fds + pool.inline_fds
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]

@@ -68,7 +68,12 @@ PYMEMCACHE_ARGS = [
 ]
 
 # Tests that see the proxy itself, so cannot pass through any proxy: test id -> why.
-EXCLUDED: dict[str, str] = {}
+EXCLUDED: dict[str, str] = {
+    "tests.test_commands.TestRedisCommands::test_client_list_client_id": (
+        "reads CLIENT LIST twice and expects its oldest client to be there both times; through a proxy, a connection "
+        "the previous test closed reaches the node's close one hop later, and under load it vanishes in between"
+    ),
+}
 
 # Tests that fail through `multiplex: true` because of one of issue 19's connection-state bugs (HELLO and AUTH not
 # carried to a pinned client's own node connection): test id -> the bug. They are fixed by h19d.

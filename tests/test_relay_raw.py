@@ -22,6 +22,7 @@ import pytest
 from conftest import Node, wait_for_async
 from relaykit import (
     LOOPS,
+    PATHS,
     RAW,
     Firehose,
     LateReply,
@@ -34,20 +35,21 @@ from relaykit import (
     only_connection,
     ping_pong,
     run,
+    set_path,
     sink,
     use_raw,
     worker_for,
 )
 from tlskit import CA
 
-from forwarder import direct, rawmode, resources
+from forwarder import rawmode, resources
 
 
-@pytest.fixture(autouse=True, params=["direct", "transports"])
+@pytest.fixture(autouse=True, params=PATHS)
 def relay_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The plain path the test's connections take."""
     path: str = request.param
-    monkeypatch.setattr(direct, "DIRECT", path == "direct")
+    set_path(path, monkeypatch)
     return path
 
 
@@ -240,6 +242,7 @@ def no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rawmode, "_splice", rawmode._no_splice)
     monkeypatch.setattr(resources, "CAN_SPLICE", False)
     monkeypatch.setattr(resources, "RELAY_PIPES", 0)
+    monkeypatch.setattr(resources, "INLINE_PIPES", 0)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -248,7 +251,7 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, relay_path: str, mo
     """7-byte buffers and reads against 1 MB each way: through the transports for the whole connection (no
     descriptors to spare for raw mode), or in raw mode without splice, partial sends and all (the relay thread
     without pipes: its reads stay 16 KiB)."""
-    if mode == "transport" and relay_path == "direct":
+    if mode == "transport" and relay_path != "transports":
         pytest.skip("a direct connection has no transports")
     if mode == "copy":
         use_raw("python", monkeypatch)
@@ -257,6 +260,7 @@ def test_tiny_buffers_stay_intact(loop_name: str, mode: str, relay_path: str, mo
     elif mode == "c-copy":
         use_raw("c", monkeypatch)
         monkeypatch.setattr(resources, "RELAY_PIPES", 0)
+        monkeypatch.setattr(resources, "INLINE_PIPES", 0)
 
     async def main() -> None:
         server, target = await sink(echo)
