@@ -438,6 +438,8 @@ static int readable(Pair *p, int i)
     return STEP_OK;
 }
 
+static void handle(Pair *p, int i, uint32_t events);
+
 /* The node's connect (Relay.connect) is done: relay from now on, or report why it failed. As the Python path does,
  * SO_ERROR is read only when epoll flags an error. */
 static void connect_done(Pair *p, uint32_t events)
@@ -457,9 +459,9 @@ static void connect_done(Pair *p, uint32_t events)
     }
     p->state = RUNNING;
     report(r, p, REPORT_CONNECTED, now_ns() - p->started_ns);
-    update_masks(p);
-    if (p->failed)
-        finish(p, 1);
+    /* The client has usually sent its request by now: read it at once (one read, EAGAIN at worst) rather than
+     * after the next epoll_wait, a whole loop iteration later. */
+    handle(p, 0, EPOLLIN);
 }
 
 static void handle(Pair *p, int i, uint32_t events)
