@@ -84,16 +84,9 @@ class PlainRoute:
             state.reject(route, "reset", "")
             _os_close(fd)
             return
-        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
+        node_address = self._node_address()
         pool = state.pool
-        if (
-            not DIRECT
-            or node_address is None
-            or route.rewriter is not None
-            or route.config.multiplex
-            or state.upstream_ssl
-            or (pool.inline is None and rawmode.inline_relay(pool, state.loop) is None)
-        ):
+        if node_address is None or (pool.inline is None and rawmode.inline_relay(pool, state.loop) is None):
             self.accepted(fd, (client_ip,))
             return
         if self._refused(client_ip):
@@ -118,17 +111,19 @@ class PlainRoute:
             return True
         return False
 
+    def _node_address(self) -> tuple[str, int] | None:
+        """Where a connection without transports connects; None when the forward needs them now."""
+        route = self.route
+        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
+        if not DIRECT or route.rewriter is not None or route.config.multiplex or self.state.upstream_ssl:
+            return None
+        return node_address
+
     def accepted(self, fd: int, address: Any) -> None:
         state = self.state
         route = self.route
-        node_address = self.node_address if route.target is self.target else self._direct_to(route.target)
-        if (
-            not DIRECT
-            or node_address is None
-            or route.rewriter is not None
-            or route.config.multiplex
-            or state.upstream_ssl
-        ):
+        node_address = self._node_address()
+        if node_address is None:
             self.spawn(self._with_transport(socket.socket(self.family, _SOCK_STREAM, 0, fd)))
             return
         # _socket.socket is the C type under socket.socket: no Python __init__ per connection.
@@ -396,14 +391,18 @@ class DirectClient(ClientHalf):
 
     def _connect_expired(self) -> None:
         self.expiry = None
-        node = self.peer
-        assert isinstance(node, DirectNode)
-        self.state.poller.remove_writer(node.sock.fileno())
+        self._stop_connecting()
         if self._client_gone():  # it left while we waited: nothing failed that concerns it
             self.ended = accesslog.CLIENT_RESET
             self.abort()
             return
         self._node_failed(self.target, TimeoutError())
+
+    def _stop_connecting(self) -> None:
+        """The connect timed out: stop watching the node's socket (closed with the connection)."""
+        node = self.peer
+        assert isinstance(node, DirectNode)
+        self.state.poller.remove_writer(node.sock.fileno())
 
     def _client_gone(self) -> bool:
         """The client reset while its node connection was being made (nothing watches it until then)."""
@@ -475,15 +474,21 @@ class DirectClient(ClientHalf):
         self.ended = self.ended or (accesslog.CLIENT_CLOSED if self.eof else accesslog.CLIENT_RESET)
         self.abort()
 
-    def abort(self) -> None:
-        """Close both sides now (raw mode's end, a failure, idle timeout, drain); safe to call twice."""
+    def _closing(self) -> bool:
+        """Mark the connection closed and drop its connect timer; False if it was closed already."""
         if self.closed:
-            return
+            return False
         self.closed = True
         expiry = self.expiry
         if expiry is not None:  # still connecting
             expiry[1] = None  # Deadlines.cancel, inlined
             self.expiry = None
+        return True
+
+    def abort(self) -> None:
+        """Close both sides now (raw mode's end, a failure, idle timeout, drain); safe to call twice."""
+        if not self._closing():
+            return
         self.watching = False
         node = self.peer
         node_sock = node.sock if isinstance(node, DirectNode) else None
@@ -617,13 +622,8 @@ class InlineClient(DirectClient):
             self.ended = self.ended or accesslog.CLIENT_RESET
         self.abort()
 
-    def _connect_expired(self) -> None:
-        self.expiry = None
-        if self._client_gone():  # it left while we waited: nothing failed that concerns it
-            self.ended = accesslog.CLIENT_RESET
-            self.abort()
-            return
-        self._node_failed(self.target, TimeoutError())
+    def _stop_connecting(self) -> None:
+        """Nothing to do: Link.stop, at the end, drops the connect."""
 
     def _client_gone(self) -> bool:
         sock = _socket.socket(fileno=self.fd)  # a view of the relay's descriptor, let go below
@@ -651,13 +651,8 @@ class InlineClient(DirectClient):
         pool.link(link, self)
 
     def abort(self) -> None:
-        if self.closed:
+        if not self._closing():
             return
-        self.closed = True
-        expiry = self.expiry
-        if expiry is not None:  # still connecting
-            expiry[1] = None  # Deadlines.cancel, inlined
-            self.expiry = None
         node = self.peer
         link = self.link
         if link is not None:

@@ -391,8 +391,7 @@ def _serve_body(t: ServeTable) -> list[str]:
             for direction, kind in (("original", "to_node"), ("reply", "to_client"))
         )
         lines.append(
-            "\t\tct status dnat meta l4proto tcp "
-            f"counter name ct direction . ct original proto-dst map {{ {entries} }}"
+            f"\t\tct status dnat meta l4proto tcp counter name ct direction . ct original proto-dst map {{ {entries} }}"
         )
     else:
         # nft keeps conntrack hooked into the namespace only while some rule needs it, and without conntrack the

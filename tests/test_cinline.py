@@ -64,6 +64,16 @@ def reports(relay: Any, want: int, timeout_s: float = 10.0) -> list[tuple[int, i
     return seen
 
 
+def connect_one(
+    relay: Any, node_listener: socket.socket, handoff: int = 0
+) -> tuple[socket.socket, socket.socket, Any, list[tuple[int, int, int]]]:
+    """A client relayed to a node that accepted it: (client, node, link, the reports until CONNECTED)."""
+    client, fd = client_pair()
+    link = relay.connect(fd, socket.AF_INET, "127.0.0.1", node_listener.getsockname()[1], handoff)
+    node, _ = node_listener.accept()
+    return client, node, link, reports(relay, CONNECTED)
+
+
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
     sock.settimeout(10)
     data = b""
@@ -76,10 +86,7 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 def test_a_connect_is_reported_then_bytes_flow_and_the_first_eof_is_named(crelay: Any) -> None:
     with socket.create_server(("127.0.0.1", 0)) as node_listener, inline_relay(crelay) as relay:
-        client, fd = client_pair()
-        link = relay.connect(fd, socket.AF_INET, "127.0.0.1", node_listener.getsockname()[1])
-        node, _ = node_listener.accept()
-        got = reports(relay, CONNECTED)
+        client, node, link, got = connect_one(relay, node_listener)
         assert [(i, k) for i, k, _ in got] == [(link.id, CONNECTED)]
         assert 0 <= got[0][2] < 10 * 10**9, "the connect's duration, in nanoseconds"
         assert not link.connecting and link.state() == "running"
@@ -108,10 +115,7 @@ def test_a_connect_is_reported_then_bytes_flow_and_the_first_eof_is_named(crelay
 
 def test_the_node_closing_first_is_named(crelay: Any) -> None:
     with socket.create_server(("127.0.0.1", 0)) as node_listener, inline_relay(crelay) as relay:
-        client, fd = client_pair()
-        link = relay.connect(fd, socket.AF_INET, "127.0.0.1", node_listener.getsockname()[1])
-        node, _ = node_listener.accept()
-        reports(relay, CONNECTED)
+        client, node, link, _ = connect_one(relay, node_listener)
         node.close()
         select.select([relay.fileno()], [], [], 5)
         assert relay.run() == []
@@ -139,10 +143,7 @@ def test_a_refused_connect_is_reported_with_its_errno_and_the_client_stays_open_
 
 def test_a_node_reset_fails_the_link_on_the_node_side(crelay: Any) -> None:
     with socket.create_server(("127.0.0.1", 0)) as node_listener, inline_relay(crelay) as relay:
-        client, fd = client_pair()
-        link = relay.connect(fd, socket.AF_INET, "127.0.0.1", node_listener.getsockname()[1])
-        node, _ = node_listener.accept()
-        reports(relay, CONNECTED)
+        client, node, link, _ = connect_one(relay, node_listener)
         node.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         node.close()  # a reset
         assert reports(relay, FAILED) == [(link.id, FAILED, 1)]
@@ -153,10 +154,7 @@ def test_a_node_reset_fails_the_link_on_the_node_side(crelay: Any) -> None:
 def test_a_busy_link_is_reported_once_and_moves_to_the_thread_with_its_id(crelay: Any) -> None:
     thread = crelay.Relay(8)
     with socket.create_server(("127.0.0.1", 0)) as node_listener, inline_relay(crelay) as relay:
-        client, fd = client_pair()
-        link = relay.connect(fd, socket.AF_INET, "127.0.0.1", node_listener.getsockname()[1], 3)
-        node, _ = node_listener.accept()
-        reports(relay, CONNECTED)
+        client, node, link, _ = connect_one(relay, node_listener, handoff=3)
         seen: list[tuple[int, int, int]] = []
         for n in range(3):
             client.sendall(b"ping %d\r\n" % n)
