@@ -23,7 +23,7 @@ from forwarder.resources import Resources
 log = logging.getLogger("natfwd.server")
 
 DIRECT = True  # tests set this to False to run plain forwards through the transports (ClientHalf)
-INLINE = True  # tests set this to False to run direct connections in Python (DirectClient) with the C relay built
+INLINE = True  # tests set this to False to accept in Python, and relay in DirectClient, with the C relay built
 _SOCK_STREAM = socket.SOCK_STREAM
 _NODE_TYPE = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)  # non-blocking from socket(): no ioctl
 _TCP_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -139,11 +139,7 @@ class PlainRoute:
             sock.close()
             return
         sock.setblocking(False)
-        pool = state.pool
-        if pool.inline is not None or (INLINE and rawmode.inline_relay(pool, state.loop) is not None):
-            conn: DirectClient = InlineClient(state, route, sock, fd, client_ip)
-        else:
-            conn = DirectClient(state, route, sock, fd, client_ip)
+        conn = DirectClient(state, route, sock, fd, client_ip)
         state.opened(conn)
         conn.connect(self.node_family, node_address)
 
@@ -589,9 +585,7 @@ class InlineClient(DirectClient):
         except OSError as exc:  # the client's socket is still ours
             self._node_failed(self.target, exc)
             return
-        if self.sock is not None:  # (none from the C extension's accept)
-            self.sock.detach()  # the relay's now: Link.stop closes it
-        self.link = node.link = link
+        self.link = node.link = link  # the client's descriptor is the relay's now: Link.stop closes it
         self.link_first = True
         state.pool.inline_links[link.id] = self
         if link.connecting:
@@ -613,12 +607,10 @@ class InlineClient(DirectClient):
         self.to_thread()
 
     def link_ended(self, failed: bool, side: int) -> None:
-        if not failed:
-            if side == 1:  # the node's EOF came first
-                self.ended = self.ended or accesslog.NODE_CLOSED
-        elif side == 1:
+        """Both directions saw EOF (`side`: whose came first), or a socket failed (`side`: which; -1 if neither)."""
+        if side == 1:
             self.ended = self.ended or accesslog.NODE_CLOSED
-        else:
+        elif failed:
             self.ended = self.ended or accesslog.CLIENT_RESET
         self.abort()
 
@@ -662,9 +654,7 @@ class InlineClient(DirectClient):
                 self.pool.unlink(link)
             else:
                 self.pool.inline_links.pop(link.id, None)
-        elif self.sock is not None:  # the node connect failed before the relay took the client's socket
-            self.sock.close()
-        else:
+        else:  # the node connect failed before the relay took the client's descriptor
             _os_close(self.fd)
         if node is not None:
             node.closed = True
