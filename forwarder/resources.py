@@ -67,7 +67,7 @@ class Resources:
         self.thread_fds = 0  # descriptors reserved for the thread's pipes
         self.links: dict[int, LinkOwner] = {}  # the thread's connections by link id: the half whose socket is fd0
         self.no_thread = False  # the thread could not start once: raw mode stays in Python, no retry per connection
-        self.inline: Relay | None = None  # the inline C relay (direct.InlineClient), started by the first connection
+        self.inline: Relay | None = None  # the inline C relay (direct.InlineClient), made with the first plain listener
         self.inline_fds = 0  # descriptors reserved for its pipes
         self.inline_links: dict[int, InlineOwner] = {}  # its connections by link id
         self.no_inline = False  # it could not start once: plain connections stay in Python
