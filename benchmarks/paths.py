@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+from benchmarks import conntrack
 from forwarder.lab import CLIENT_ADDRESS, METRICS_LISTEN, PUBLIC_ADDRESS, Lab
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,11 +278,16 @@ class RunningPath:
             self._start_kernel_natfwd()
 
     def after(self) -> None:
-        # Delete the table so conntrack and NAT hooks do not tax the other paths' measurements.
+        # Delete the table so conntrack and NAT hooks do not tax the other paths' measurements, and the flows it
+        # left in conntrack, which would make the next kernel path's masquerade pick the proxies' ports
+        # (benchmarks/conntrack.py).
         if self.spec.kind == "kernel":
             self.lab.run(self.lab.nat, ["nft", "delete", "table", "ip", "natfwd"], check=False)
         elif self.spec.data_path == "kernel":
             self._stop_kernel_natfwd()
+        else:
+            return
+        conntrack.flush_namespace(self.lab.nat)
 
     def _start_kernel_natfwd(self) -> None:
         """natfwd with `data_path: kernel`, started for one measurement (its rules, like the static ones, would tax

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import IN_CI, Node, require_binary
-from labkit import root
+from labkit import root, unique_name
 
-from benchmarks import agent, cpu, loopback, packets, report
+from benchmarks import agent, conntrack, cpu, loopback, packets, report
 from benchmarks.harness import measuring_order
 from benchmarks.loads import (
     FIGURES,
@@ -41,7 +42,7 @@ from benchmarks.paths import (
     unsupported,
 )
 from benchmarks.report import Measurement
-from forwarder import config, lab
+from forwarder import config, lab, netns
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = [sys.executable, str(REPO / "benchmarks" / "run.py")]
@@ -665,3 +666,29 @@ def test_the_loopback_tool_measures_natfwd_and_haproxy_per_request() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| natfwd") or line.startswith("| hap")]
     assert [row.split(" | ")[0] for row in rows] == ["| natfwd", "| natfwd-py", "| haproxy"], result.stdout
     assert "natfwd-py over natfwd, paired medians: CPU per request " in result.stdout
+
+
+@root
+def test_a_namespaces_conntrack_table_is_emptied() -> None:
+    name = unique_name("ct")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for argv in (["ip", "link", "set", "lo", "up"], ["nft", "-f", "-"]):
+            subprocess.run(["ip", "netns", "exec", name, *argv], check=True, text=True, input=CONNTRACK_ON)
+        with netns.entered(name), socket.create_server(("127.0.0.1", 0)) as server:
+            for _ in range(3):
+                socket.create_connection(server.getsockname()).close()
+                server.accept()[0].close()
+        table = Path("/proc/net/nf_conntrack")
+        with netns.entered(name):
+            if not table.exists():
+                pytest.skip("the kernel has no /proc/net/nf_conntrack (CONFIG_NF_CONNTRACK_PROCFS)")
+            assert len(table.read_text().splitlines()) >= 3
+        conntrack.flush_namespace(name)
+        with netns.entered(name):
+            assert table.read_text() == ""
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+CONNTRACK_ON = "table inet t {\n chain out {\n  type filter hook output priority 0;\n  ct state new counter\n }\n}\n"
