@@ -31,6 +31,10 @@ CONNTRACK_PROC = "/proc/net/nf_conntrack"  # this network namespace's table (CON
 NFT_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
 # A TCP flow is live until both sides have closed; TIME_WAIT and CLOSE are its remains.
 LIVE_TCP_STATES = frozenset({"SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT", "LAST_ACK"})
+# A conntrack read costs the kernel and us a few microseconds per flow in the table, finished ones included: with
+# connection churn (tens of thousands of flows in TIME_WAIT) it takes a good part of a second. The active gauges
+# are then read less often than once a tick, so that reading them takes at most this share of the time.
+CONNTRACK_SHARE = 0.02
 FORWARDING_SYSCTLS = {"ip": "net.ipv4.ip_forward", "ip6": "net.ipv6.conf.all.forwarding"}
 CAPABILITY_HINT = (
     "natfwd serve needs CAP_NET_ADMIN for data_path kernel or auto: run it as root, or give it the capability "
@@ -76,6 +80,8 @@ def count_live(text: str, ports: Collection[int]) -> dict[int, int]:
     """
     live = dict.fromkeys(ports, 0)
     for line in text.splitlines():
+        if " TIME_WAIT " in line or " CLOSE " in line:
+            continue  # most of a busy table, skipped before the split
         fields = line.split()
         try:
             state = fields[fields.index("tcp") + 3]
@@ -99,6 +105,12 @@ def count_live(text: str, ports: Collection[int]) -> dict[int, int]:
     return live
 
 
+def next_conntrack_read(started: float, finished: float) -> float:
+    """When the active gauges may read conntrack again, after a read that ran from `started` to `finished`: once
+    the time since `started` is 1/CONNTRACK_SHARE times the read's."""
+    return started + (finished - started) / CONNTRACK_SHARE
+
+
 class KernelPath:
     """serve's nftables table for one worker (the one that programs nft) and the metrics read back from it.
 
@@ -118,6 +130,7 @@ class KernelPath:
         self._lookups: dict[str, tuple[str, ...]] = {}  # names resolved here, before the tracker has them
         self._lock = asyncio.Lock()
         self._conntrack_warned = False
+        self._conntrack_due = 0.0  # the loop's clock: poll reads conntrack again from then on
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -224,7 +237,8 @@ class KernelPath:
 
     # --- metrics ----------------------------------------------------------------------------------------------
     async def poll(self) -> None:
-        """Move the counters' growth and the live flows into the metrics; logs and carries on when a read fails."""
+        """Move the counters' growth and, when due (CONNTRACK_SHARE), the live flows into the metrics; logs and
+        carries on when a read fails."""
         async with self._lock:
             if self.table is None:
                 return
@@ -232,7 +246,11 @@ class KernelPath:
                 await self._poll_counters()
             except NatfwdError as exc:
                 log.warning("cannot read the kernel path's counters", extra={"error": str(exc)})
-            await self._poll_conntrack()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            if started >= self._conntrack_due:
+                await self._poll_conntrack()
+                self._conntrack_due = next_conntrack_read(started, loop.time())
 
     async def _poll_counters(self) -> None:
         assert self.nft is not None
@@ -334,6 +352,7 @@ class KernelPath:
 
     async def stop(self) -> None:
         """Count the last of the counters and remove the table; flows still live lose their translation."""
+        self._conntrack_due = 0.0  # the count of flows left, logged below, read now
         await self.poll()
         async with self._lock:
             if self.table is None:

@@ -223,6 +223,8 @@ ipv4     2 tcp      6 431999 ESTABLISHED src=127.0.0.1 dst=127.0.0.1 sport=40000
 src=127.0.0.1 dst=127.0.0.1 sport=11211 dport=40000 [ASSURED] mark=0 zone=0 use=2
 ipv4     2 udp      17 29 src=10.0.1.1 dst=10.0.1.2 sport=53 dport=11211 src=10.0.1.2 dst=10.0.1.1 sport=11211 \
 dport=53 mark=0 zone=0 use=2
+ipv4     2 tcp      6 9 CLOSE src=198.51.100.27 dst=203.0.113.73 sport=44553 dport=11212 \
+src=10.0.1.232 dst=10.0.1.1 sport=11211 dport=44553 [ASSURED] mark=0 zone=0 use=2
 ipv6     10 tcp      6 431999 CLOSE_WAIT src=fd00::1 dst=fd00::2 sport=5000 dport=11211 src=fd00::9 dst=fd00::2 \
 sport=11211 dport=5000 [ASSURED] mark=0 zone=0 use=2
 """
@@ -233,8 +235,14 @@ CONNTRACK_TOOL = "\n".join(line.split(None, 2)[2] for line in CONNTRACK.splitlin
 @pytest.mark.parametrize("text", [CONNTRACK, CONNTRACK_TOOL], ids=["proc", "conntrack-tool"])
 def test_live_flows_are_the_translated_ones_tcp_has_not_finished(text: str) -> None:
     # 11211: one ESTABLISHED and one CLOSE_WAIT (IPv6) translated flow; TIME_WAIT, an untranslated local one and
-    # UDP do not count. 11212: a connection still being made. 11213: nothing.
+    # UDP do not count. 11212: a connection still being made (and one closed). 11213: nothing.
     assert kernelpath.count_live(text, [11211, 11212, 11213]) == {11211: 2, 11212: 1, 11213: 0}
+
+
+def test_conntrack_is_read_again_once_the_last_read_is_a_small_share_of_the_time_since() -> None:
+    assert kernelpath.next_conntrack_read(100.0, 100.2) == pytest.approx(100.0 + 0.2 / kernelpath.CONNTRACK_SHARE)
+    assert kernelpath.next_conntrack_read(100.0, 100.0) == 100.0  # a quick read: every tick
+    assert kernelpath.CONNTRACK_SHARE <= 0.05
 
 
 def test_direction_labels_are_those_of_the_relay() -> None:
@@ -707,3 +715,45 @@ def test_a_reload_moves_a_forward_from_the_kernel_to_the_relay_and_back(tmp_path
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=30) == 0, serve.log()
         assert serve.table() is None
+
+
+def _flows(count: int) -> str:
+    """`count` live flows DNATed from the lab's forward 11211, as /proc/net/nf_conntrack lists them."""
+    return "".join(
+        f"ipv4     2 tcp      6 431999 ESTABLISHED src={CLIENT_ADDRESS} dst={PUBLIC_ADDRESS} sport={40000 + n} "
+        f"dport=11211 src=10.0.1.231 dst=10.0.1.1 sport=11211 dport={40000 + n} [ASSURED] mark=0 zone=0 use=2\n"
+        for n in range(count)
+    )
+
+
+@root
+def test_the_active_gauge_reads_conntrack_only_when_due(tmp_path: Path) -> None:
+    table = tmp_path / "nf_conntrack"
+    with running_lab(nodes=1) as the_lab:
+        cfg = config.loads(kernel_config(the_lab))
+        registry = CollectorRegistry()
+        path = kernelpath.KernelPath(metrics.Metrics(registry), conntrack_path=str(table))
+
+        def active() -> float | None:
+            return registry.get_sample_value("natfwd_connections_active", {"forward": "11211"})
+
+        async def main() -> list[float | None]:
+            seen = []
+            loop = asyncio.get_running_loop()
+            await path.apply(cfg, {})
+            table.write_text(_flows(1))
+            await path.poll()  # due from the start
+            seen.append(active())
+            table.write_text(_flows(3))
+            path._conntrack_due = loop.time() + 3600  # as after a read that took 72 s
+            await path.poll()
+            seen.append(active())
+            path._conntrack_due = loop.time()
+            await path.poll()
+            seen.append(active())
+            assert path._conntrack_due >= loop.time() - 1  # set again by that read
+            await path.stop()
+            return seen
+
+        with netns.entered(the_lab.nat):
+            assert asyncio.run(main()) == [1.0, 1.0, 3.0]
