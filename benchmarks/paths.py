@@ -176,7 +176,7 @@ def haproxy_config(spec: PathSpec, node_address: str) -> str:
 MASQUERADE_PORTS = "40000-65000"
 LOCAL_PORTS = "1024 39999"
 CLIENT_PORTS = "1024 65000"  # the client namespace's local ports
-KERNEL_CLIENT_PORTS = "40000 65000"  # ...while natfwd-kernel, whose masquerade takes no range, is measured
+KERNEL_CLIENT_PORTS = "40000 65000"  # ...while a kernel path is measured (natfwd-kernel's masquerade takes no range)
 
 
 def nft_rules(spec: PathSpec, node_address: str) -> str:
@@ -272,6 +272,11 @@ class RunningPath:
         return process
 
     def before(self) -> None:
+        if self.spec.kind == "kernel" or self.spec.data_path == "kernel":
+            # Both kernel paths' clients take the same ports, above the proxies' (LOCAL_PORTS): natfwd-kernel's
+            # masquerade keeps the client's port where it can. How many ports the client has moves its connect()
+            # cost a lot under churn, so the two are compared with the same.
+            self.lab.run(self.lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={KERNEL_CLIENT_PORTS}"])
         if self.spec.kind == "kernel":
             self.lab.run(self.lab.nat, ["nft", "-f", "-"], input=nft_rules(self.spec, self.node_address))
         elif self.spec.data_path == "kernel":
@@ -287,14 +292,13 @@ class RunningPath:
             self._stop_kernel_natfwd()
         else:
             return
+        self.lab.run(self.lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={CLIENT_PORTS}"])
         conntrack.flush_namespace(self.lab.nat)
 
     def _start_kernel_natfwd(self) -> None:
         """natfwd with `data_path: kernel`, started for one measurement (its rules, like the static ones, would tax
-        every other path with conntrack); ready once the client gets through to the node. Its masquerade keeps the
-        client's source port where it can, so the client takes ports above the proxies' (LOCAL_PORTS) meanwhile."""
+        every other path with conntrack); ready once the client gets through to the node."""
         lab = self.lab
-        lab.run(lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={KERNEL_CLIENT_PORTS}"])
         with open(self.workdir / f"{self.spec.id}.log", "ab") as log:
             process = self._natfwd(
                 self.spec.id, natfwd_config(self.spec, self.node_address, 9108 + self.spec.slot), log
@@ -303,7 +307,7 @@ class RunningPath:
             lab.wait_listening(lab.client, PUBLIC_ADDRESS, self.spec.port(engine), 15.0, process)
 
     def _stop_kernel_natfwd(self) -> None:
-        """SIGTERM (natfwd removes its table), then the client's own port range again."""
+        """SIGTERM: natfwd removes its table."""
         for process in self.processes:
             process.terminate()
             try:
@@ -313,4 +317,3 @@ class RunningPath:
                 process.wait()
         self.pids.clear()
         self.processes.clear()
-        self.lab.run(self.lab.client, ["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={CLIENT_PORTS}"])
