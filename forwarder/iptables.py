@@ -381,17 +381,22 @@ def _serve_body(t: ServeTable) -> list[str]:
         ports = ", ".join(str(forward.port) for forward in accepting)
         lines.append(f"\t\tct status dnat meta l4proto tcp ct original proto-dst {{ {ports} }} masquerade")
     lines += ["\t}", "\tchain forward {", "\t\ttype filter hook forward priority filter; policy accept;"]
-    # nft keeps conntrack hooked into the namespace only while some rule needs it, and without conntrack the
-    # flows already translated lose their translation: this rule needs it whatever else the table holds.
-    lines.append('\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"')
     if t.forwards:
-        # Bytes per direction of every flow we DNATed, found by the port the client dialled (O(1): a map lookup).
-        for direction, kind in (("original", "to_node"), ("reply", "to_client")):
-            entries = ", ".join(f'{f.port} : "{counter_name(f.port, kind)}"' for f in t.forwards)
-            lines.append(
-                f"\t\tct status dnat meta l4proto tcp ct direction {direction} "
-                f"counter name ct original proto-dst map {{ {entries} }}"
-            )
+        # Bytes per direction of every flow we DNATed, found by the direction and the port the client dialled: one
+        # rule and one map lookup per forwarded packet, whatever the number of forwards. It also keeps conntrack
+        # hooked into the namespace (below).
+        entries = ", ".join(
+            f'{direction} . {f.port} : "{counter_name(f.port, kind)}"'
+            for f in t.forwards
+            for direction, kind in (("original", "to_node"), ("reply", "to_client"))
+        )
+        lines.append(
+            f"\t\tct status dnat meta l4proto tcp counter name ct direction . ct original proto-dst map {{ {entries} }}"
+        )
+    else:
+        # nft keeps conntrack hooked into the namespace only while some rule needs it, and without conntrack the
+        # flows already translated lose their translation: this rule needs it whatever else the table holds.
+        lines.append('\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"')
     lines += ["\t}", "\tchain input {", "\t\ttype filter hook input priority filter; policy accept;"]
     for forward in accepting:
         # A connection from outside the allowlist is not translated, so it arrives here: refused with a reset

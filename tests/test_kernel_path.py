@@ -126,9 +126,7 @@ table inet natfwd_serve {
 \t}
 \tchain forward {
 \t\ttype filter hook forward priority filter; policy accept;
-\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"
-\t\tct status dnat meta l4proto tcp ct direction original counter name ct original proto-dst map { 11211 : "f11211_to_node", 11212 : "f11212_to_node" }
-\t\tct status dnat meta l4proto tcp ct direction reply counter name ct original proto-dst map { 11211 : "f11211_to_client", 11212 : "f11212_to_client" }
+\t\tct status dnat meta l4proto tcp counter name ct direction . ct original proto-dst map { original . 11211 : "f11211_to_node", reply . 11211 : "f11211_to_client", original . 11212 : "f11212_to_node", reply . 11212 : "f11212_to_client" }
 \t}
 \tchain input {
 \t\ttype filter hook input priority filter; policy accept;
@@ -192,7 +190,7 @@ def test_draining_keeps_the_nat_chains_empty_and_the_byte_counters() -> None:
     assert "dnat" not in rendered.replace("ct status dnat", "") and "masquerade" not in rendered
     assert "reject" not in rendered
     assert "type nat hook prerouting" in rendered and "type nat hook postrouting" in rendered
-    assert rendered.count("counter name ct original proto-dst map") == 2
+    assert rendered.count("counter name ct direction . ct original proto-dst map") == 1
     # With no forward left (a reload to userspace), a rule still needs conntrack, so translated flows keep going.
     empty = iptables.render_serve(iptables.serve_table(config.loads(BASE)), replace=False)
     assert '\t\tct status dnat comment "keeps conntrack on for the flows natfwd translated"\n' in empty
