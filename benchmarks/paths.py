@@ -93,7 +93,8 @@ BASE_ID = "natfwd-base"
 def against(of: PathSpec) -> PathSpec:
     """`--against REV`: the natfwd path `of` as it was at git revision REV, measured next to `of` in every round."""
     return PathSpec(BASE_ID, f"{of.label}, at the --against revision", "natfwd", of.threads, 7,
-                    multiplex=of.multiplex, cpu_affinity=of.cpu_affinity, mirrors=of.id)  # fmt: skip
+                    multiplex=of.multiplex, cpu_affinity=of.cpu_affinity, mirrors=of.id,
+                    pure_python=of.pure_python, data_path=of.data_path)  # fmt: skip
 
 
 ENGINES: tuple[Engine, ...] = ("memcached", "redis")

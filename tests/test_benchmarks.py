@@ -217,6 +217,14 @@ def test_the_against_base_runs_right_next_to_the_path_it_copies_which_stays_next
         assert abs(order.index(mirrored) - order.index(haproxy)) == 1, order
 
 
+@pytest.mark.parametrize("mirrored", ["natfwd-kernel", "natfwd-py-w1", "natfwd-py-mux-w1"])
+def test_the_against_base_keeps_the_data_path_and_the_pure_python_of_the_path_it_copies(mirrored: str) -> None:
+    of = PATH[mirrored]
+    base = against(of)
+    assert (base.data_path, base.pure_python, base.multiplex) == (of.data_path, of.pure_python, of.multiplex)
+    assert ("data_path: kernel" in natfwd_config(base, "10.0.1.230", 9111)) == (of.data_path == "kernel")
+
+
 # --- paths -----------------------------------------------------------------------------------------------------
 def test_natfwd_config_is_the_labs_with_this_paths_ports_and_workers() -> None:
     cfg = config.loads(natfwd_config(PATH["natfwd-w2"], "10.0.1.230", 9111))
