@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -256,14 +257,34 @@ def _constant(pid: int) -> Callable[[], int]:
     return lambda: pid
 
 
+class SizedFilesCollector:
+    """prometheus_client's multiprocess collector over the worker files that have been sized. A new worker's file
+    exists empty for a moment, and reading an empty one fails the whole scrape (client_python issue 1199): a scrape
+    racing a worker's start got HTTP 500, and a worker killed in that moment would have failed every scrape after."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import multiprocess
+
+        files = []
+        for name in sorted(glob.glob(os.path.join(self.path, "*.db"))):
+            try:
+                if os.path.getsize(name) > 0:
+                    files.append(name)
+            except FileNotFoundError:  # a dead worker's gauges, removed since the listing
+                continue
+        merged: list[Metric] = multiprocess.MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        return iter(merged)
+
+
 def exporter_registry() -> CollectorRegistry:
     """The registry to expose: this process's own, or the sum of every worker's in multiprocess mode."""
     registry = CollectorRegistry()
     path = multiprocess_dir()
     if path is not None:
-        from prometheus_client import multiprocess
-
-        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        registry.register(SizedFilesCollector(path))
         registry.register(FilesCollector(path, FastFamilies(None).all()))
         registry.register(WorkerProcessCollector())
         PlatformCollector(registry=registry)

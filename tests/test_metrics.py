@@ -435,6 +435,34 @@ def test_with_workers_the_supervisor_sums_every_worker_as_prometheus_client_mult
     assert "natfwd_upstream_connect_seconds_count 8.0" in one_dead
 
 
+# A worker's prometheus_client file exists empty until it is sized: a scrape then, or forever after if the worker
+# was killed in that moment, must still work.
+_EMPTY_WORKER_FILE = """
+import os
+from prometheus_client import CollectorRegistry, Counter, generate_latest, multiprocess
+from forwarder import metrics
+
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+Counter("natfwd_probe", "a worker's count", registry=None).inc(3)
+open(os.path.join(directory, "counter_999999.db"), "wb").close()
+try:
+    multiprocess.MultiProcessCollector(CollectorRegistry(), path=directory).collect()
+except Exception as exc:
+    print("prometheus_client alone:", type(exc).__name__)
+print(generate_latest(metrics.exporter_registry()).decode())
+"""
+
+
+def test_a_workers_empty_metrics_file_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", _EMPTY_WORKER_FILE], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("prometheus_client alone: ")  # the failure the exporter steers around
+    assert "natfwd_probe_total 3.0" in run.stdout
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_connections_bytes_and_rejections_are_counted_per_forward(
     tmp_path: Path, start_memcached: Callable[..., Node], workers: int
