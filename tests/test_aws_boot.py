@@ -24,6 +24,7 @@ from awskit import moto_server as moto_server  # fixture "moto_url"
 from imdskit import serving_imds
 from labkit import ROOT_MARKS, memcached_client, running_lab
 from moto.server import ThreadedMotoServer
+from test_aws_userdata import SYSCTL_SETTINGS
 
 from forwarder import cli, iptables, kernelpath, netns
 from forwarder.aws import survey, userdata
@@ -130,6 +131,17 @@ def nft_tables(lab: Lab) -> list[str]:
     return done.stdout.splitlines()
 
 
+def nat_sysctl(lab: Lab) -> dict[str, str]:
+    """The NAT namespace's values of the keys the box's sysctl drop-in sets (both are per network namespace)."""
+    values = {}
+    for key in SYSCTL_SETTINGS:
+        done = subprocess.run(
+            ["ip", "netns", "exec", lab.nat, "sysctl", "-n", key], capture_output=True, text=True, check=True
+        )
+        values[key] = " ".join(done.stdout.split())
+    return values
+
+
 def _kill_service(root: Path) -> None:
     pid_file = root / "service.pid"
     if pid_file.exists():
@@ -172,10 +184,14 @@ def test_the_provisioned_instance_boots_and_serves_in_the_lab(
         # Off, as on a fresh instance: the drop-in's ExecStartPre must turn it on (natfwd itself cannot, with
         # /proc/sys read-only under ProtectKernelTunables).
         subprocess.run(["ip", "netns", "exec", lab.nat, "sysctl", "-qw", "net.ipv4.ip_forward=0"], check=True)
+    # The kernel's defaults, as on a fresh instance: the bootstrap applies the drop-in cloud-init wrote.
+    assert all(value != SYSCTL_SETTINGS[key] for key, value in nat_sysctl(lab).items())
     try:
         done = boot(lab, root, text, moto_in_nat, hosts)
         service_log = (root / "service.log").read_text() if (root / "service.log").exists() else ""
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:] + service_log[-3000:]
+        assert nat_sysctl(lab) == SYSCTL_SETTINGS
+        assert "natfwd: could not apply" not in done.stderr
         commands = (root / "commands.log").read_text().splitlines()
         # cloud-init's packages step went through dnf; the box's pip installed from moto's S3, checked first.
         assert commands[0].startswith("dnf install -y python3.11 python3.11-pip")
@@ -281,6 +297,7 @@ def test_an_ha_instance_boots_claims_the_address_and_serves_in_the_lab(
             done = boot(lab, root, text, moto_in_nat, hosts, {IMDS_URL_ENV: imds.url})
         service_log = (root / "service.log").read_text() if (root / "service.log").exists() else ""
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:] + service_log[-3000:]
+        assert nat_sysctl(lab) == SYSCTL_SETTINGS
         claimed = (
             f"claimed {eip['PublicIp']} ({eip['AllocationId']}) for {successor} (was on {predecessor['InstanceId']})"
         )

@@ -8,15 +8,17 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from awskit import EXAMPLE_PUBLIC_IP, EXAMPLE_SHA256, REPO, TRUSTED, example_plan
+from labkit import root, unique_name
 
 from forwarder import config
 from forwarder.aws import userdata
-from forwarder.aws.plan import Plan, PortForward, parse_package
+from forwarder.aws.plan import FIRST_PORT, Plan, PortForward, parse_package
 from forwarder.errors import UsageError
 
 EXAMPLE = REPO / "deploy" / "cloud-init.example.yaml"
@@ -25,6 +27,8 @@ ALLOCATION_ID = "eipalloc-0123456789abcdef0"
 UNIT = REPO / "deploy" / "natfwd.service"
 DROP_IN = REPO / "deploy" / "natfwd.service.d" / "kernel-path.conf"
 NODES = [f"mycluster.abc123.{n:04d}.use1.cache.amazonaws.com" for n in (1, 2, 3)]
+# What the sysctl drop-in sets on the box, exactly.
+SYSCTL_SETTINGS = {"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "16384 65001"}
 
 EXPECTED_CONFIG = f"""\
 # natfwd config for ElastiCache cluster mycluster, written by natfwd provision.
@@ -91,7 +95,7 @@ def test_userspace_user_data_is_cloud_config() -> None:
     assert document["packages"] == ["python3.11", "python3.11-pip", "gcc", "python3.11-devel"]
     assert document["runcmd"] == [["/usr/local/sbin/natfwd-bootstrap"]]
     files = files_of(text)
-    assert list(files) == [userdata.CONFIG_PATH, userdata.UNIT_PATH, userdata.BOOTSTRAP_PATH]
+    assert list(files) == [userdata.CONFIG_PATH, userdata.UNIT_PATH, userdata.SYSCTL_PATH, userdata.BOOTSTRAP_PATH]
     assert files[userdata.CONFIG_PATH]["content"] == EXPECTED_CONFIG
     assert files[userdata.UNIT_PATH]["content"] == userdata.SYSTEMD_UNIT
     assert files[userdata.BOOTSTRAP_PATH]["permissions"] == "0755"
@@ -113,6 +117,7 @@ def test_kernel_user_data_runs_serve_on_the_kernel_path() -> None:
         userdata.CONFIG_PATH,
         userdata.UNIT_PATH,
         userdata.KERNEL_DROP_IN_PATH,
+        userdata.SYSCTL_PATH,
         userdata.BOOTSTRAP_PATH,
     ]
     assert files[userdata.UNIT_PATH]["content"] == userdata.SYSTEMD_UNIT
@@ -152,7 +157,13 @@ HEALTH_FILES = [userdata.HEALTH_PATH, userdata.HEALTH_SERVICE_PATH, userdata.HEA
 def test_a_group_member_runs_the_health_check(layout: str) -> None:
     text = userdata.render(layout_plan(layout), EXAMPLE_PUBLIC_IP, ALLOCATION_ID if layout == "ha" else None)
     files = files_of(text)
-    assert list(files) == [userdata.CONFIG_PATH, userdata.UNIT_PATH, *HEALTH_FILES, userdata.BOOTSTRAP_PATH]
+    assert list(files) == [
+        userdata.CONFIG_PATH,
+        userdata.UNIT_PATH,
+        userdata.SYSCTL_PATH,
+        *HEALTH_FILES,
+        userdata.BOOTSTRAP_PATH,
+    ]
     assert files[userdata.HEALTH_PATH]["permissions"] == "0755"
     assert files[userdata.HEALTH_PATH]["content"] == userdata.render_health(layout_plan(layout))
     assert files[userdata.HEALTH_SERVICE_PATH]["content"] == userdata.HEALTH_SERVICE
@@ -249,6 +260,87 @@ def test_git_package_installs_git() -> None:
     assert "git" not in yaml.safe_load(userdata.render(example_plan(), EXAMPLE_PUBLIC_IP))["packages"]
 
 
+def sysctl_settings(text: str) -> dict[str, str]:
+    """A sysctl.d file's settings as sysctl reads them: `key = value` lines, `#` and `;` lines are comments."""
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", ";")):
+            key, equals, value = line.partition("=")
+            assert equals, line
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+@pytest.mark.parametrize("mode", ["userspace", "kernel"])
+@pytest.mark.parametrize("layout", ["single", "ha", "replicas"])
+def test_user_data_applies_the_sysctl_drop_in_before_natfwd_starts(mode: str, layout: str) -> None:
+    text = userdata.render(layout_plan(layout, mode), EXAMPLE_PUBLIC_IP, ALLOCATION_ID)
+    files = files_of(text)
+    drop_in = files[userdata.SYSCTL_PATH]
+    assert userdata.SYSCTL_PATH == "/etc/sysctl.d/90-natfwd.conf"
+    assert (drop_in["owner"], drop_in["permissions"]) == ("root:root", "0644")
+    assert drop_in["content"] == userdata.SYSCTL_DROP_IN
+    assert sysctl_settings(drop_in["content"]) == SYSCTL_SETTINGS
+    # Each setting has its reason on the line above it.
+    lines = drop_in["content"].splitlines()
+    for key in SYSCTL_SETTINGS:
+        (index,) = [i for i, line in enumerate(lines) if line.startswith(key)]
+        assert lines[index - 1].startswith("# ")
+    script = files[userdata.BOOTSTRAP_PATH]["content"]
+    apply = f"sysctl -p {userdata.SYSCTL_PATH} || echo 'natfwd: could not apply {userdata.SYSCTL_PATH}' >&2\n"
+    assert script.count(apply) == 1
+    assert script.index(apply) < script.index("systemctl daemon-reload\n")
+    assert script.index(apply) < script.index("systemctl enable --now natfwd.service\n")
+
+
+def test_the_local_port_range_leaves_natfwds_listen_ports_out() -> None:
+    """A listener cannot bind a port that a node connection (or its TIME_WAIT) holds: natfwd's ports, FIRST_PORT up
+    with one per node (ElastiCache allows at most 500 in a cluster), are all below the range. The range has an even
+    start and an odd end, as the kernel prefers."""
+    low, high = (int(word) for word in SYSCTL_SETTINGS["net.ipv4.ip_local_port_range"].split())
+    assert max(FIRST_PORT.values()) + 500 < low
+    assert int(userdata.METRICS_LISTEN.rpartition(":")[2]) < low
+    assert (low % 2, high % 2) == (0, 1)
+    assert high - low + 1 == 48618  # the figure the drop-in's comment gives
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """An empty network namespace of this test's own, deleted afterwards."""
+    name = unique_name("natfwd-sysctl-")
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _sysctl_value(namespace: str, key: str) -> str:
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, "sysctl", "-n", key], capture_output=True, text=True, check=True, timeout=10
+    )
+    # sysctl prints the port range tab-separated.
+    return " ".join(done.stdout.split())
+
+
+@root
+def test_the_sysctl_drop_in_is_valid_for_sysctl(namespace: str, tmp_path: Path) -> None:
+    """The drop-in, applied with `sysctl -p` in a namespace of its own (both keys are per network namespace)."""
+    path = tmp_path / "90-natfwd.conf"
+    path.write_text(files_of(userdata.render(example_plan(), EXAMPLE_PUBLIC_IP))[userdata.SYSCTL_PATH]["content"])
+    # A new namespace starts with the kernel's defaults, which the drop-in changes.
+    for key, value in SYSCTL_SETTINGS.items():
+        assert _sysctl_value(namespace, key) != value
+    done = subprocess.run(
+        ["ip", "netns", "exec", namespace, "sysctl", "-p", str(path)], capture_output=True, text=True, timeout=10
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == [f"{key} = {value}" for key, value in SYSCTL_SETTINGS.items()]
+    for key, value in SYSCTL_SETTINGS.items():
+        assert _sysctl_value(namespace, key) == value
+
+
 @pytest.mark.parametrize("spec", ["natfwd; rm -rf /", "natfwd\nreboot", "natfwd 'x'", ""])
 def test_package_rejects_shell_text(spec: str) -> None:
     with pytest.raises(UsageError, match="--package"):
@@ -265,14 +357,16 @@ def _executable(path: Path, text: str) -> None:
 
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Path:
-    """A fake bin directory: `ip` reports ens5, `getent` answers 10.0.1.230+, `systemctl` logs its arguments,
-    and `natfwd` runs this checkout except `check`, which would probe the network."""
+    """A fake bin directory: `ip` reports ens5, `getent` answers 10.0.1.230+, `systemctl` and `sysctl` log their
+    arguments to commands.log (this host's settings are left alone), and `natfwd` runs this checkout except `check`,
+    which would probe the network."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "ip", "#!/bin/sh\necho 'default via 10.0.0.1 dev ens5 proto dhcp src 10.0.0.10 metric 512'\n")
     cases = "".join(f'  {name}) echo "10.0.1.{230 + i}     STREAM {name}" ;;\n' for i, name in enumerate(NODES))
     _executable(bin_dir / "getent", f'#!/bin/sh\ncase "$2" in\n{cases}  *) exit 2 ;;\nesac\n')
-    _executable(bin_dir / "systemctl", f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n')
+    for name in ("systemctl", "sysctl"):
+        _executable(bin_dir / name, f'#!/bin/sh\necho {name} "$@" >> {tmp_path}/commands.log\n')
     _executable(
         bin_dir / "natfwd",
         f'#!/bin/sh\n[ "$1" = check ] && exit 1\nPYTHONPATH={REPO} exec {sys.executable} -m forwarder "$@"\n',
@@ -288,6 +382,10 @@ def _run_after_install(script: str, sandbox: Path) -> subprocess.CompletedProces
     body = body.replace("/etc/natfwd/", f"{sandbox}/etc/")
     env = {**os.environ, "PATH": f"{sandbox / 'bin'}:{os.environ['PATH']}"}
     return subprocess.run(["sh", "-c", "set -eu\n" + body], capture_output=True, text=True, env=env, timeout=60)
+
+
+# What the bootstrap script runs last, in this order: the sysctl drop-in is applied before natfwd starts.
+STARTED = "sysctl -p /etc/sysctl.d/90-natfwd.conf\nsystemctl daemon-reload\nsystemctl enable --now natfwd.service\n"
 
 
 def test_bootstrap_scripts_are_valid_sh() -> None:
@@ -309,7 +407,7 @@ def test_userspace_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Pa
     assert done.returncode == 0, done.stderr
     assert "natfwd: some nodes did not answer yet" in done.stderr
     assert config.load(sandbox / "etc" / "natfwd.yaml").interface == "ens5"
-    assert (sandbox / "systemctl.log").read_text() == "daemon-reload\nenable --now natfwd.service\n"
+    assert (sandbox / "commands.log").read_text() == STARTED
 
 
 def test_kernel_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Path) -> None:
@@ -319,7 +417,7 @@ def test_kernel_bootstrap_fixes_the_interface_and_starts_the_unit(sandbox: Path)
     assert done.returncode == 0, done.stderr
     loaded = config.load(sandbox / "etc" / "natfwd.yaml")
     assert (loaded.interface, loaded.data_path) == ("ens5", "kernel")
-    assert (sandbox / "systemctl.log").read_text() == "daemon-reload\nenable --now natfwd.service\n"
+    assert (sandbox / "commands.log").read_text() == STARTED
 
 
 # -- the systemd unit ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The systemd unit text and its kernel-path drop-in live here so the package can ship them; deploy/natfwd.service
 and deploy/natfwd.service.d/kernel-path.conf are copies that a test keeps equal, and
 deploy/cloud-init.example.yaml (and cloud-init-ha.example.yaml, for --ha) are rendered examples that a test keeps in
-sync. In an Auto Scaling group (--ha, --replicas) the box also runs a health check that reports it unhealthy to
+sync. The box's sysctl drop-in (TIME_WAIT reuse, a wider local port range) is written and applied before natfwd
+starts. In an Auto Scaling group (--ha, --replicas) the box also runs a health check that reports it unhealthy to
 the group when natfwd stays down, and with --ha it claims the Elastic IP before natfwd starts.
 """
 
@@ -19,6 +20,7 @@ CONFIG_PATH = "/etc/natfwd/natfwd.yaml"
 UNIT_PATH = "/etc/systemd/system/natfwd.service"
 BOOTSTRAP_PATH = "/usr/local/sbin/natfwd-bootstrap"
 KERNEL_DROP_IN_PATH = "/etc/systemd/system/natfwd.service.d/kernel-path.conf"
+SYSCTL_PATH = "/etc/sysctl.d/90-natfwd.conf"
 VENV = "/opt/natfwd"
 DIST_DIR = "/opt/natfwd/dist"
 METRICS_LISTEN = "127.0.0.1:9108"
@@ -99,6 +101,22 @@ CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN
 RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
 # ProtectKernelTunables keeps /proc/sys read-only for natfwd; `+` runs this one line outside the sandbox.
 ExecStartPre=+/usr/sbin/sysctl -qw net.ipv4.ip_forward=1
+"""
+
+# Connection churn (a new connection per request): the relay closes its side to the node first, so each node
+# connection leaves a TIME_WAIT socket on the box for 60 s, and the default 28232 ports (32768-60999) allow about
+# 28232 / 60 = 470 new connections per second to one node address:port before connect() fails with EADDRNOTAVAIL.
+# tcp_tw_reuse=1 lets a connect take a TIME_WAIT port again once its last TCP timestamp is 1 s old. The range starts
+# above natfwd's listen ports (6379 or 11211 up, one per node, and ElastiCache has at most 500 nodes): connect()
+# skips a port a listener holds, but a listener cannot bind (EADDRINUSE) a port that a node connection or its
+# TIME_WAIT holds, so a restart under churn could fail for 60 s. An even start and an odd end, as the kernel's own
+# default: connect() takes even ports and bind() odd ones, and the kernel warns about a range of one parity.
+SYSCTL_DROP_IN = """\
+# natfwd: more new connections per second to each cache node (natfwd-bootstrap applies it before natfwd starts).
+# Each node connection natfwd closes waits 60 s in TIME_WAIT: connects may reuse one after 1 s (TCP timestamps).
+net.ipv4.tcp_tw_reuse = 1
+# 48618 ports per node address:port instead of 28232, all above natfwd's listen ports, so a restart can bind them.
+net.ipv4.ip_local_port_range = 16384 65001
 """
 
 
@@ -251,7 +269,8 @@ def _claim_lines(plan: Plan, allocation_id: str) -> list[str]:
 
 
 def render_bootstrap(plan: Plan, allocation_id: str | None = None) -> str:
-    """The first-boot shell script: install natfwd in a venv, fix the interface name, then start natfwd.service.
+    """The first-boot shell script: install natfwd in a venv, fix the interface name, apply the sysctl drop-in, then
+    start natfwd.service.
 
     With --ha (which needs `allocation_id`) it claims the Elastic IP first; in an Auto Scaling group it then
     starts the health check. Raises ValueError for the ha layout without an allocation id.
@@ -270,6 +289,9 @@ def render_bootstrap(plan: Plan, allocation_id: str | None = None) -> str:
         f'sed -i "s/^interface: .*/interface: ${{iface}}/" {CONFIG_PATH}',
         "# The page's step 3: every node must answer from here (logged; a node still starting is not fatal).",
         f"{VENV}/bin/natfwd check --config {CONFIG_PATH} --direct || echo 'natfwd: some nodes did not answer yet' >&2",
+        "# TIME_WAIT reuse and more ports for natfwd's node connections. systemd-sysctl applies /etc/sysctl.d at every",
+        "# later boot, but on this first one it ran before cloud-init wrote the file. Without it natfwd still serves.",
+        f"sysctl -p {SYSCTL_PATH} || echo 'natfwd: could not apply {SYSCTL_PATH}' >&2",
         "systemctl daemon-reload",
     ]
     if allocation_id is not None and plan.layout == "ha":
@@ -317,6 +339,7 @@ def render(plan: Plan, public_ip: str, allocation_id: str | None = None) -> str:
     parts.append(_file(UNIT_PATH, "0644", SYSTEMD_UNIT))
     if plan.request.mode == "kernel":
         parts.append(_file(KERNEL_DROP_IN_PATH, "0644", KERNEL_DROP_IN))
+    parts.append(_file(SYSCTL_PATH, "0644", SYSCTL_DROP_IN))
     if plan.layout != "single":
         parts += [
             _file(HEALTH_PATH, "0755", render_health(plan)),
