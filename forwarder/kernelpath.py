@@ -168,6 +168,7 @@ class KernelPath:
                 self._last = {k: v for k, v in self._last.items() if int(k[1:].partition("_")[0]) not in dropped}
             self._report_changes(self.table, wanted)
             self.table = wanted
+            self._conntrack_due = 0.0  # the next poll reads conntrack: the forwards' gauges follow a change at once
 
     async def _resolved(self, cfg: config_mod.Config, resolved: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
         """The tracker's IPs for DNS-name targets, plus a lookup now for a name it has not resolved yet (a reload
