@@ -136,35 +136,41 @@ class Resources:
     def relay_thread(self, loop: asyncio.AbstractEventLoop, start: Callable[[int], Relay]) -> Relay | None:
         """This loop's relay thread, started with `start(pipe_limit)` on first use; None when it could not start."""
         if self.thread is None and not self.no_thread:
-            pipes = RELAY_PIPES if self.reserve_fds(2 * RELAY_PIPES) else 0
-            try:
-                thread = start(pipes)
-            except OSError as exc:
-                self.release_fds(2 * pipes)
+            made = self._made(RELAY_PIPES, start, "no relay thread, raw mode stays in Python")
+            if made is None:
                 self.no_thread = True
-                log.warning("no relay thread, raw mode stays in Python", extra={"error": str(exc)})
                 return None
-            self.thread_fds = 2 * pipes
-            loop.add_reader(thread.fileno(), self.collect)
-            self.thread = thread
+            self.thread, self.thread_fds = made
+            loop.add_reader(self.thread.fileno(), self.collect)
         return self.thread
 
     def inline_relay(self, loop: asyncio.AbstractEventLoop, start: Callable[..., Relay]) -> Relay | None:
         """This loop's inline relay, made with `start(pipe_limit, threaded=False)` on first use; None when it could
         not be."""
         if self.inline is None and not self.no_inline:
-            pipes = INLINE_PIPES if self.reserve_fds(2 * INLINE_PIPES) else 0
-            try:
-                relay = start(pipes, threaded=False)
-            except OSError as exc:
-                self.release_fds(2 * pipes)
+            made = self._made(
+                INLINE_PIPES,
+                lambda pipes: start(pipes, threaded=False),
+                "no inline relay, plain connections stay in Python",
+            )
+            if made is None:
                 self.no_inline = True
-                log.warning("no inline relay, plain connections stay in Python", extra={"error": str(exc)})
                 return None
-            self.inline_fds = 2 * pipes
-            loop.add_reader(relay.fileno(), self.run_inline)
-            self.inline = relay
+            self.inline, self.inline_fds = made
+            loop.add_reader(self.inline.fileno(), self.run_inline)
         return self.inline
+
+    def _made(self, pipes: int, start: Callable[[int], Relay], failure: str) -> tuple[Relay, int] | None:
+        """A relay from `start`, with descriptors for `pipes` pipes reserved if the budget has them (else none), and
+        the descriptors it holds; None, the reservation released and `failure` logged, when it cannot start."""
+        pipes = pipes if self.reserve_fds(2 * pipes) else 0
+        try:
+            relay = start(pipes)
+        except OSError as exc:
+            self.release_fds(2 * pipes)
+            log.warning(failure, extra={"error": str(exc)})
+            return None
+        return relay, 2 * pipes
 
     def run_inline(self) -> None:
         """The inline relay's turn, from the loop: it moves what is ready, and its reports reach their owners."""
