@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
@@ -312,6 +313,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def reloadable(started_with: str, new: Config) -> Config:
+    """`new` as a reload applies it to a serve started with data_path `started_with`: kept on the relay when it
+    would turn the kernel path on in a serve started with `userspace` (that takes a restart).
+
+    The node connections relayed until then were opened with conntrack off, so conntrack does not know them: a
+    kernel forward could masquerade a client onto one's address and port, and the node's replies would then go
+    to that client. Started with kernel or auto, serve's table keeps conntrack on from the start.
+    """
+    if started_with != "userspace" or new.data_path == "userspace":
+        return new
+    return dataclasses.replace(new, data_path="userspace")
 
 
 def load(path: str | os.PathLike[str]) -> Config:

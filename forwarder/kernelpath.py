@@ -142,8 +142,12 @@ class KernelPath:
         holds exactly that. Raises NatfwdError (nft missing, no CAP_NET_ADMIN, forwarding off and not settable, nft
         refused the table), with the kernel unchanged."""
         async with self._lock:
-            if self.table is None and not cfg.kernel_forwards:
-                return  # nothing for the kernel, and no table of ours to update
+            if self.table is None and cfg.data_path == "userspace":
+                return  # the relay serves everything, and no table of ours to update
+            # With kernel or auto the table is made at start even with no forward on the kernel yet (auto with a
+            # config that needs the relay): its rules hook conntrack, so the relay's own node connections are
+            # tracked from their first packet. A forward a reload moves to the kernel later then cannot masquerade
+            # a client onto the address and port of one of them (the reply would go to the wrong socket).
             wanted = iptables.serve_table(cfg, await self._resolved(cfg, resolved), accepting=self.accepting)
             if wanted == self.table:
                 return

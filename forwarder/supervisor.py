@@ -127,6 +127,7 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
         signal.signal(sig, on_signal)
 
     workers: dict[int, int] = {}  # pid -> index
+    started_with = cfg.data_path  # a respawned worker gets what the workers' reloads kept (config.reloadable)
     cpus = worker_cpus(cfg, os.sched_getaffinity(0))  # as started: a reload changes neither workers nor pinning
     started = time.monotonic()
     barrier = notify.Barrier(cfg.workers)  # READY=1 only once every worker has bound every port
@@ -150,7 +151,7 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
                         _kill(pid, signal.SIGTERM)
                 elif signum == signal.SIGHUP and not stopping:
                     notify.reloading()
-                    cfg = _reload(cfg, config_path, workers, own)
+                    cfg = _reload(cfg, config_path, workers, own, started_with)
                     if barrier.done:  # else READY=1 still waits for the workers still binding
                         notify.ready()
             for pid, index, status in _reap(workers):
@@ -174,7 +175,9 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
             shutil.rmtree(multiproc_dir, ignore_errors=True)
 
 
-def _reload(cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object) -> config_mod.Config:
+def _reload(
+    cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object, started_with: str
+) -> config_mod.Config:
     from forwarder.metrics import Metrics
 
     assert isinstance(own, Metrics)
@@ -189,7 +192,7 @@ def _reload(cfg: config_mod.Config, config_path: str | None, workers: dict[int, 
     own.reloads.labels("success").inc()
     for pid in workers:
         _kill(pid, signal.SIGHUP)
-    return new
+    return config_mod.reloadable(started_with, new)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -78,6 +78,7 @@ class Worker:
         # data_path kernel/auto: the forwards the kernel serves. With workers: N only one worker programs nft; the
         # others leave those ports alone.
         self.kernel = KernelPath(metrics) if program_kernel else None
+        self.started_with = cfg.data_path  # a reload cannot turn the kernel path on after userspace (config.reloadable)
 
     @property
     def active(self) -> int:
@@ -289,6 +290,7 @@ class Worker:
         old = self.config
         upstream_ssl = _read_certificates(new)
         _warn_restart_only(old, new)
+        new = self._kernel_by_restart(new)
         wanted = {f.port: f for f in self._relayed(new)}
         if self.kernel is not None:
             await self.kernel.apply(new, self.nodes.resolved)  # first: when it fails, nothing has changed
@@ -310,6 +312,17 @@ class Worker:
         if new.max_connections != old.max_connections:
             self.pool.reserve_for_connections(new.max_connections)
         self.config = new
+
+    def _kernel_by_restart(self, new: config_mod.Config) -> config_mod.Config:
+        """`new`, kept on the relay when it turns the kernel path on in a serve started with data_path userspace."""
+        kept = config_mod.reloadable(self.started_with, new)
+        if kept is not new:
+            log.warning(
+                "data_path changed from userspace; that takes effect at the next restart, since the connections "
+                "relayed so far are unknown to conntrack",
+                extra={"key": "data_path", "value": new.data_path},
+            )
+        return kept
 
     async def _rebind(
         self, old: config_mod.Config, new: config_mod.Config, wanted: dict[int, config_mod.Forward]

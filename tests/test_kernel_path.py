@@ -67,6 +67,19 @@ def test_auto_keeps_redis_cluster_on_the_relay() -> None:
 
 
 @pytest.mark.parametrize(
+    ("started_with", "wanted", "applied"),
+    [("userspace", "kernel", "userspace"), ("userspace", "auto", "userspace"), ("auto", "kernel", "kernel"),
+     ("kernel", "userspace", "userspace"), ("kernel", "auto", "auto")],
+)  # fmt: skip
+def test_a_reload_turns_the_kernel_path_on_only_in_a_serve_started_with_it(
+    started_with: str, wanted: str, applied: str
+) -> None:
+    new = config.loads(BASE + f"data_path: {wanted}\n")
+    assert config.reloadable(started_with, new).data_path == applied
+    assert config.reloadable(started_with, new).forwards == new.forwards
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         ("data_path: fast\n", "x.yaml:6: data_path: 'fast' is not valid; expected one of userspace, kernel, auto"),
@@ -713,6 +726,77 @@ def test_a_reload_moves_a_forward_from_the_kernel_to_the_relay_and_back(tmp_path
         serve.process.send_signal(signal.SIGTERM)
         assert serve.process.wait(timeout=30) == 0, serve.log()
         assert serve.table() is None
+
+
+def relayed_node_ports(the_lab: Lab, node: int = 0) -> list[int]:
+    """The local ports of the NAT box's established connections to a node: the relay's node connections."""
+    target = the_lab.nodes[node]
+    listed = the_lab.run(
+        the_lab.nat, ["ss", "-Htn", "state", "established", "dst", target.address, "dport", f"= :{target.port}"]
+    ).stdout
+    return [int(line.split()[2].rpartition(":")[2]) for line in listed.splitlines()]
+
+
+@root
+def test_a_kernel_client_is_never_given_the_address_of_a_relayed_node_connection(tmp_path: Path) -> None:
+    # auto with multiplex: every forward is relayed, yet serve's table is there from the start (so conntrack is
+    # on). A reload then moves the forward to the kernel while a multiplexed client keeps its shared connection.
+    with kernel_lab() as the_lab:
+        text = kernel_config(the_lab).replace("data_path: kernel", "data_path: auto")
+        serve = start_serve(the_lab, tmp_path, text + "multiplex: true\n")
+        assert serve.table() is not None
+        shared = connect(the_lab)
+        assert ask(shared, b"get nothing\r\n") == b"END\r\n"
+        (port,) = relayed_node_ports(the_lab)
+
+        serve.config_path.write_text(text)
+        serve.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: listening(the_lab) == "", "the forward moving to the kernel", 15, detail=serve.log)
+        # A client whose source port is the shared connection's: masquerade must not keep it. Without conntrack
+        # knowing the shared connection, the node would take this SYN for it and answer with an ACK, the client
+        # would reset, and the reset would close the shared connection under the multiplexed client.
+        with netns.entered(the_lab.client):
+            colliding = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with colliding:
+            colliding.settimeout(10)
+            colliding.bind((CLIENT_ADDRESS, port))
+            colliding.connect((PUBLIC_ADDRESS, 11211))
+            assert ask(colliding, b"get nothing\r\n") == b"END\r\n"
+        assert relayed_node_ports(the_lab) == [port]  # the shared connection is still up...
+        assert ask(shared, b"get nothing\r\n") == b"END\r\n"  # ...and serves its client
+        shared.close()
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(timeout=30) == 0, serve.log()
+
+
+@root
+def test_a_reload_does_not_turn_the_kernel_path_on_in_a_serve_started_on_the_relay(tmp_path: Path) -> None:
+    with kernel_lab() as the_lab:
+        config_path = tmp_path / "serve.yaml"
+        text = kernel_config(the_lab)
+        config_path.write_text(text.replace("data_path: kernel", "data_path: userspace"))
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            process = the_lab.popen(
+                the_lab.nat,
+                [sys.executable, "-m", "forwarder", "serve", "--config", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                cwd=REPO,
+            )
+        serve = KernelServe(the_lab, process, config_path, log_path)
+        the_lab.wait_listening(the_lab.nat, "127.0.0.1", 9108, 15.0, process)
+        wait_for(lambda: listening(the_lab) != "", "the relay's listener", 15, detail=serve.log)
+        config_path.write_text(text)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "data_path changed from userspace" in serve.log(), "the warning", 15, detail=serve.log)
+        wait_for(lambda: serve.metric("natfwd_config_reloads_total", result="success") == 1, "the reload", 15)
+        assert serve.table() is None and listening(the_lab) != ""  # still relayed: the restart turns it on
+        with connect(the_lab) as sock:
+            assert ask(sock, b"get nothing\r\n") == b"END\r\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, serve.log()
 
 
 def _flows(count: int) -> str:
