@@ -469,11 +469,12 @@ def _us(value: float | None) -> str:
 SIGN_TEST_ALPHA = 0.1
 
 
-def sign_test_p(ratios: Sequence[float]) -> float:
-    """Two-sided sign test of paired ratios against 1 (ties dropped): how likely at least this lopsided a split of
-    rounds above and below 1 is when the change does nothing. It assumes nothing about the noise's shape."""
-    above = sum(1 for r in ratios if r > 1)
-    below = sum(1 for r in ratios if r < 1)
+def sign_test_p(ratios: Sequence[float], reference: float = 1.0) -> float:
+    """Two-sided sign test of paired ratios against `reference` (ties dropped): how likely at least this lopsided a
+    split of rounds above and below it is when the true median is `reference`. It assumes nothing about the noise's
+    shape."""
+    above = sum(1 for r in ratios if r > reference)
+    below = sum(1 for r in ratios if r < reference)
     n = above + below
     if n == 0:
         return 1.0
@@ -481,11 +482,11 @@ def sign_test_p(ratios: Sequence[float]) -> float:
     return min(1.0, 2 * tail)
 
 
-def verdict(ratios: Sequence[float]) -> str:
-    """'better', 'worse' or 'within noise', by the sign test at SIGN_TEST_ALPHA."""
-    if sign_test_p(ratios) >= SIGN_TEST_ALPHA:
+def verdict(ratios: Sequence[float], reference: float = 1.0) -> str:
+    """'better', 'worse' or 'within noise' than `reference`, by the sign test at SIGN_TEST_ALPHA."""
+    if sign_test_p(ratios, reference) >= SIGN_TEST_ALPHA:
         return "within noise"
-    return "better" if sum(1 for r in ratios if r > 1) > len(ratios) / 2 else "worse"
+    return "better" if sum(1 for r in ratios if r > reference) > len(ratios) / 2 else "worse"
 
 
 def against_table(measurements: Sequence[Measurement], revision: str, path_id: str = "natfwd-w1") -> list[str]:

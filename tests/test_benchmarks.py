@@ -18,7 +18,7 @@ import pytest
 from conftest import IN_CI, Node, require_binary
 from labkit import root, unique_name
 
-from benchmarks import agent, conntrack, cpu, loopback, packets, report
+from benchmarks import agent, conntrack, cpu, loopback, packets, pool, report
 from benchmarks.harness import measuring_order
 from benchmarks.loads import (
     FIGURES,
@@ -143,6 +143,46 @@ def test_targets_pass_only_at_or_above_their_minimum() -> None:
 def test_the_ab_verdict_is_a_two_sided_sign_test(ratios: list[float], p: float, said: str) -> None:
     assert report.sign_test_p(ratios) == pytest.approx(p)
     assert report.verdict(ratios) == said
+
+
+def test_the_sign_test_takes_a_reference_other_than_one() -> None:
+    assert report.sign_test_p([1.05, 1.02, 1.08, 1.01, 1.04], 1.1) == pytest.approx(2 / 32)
+    assert report.verdict([1.05, 1.02, 1.08, 1.01, 1.04], 1.1) == "worse"
+    assert report.verdict([1.05, 1.02, 1.08, 1.01, 1.04]) == "better"
+
+
+def _write_run(directory: Path, commit: str, natfwd: list[float]) -> Path:
+    """A results.json as the harness writes it, with one GET c50 round per value (HAProxy at 100 in each)."""
+    measurements = [_m(r, "natfwd-w1", rb_get_c50=v) for r, v in enumerate(natfwd, 1)]
+    measurements += [_m(r, "haproxy-t1", rb_get_c50=100.0) for r in range(1, len(natfwd) + 1)]
+    directory.mkdir()
+    meta = {"date": f"2026-12-05 {commit}", "commit": commit}
+    data = {"meta": meta, "measurements": [m.to_json() for m in measurements]}
+    (directory / "results.json").write_text(json.dumps(data))
+    return directory
+
+
+def test_pooling_runs_tests_every_round_against_the_targets_minimum(tmp_path: Path) -> None:
+    # Each run alone passes or fails on its median; the rounds together are below 1.1 in 5 of 6.
+    first = _write_run(tmp_path / "a", "aaaaaaa", [112.0, 105.0, 104.0])
+    second = _write_run(tmp_path / "b", "bbbbbbb", [103.0, 108.0, 106.0])
+    runs = [pool.load_run(first), pool.load_run(second)]
+    (c50,) = [p for p in pool.pool(runs) if (p.target.figure, p.target.path) == ("rb-get-c50", "natfwd-w1")]
+    assert c50.ratios == pytest.approx((1.12, 1.05, 1.04, 1.03, 1.08, 1.06)) and c50.runs == 2
+    assert c50.reaching == 1 and c50.p == pytest.approx(14 / 64) and c50.verdict == "within noise"
+    assert {p.target.figure for p in pool.pool(runs)} == {"rb-get-c50"}  # what no run measured is left out
+    said: list[str] = []
+    assert pool.main([str(first), str(second), str(second)], said.append) == 0
+    assert "aaaaaaa" in said[0] and "bbbbbbb" in said[0]
+    row = next(line for line in said if "| redis-benchmark GET c50 |" in line)
+    assert row.endswith("| 3 | 9 | 1.06 | 1/9 | 1.1 | 0.04 | missed |"), row
+
+
+def test_pooling_a_directory_without_results_says_which(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmarks.pool", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'results.json'}: not the results of a benchmark run" in result.stderr
 
 
 def test_a_ratio_just_below_a_target_never_prints_as_reaching_it() -> None:
@@ -608,6 +648,9 @@ def test_a_tiny_run_measures_every_path_and_writes_all_outputs(tmp_path: Path) -
     assert all(counted["nat_received"] > 0 and counted["nat_sent"] > 0 for counted in net.values())
     assert "### Packets per request" in (out / "results.md").read_text()
     assert "## Targets (issues 6 and 22)" in (out / "results.md").read_text()
+    pooled = subprocess.run([sys.executable, "-m", "benchmarks.pool", str(out), str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert "| redis-benchmark GET c50 | 2 | 2 |" in pooled  # one round per run, the same run given twice
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not _lab_namespaces(result.stderr)
 
