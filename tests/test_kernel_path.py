@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from labkit import REPO, root, running_lab, sysctl
 from prometheus_client import CollectorRegistry
 from reliakit import parse_metrics
 
-from forwarder import config, iptables, kernelpath, metrics, netns
+from forwarder import config, iptables, kernelpath, metrics, netns, supervisor
 from forwarder.errors import NatfwdError
 from forwarder.lab import CLIENT_ADDRESS, PUBLIC_ADDRESS, Lab
 
@@ -793,6 +795,47 @@ def test_a_reload_does_not_turn_the_kernel_path_on_in_a_serve_started_on_the_rel
         wait_for(lambda: "data_path changed from userspace" in serve.log(), "the warning", 15, detail=serve.log)
         wait_for(lambda: serve.metric("natfwd_config_reloads_total", result="success") == 1, "the reload", 15)
         assert serve.table() is None and listening(the_lab) != ""  # still relayed: the restart turns it on
+        with connect(the_lab) as sock:
+            assert ask(sock, b"get nothing\r\n") == b"END\r\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, serve.log()
+
+
+@root
+def test_a_worker_respawned_after_such_a_reload_stays_on_the_relay(tmp_path: Path) -> None:
+    with kernel_lab() as the_lab:
+        config_path = tmp_path / "serve.yaml"
+        text = kernel_config(the_lab, extra="workers: 2\n")
+        config_path.write_text(text.replace("data_path: kernel", "data_path: userspace"))
+        log_path = tmp_path / "serve.log"
+        with open(log_path, "wb") as log:
+            process = the_lab.popen(
+                the_lab.nat,
+                [sys.executable, "-m", "forwarder", "serve", "--config", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                cwd=REPO,
+            )
+        serve = KernelServe(the_lab, process, config_path, log_path)
+
+        def listeners() -> set[int]:
+            listed = the_lab.run(the_lab.nat, ["ss", "-Htlnp", "sport = :11211"]).stdout
+            return {int(pid) for pid in re.findall(r"pid=(\d+)", listed)}
+
+        wait_for(lambda: len(listeners()) == 2, "both workers listening", 15, detail=serve.log)
+        config_path.write_text(text)
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: serve.log().count("data_path changed from userspace") == 2, "both workers' warning", 15,
+                 detail=serve.log)  # fmt: skip
+        # The supervisor starts a dead worker again with the config the workers kept, not the file's. (It gives up on
+        # a worker that dies within its first second, as one that cannot bind would.)
+        time.sleep(supervisor.RESPAWN_DELAY_S)
+        before = listeners()
+        os.kill(min(before), signal.SIGKILL)
+        wait_for(lambda: len(listeners()) == 2 and listeners() != before, "the respawned worker listening", 15,
+                 detail=serve.log)  # fmt: skip
+        assert serve.table() is None and "kernel path on" not in serve.log()
         with connect(the_lab) as sock:
             assert ask(sock, b"get nothing\r\n") == b"END\r\n"
         process.send_signal(signal.SIGTERM)
