@@ -315,7 +315,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def reloadable(started_with: str, new: Config) -> Config:
+def reloadable(started_with: DataPath, new: Config) -> Config:
     """`new` as a reload applies it to a serve started with data_path `started_with`: kept on the relay when it
     would turn the kernel path on in a serve started with `userspace` (that takes a restart).
 

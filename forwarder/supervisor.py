@@ -176,7 +176,11 @@ def run(cfg: config_mod.Config, config_path: str | None, target: WorkerEntry) ->
 
 
 def _reload(
-    cfg: config_mod.Config, config_path: str | None, workers: dict[int, int], own: object, started_with: str
+    cfg: config_mod.Config,
+    config_path: str | None,
+    workers: dict[int, int],
+    own: object,
+    started_with: config_mod.DataPath,
 ) -> config_mod.Config:
     from forwarder.metrics import Metrics
 

@@ -74,7 +74,7 @@ def test_auto_keeps_redis_cluster_on_the_relay() -> None:
      ("kernel", "userspace", "userspace"), ("kernel", "auto", "auto")],
 )  # fmt: skip
 def test_a_reload_turns_the_kernel_path_on_only_in_a_serve_started_with_it(
-    started_with: str, wanted: str, applied: str
+    started_with: config.DataPath, wanted: str, applied: str
 ) -> None:
     new = config.loads(BASE + f"data_path: {wanted}\n")
     assert config.reloadable(started_with, new).data_path == applied
