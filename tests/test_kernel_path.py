@@ -313,6 +313,24 @@ def kernel_config(the_lab: Lab, node: int = 0, extra: str = "") -> str:
 def start_serve(
     the_lab: Lab, tmp_path: Path, text: str, name: str = "serve", env: dict[str, str] | None = None
 ) -> KernelServe:
+    """natfwd serve in the NAT namespace, once it has programmed its table and serves its metrics."""
+    serve = launch(the_lab, tmp_path, text, name, env)
+    process = serve.process
+    wait_for(
+        lambda: "kernel path on" in serve.log() or process.poll() is not None,
+        "natfwd serve to program its table",
+        30,
+        detail=serve.log,
+    )
+    assert process.poll() is None, serve.log()
+    the_lab.wait_listening(the_lab.nat, "127.0.0.1", 9108, 15.0, process)
+    return serve
+
+
+def launch(
+    the_lab: Lab, tmp_path: Path, text: str, name: str = "serve", env: dict[str, str] | None = None
+) -> KernelServe:
+    """natfwd serve with `text` as its config, started in the NAT namespace."""
     config_path = tmp_path / f"{name}.yaml"
     config_path.write_text(text)
     log_path = tmp_path / f"{name}.log"
@@ -325,16 +343,7 @@ def start_serve(
             env={**(env or os.environ), "PYTHONPATH": str(REPO)},
             cwd=REPO,
         )
-    serve = KernelServe(the_lab, process, config_path, log_path)
-    wait_for(
-        lambda: "kernel path on" in serve.log() or process.poll() is not None,
-        "natfwd serve to program its table",
-        30,
-        detail=serve.log,
-    )
-    assert process.poll() is None, serve.log()
-    the_lab.wait_listening(the_lab.nat, "127.0.0.1", 9108, 15.0, process)
-    return serve
+    return KernelServe(the_lab, process, config_path, log_path)
 
 
 @contextmanager
@@ -774,20 +783,9 @@ def test_a_kernel_client_is_never_given_the_address_of_a_relayed_node_connection
 @root
 def test_a_reload_does_not_turn_the_kernel_path_on_in_a_serve_started_on_the_relay(tmp_path: Path) -> None:
     with kernel_lab() as the_lab:
-        config_path = tmp_path / "serve.yaml"
         text = kernel_config(the_lab)
-        config_path.write_text(text.replace("data_path: kernel", "data_path: userspace"))
-        log_path = tmp_path / "serve.log"
-        with open(log_path, "wb") as log:
-            process = the_lab.popen(
-                the_lab.nat,
-                [sys.executable, "-m", "forwarder", "serve", "--config", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-                cwd=REPO,
-            )
-        serve = KernelServe(the_lab, process, config_path, log_path)
+        serve = launch(the_lab, tmp_path, text.replace("data_path: kernel", "data_path: userspace"))
+        config_path, process = serve.config_path, serve.process
         the_lab.wait_listening(the_lab.nat, "127.0.0.1", 9108, 15.0, process)
         wait_for(lambda: listening(the_lab) != "", "the relay's listener", 15, detail=serve.log)
         config_path.write_text(text)
@@ -804,20 +802,9 @@ def test_a_reload_does_not_turn_the_kernel_path_on_in_a_serve_started_on_the_rel
 @root
 def test_a_worker_respawned_after_such_a_reload_stays_on_the_relay(tmp_path: Path) -> None:
     with kernel_lab() as the_lab:
-        config_path = tmp_path / "serve.yaml"
         text = kernel_config(the_lab, extra="workers: 2\n")
-        config_path.write_text(text.replace("data_path: kernel", "data_path: userspace"))
-        log_path = tmp_path / "serve.log"
-        with open(log_path, "wb") as log:
-            process = the_lab.popen(
-                the_lab.nat,
-                [sys.executable, "-m", "forwarder", "serve", "--config", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-                cwd=REPO,
-            )
-        serve = KernelServe(the_lab, process, config_path, log_path)
+        serve = launch(the_lab, tmp_path, text.replace("data_path: kernel", "data_path: userspace"))
+        config_path, process = serve.config_path, serve.process
 
         def listeners() -> set[int]:
             listed = the_lab.run(the_lab.nat, ["ss", "-Htlnp", "sport = :11211"]).stdout
