@@ -251,6 +251,11 @@ class KernelPath:
                 await self._poll_counters()
             except NatfwdError as exc:
                 log.warning("cannot read the kernel path's counters", extra={"error": str(exc)})
+            if self.table is None or not self.table.forwards:
+                # The table is gone (the counters read noticed), or it only keeps conntrack on (auto, every forward
+                # relayed): no gauge to read, and the relay's own connections would make the read long.
+                self.live = {}
+                return
             loop = asyncio.get_running_loop()
             started = loop.time()
             if started >= self._conntrack_due:

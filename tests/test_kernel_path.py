@@ -839,6 +839,32 @@ def _flows(count: int) -> str:
 
 
 @root
+def test_a_table_with_no_kernel_forward_reads_no_conntrack(tmp_path: Path) -> None:
+    table = tmp_path / "nf_conntrack"
+    table.write_text(_flows(2))
+    with running_lab(nodes=1) as the_lab:
+        # auto with multiplex: every forward relayed, and the table there only to keep conntrack on.
+        cfg = config.loads(kernel_config(the_lab).replace("data_path: kernel", "data_path: auto") + "multiplex: true\n")
+        path = kernelpath.KernelPath(metrics.Metrics(CollectorRegistry()), conntrack_path=str(table))
+
+        async def main() -> None:
+            await path.apply(cfg, {})
+            assert path.table is not None and path.table.forwards == ()
+            await path.poll()
+            assert path._conntrack_due == 0.0 and path.live == {}  # not read
+            the_lab.run(the_lab.nat, ["nft", "delete", "table", "inet", iptables.SERVE_TABLE])
+            await path.poll()
+            assert path.table is None  # the counters read still notices the table gone...
+            await path.apply(cfg, {})  # ...and the next apply makes it again
+            assert path.table is not None
+            assert iptables.SERVE_TABLE in the_lab.run(the_lab.nat, ["nft", "list", "tables"]).stdout
+            await path.stop()
+
+        with netns.entered(the_lab.nat):
+            asyncio.run(main())
+
+
+@root
 def test_the_active_gauge_reads_conntrack_only_when_due(tmp_path: Path) -> None:
     table = tmp_path / "nf_conntrack"
     with running_lab(nodes=1) as the_lab:
