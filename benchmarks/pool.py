@@ -22,9 +22,8 @@ from benchmarks.loads import FIGURES
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """One full run's results: where it was written, its date and commit, and its measurements."""
+    """One full run's results: its date and commit, and its measurements."""
 
-    source: Path
     date: str
     commit: str
     measurements: tuple[report.Measurement, ...]
@@ -64,7 +63,7 @@ def load_run(directory: Path) -> Run:
         data = json.loads(path.read_text())
         meta = data["meta"]
         measurements = tuple(report.Measurement.from_json(m) for m in data["measurements"])
-        return Run(directory, str(meta["date"]), str(meta["commit"]), measurements)
+        return Run(str(meta["date"]), str(meta["commit"]), measurements)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not the results of a benchmark run ({exc}); give the --out DIR of run.py") from exc
 
