@@ -355,6 +355,53 @@ def test_deployed_single_stack_holds_what_provision_builds(
     }
 
 
+@pytest.mark.filterwarnings("ignore:Tried to parse AWS..EC2..EIPAssociation:UserWarning")
+def test_provision_and_destroy_leave_a_stacks_resources_to_cloudformation(
+    aws: Aws, world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A stack name of the team's choosing: natfwd reads it from the tag CloudFormation puts on what it creates.
+    deploy(aws, template_text(aws, capsys), name="team-cache-nat")
+    # moto keeps the template's inline policy as the text of a Python dict (policy_document); AWS keeps JSON.
+    iam = boto3.client("iam", endpoint_url=aws.url, region_name=REGION)
+    policy = iam.get_role_policy(RoleName="natfwd-mycluster", PolicyName="natfwd")["PolicyDocument"]
+    iam.put_role_policy(
+        RoleName="natfwd-mycluster", PolicyName="natfwd", PolicyDocument=json.dumps(policy_document(policy))
+    )
+    found = inventory.find(aws.client, "mycluster")
+    # (moto's AWS::EC2::EIP drops its Tags: the address is not found, on AWS it is.)
+    assert found.stacks == ("team-cache-nat",) and found.instances and found.groups
+    before = snapshot(aws)
+
+    destroy = ["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]
+    assert cli.main(destroy) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("natfwd: error: the resources of cluster 'mycluster' belong to CloudFormation stack ")
+    assert f"aws cloudformation delete-stack --stack-name team-cache-nat --region {REGION}" in err
+    assert "Traceback" not in err
+
+    assert cli.main(argv(aws, "--package", PACKAGE, "--yes")) == 2
+    err = capsys.readouterr().err
+    assert "natfwd provision would change them" in err
+    deploy_command = (
+        "aws cloudformation deploy --template-file TEMPLATE --capabilities CAPABILITY_NAMED_IAM "
+        f"--stack-name team-cache-nat --region {REGION}"
+    )
+    assert deploy_command in err
+    assert cli.main(argv(aws, "--package", PACKAGE, "--dry-run")) == 2
+    assert snapshot(aws) == before
+
+    # The template again, for an update of that stack: no warning to destroy what the stack holds.
+    assert cli.main(argv(aws, "--package", PACKAGE, "--output", "cloudformation")) == 0
+    captured = capsys.readouterr()
+    assert yaml.safe_load(captured.out)["Resources"]
+    assert "warning" not in captured.err and f"update it with: {deploy_command}" in captured.err
+    assert snapshot(aws) == before
+
+    # Once the stack is gone, nothing of it is left for natfwd to find.
+    boto3.client("cloudformation", endpoint_url=aws.url, region_name=REGION).delete_stack(StackName="team-cache-nat")
+    assert inventory.find(aws.client, "mycluster").stacks == ()
+
+
 def launch_template_data(aws: Aws) -> dict[str, Any]:
     versions = aws.ec2.describe_launch_template_versions(LaunchTemplateName="natfwd-mycluster")
     (version,) = versions["LaunchTemplateVersions"]

@@ -46,6 +46,29 @@ def destroy_command(args: argparse.Namespace, region: str) -> str:
     return " ".join(shlex.quote(word) for word in words)
 
 
+# `aws cloudformation` words that deploy a template printed by --output cloudformation (TEMPLATE) over a stack.
+_DEPLOY = "deploy --template-file TEMPLATE --capabilities CAPABILITY_NAMED_IAM"
+
+
+def _stack_commands(stacks: tuple[str, ...], action: str, region: str) -> str:
+    """`aws cloudformation ACTION` for each stack, as one line."""
+    return "; ".join(
+        f"aws cloudformation {action} --stack-name {shlex.quote(stack)} --region {region}" for stack in stacks
+    )
+
+
+def _not_in_a_stack(found: inventory.Inventory, command: str, instead: str) -> None:
+    """Raise UsageError when a CloudFormation stack made what `command` would change: CloudFormation's record of the
+    stack would no longer match what exists (drift), and its next update could fail on it."""
+    if not found.stacks:
+        return
+    stacks = ", ".join(found.stacks)
+    raise UsageError(
+        f"the resources of cluster {found.cluster_id!r} belong to CloudFormation stack {stacks}, and natfwd "
+        f"{command} would change them behind the stack's back; nothing was done. {instead}"
+    )
+
+
 def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, stderr: TextIO) -> int:
     """natfwd provision: plan, show, confirm, apply, report. Returns the exit code; raises NatfwdError/UsageError."""
     request = plan.ProvisionRequest(
@@ -65,6 +88,12 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     the_plan = survey.prepare(client, request)
     found = inventory.find(client, request.cluster_id)
+    _not_in_a_stack(
+        found,
+        "provision",
+        "Change the stack instead: print its new template (TEMPLATE) with the same arguments and --output "
+        f"cloudformation, then: {_stack_commands(found.stacks, _DEPLOY, client.region)}",
+    )
     changes = apply.diff(the_plan, found)
     print(plantext.render(the_plan), file=stdout)
     print("changes:", file=stdout)
@@ -93,6 +122,14 @@ def _template(args: argparse.Namespace, request: plan.ProvisionRequest, stdout: 
     text = cloudformation.render(survey.prepare(client, request))
     print(text, file=stdout, end="", flush=True)
     found = inventory.find(client, request.cluster_id)
+    if found.stacks:
+        # An update of the stack that made them: the template is for `aws cloudformation deploy` of that stack.
+        print(
+            f"natfwd: nothing was created; CloudFormation stack {', '.join(found.stacks)} holds the resources of "
+            f"{request.cluster_id!r}: update it with: {_stack_commands(found.stacks, _DEPLOY, client.region)}",
+            file=stderr,
+        )
+        return 0
     if not found.empty:
         # The stack would fail on the names these hold (security group, role, launch template).
         print(
@@ -116,6 +153,9 @@ def destroy_resources(args: argparse.Namespace, stdin: TextIO | None, stdout: Te
     cluster_id = plan.parse_cluster_id(args.cluster_id)
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
     found = inventory.find(client, cluster_id)
+    _not_in_a_stack(
+        found, "destroy", f"Remove the stack with: {_stack_commands(found.stacks, 'delete-stack', client.region)}"
+    )
     if found.empty:
         print(
             f"nothing to destroy: no resources tagged {plan.TAG_CLUSTER}={cluster_id} in {client.region}", file=stdout

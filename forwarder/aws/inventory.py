@@ -17,6 +17,8 @@ from forwarder.aws.rules import Rule, from_permissions
 
 # Instances in these states are gone, or going; they no longer count as provisioned.
 _GONE = {"shutting-down", "terminated"}
+# CloudFormation tags what a stack creates with the stack's name; AWS reserves the aws: prefix, so only it sets this.
+TAG_STACK = "aws:cloudformation:stack-name"
 
 
 def _tags(resource: Mapping[str, Any]) -> dict[str, str]:
@@ -100,6 +102,8 @@ class Inventory:
     balancers: tuple[Balancer, ...] = ()
     # The load balancer's security group (the instances' is in `groups`).
     balancer_groups: tuple[Group, ...] = ()
+    # The CloudFormation stacks that made any of the groups, instances or addresses (`--output cloudformation`).
+    stacks: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -200,7 +204,11 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
     tagged = {f"tag:{TAG_CLUSTER}": [cluster_id]}
     groups: list[Group] = []
     balancer_groups: list[Group] = []
-    for entry in client.describe_security_groups(tagged):
+    group_entries = client.describe_security_groups(tagged)
+    instance_entries = [e for e in client.describe_instances(tagged) if e["State"]["Name"] not in _GONE]
+    address_entries = client.describe_addresses(tagged)
+    stacks = {_tags(e).get(TAG_STACK, "") for e in (*group_entries, *instance_entries, *address_entries)} - {""}
+    for entry in group_entries:
         found = Group(
             group_id=str(entry["GroupId"]),
             vpc_id=str(entry.get("VpcId", "")),
@@ -219,8 +227,7 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
             user_data=client.instance_user_data(str(entry["InstanceId"])),
             group=_tags(entry).get(fleet.TAG_GROUP, ""),
         )
-        for entry in client.describe_instances(tagged)
-        if entry["State"]["Name"] not in _GONE
+        for entry in instance_entries
     ]
     addresses = [
         Address(
@@ -230,7 +237,7 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
             instance_id=entry.get("InstanceId") or None,
             zone=_tags(entry).get(TAG_ZONE, ""),
         )
-        for entry in client.describe_addresses(tagged)
+        for entry in address_entries
     ]
     balancers = balancer.find_balancers(client, cluster_id)
     references = []
@@ -256,4 +263,5 @@ def find(client: AwsClient, cluster_id: str) -> Inventory:
         target_groups=balancer.find_target_groups(client, cluster_id),
         balancers=balancers,
         balancer_groups=tuple(sorted(balancer_groups, key=lambda g: g.group_id)),
+        stacks=tuple(sorted(stacks)),
     )
