@@ -355,19 +355,24 @@ def test_deployed_single_stack_holds_what_provision_builds(
     }
 
 
+def stack_inventory(aws: Aws) -> inventory.Inventory:
+    """What natfwd finds of a deployed stack. moto keeps the template's inline policy as the text of a Python dict
+    (policy_document), which inventory.find cannot read; AWS keeps JSON, so it is put back as JSON first."""
+    iam = boto3.client("iam", endpoint_url=aws.url, region_name=REGION)
+    policy = iam.get_role_policy(RoleName="natfwd-mycluster", PolicyName="natfwd")["PolicyDocument"]
+    iam.put_role_policy(
+        RoleName="natfwd-mycluster", PolicyName="natfwd", PolicyDocument=json.dumps(policy_document(policy))
+    )
+    return inventory.find(aws.client, "mycluster")
+
+
 @pytest.mark.filterwarnings("ignore:Tried to parse AWS..EC2..EIPAssociation:UserWarning")
 def test_provision_and_destroy_leave_a_stacks_resources_to_cloudformation(
     aws: Aws, world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A stack name of the team's choosing: natfwd reads it from the tag CloudFormation puts on what it creates.
     deploy(aws, template_text(aws, capsys), name="team-cache-nat")
-    # moto keeps the template's inline policy as the text of a Python dict (policy_document); AWS keeps JSON.
-    iam = boto3.client("iam", endpoint_url=aws.url, region_name=REGION)
-    policy = iam.get_role_policy(RoleName="natfwd-mycluster", PolicyName="natfwd")["PolicyDocument"]
-    iam.put_role_policy(
-        RoleName="natfwd-mycluster", PolicyName="natfwd", PolicyDocument=json.dumps(policy_document(policy))
-    )
-    found = inventory.find(aws.client, "mycluster")
+    found = stack_inventory(aws)
     # (moto's AWS::EC2::EIP drops its Tags: the address is not found, on AWS it is.)
     assert found.stacks == ("team-cache-nat",) and found.instances and found.groups
     before = snapshot(aws)
@@ -433,6 +438,14 @@ def test_deployed_ha_stack_is_a_group_of_one_whose_instance_claims_the_address(
     assert sorted(group["VPCZoneIdentifier"].split(",")) == sorted(world.public_subnet_ids)
     assert sorted(group["AvailabilityZones"]) == sorted(plan.zones) == ["us-east-1b", "us-east-1c"]
     assert tags_of(group)["natfwd:cluster-id"] == "mycluster"
+
+    # natfwd leaves the stack's group to CloudFormation: found by its tags, and not destroyed.
+    found = stack_inventory(aws)
+    assert found.stacks == ("natfwd-mycluster",) and found.scaling_groups
+    destroy = ["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]
+    assert cli.main(destroy) == 2
+    assert "aws cloudformation delete-stack --stack-name natfwd-mycluster" in capsys.readouterr().err
+    assert auto_scaling_group(aws)["DesiredCapacity"] == 1
 
     data = launch_template_data(aws)
     assert data["ImageId"] == plan.image_id
