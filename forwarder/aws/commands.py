@@ -86,7 +86,6 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
     if args.output == "cloudformation":
         return _template(args, request, stdout, stderr)
     client = AwsClient.create(args.region, args.profile, args.endpoint_url)
-    the_plan = survey.prepare(client, request)
     found = inventory.find(client, request.cluster_id)
     _not_in_a_stack(
         found,
@@ -94,6 +93,7 @@ def provision(args: argparse.Namespace, stdin: TextIO | None, stdout: TextIO, st
         "Change the stack instead: print its new template (TEMPLATE) with the same arguments and --output "
         f"cloudformation, then: {_stack_commands(found.stacks, _DEPLOY, client.region)}",
     )
+    the_plan = survey.prepare(client, request)
     changes = apply.diff(the_plan, found)
     print(plantext.render(the_plan), file=stdout)
     print("changes:", file=stdout)
