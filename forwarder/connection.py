@@ -273,6 +273,10 @@ class ClientHalf(Half):
                     )
             except asyncio.CancelledError:
                 node.abort()  # the client left, or the timer fired; the node connection may have completed meanwhile
+                if node.transport is not None and not node.closed:
+                    # uvloop closes the transport of a create_connection cancelled after connection_made without
+                    # calling connection_lost, which the client's _finish waits for: it would stay live for good.
+                    node.connection_lost(None)
                 if not self.connect_expired:
                     raise
                 raise TimeoutError from None

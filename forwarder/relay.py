@@ -248,6 +248,8 @@ class Half(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:  # called already: by ClientHalf._connect when the loop would not (uvloop, after a cancel)
+            return
         if self.link is not None or self.raw is not None or (self.peer is not None and self.peer.raw is not None):
             self.stop_raw()
         self.closed = True

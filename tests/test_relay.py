@@ -269,6 +269,44 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_client_that_resets_as_its_node_connection_is_made_is_not_left_live(
+    loop_name: str, relay_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client resets right after the node connection's connection_made, before the connect task resumes: the
+    task is cancelled inside create_connection, and uvloop then closes the node's transport without ever calling its
+    connection_lost. The client waited for that call, so it stayed counted as live, and a drain waited for it until
+    drain_timeout_s."""
+    if relay_path != "transports":
+        pytest.skip("only the transports open the node connection with create_connection")
+
+    def then_the_client_resets(self: relay.Half, transport: asyncio.BaseTransport) -> None:
+        relay.Half.connection_made(self, transport)
+        client = self.peer
+        if client is not None and client.transport is not None:
+            client.transport.abort()
+
+    monkeypatch.setattr(connection.NodeHalf, "connection_made", then_the_client_resets)
+
+    reached: list[int] = []
+
+    async def counting_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reached.append(1)
+        await echo(reader, writer)
+
+    async def main() -> None:
+        server_, target = await sink(counting_echo)
+        async with worker_for(target, drain_timeout_s=1) as (worker, port):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"version\r\n")
+            await wait_for_async(lambda: bool(reached), "the node connection")
+            await wait_for_async(lambda: worker.active == 0, "the connection to be gone", timeout_s=2.0)
+            writer.close()
+        server_.close()
+
+    run(loop_name, main)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
 def test_a_target_named_by_dns_is_relayed_through_the_transports(loop_name: str) -> None:
     """Only the loop resolves a name without blocking: such a forward keeps the transports (ClientHalf), and relays
     as a direct one does."""
