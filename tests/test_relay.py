@@ -4,6 +4,7 @@ transports): byte integrity, backpressure, half-close."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import socket
@@ -186,6 +187,12 @@ def test_a_node_that_never_answers_times_out_unless_the_client_leaves_first(
         listener.close()
 
 
+async def counting_echo(reached: list[int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """echo, noting in `reached` each connection the node accepted."""
+    reached.append(1)
+    await echo(reader, writer)
+
+
 def _slow_connects(monkeypatch: pytest.MonkeyPatch, delay_s: float) -> None:
     """Every node connection starts `delay_s` late: a slow network path, so clients act while it is being made."""
     original = connection.ClientHalf._connect
@@ -248,12 +255,8 @@ def test_a_client_that_resets_while_the_node_connect_is_pending_is_dropped_at_on
     _slow_connects(monkeypatch, 2.0)
     reached: list[int] = []
 
-    async def counting_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reached.append(1)
-        await echo(reader, writer)
-
     async def main() -> None:
-        server_, target = await sink(counting_echo)
+        server_, target = await sink(functools.partial(counting_echo, reached))
         async with worker_for(target) as (worker, port):
             _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"version\r\n")
@@ -289,12 +292,8 @@ def test_a_client_that_resets_as_its_node_connection_is_made_is_not_left_live(
 
     reached: list[int] = []
 
-    async def counting_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        reached.append(1)
-        await echo(reader, writer)
-
     async def main() -> None:
-        server_, target = await sink(counting_echo)
+        server_, target = await sink(functools.partial(counting_echo, reached))
         async with worker_for(target, drain_timeout_s=1) as (worker, port):
             _reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"version\r\n")
