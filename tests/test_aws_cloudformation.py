@@ -55,6 +55,11 @@ def argv(aws: Aws, *extra: str, cidrs: tuple[str, ...] = (TRUSTED,)) -> list[str
     return [*words, *extra]
 
 
+def destroy_argv(aws: Aws) -> list[str]:
+    """`natfwd destroy --yes` for the cluster argv() provisions."""
+    return ["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]
+
+
 def template_text(
     aws: Aws, capsys: pytest.CaptureFixture[str], *extra: str, cidrs: tuple[str, ...] = (TRUSTED,)
 ) -> str:
@@ -309,9 +314,7 @@ def test_deployed_single_stack_holds_what_provision_builds(
     (provisioned_group,) = found.groups
     assert found.role is not None
     provisioned_attached = list(found.role.attached_policies)
-    assert (
-        cli.main(["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]) == 0
-    )
+    assert cli.main(destroy_argv(aws)) == 0
     assert inventory.find(aws.client, "mycluster").empty
 
     outputs = deploy(aws, body)
@@ -377,8 +380,7 @@ def test_provision_and_destroy_leave_a_stacks_resources_to_cloudformation(
     assert found.stacks == ("team-cache-nat",) and found.instances and found.groups
     before = snapshot(aws)
 
-    destroy = ["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]
-    assert cli.main(destroy) == 2
+    assert cli.main(destroy_argv(aws)) == 2
     err = capsys.readouterr().err
     assert err.startswith("natfwd: error: the resources of cluster 'mycluster' belong to CloudFormation stack ")
     assert f"aws cloudformation delete-stack --stack-name team-cache-nat --region {REGION}" in err
@@ -442,8 +444,7 @@ def test_deployed_ha_stack_is_a_group_of_one_whose_instance_claims_the_address(
     # natfwd leaves the stack's group to CloudFormation: found by its tags, and not destroyed.
     found = stack_inventory(aws)
     assert found.stacks == ("natfwd-mycluster",) and found.scaling_groups
-    destroy = ["destroy", "--cluster-id", "mycluster", "--endpoint-url", aws.url, "--region", REGION, "--yes"]
-    assert cli.main(destroy) == 2
+    assert cli.main(destroy_argv(aws)) == 2
     assert "aws cloudformation delete-stack --stack-name natfwd-mycluster" in capsys.readouterr().err
     assert auto_scaling_group(aws)["DesiredCapacity"] == 1
 
