@@ -9,12 +9,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from forwarder import accesslog, sockets
+from forwarder import accesslog
 from forwarder import config as config_mod
 from forwarder.deadlines import Deadlines
-from forwarder.mux import MuxPool, Prepare, Session, new_pool
+from forwarder.mux import MuxPool, new_pool
 from forwarder.poller import Poller
 from forwarder.relay import Half
 from forwarder.resources import Resources
@@ -136,7 +136,7 @@ class ConnectionState:
         """The route's shared node connections, new after a retarget (the old ones serve their clients out)."""
         pool = route.mux
         if pool is None:  # reload retires a pool whose target or settings changed
-            pool = route.mux = new_pool(self.loop, route.config, route.target, MuxHooks(self, route.port))
+            pool = route.mux = new_pool(self.loop, self.poller, route.config, route.target, MuxHooks(self, route.port))
         return pool
 
 
@@ -158,12 +158,10 @@ def connect_failure_reason(exc: BaseException) -> str:
 def connection_factory(state: ConnectionState, route: Route) -> Callable[[], ClientHalf]:
     """The protocol factory of a route's listener."""
 
-    # The class is picked per connection: a reload can turn rewriting or multiplexing on or off for a port.
+    # The class is picked per connection: a reload can turn rewriting on or off for a port.
     def make() -> ClientHalf:
         if route.rewriter is not None:
             return RewritingClientHalf(state, route)
-        if route.config.multiplex:
-            return MuxClient(state, route)
         return ClientHalf(state, route)
 
     return make
@@ -350,86 +348,6 @@ class RewritingClientHalf(ObservingClient, ClientHalf):
         factory = self.route.rewriter
         assert factory is not None  # connection_factory picks this class only for routes with a rewriter
         return RewritingNode(self.state.pool, factory())
-
-
-class MuxClient(ClientHalf):
-    """A client on a multiplexed forward: its requests share the route's node connections (forwarder/mux/).
-
-    The transport stays for accounting, drain and close; once admitted, the session reads and writes a duplicate
-    of its socket. A pinned client gets its own node connection, and from then on it is an ordinary ClientHalf
-    (raw mode included): the transport resumes reading once the bytes the session had not sent are out.
-    """
-
-    __slots__ = ("session",)
-
-    def __init__(self, state: ConnectionState, route: Route) -> None:
-        super().__init__(state, route)
-        self.session: Session | None = None
-
-    def open_node(self, node: NodeHalf) -> None:
-        assert self.transport is not None
-        self.transport.pause_reading()
-        self.reading_paused = True
-        # uvloop reads once after connection_made whatever the protocol asked (those bytes land in `early`);
-        # pausing again one loop turn later is what stops it, and only then may the session read the socket.
-        self.state.loop.call_soon(self._join)
-
-    def _join(self) -> None:
-        if self.closed or self.transport is None:
-            return
-        self.transport.pause_reading()
-        first = bytes(self.early) if self.early is not None else b""
-        self.early = None
-        try:
-            sock = sockets.duplicate(self.transport)
-        except OSError:  # no descriptor to spare: a connection of its own needs none beyond the node's socket
-            self.state.metrics.pinned.labels(str(self.route.port), "no_descriptor").inc()
-            self.mux_pin(first)
-            return
-        assert self.peer is not None
-        self.session = self.state.mux_pool(self.route).join(self, self.peer, sock)
-        self.session.start(first)
-
-    def mux_pin(self, rest: bytes, prepare: Prepare | None = None) -> None:
-        self.session = None
-        if self.closed or self.peer is None:
-            return
-        self.early = bytearray(rest)  # release_early sends them once connected, then resumes the transport
-        if prepare is None:
-            super().open_node(cast(NodeHalf, self.peer))
-        else:  # the state the client set while shared is replayed on its own connection first
-            self.connect_task = self.state.loop.create_task(self._connect_prepared(cast(NodeHalf, self.peer), prepare))
-
-    async def _connect_prepared(self, node: NodeHalf, prepare: Prepare) -> None:
-        try:
-            sock = await prepare()
-        except (OSError, TimeoutError) as exc:
-            self.connect_task = None
-            self._node_failed(self.route.target, exc)
-            return
-        await self._connect(node, self.route.target, sock)
-
-    def mux_close(self, *, abort: bool) -> None:
-        self.session = None
-        if self.transport is not None and not self.closed:
-            if abort:
-                self.transport.abort()
-            else:
-                self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._detach()
-        super().connection_lost(exc)
-
-    def abort(self) -> None:
-        self._detach()
-        super().abort()
-
-    def _detach(self) -> None:
-        session = self.session
-        if session is not None:
-            self.session = None
-            session.detach()
 
 
 class MuxHooks:

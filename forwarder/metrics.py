@@ -139,7 +139,7 @@ class Metrics:
         self.pinned = Counter(
             "natfwd_multiplex_pinned_total",
             "Multiplexed clients given a node connection of their own, by listen port and reason (command: a "
-            "request that cannot share; pipelined; large_request; eof_mid_request; no_descriptor)",
+            "request that cannot share; pipelined; large_request; eof_mid_request; alone; no_reset)",
             ["forward", "reason"],
             registry=registry,
         )

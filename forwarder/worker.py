@@ -16,9 +16,9 @@ from forwarder import config as config_mod
 from forwarder.acceptor import PlainListener, TlsListener
 from forwarder.connection import ConnectionState, Route, connection_factory
 from forwarder.deadlines import Deadlines
-from forwarder.direct import PlainRoute
 from forwarder.errors import NatfwdError, bind_error
 from forwarder.kernelpath import KernelPath
+from forwarder.plainroute import PlainRoute
 from forwarder.poller import Poller
 from forwarder.resources import BUFFER_SIZE, Resources
 from forwarder.rewriting import NodeMap, RateLimitedWarning, all_forwards, rewriter_factory

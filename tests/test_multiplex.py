@@ -278,6 +278,19 @@ def test_bytes_and_connections_are_counted(redis_mux: tuple[Node, int, Serve]) -
     assert serve.metric("natfwd_bytes_total", forward=str(port), direction="client_to_node") > 10_000
 
 
+def test_a_multiplexed_client_idle_for_idle_timeout_s_is_closed_and_counted(
+    tmp_path: Path, start_redis: Callable[..., Node]
+) -> None:
+    cfg, port, metrics_port = mux_config(tmp_path, start_redis().address, "redis", "idle_timeout_s: 0.5\n")
+    with serving(cfg, [port], metrics_port) as serve:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            assert sock.recv(100) == b"+PONG\r\n"
+            assert sock.recv(100) == b""  # natfwd closed it, once idle
+        assert serve.metric("natfwd_connections_rejected_total", forward=str(port), reason="idle_timeout") == 1
+        assert serve.metric("natfwd_connections_active", forward=str(port)) == 0
+
+
 @pytest.mark.parametrize(
     ("extra", "engine", "message"),
     [

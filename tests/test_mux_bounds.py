@@ -408,7 +408,7 @@ def test_mux_stall_timeout_s_reaches_the_pools() -> None:
     cfg = config.parse(base_config(mux_stall_timeout_s=1.5))
     loop = asyncio.new_event_loop()
     try:
-        pool = mux.new_pool(loop, cfg, cfg.forwards[0].target, None)  # type: ignore[arg-type]
+        pool = mux.new_pool(loop, loop, cfg, cfg.forwards[0].target, None)  # type: ignore[arg-type]
         assert pool.stall_timeout_s == 1.5
     finally:
         loop.close()

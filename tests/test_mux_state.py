@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -268,3 +269,26 @@ def test_state_requests_are_found_in_any_case_and_only_they(framer: framing.Fram
     # An attribute Redis does not know is refused there: nothing to keep (and no way to grow what natfwd keeps).
     unknown = command("CLIENT", "SETINFO", "anything", "x")
     assert framer.state(unknown, len(unknown)) == []
+
+
+def test_a_pinned_client_whose_own_connection_the_node_turns_away_is_closed_and_counted(
+    redis_mux: tuple[Node, int, Serve],
+) -> None:
+    """The node has no room for a pinned client's own connection (maxclients): the client is closed, the failure
+    counted, and the connection ends; nothing of its is sent over another connection."""
+    node, port, serve = redis_mux
+    client = Raw(port)  # HELLO 3 went over the shared connection: it is replayed first on a connection of its own
+    assert client.call("SET", "k", "v") == b"OK"
+    with redis.Redis(port=node.port) as direct:
+        assert direct.config_set("maxclients", 1)  # the clients already in stay; a new one gets an error and a close
+    with pytest.raises(redis.ConnectionError):
+        client.call("SELECT", "1")  # pins
+    client.close()
+    serve.wait_log("node connection failed")
+    assert serve.metric("natfwd_upstream_errors_total", forward=str(port)) == 1
+    assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="command") == 1
+    deadline = time.monotonic() + TIMEOUT_S
+    while serve.metric("natfwd_connections_active", forward=str(port)):
+        assert time.monotonic() < deadline, "the client whose pin failed is still counted live"
+        time.sleep(0.05)
+    assert "Traceback" not in serve.log()

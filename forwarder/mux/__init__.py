@@ -8,7 +8,7 @@ twemproxy and Envoy's Redis proxy do the same.
 
 A `SharedConnection` (shared.py) is one shared node connection: requests leave in arrival order, and a FIFO of
 (session, replies owed) routes the replies back. A `Session` (session.py) is one client's end: it reads the client's
-socket (a duplicate of its transport's, as raw mode does), frames requests, and writes replies. A client whose
+socket (its owner's, forwarder/muxclient.py, which has no transport), frames requests, and writes replies. A client whose
 request cannot share a connection (SELECT, AUTH, MULTI, blocking or unknown commands, memcached noreply) or who
 pipelines many requests itself is *pinned*: once every reply it is owed has arrived, its owner gives it a node
 connection of its own and the ordinary relay takes over, with the bytes not yet sent going first. A `MuxPool`

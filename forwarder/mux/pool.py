@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from forwarder import config as config_mod
 from forwarder import extensions
 from forwarder.mux.session import Counter, Owner, Session
 from forwarder.mux.shared import Hooks, SharedConnection
+from forwarder.poller import Watcher
 from forwarder.protocols import framing
 from forwarder.protocols.framing import Framer, framer
 
@@ -22,6 +22,7 @@ class MuxPool:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        watch: Watcher,
         target: config_mod.Target,
         framer: Framer,
         connections: int,
@@ -30,6 +31,7 @@ class MuxPool:
         stall_timeout_s: float,
     ) -> None:
         self.loop = loop
+        self.watch = watch  # the clients' sockets are watched here (the worker's Poller)
         self.target = target
         self.framer = framer
         self.connections = connections
@@ -41,8 +43,9 @@ class MuxPool:
         self.retired = False  # the forward was retargeted or removed: close once the last client leaves
         self.resets: bool | None = None  # whether the node knows RESET; None until it has answered one
 
-    def join(self, owner: Owner, replied: Counter, sock: socket.socket) -> Session:
-        return Session(owner, replied, self.connection(self.framer.first_lane), sock)
+    def join(self, owner: Owner, replied: Counter, fd: int) -> Session:
+        """A session for the client whose non-blocking socket is `fd` (the owner's, which it closes)."""
+        return Session(owner, replied, self.connection(self.framer.first_lane), fd)
 
     def connection(self, lane: int) -> SharedConnection:
         """A shared connection of `lane`, round-robin once the lane has `connections` of them."""
@@ -66,12 +69,13 @@ class MuxPool:
 
 
 def new_pool(
-    loop: asyncio.AbstractEventLoop, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
+    loop: asyncio.AbstractEventLoop, watch: Watcher, cfg: config_mod.Config, target: config_mod.Target, hooks: Hooks
 ) -> MuxPool:
     if framing.C is None:
         extensions.warn_missing(log, "multiplexing's scanners", "about 2 us more per request")
     return MuxPool(
         loop,
+        watch,
         target,
         framer(cfg.engine),
         cfg.multiplex_connections,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sys
 from collections import deque
 from functools import partial
@@ -51,29 +50,30 @@ class Counter(Protocol):
 
 
 class Owner(Protocol):
-    """What a session needs from the client connection that owns it (connection.MuxClient)."""
+    """What a session needs from the client connection that owns it, and its socket (muxclient.MuxClient)."""
 
     nbytes: int  # bytes read from the client
 
     # Give the client its own node connection, `rest` first; `prepare`, when given, opens it (state replayed).
     def mux_pin(self, rest: bytes, prepare: Prepare | None = None) -> None: ...
-    def mux_close(self, *, abort: bool) -> None: ...  # the session is over: close (or reset) the client
+    # The session is over: detach it, then close (or reset) the client.
+    def mux_close(self, *, abort: bool) -> None: ...
 
 
 class Session:
     """One client's end of the multiplexer."""
 
-    __slots__ = ("owner", "replied", "shared", "loop", "sock", "fd", "held", "out", "out_size", "blocking", "reading",
+    __slots__ = ("owner", "replied", "shared", "loop", "watch", "fd", "held", "out", "out_size", "blocking", "reading",
                  "writing", "owed", "eof", "closed", "leaving", "lane", "scan", "alone", "note", "state",
                  "reset_first", "taken_at", "stall_timer", "spoke")  # fmt: skip
 
-    def __init__(self, owner: Owner, replied: Counter, shared: SharedConnection, sock: socket.socket) -> None:
+    def __init__(self, owner: Owner, replied: Counter, shared: SharedConnection, fd: int) -> None:
         self.owner = owner
         self.replied = replied  # counts the bytes written to the client (for the metrics)
         self.shared = shared
         self.loop = shared.loop
-        self.sock = sock  # our duplicate of the client's socket; the transport stays paused
-        self.fd = sock.fileno()
+        self.watch = shared.pool.watch  # tells when the client's socket can be read or written
+        self.fd = fd  # the client's socket, which the owner opened and closes
         self.held: bytearray | None = None  # the start of an unfinished request
         self.out: deque[bytes | bytearray | memoryview] | None = None  # replies its socket did not take yet
         self.out_size = 0
@@ -100,7 +100,7 @@ class Session:
         shared.sessions.add(self)
 
     def start(self, first: bytes) -> None:
-        """Begin with the bytes the transport read (and counted) before we took over, if any."""
+        """Begin (or go on, on another lane's connection) with `first`: bytes read and counted, not yet framed."""
         if self.reset_first and self.shared.pool.resets is False:
             self.leave(PINNED, first, "no_reset")  # a connection in use cannot be made new for it: one of its own
             return
@@ -113,12 +113,12 @@ class Session:
     def resume(self) -> None:
         if not self.reading and not self.closed and not self.eof and self.leaving is None:
             self.reading = True
-            self.loop.add_reader(self.fd, self.readable)
+            self.watch.add_reader(self.fd, self.readable)
 
     def pause(self) -> None:
         if self.reading:
             self.reading = False
-            self.loop.remove_reader(self.fd)
+            self.watch.remove_reader(self.fd)
 
     def readable(self) -> None:
         data = _read(self.fd, CLIENT_READ, self.failed)
@@ -126,11 +126,12 @@ class Session:
             return
         if not data:
             self.eof = True
-            self.pause()
             if self.held:
                 self.leave(PINNED, bytes(self.held), "eof_mid_request")  # the node answers it as it would
             elif not self.owed and self.out is None:
-                self.close(abort=False)
+                self.close(abort=False)  # the usual end: closing the socket unwatches it, with no epoll_ctl
+            else:
+                self.pause()
             return
         self.owner.nbytes += len(data)
         if self.held is None:
@@ -248,7 +249,7 @@ class Session:
             self.out_size = len(data) - sent
             self.shared.queue(self.out_size)
             self.writing = True
-            self.loop.add_writer(self.fd, self.writable)
+            self.watch.add_writer(self.fd, self.writable)
             self.taken_at = self.loop.time()
             if self.stall_timer is None:
                 self.stall_timer = self.loop.call_later(self.shared.pool.stall_timeout_s, self.check_stall)
@@ -285,7 +286,7 @@ class Session:
             return
         self.out = None
         self.writing = False
-        self.loop.remove_writer(self.fd)
+        self.watch.remove_writer(self.fd)
         self.maybe_leave()
 
     def check_stall(self) -> None:
@@ -336,14 +337,14 @@ class Session:
         return old
 
     def detach(self) -> None:
-        """Leave the multiplexer: callbacks removed, our duplicate closed; replies still owed are discarded."""
+        """Leave the multiplexer: callbacks removed (the owner closes the socket); replies still owed are discarded."""
         if self.closed:
             return
         self.closed = True
         self.pause()
         if self.writing:
             self.writing = False
-            self.loop.remove_writer(self.fd)
+            self.watch.remove_writer(self.fd)
         if self.blocking:
             self.blocking = False
             self.shared.unblock()
@@ -355,7 +356,6 @@ class Session:
         self.out = None
         self.out_size = 0
         self.held = None
-        self.sock.close()
         self.shared.sessions.discard(self)
         self.shared.pool.left(self.shared)
 
@@ -365,5 +365,5 @@ class Session:
     def close(self, *, abort: bool) -> None:
         if self.closed:
             return
+        self.owner.mux_close(abort=abort)  # which detaches us before it closes the socket
         self.detach()
-        self.owner.mux_close(abort=abort)

@@ -11,6 +11,7 @@ from typing import Protocol
 from forwarder import config as config_mod
 from forwarder import sockets
 from forwarder.mux.own import NODE_READ, node_socket
+from forwarder.poller import Watcher
 from forwarder.protocols import framing
 from forwarder.protocols.framing import Framer, FramingError
 
@@ -57,6 +58,7 @@ class Pool(Protocol):
     """What a shared connection (and its clients) need of the pool that made it (pool.MuxPool)."""
 
     loop: asyncio.AbstractEventLoop
+    watch: Watcher  # where the clients' sockets are watched
     target: config_mod.Target
     framer: Framer
     connect_timeout_s: float
