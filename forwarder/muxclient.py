@@ -50,7 +50,6 @@ class MuxClient(DirectClient):
         self.connect_task = self.state.loop.create_task(self._pin(prepare))
 
     def mux_close(self, *, abort: bool) -> None:
-        self.session = None
         if abort:  # its socket failed, or it took none of its replies for mux_stall_timeout_s
             self.ended = self.ended or accesslog.CLIENT_RESET
         self.abort()
@@ -87,11 +86,11 @@ class MuxClient(DirectClient):
     def abort(self) -> None:
         if self.closed:
             return
-        # Closing the socket (below) takes it out of the poller: the session's callbacks go without an epoll_ctl.
-        self.state.poller.closing(self.fd)
         session = self.session
         if session is not None:
             self.session = None
+            # Closing the socket (below) takes it out of the poller: the session's callbacks go with no epoll_ctl.
+            self.state.poller.closing(self.fd)
             session.detach()
         task = self.connect_task
         if task is not None:
