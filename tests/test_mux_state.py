@@ -3,6 +3,7 @@ uses a login it did not make (a real redis-server through a real `natfwd serve`,
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import redis
 from conftest import SCANNERS, Node
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from servekit import Serve, serving_mux
+from servekit import Serve, mux_config, serving, serving_mux
 
 from forwarder.protocols import framing
 
@@ -292,3 +293,33 @@ def test_a_pinned_client_whose_own_connection_the_node_turns_away_is_closed_and_
         assert time.monotonic() < deadline, "the client whose pin failed is still counted live"
         time.sleep(0.05)
     assert "Traceback" not in serve.log()
+
+
+def test_a_drain_ends_a_client_whose_own_connection_is_still_being_made(
+    tmp_path: Path, start_redis: Callable[..., Node]
+) -> None:
+    """SIGTERM while a pinned client's state is being replayed on its own connection (the node is busy): the drain
+    aborts it at drain_timeout_s, and natfwd exits 0 then, not once the node answers."""
+    node = start_redis(None, "127.0.0.1", "--enable-debug-command", "local")  # DEBUG SLEEP keeps it busy
+    cfg, port, metrics_port = mux_config(tmp_path, node.address, "redis", "drain_timeout_s: 0.5\n")
+    with serving(cfg, [port], metrics_port) as serve:
+        client = Raw(port)  # HELLO 3 over the shared connection: replayed first on a connection of its own
+        assert client.call("SET", "k", "v") == b"OK"
+        busy = threading.Thread(target=lambda: redis.Redis(port=node.port).execute_command("DEBUG", "SLEEP", "4"))
+        busy.start()
+        try:
+            time.sleep(0.3)  # the node is asleep: the replayed HELLO waits for its reply
+            client.conn.send_packed_command([command("SELECT", "1")])  # pins
+            time.sleep(0.3)
+            assert serve.metric("natfwd_connections_active", forward=str(port)) == 1
+            serve.signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert serve.proc.wait(TIMEOUT_S) == 0
+            assert time.monotonic() - started < 2.5, "the drain waited for the node"
+        finally:
+            busy.join()
+        client.close()
+        log = serve.log()
+        assert "grace period over, aborted connections" in log
+        for bad in ("Traceback", "Task was destroyed", "never retrieved"):
+            assert bad not in log
