@@ -73,6 +73,10 @@ EXCLUDED: dict[str, str] = {
         "reads CLIENT LIST twice and expects its oldest client to be there both times; through a proxy, a connection "
         "the previous test closed reaches the node's close one hop later, and under load it vanishes in between"
     ),
+    "tests.test_commands.TestRedisCommands::test_interrupted_command": (
+        "gives a reconnect, its handshake and a SET 0.1 s of wall time (redis-py marks it timing-sensitive, for a "
+        "co-located low-latency server); with the suite's parallel load on two cores, the extra hop missed it once"
+    ),
 }
 
 # Tests that fail through `multiplex: true` because of one of issue 19's connection-state bugs (HELLO and AUTH not
