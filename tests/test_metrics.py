@@ -94,10 +94,15 @@ def access_lines(serve: Serve) -> list[str]:
     return [line for line in serve.log().splitlines() if "connection closed" in line]
 
 
-def test_access_log_writes_one_line_per_connection(tmp_path: Path, start_memcached: Callable[..., Node]) -> None:
+@pytest.mark.parametrize("multiplex", [False, True], ids=["plain", "multiplex"])
+def test_access_log_writes_one_line_per_connection(
+    tmp_path: Path, start_memcached: Callable[..., Node], multiplex: bool
+) -> None:
+    """With `multiplex: true` the SET shares a node connection and `quit` pins: the lines read the same."""
     node = start_memcached()
     port = free_port()
-    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], extra="access_log: true\n")
+    extra = "access_log: true\n" + ("multiplex: true\n" if multiplex else "")
+    cfg = write_config(tmp_path / "natfwd.yaml", [(port, node.address)], extra=extra)
     with serving(cfg, [port]) as serve:
         wait_for(lambda: len(access_lines(serve)) >= 1, "the readiness probe's access log line", timeout_s=20.0)
         probes = len(access_lines(serve))
