@@ -31,9 +31,9 @@ def rejected(serve: Serve, port: int, reason: str) -> float:
         return 0.0
 
 
-@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("front", ["plain", "tls", "multiplex"])
 def test_a_client_that_resets_before_accept_is_counted_as_reset(
-    tls: bool, start_memcached: Callable[..., Node], tmp_path: Path
+    front: str, start_memcached: Callable[..., Node], tmp_path: Path
 ) -> None:
     """natfwd is stopped (SIGSTOP) while an allowed client connects and resets (SO_LINGER 0, then close): the
     kernel has the connection queued, already reset, when natfwd accepts it. That is counted once under
@@ -41,6 +41,9 @@ def test_a_client_that_resets_before_accept_is_counted_as_reset(
     node = start_memcached()
     port, metrics_port = free_port(), free_port()
     extra = f"metrics:\n  listen: 127.0.0.1:{metrics_port}\n"
+    tls = front == "tls"
+    if front == "multiplex":
+        extra += "multiplex: true\n"
     if tls:
         cert = CA(tmp_path, "front").issue("natfwd", ips=("127.0.0.1",))
         extra += f"tls: {{cert: {cert.cert}, key: {cert.key}}}\n"
