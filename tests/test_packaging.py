@@ -45,6 +45,8 @@ def test_sdist_and_wheel_build_and_the_wheel_runs_without_a_compiler(tmp_path: P
     for needed in (
         "LICENSE",
         "README.md",
+        "CONTRIBUTING.md",
+        "CHANGELOG.md",
         "config.example.yaml",
         "deploy/alerts.yaml",
         "deploy/grafana-dashboard.json",
