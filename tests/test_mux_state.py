@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import SCANNERS, Node
+from conftest import SCANNERS, Node, wait_for
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from servekit import Serve, mux_config, serving, serving_mux
@@ -288,10 +288,11 @@ def test_a_pinned_client_whose_own_connection_the_node_turns_away_is_closed_and_
     serve.wait_log("node connection failed")
     assert serve.metric("natfwd_upstream_errors_total", forward=str(port)) == 1
     assert serve.metric("natfwd_multiplex_pinned_total", forward=str(port), reason="command") == 1
-    deadline = time.monotonic() + TIMEOUT_S
-    while serve.metric("natfwd_connections_active", forward=str(port)):
-        assert time.monotonic() < deadline, "the client whose pin failed is still counted live"
-        time.sleep(0.05)
+    wait_for(
+        lambda: serve.metric("natfwd_connections_active", forward=str(port)) == 0,
+        "the client whose pin failed to stop being counted live",
+        TIMEOUT_S,
+    )
     assert "Traceback" not in serve.log()
 
 
